@@ -1,0 +1,134 @@
+"""The job specification: what to run, from flags and an optional batchops.toml.
+
+A JobSpec is saved in the run's database when the run starts, so `status`, `retry-missing`,
+`merge` and a resumed `run` need only the run directory.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from batchops.errors import ConfigError
+
+Endpoint = Literal["/v1/chat/completions", "/v1/responses", "/v1/embeddings"]
+Mode = Literal["batch", "online"]
+
+# Hard limits of the OpenAI Batch API (see shared/reference/batch-api-facts.md §2.3).
+MAX_REQUESTS_PER_FILE = 50_000
+MAX_BYTES_PER_FILE = 200 * 1024 * 1024
+
+RETRY_CLASSES = ("timeout", "api_error", "format_error", "expired", "cancelled", "rate_limit")
+
+
+class RetryPolicy(BaseModel):
+    """How often and how fast failed rows and failed remote calls are tried again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_retries: int = Field(3, ge=0, description="per row, for retryable failures and expiry")
+    initial_delay: float = Field(1.0, ge=0, description="seconds before the first retry of a remote call")
+    backoff: float = Field(2.0, ge=1.0, description="multiplier between retries")
+    max_delay: float = Field(60.0, ge=0, description="cap on the delay between retries")
+    retry_on: list[str] = Field(default_factory=lambda: list(RETRY_CLASSES))
+
+    @field_validator("retry_on")
+    @classmethod
+    def _known_classes(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(RETRY_CLASSES))
+        if unknown:
+            raise ValueError(f"unknown retry class(es) {unknown}; known: {list(RETRY_CLASSES)}")
+        return v
+
+    def delay(self, attempt: int) -> float:
+        """Delay before retry number `attempt` (1-based) of a remote call."""
+        return min(self.max_delay, self.initial_delay * self.backoff ** max(0, attempt - 1))
+
+
+class PriceOverride(BaseModel):
+    """A user's own price for a model the price library lacks (USD per 1M tokens)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(None, ge=0)
+    batch_discount: float = Field(0.5, ge=0, le=1, description="fraction taken off in batch mode")
+
+
+class ModelEntry(BaseModel):
+    """One model of the pool; optionally with its own endpoint, key variable and limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    base_url: str | None = None
+    api_key_env: str | None = Field(None, description="name of the env variable holding the key")
+    mode: Mode | None = None
+    provider: Literal["openai", "azure"] = "openai"
+    azure_endpoint: str | None = None
+    api_version: str | None = None
+    price: PriceOverride | None = None
+    token_limit: int | None = Field(None, ge=1, description="enqueued prompt tokens in flight")
+    rpm: float | None = Field(None, gt=0)
+    tpm: float | None = Field(None, gt=0)
+
+
+class JobSpec(BaseModel):
+    """Everything that defines a run. Field names mirror the `run` options in snake_case."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="path of the source table")
+    source_format: Literal["csv", "parquet", "jsonl"] = "csv"
+    id_column: str | None = None
+    start_row: int | None = Field(None, ge=0)
+    end_row: int | None = Field(None, ge=0)
+
+    prompt: str
+    system: str | None = None
+    image_column: str | None = None
+    image_dir: str | None = None
+    image_detail: Literal["auto", "low", "high"] = "auto"
+
+    models: list[ModelEntry] = Field(min_length=1)
+    endpoint: Endpoint = "/v1/chat/completions"
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    body_extra: dict = Field(default_factory=dict)
+
+    batch_size: int = Field(20, ge=1, le=MAX_REQUESTS_PER_FILE)
+    poll_interval: float = Field(30.0, gt=0)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    mode: Mode = "batch"
+    workers: int = Field(8, ge=1)
+    rpm: float | None = Field(None, gt=0)
+    tpm: float | None = Field(None, gt=0)
+    max_cost: float | None = Field(None, ge=0)
+    token_limit: int | None = Field(None, ge=1, description="default enqueued-token limit per model")
+    completion_window: str = "24h"
+    prices: dict[str, PriceOverride] = Field(default_factory=dict)
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def model_entry(self, name: str) -> ModelEntry:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+def load_toml(path: Path) -> dict:
+    """Read batchops.toml; a syntax error is a one-line ConfigError naming the file."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
