@@ -1,0 +1,538 @@
+"""Parse batch output/error files (and synchronous responses) into per-request `RowOutcome`s.
+
+One line of an output or error file is one of three kinds (batch-api-facts §4):
+
+* success: ``response.status_code == 200`` with the endpoint's normal body;
+* HTTP failure: ``response.status_code != 200``, the error inside ``response.body.error``
+  (vLLM writes ``body: null`` and puts the error, a string or an object, in the top-level
+  ``error`` instead);
+* non-HTTP failure: ``response: null`` and ``error{code, message}`` (``batch_expired``,
+  ``batch_cancelled``, ``request_timeout``).
+
+Decisions (the engine and merge rely on them):
+
+* The *envelope* must be well formed (a JSON object with a ``custom_id`` and either a
+  ``response`` object or an ``error``); otherwise `ResultFormatError` is raised, because a file
+  we cannot read is a bug or a corrupt download, not a row's fault. A 200 whose *body* has an
+  unexpected shape is a row-level ``format_error`` outcome instead, so one odd answer never
+  stops a file of 50,000.
+* ``finish_reason`` ``length`` / ``content_filter`` (responses API: ``incomplete`` with reason
+  ``max_output_tokens`` / ``content_filter``) → ``ok=False``, ``error_class="format_error"``,
+  but the text, model and usage are kept: those tokens were billed.
+* A refusal (chat ``message.refusal``, responses ``refusal`` content part) → ``ok=False``,
+  ``format_error``, ``error_code="refusal"``, refusal text kept as ``response``. It is not the
+  answer the row asked for; like ``content_filter`` a re-sample may succeed, and the user's
+  ``retry_on`` (re-applied by the engine) can exclude ``format_error`` to stop paying for it.
+* Empty content: ``content == ""`` is the model's answer (an empty extraction is legitimate)
+  → ``ok=True``, ``response=""``. ``content`` null with no refusal and no tool calls (or a
+  responses body without any message output) → ``format_error``, code ``empty_response``.
+* Tool / function calls without text → ``ok=True``, ``response`` = the calls as compact JSON.
+* ``finish_reason`` uses the chat vocabulary for every endpoint (responses ``completed`` →
+  ``stop``, ``max_output_tokens`` → ``length``) so callers need one rule; embeddings: None.
+* ``retryable = is_retryable(error_class)`` (default policy); the engine re-applies the
+  user's ``retry_on``. Classification itself lives only in `batchops.classify`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchops.classify import classify_http, classify_line_error, is_retryable
+from batchops.errors import BatchopsError, InputError
+from batchops.records import ErrorClass, RowOutcome, Usage
+
+__all__ = [
+    "ResultFormatError",
+    "parse_file",
+    "parse_line",
+    "parse_lines",
+    "parse_sync_response",
+]
+
+DEFAULT_ENDPOINT = "/v1/chat/completions"
+
+_CHAT, _RESPONSES, _EMBEDDINGS, _COMPLETIONS = "chat", "responses", "embeddings", "completions"
+
+# Chat finish reasons that mean "billed, but not the complete answer the row asked for".
+_TRUNCATING = {
+    "length": "answer truncated at the token limit",
+    "content_filter": "answer cut by the content filter",
+}
+# Responses API `incomplete_details.reason` → chat finish_reason.
+_INCOMPLETE_REASON = {"max_output_tokens": "length", "content_filter": "content_filter"}
+
+
+class ResultFormatError(BatchopsError):
+    """A line of an output/error file that is not a batch result line at all."""
+
+    def __init__(self, line_no: int | None, reason: str, path: Path | str | None = None) -> None:
+        self.line_no = line_no
+        self.reason = reason
+        self.path = path
+        where = f"{path}: " if path is not None else ""
+        where += f"line {line_no}: " if line_no is not None else ""
+        super().__init__(f"{where}malformed batch result line: {reason}")
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def parse_line(
+    line: bytes | str,
+    endpoint: str = DEFAULT_ENDPOINT,
+    *,
+    line_no: int | None = None,
+) -> RowOutcome:
+    """One output- or error-file line → `RowOutcome`. Raises `ResultFormatError` if malformed."""
+    kind = _endpoint_kind(endpoint)
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise ResultFormatError(line_no, f"not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ResultFormatError(line_no, f"expected a JSON object, got {type(obj).__name__}")
+
+    custom_id = obj.get("custom_id")
+    if isinstance(custom_id, int) and not isinstance(custom_id, bool):
+        custom_id = str(custom_id)  # lenient: some compatible servers echo numeric ids
+    if not isinstance(custom_id, str) or not custom_id:
+        raise ResultFormatError(line_no, "missing or non-string custom_id")
+
+    response = obj.get("response")
+    error = obj.get("error")
+    if response is not None:
+        if not isinstance(response, dict):
+            raise ResultFormatError(
+                line_no, f"custom_id {custom_id!r}: 'response' is not an object"
+            )
+        status = response.get("status_code")
+        if not isinstance(status, int) or isinstance(status, bool):
+            raise ResultFormatError(
+                line_no, f"custom_id {custom_id!r}: missing integer status_code"
+            )
+        request_id = response.get("request_id")
+        request_id = request_id if isinstance(request_id, str) else None
+        body = response.get("body")
+        if status == 200:
+            return _success(custom_id, body, kind, request_id)
+        return _http_failure(custom_id, status, body, error, request_id)
+    if error is not None:
+        return _line_failure(custom_id, error)
+    raise ResultFormatError(line_no, f"custom_id {custom_id!r}: neither 'response' nor 'error'")
+
+
+def parse_lines(
+    lines: Iterable[bytes | str], endpoint: str = DEFAULT_ENDPOINT
+) -> Iterator[RowOutcome]:
+    """Parse lines lazily; blank lines are skipped; line numbers in errors are 1-based."""
+    _endpoint_kind(endpoint)  # fail on a bad endpoint before the first line, not at it
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if line_no == 1:
+            line = _strip_bom(line)
+        yield parse_line(line, endpoint, line_no=line_no)
+
+
+def parse_file(path: Path | str, endpoint: str = DEFAULT_ENDPOINT) -> Iterator[RowOutcome]:
+    """Stream one downloaded output or error file. A 0-byte file (Azure) yields nothing."""
+    path = Path(path)
+    with path.open("rb") as fh:
+        try:
+            yield from parse_lines(fh, endpoint)
+        except ResultFormatError as exc:
+            raise ResultFormatError(exc.line_no, exc.reason, path) from None
+
+
+def parse_sync_response(
+    body: Mapping[str, Any] | Any,
+    endpoint: str = DEFAULT_ENDPOINT,
+    custom_id: str | None = None,
+    *,
+    status_code: int = 200,
+    request_id: str | None = None,
+) -> RowOutcome:
+    """A synchronous response body → the same outcome a batch line with that body gives.
+
+    `body` may be a dict or an openai SDK model (anything with ``model_dump()``). With a
+    ``status_code`` other than 200, `body` is the error body (``{"error": {...}}`` or the
+    SDK's ``e.body``, which is already the inner error object) and the outcome is an HTTP
+    failure classified exactly like an error-file line.
+    """
+    if custom_id is None:
+        raise TypeError("parse_sync_response() needs custom_id")
+    if hasattr(body, "model_dump"):
+        body = body.model_dump()
+    kind = _endpoint_kind(endpoint)
+    if status_code == 200:
+        return _success(custom_id, body, kind, request_id)
+    if isinstance(body, dict) and "error" not in body and ("message" in body or "code" in body):
+        body = {"error": body}  # openai SDK exceptions expose the inner error object as .body
+    return _http_failure(custom_id, status_code, body, None, request_id)
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+def _endpoint_kind(endpoint: str) -> str:
+    # Accept "/v1/chat/completions", Azure's "/chat/completions", "/openai/v1/…", no slash.
+    ep = endpoint.strip().rstrip("/").lower()
+    if ep.endswith("chat/completions"):
+        return _CHAT
+    if ep.endswith("responses"):
+        return _RESPONSES
+    if ep.endswith("embeddings"):
+        return _EMBEDDINGS
+    if ep.endswith("completions"):
+        return _COMPLETIONS
+    raise InputError(f"unsupported endpoint for result parsing: {endpoint!r}")
+
+
+def _strip_bom(line: bytes | str) -> bytes | str:
+    if isinstance(line, bytes):
+        return line.removeprefix(b"\xef\xbb\xbf")
+    return line.removeprefix("\ufeff")
+
+
+# --------------------------------------------------------------------------- successes
+
+
+def _success(custom_id: str, body: Any, kind: str, request_id: str | None) -> RowOutcome:
+    if not isinstance(body, dict):
+        return _format_failure(
+            custom_id, "empty_response", "status 200 without a response body", request_id=request_id
+        )
+    model = body.get("model") if isinstance(body.get("model"), str) else None
+    if kind == _CHAT:
+        return _chat_success(custom_id, body, model, request_id)
+    if kind == _RESPONSES:
+        return _responses_success(custom_id, body, model, request_id)
+    if kind == _EMBEDDINGS:
+        return _embeddings_success(custom_id, body, model, request_id)
+    return _completions_success(custom_id, body, model, request_id)
+
+
+def _chat_success(
+    custom_id: str, body: dict, model: str | None, request_id: str | None
+) -> RowOutcome:
+    usage = _chat_usage(body.get("usage"))
+    choices = body.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    if not isinstance(choice, dict):
+        return _format_failure(
+            custom_id,
+            "empty_response",
+            "response has no choices",
+            usage=usage,
+            model=model,
+            request_id=request_id,
+        )
+    finish = choice.get("finish_reason")
+    finish = finish if isinstance(finish, str) else None
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    content = message.get("content")
+    if isinstance(content, list):
+        # Some compatible servers return content parts even in answers.
+        content = "".join(
+            p.get("text", "")
+            for p in content
+            if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    text: str | None = content if isinstance(content, str) else None
+    refusal = message.get("refusal")
+    tool_calls = message.get("tool_calls") or message.get("function_call")
+    if text is None and tool_calls:
+        text = orjson.dumps(tool_calls).decode()
+    return _finish(custom_id, text, refusal, finish, usage, model, request_id)
+
+
+def _completions_success(
+    custom_id: str, body: dict, model: str | None, request_id: str | None
+) -> RowOutcome:
+    usage = _chat_usage(body.get("usage"))
+    choices = body.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    if not isinstance(choice, dict):
+        return _format_failure(
+            custom_id,
+            "empty_response",
+            "response has no choices",
+            usage=usage,
+            model=model,
+            request_id=request_id,
+        )
+    finish = choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str) else None
+    text = choice.get("text") if isinstance(choice.get("text"), str) else None
+    return _finish(custom_id, text, None, finish, usage, model, request_id)
+
+
+def _responses_success(
+    custom_id: str, body: dict, model: str | None, request_id: str | None
+) -> RowOutcome:
+    usage = _responses_usage(body.get("usage"))
+    status = body.get("status")
+    if status == "failed" or (
+        status not in ("incomplete",) and isinstance(body.get("error"), dict)
+    ):
+        err = body.get("error") if isinstance(body.get("error"), dict) else {}
+        code = _str_or_none(err.get("code"))
+        cls = classify_http(None, code, _str_or_none(err.get("type")))
+        return RowOutcome(
+            custom_id=custom_id,
+            ok=False,
+            usage=usage,
+            model=model,
+            status_code=200,
+            error_code=code,
+            error_message=_str_or_none(err.get("message")) or "response status failed",
+            error_class=cls,
+            retryable=is_retryable(cls),
+            request_id=request_id,
+        )
+
+    texts: list[str] = []
+    refusals: list[str] = []
+    calls: list[Any] = []
+    saw_message = False
+    output = body.get("output")
+    for item in output if isinstance(output, list) else ():
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "message":
+            saw_message = True
+            for part in item.get("content") or ():
+                if not isinstance(part, dict):
+                    continue
+                if part.get("type") == "output_text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                elif part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
+                    refusals.append(part["refusal"])
+        elif item.get("type") in ("function_call", "custom_tool_call"):
+            calls.append(item)
+    text: str | None = "".join(texts) if texts or (saw_message and not refusals) else None
+    if text is None and isinstance(body.get("output_text"), str):
+        text = body["output_text"]  # some compatible servers flatten it like the SDK property
+    if text is None and calls:
+        text = orjson.dumps(calls).decode()
+
+    if status == "incomplete":
+        details = body.get("incomplete_details")
+        reason = details.get("reason") if isinstance(details, dict) else None
+        finish = _INCOMPLETE_REASON.get(reason or "", "length")
+    else:
+        finish = "stop"
+    return _finish(custom_id, text, "".join(refusals) or None, finish, usage, model, request_id)
+
+
+def _embeddings_success(
+    custom_id: str, body: dict, model: str | None, request_id: str | None
+) -> RowOutcome:
+    usage = _embeddings_usage(body.get("usage"))
+    data = body.get("data")
+    items = (
+        [d for d in data if isinstance(d, dict) and "embedding" in d]
+        if isinstance(data, list)
+        else []
+    )
+    if not items:
+        return _format_failure(
+            custom_id,
+            "empty_response",
+            "embeddings response has no data",
+            usage=usage,
+            model=model,
+            request_id=request_id,
+        )
+    items.sort(key=lambda d: d.get("index") if isinstance(d.get("index"), int) else 0)
+    vectors = [d["embedding"] for d in items]
+    # One input per row is the normal case: a flat vector; several inputs: a list of vectors.
+    # base64-encoded embeddings (encoding_format="base64") are strings and are kept as such.
+    value = vectors[0] if len(vectors) == 1 else vectors
+    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    return RowOutcome(
+        custom_id=custom_id,
+        ok=True,
+        response=text,
+        usage=usage,
+        model=model,
+        status_code=200,
+        request_id=request_id,
+    )
+
+
+def _finish(
+    custom_id: str,
+    text: str | None,
+    refusal: Any,
+    finish: str | None,
+    usage: Usage | None,
+    model: str | None,
+    request_id: str | None,
+) -> RowOutcome:
+    """Common tail of chat/responses/completions: truncation, refusal, empty, success."""
+    if finish in _TRUNCATING:
+        return _format_failure(
+            custom_id,
+            finish,
+            f"{_TRUNCATING[finish]} (finish_reason={finish})",
+            response=text if text is not None else (refusal if isinstance(refusal, str) else None),
+            finish_reason=finish,
+            usage=usage,
+            model=model,
+            request_id=request_id,
+        )
+    if isinstance(refusal, str) and refusal and not text:
+        return _format_failure(
+            custom_id,
+            "refusal",
+            f"model refused: {refusal}",
+            response=refusal,
+            finish_reason=finish,
+            usage=usage,
+            model=model,
+            request_id=request_id,
+        )
+    if text is None:
+        return _format_failure(
+            custom_id,
+            "empty_response",
+            "answer has no content",
+            finish_reason=finish,
+            usage=usage,
+            model=model,
+            request_id=request_id,
+        )
+    return RowOutcome(
+        custom_id=custom_id,
+        ok=True,
+        response=text,
+        finish_reason=finish,
+        usage=usage,
+        model=model,
+        status_code=200,
+        request_id=request_id,
+    )
+
+
+def _format_failure(
+    custom_id: str,
+    code: str,
+    message: str,
+    *,
+    response: str | None = None,
+    finish_reason: str | None = None,
+    usage: Usage | None = None,
+    model: str | None = None,
+    request_id: str | None = None,
+) -> RowOutcome:
+    cls: ErrorClass = "format_error"
+    return RowOutcome(
+        custom_id=custom_id,
+        ok=False,
+        response=response,
+        finish_reason=finish_reason,
+        usage=usage,
+        model=model,
+        status_code=200,
+        error_code=code,
+        error_message=message,
+        error_class=cls,
+        retryable=is_retryable(cls),
+        request_id=request_id,
+    )
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def _http_failure(
+    custom_id: str, status: int, body: Any, line_error: Any, request_id: str | None
+) -> RowOutcome:
+    err: Any = body.get("error") if isinstance(body, dict) else None
+    if err is None:
+        err = line_error  # vLLM: body null, error string or ErrorResponse object at top level
+    code = type_ = message = None
+    if isinstance(err, dict):
+        code = _str_or_none(err.get("code"))
+        type_ = _str_or_none(err.get("type"))
+        message = _str_or_none(err.get("message"))
+    elif isinstance(err, str):
+        message = err
+    cls = classify_http(status, code, type_)
+    model = (
+        body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
+    )
+    return RowOutcome(
+        custom_id=custom_id,
+        ok=False,
+        model=model,
+        status_code=status,
+        error_code=code,
+        error_message=message or f"HTTP {status}",
+        error_class=cls,
+        retryable=is_retryable(cls),
+        request_id=request_id,
+    )
+
+
+def _line_failure(custom_id: str, error: Any) -> RowOutcome:
+    if isinstance(error, dict):
+        code = _str_or_none(error.get("code"))
+        message = _str_or_none(error.get("message"))
+    else:
+        code, message = None, str(error)
+    cls = classify_line_error(code)
+    return RowOutcome(
+        custom_id=custom_id,
+        ok=False,
+        error_code=code,
+        error_message=message or code or "request failed",
+        error_class=cls,
+        retryable=is_retryable(cls),
+    )
+
+
+# --------------------------------------------------------------------------- usage
+
+
+def _int(d: Any, key: str) -> int:
+    v = d.get(key) if isinstance(d, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def _chat_usage(u: Any) -> Usage | None:
+    if not isinstance(u, dict):
+        return None
+    return Usage(
+        prompt_tokens=_int(u, "prompt_tokens"),
+        cached_tokens=_int(u.get("prompt_tokens_details"), "cached_tokens"),
+        completion_tokens=_int(u, "completion_tokens"),
+        reasoning_tokens=_int(u.get("completion_tokens_details"), "reasoning_tokens"),
+    )
+
+
+def _responses_usage(u: Any) -> Usage | None:
+    if not isinstance(u, dict):
+        return None
+    if "input_tokens" not in u and "prompt_tokens" in u:
+        return _chat_usage(u)  # compatible servers that answer /v1/responses with chat usage
+    return Usage(
+        prompt_tokens=_int(u, "input_tokens"),
+        cached_tokens=_int(u.get("input_tokens_details"), "cached_tokens"),
+        completion_tokens=_int(u, "output_tokens"),
+        reasoning_tokens=_int(u.get("output_tokens_details"), "reasoning_tokens"),
+    )
+
+
+def _embeddings_usage(u: Any) -> Usage | None:
+    if not isinstance(u, dict):
+        return None
+    return Usage(prompt_tokens=_int(u, "prompt_tokens"))
+
+
+def _str_or_none(v: Any) -> str | None:
+    return v if isinstance(v, str) and v else None
