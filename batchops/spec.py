@@ -30,7 +30,9 @@ class RetryPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_retries: int = Field(3, ge=0, description="per row, for retryable failures and expiry")
-    initial_delay: float = Field(1.0, ge=0, description="seconds before the first retry of a remote call")
+    initial_delay: float = Field(
+        1.0, ge=0, description="seconds before the first retry of a remote call"
+    )
     backoff: float = Field(2.0, ge=1.0, description="multiplier between retries")
     max_delay: float = Field(60.0, ge=0, description="cap on the delay between retries")
     retry_on: list[str] = Field(default_factory=lambda: list(RETRY_CLASSES))
@@ -108,7 +110,9 @@ class JobSpec(BaseModel):
     rpm: float | None = Field(None, gt=0)
     tpm: float | None = Field(None, gt=0)
     max_cost: float | None = Field(None, ge=0)
-    token_limit: int | None = Field(None, ge=1, description="default enqueued-token limit per model")
+    token_limit: int | None = Field(
+        None, ge=1, description="default enqueued-token limit per model"
+    )
     completion_window: str = "24h"
     prices: dict[str, PriceOverride] = Field(default_factory=dict)
 

@@ -1,0 +1,425 @@
+"""The library behind every command. The CLI parses flags, calls one function here, prints, exits.
+
+import batchops
+out = batchops.run(df, prompt="Classify: {text}", model="gpt-4o-mini", run_dir="runs/demo")
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from loguru import logger
+
+from batchops import merge as merging
+from batchops import source
+from batchops.engine import DEFAULT_COMPLETION_ESTIMATE, BatchEngine, Progress
+from batchops.errors import InputError, RunIncomplete
+from batchops.providers import Key, Pool, load_keys
+from batchops.render import check_template
+from batchops.rundir import RunDir, create_or_resume, default_run_dir, open_existing, start_over
+from batchops.spec import JobSpec, ModelEntry
+
+
+@dataclass
+class Estimate:
+    """Before the first upload: what the queued chunks should cost."""
+
+    chunks: int
+    rows: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float | None  # None when a model has no known price
+    completion_assumption: str
+    by_model: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class RunReport:
+    run_dir: Path
+    counts: dict[str, int]
+    spent: float
+    stopped_because: str | None
+    final_output: Path | None
+    estimate: Estimate | None = None
+    resumed: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return all(v == 0 for k, v in self.counts.items() if k != "succeeded")
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.complete else 3
+
+    def summary(self) -> str:
+        c = self.counts
+        text = (
+            f"{c.get('succeeded', 0)} succeeded, {c.get('failed', 0)} failed, {c.get('skipped', 0)} skipped, "
+            f"{c.get('pending', 0) + c.get('queued', 0)} missing; spent ${self.spent:.6f}"
+        )
+        if self.stopped_because:
+            text += f"; stopped: {self.stopped_because}"
+        return text
+
+
+def build_spec(
+    *,
+    source_path: str,
+    prompt: str,
+    models: Sequence[str | ModelEntry],
+    config: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> JobSpec:
+    """A JobSpec from keyword options (None = not given) over an optional batchops.toml mapping."""
+    data: dict[str, Any] = {}
+    cfg = dict(config or {})
+    table_models = cfg.pop("models", None)
+    data.update({k: v for k, v in cfg.items() if k in JobSpec.model_fields})
+    data.update({k: v for k, v in options.items() if v is not None and k in JobSpec.model_fields})
+    retry = dict(cfg.get("retry", {}))
+    if options.get("max_retries") is not None:
+        retry["max_retries"] = options["max_retries"]
+    data["retry"] = retry
+    entries: list[ModelEntry] = []
+    by_name = {m["name"]: m for m in (table_models or [])} if table_models else {}
+    for m in models or list(by_name):
+        entries.append(
+            m if isinstance(m, ModelEntry) else ModelEntry(**by_name.get(m, {"name": m}))
+        )
+    data["models"] = entries
+    data["source"] = source_path
+    data["prompt"] = prompt
+    if not entries:
+        raise InputError("no model: give --model (repeatable) or [[models]] in batchops.toml")
+    try:
+        return JobSpec.model_validate(data)
+    except Exception as exc:  # pydantic ValidationError → one line naming the field
+        raise InputError(_one_line_validation(exc)) from None
+
+
+def _one_line_validation(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        parts = []
+        for e in errors()[:3]:
+            loc = ".".join(str(x) for x in e.get("loc", ())) or "option"
+            parts.append(f"--{loc.replace('_', '-')}: {e.get('msg')}")
+        return "; ".join(parts)
+    return str(exc)
+
+
+def validate_inputs(spec: JobSpec) -> source.Source:
+    """Everything that can be checked before anything is built or uploaded."""
+    src = source.open_source(spec)
+    check_template(spec.prompt, src.columns, what="--prompt")
+    if spec.system:
+        check_template(spec.system, src.columns, what="--system")
+    if spec.image_column and not spec.image_dir:
+        raise InputError(
+            "--image-column needs --image-dir (the folder the image paths are relative to)"
+        )
+    if spec.image_dir and not Path(spec.image_dir).is_dir():
+        raise InputError(f"--image-dir {spec.image_dir}: not a directory")
+    return src
+
+
+def make_pool(
+    spec: JobSpec,
+    *,
+    api_key_file: Path | None = None,
+    base_url: str | None = None,
+    dry_run: bool = False,
+) -> Pool:
+    keys = load_keys(api_key_file)
+    if dry_run and not keys:
+        keys = [Key("dry-run-no-key")]
+    return Pool(spec, keys, base_url=base_url or os.environ.get("OPENAI_BASE_URL"))
+
+
+def estimate(run: RunDir) -> Estimate:
+    per_row = run.spec.max_tokens or DEFAULT_COMPLETION_ESTIMATE
+    assumption = (
+        f"--max-tokens {run.spec.max_tokens} per row (an upper bound)"
+        if run.spec.max_tokens
+        else f"{DEFAULT_COMPLETION_ESTIMATE} completion tokens per row (no --max-tokens given)"
+    )
+    chunks = run.store.chunks("built", "uploading", "uploaded", "submitting", "submitted")
+    by_model: dict[str, dict[str, Any]] = {}
+    cost: float | None = 0.0
+    for c in chunks:
+        m = by_model.setdefault(
+            c.model,
+            {"chunks": 0, "rows": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0},
+        )
+        m["chunks"] += 1
+        m["rows"] += c.n_rows
+        m["prompt_tokens"] += c.est_tokens
+        m["completion_tokens"] += per_row * c.n_rows
+        if c.est_cost is None:
+            m["cost_usd"] = None
+            cost = None
+        elif m["cost_usd"] is not None:
+            m["cost_usd"] += c.est_cost
+            cost = None if cost is None else cost + c.est_cost
+    return Estimate(
+        len(chunks),
+        sum(c.n_rows for c in chunks),
+        sum(c.est_tokens for c in chunks),
+        per_row * sum(c.n_rows for c in chunks),
+        cost,
+        assumption,
+        by_model,
+    )
+
+
+def run_job(
+    spec: JobSpec,
+    run_dir: Path | None = None,
+    *,
+    cleanup: bool = False,
+    keep_latest: bool = False,
+    dry_run: bool = False,
+    wait: bool = True,
+    api_key_file: Path | None = None,
+    base_url: str | None = None,
+    on_estimate: Callable[[Estimate], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> RunReport:
+    """`batchops run`: start or resume a run and drive it to the end (or until it can go no further)."""
+    run_dir = Path(run_dir or default_run_dir(spec.source))
+    validate_inputs(spec)
+    pool = make_pool(spec, api_key_file=api_key_file, base_url=base_url, dry_run=dry_run)
+    if cleanup or keep_latest:
+        backup = start_over(run_dir, keep_backup=keep_latest)
+        if backup:
+            logger.info("previous run kept as {}", backup)
+    run, resumed = create_or_resume(run_dir, spec)
+    try:
+        if resumed:
+            logger.info("resuming run {} in {}", run.run_id, run_dir)
+        engine = BatchEngine(run, pool, wait=wait, on_progress=on_progress)
+        engine.ensure_rows()
+        if not dry_run:
+            engine.reconcile()
+        engine.build_pending()
+        est = estimate(run)
+        if on_estimate:
+            on_estimate(est)
+        if dry_run:
+            return RunReport(
+                run_dir, run.store.counts(), run.store.spent(), "dry run", None, est, resumed
+            )
+        result = engine.execute()
+        final = None
+        if result.stopped_because != "no-wait":
+            final = merge_run(run)
+        return RunReport(
+            run_dir, result.counts, result.spent, result.stopped_because, final, est, resumed
+        )
+    finally:
+        run.close()
+
+
+def merge_run(run: RunDir, out: Path | None = None) -> Path:
+    src = source.open_source(run.spec)
+    out = Path(out or run.final_output)
+    summary = merging.merge_frames(
+        source.iter_frames(src), src.columns, run.store.outcomes_frame(), out
+    )
+    logger.info(
+        "merged {} rows into {} ({})",
+        summary.rows,
+        summary.path,
+        ", ".join(f"{k} {v}" for k, v in sorted(summary.by_status.items())),
+    )
+    return summary.path
+
+
+def merge(run_dir: Path, out: Path | None = None) -> Path:
+    run = open_existing(Path(run_dir))
+    try:
+        return merge_run(run, out)
+    finally:
+        run.close()
+
+
+def missing(run_dir: Path) -> tuple[Path, dict[str, int]]:
+    """Write <run-dir>/missing_rows.csv: every row without an answer, with its status and reason."""
+    run = open_existing(Path(run_dir))
+    try:
+        rows = run.store.rows_by_status(("pending", "queued", "failed", "skipped"))
+        tmp = run.missing_rows.with_suffix(".csv.tmp")
+        by_status: dict[str, int] = {}
+        with tmp.open("w", encoding="utf-8", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["row_idx", "row_id", "status", "attempts", "error_class", "error"])
+            for r in rows:
+                status = "missing" if r["status"] in ("pending", "queued") else r["status"]
+                by_status[status] = by_status.get(status, 0) + 1
+                w.writerow(
+                    [
+                        r["row_idx"],
+                        r["row_id"],
+                        status,
+                        r["attempts"],
+                        r["error_class"] or "",
+                        r["error"] or "",
+                    ]
+                )
+        os.replace(tmp, run.missing_rows)
+        return run.missing_rows, by_status
+    finally:
+        run.close()
+
+
+def retry_missing(
+    run_dir: Path,
+    *,
+    models: Sequence[str] | None = None,
+    poll_interval: float | None = None,
+    api_key_file: Path | None = None,
+    base_url: str | None = None,
+    wait: bool = True,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> RunReport:
+    """Send every failed or skipped row again (fresh retry budget), on the pool given or the run's own."""
+    run = open_existing(Path(run_dir))
+    spec = run.spec
+    updates: dict[str, Any] = {}
+    if models:
+        updates["models"] = [
+            spec.model_entry(m) if m in spec.model_names else ModelEntry(name=m) for m in models
+        ]
+    if poll_interval is not None:
+        updates["poll_interval"] = poll_interval
+    spec = spec.model_copy(update=updates)
+    run.save_spec(spec)
+    try:
+        validate_inputs(spec)
+        pool = make_pool(spec, api_key_file=api_key_file, base_url=base_url)
+        n = run.store.reset_rows(("failed", "skipped"))
+        logger.info("{} failed/skipped row(s) put back in the queue", n)
+        engine = BatchEngine(run, pool, wait=wait, on_progress=on_progress)
+        engine.reconcile()
+        result = engine.execute()
+        final = merge_run(run) if result.stopped_because != "no-wait" else None
+        return RunReport(
+            Path(run_dir), result.counts, result.spent, result.stopped_because, final, None, True
+        )
+    finally:
+        run.close()
+
+
+def cancel(run_dir: Path, *, api_key_file: Path | None = None, base_url: str | None = None) -> int:
+    run = open_existing(Path(run_dir))
+    try:
+        pool = make_pool(run.spec, api_key_file=api_key_file, base_url=base_url)
+        return BatchEngine(run, pool).cancel_all()
+    finally:
+        run.close()
+
+
+def status(run_dir: Path) -> dict[str, Any]:
+    """Everything `batchops status` shows, as plain data (also `status --json`)."""
+    run = open_existing(Path(run_dir))
+    try:
+        st = run.store
+        counts = st.counts()
+        batches = [dict(b) for b in st.batches()]
+        remote: dict[str, int] = {}
+        for b in batches:
+            remote[b["status"]] = remote.get(b["status"], 0) + 1
+        chunk_states: dict[str, int] = {}
+        for c in st.chunks():
+            chunk_states[c.state] = chunk_states.get(c.state, 0) + 1
+        missing_n = counts["pending"] + counts["queued"] + counts["failed"] + counts["skipped"]
+        in_flight = sum(
+            1 for b in batches if b["collected_at"] is None and b["status"] not in ("failed",)
+        )
+        if missing_n == 0 and counts["succeeded"]:
+            hint = f"all rows answered: merged table at {run.final_output}"
+        elif in_flight:
+            hint = f"{in_flight} batch(es) still running: `batchops run` (same options) or `batchops watch` follows them"
+        else:
+            hint = f"{missing_n} row(s) missing: `batchops retry-missing --run-dir {run.path}`"
+        return {
+            "run_id": run.run_id,
+            "run_dir": str(run.path),
+            "source": run.spec.source,
+            "models": run.spec.model_names,
+            "mode": run.spec.mode,
+            "rows": counts,
+            "chunks": chunk_states,
+            "batches_by_status": remote,
+            "batches": batches,
+            "spent_usd": st.spent(),
+            "cost_by_model": [dict(r) for r in st.cost_by_model()],
+            "events": [dict(e) for e in st.events(20)],
+            "next": hint,
+        }
+    finally:
+        run.close()
+
+
+def cost(run_dir: Path) -> dict[str, Any]:
+    run = open_existing(Path(run_dir))
+    try:
+        est = estimate(run)
+        by_batch = [dict(r) for r in run.store.cost_by_batch()]
+        return {
+            "by_model": [dict(r) for r in run.store.cost_by_model()],
+            "by_batch": by_batch,
+            "total_usd": run.store.spent(),
+            "estimate_usd": sum(b["est_cost"] or 0 for b in by_batch) if by_batch else est.cost_usd,
+        }
+    finally:
+        run.close()
+
+
+def run(
+    data: pd.DataFrame | str | Path,
+    *,
+    prompt: str,
+    model: str | Sequence[str],
+    run_dir: str | Path,
+    id_column: str | None = None,
+    **options: Any,
+) -> pd.DataFrame:
+    """Run a table (a DataFrame or a CSV path) through the model(s); return it with the merged columns.
+
+    The run directory is durable: calling again with the same arguments (e.g. after a kernel
+    restart) resumes instead of paying twice.
+    """
+    run_dir = Path(run_dir)
+    if isinstance(data, pd.DataFrame):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "source.csv"
+        frame = data.astype(object).where(data.notna(), "").astype(str)
+        tmp = path.with_suffix(".csv.tmp")
+        frame.to_csv(tmp, index=False)
+        if not path.exists() or path.read_bytes() != tmp.read_bytes():
+            os.replace(tmp, path)
+        else:
+            tmp.unlink()
+        source_path = str(path)
+    else:
+        source_path = str(data)
+    models = [model] if isinstance(model, str) else list(model)
+    run_keys = {"cleanup", "keep_latest", "dry_run", "wait", "api_key_file", "base_url"}
+    spec = build_spec(
+        source_path=source_path,
+        prompt=prompt,
+        models=models,
+        id_column=id_column,
+        **{k: v for k, v in options.items() if k not in run_keys},
+    )
+    report = run_job(spec, run_dir, **{k: v for k, v in options.items() if k in run_keys})
+    if report.final_output is None:
+        raise RunIncomplete(f"{run_dir}: run not finished ({report.summary()})")
+    return merging.read_merged(report.final_output).to_pandas()

@@ -1,0 +1,506 @@
+"""The command line: parse, call batchops.api, print, exit. No job logic lives here.
+
+Exit codes: 0 every row succeeded; 2 bad input or usage (one line, nothing uploaded);
+3 the run ended with rows still missing; 130 interrupted (state saved).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+from loguru import logger
+
+from batchops import __version__, api
+from batchops import logs as logsetup
+from batchops.errors import BatchopsError, InputError
+from batchops.spec import load_toml
+
+EXAMPLE_RUN = """\b
+Example:
+  batchops run --csv products.csv --id-column sku \\
+      --prompt "Describe {name} in one line." --model gpt-4o-mini --model gpt-4.1-mini
+"""
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"batchops: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map batchops errors to exit codes with one line on stderr; never a traceback for them."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo(
+                "batchops: interrupted; state saved — run the same command again to resume",
+                err=True,
+            )
+            sys.exit(130)
+        except BatchopsError as exc:
+            _fail(logsetup.mask_secrets(str(exc)), exc.exit_code)
+
+    return wrapper
+
+
+def common_logging(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("-q", "--quiet", count=True, help="Less console output (-qq: errors only).")(
+        fn
+    )
+    fn = click.option("-v", "--verbose", count=True, help="Debug output on the console.")(fn)
+    fn = click.option(
+        "--log-dir",
+        type=click.Path(path_type=Path),
+        default=Path("logs"),
+        show_default=True,
+        help="Folder for the DEBUG log file batch_execution_YYYYMMDD_HHMMSS.log.",
+    )(fn)
+    return fn
+
+
+def run_dir_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--run-dir",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="The run's directory [default: the only run under runs/].",
+    )(fn)
+
+
+def key_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option(
+        "--base-url", default=None, help="API base URL [default: $OPENAI_BASE_URL or OpenAI]."
+    )(fn)
+    fn = click.option(
+        "--api-key-file",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="File with one API key per line (a key pool); also $OPENAI_API_KEYS.",
+    )(fn)
+    return fn
+
+
+def resolve_run_dir(run_dir: Path | None) -> Path:
+    if run_dir is not None:
+        return run_dir
+    runs = sorted(p.parent for p in Path("runs").glob("*/state.db"))
+    if len(runs) == 1:
+        return runs[0]
+    if not runs:
+        raise InputError("no run found under runs/; give --run-dir")
+    raise InputError(
+        f"several runs under runs/ ({', '.join(str(r) for r in runs[:5])}); give --run-dir"
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="batchops")
+def cli() -> None:
+    """Run large tables through the OpenAI Batch API (and compatible APIs), unattended.
+
+    Every source row ends with exactly one answer or a stated reason, no row is paid for
+    twice, and a crash at any moment loses nothing: run the same command again to resume.
+    """
+
+
+@cli.command(epilog=EXAMPLE_RUN)
+@click.option(
+    "--csv", "csv_path", type=click.Path(path_type=Path), help="Source table (UTF-8 CSV)."
+)
+@click.option(
+    "--input", "input_path", type=click.Path(path_type=Path), help="Source table (same as --csv)."
+)
+@click.option("--id-column", help="Unique row key column [default: the 0-based row number].")
+@click.option("--prompt", help="Template with {column} placeholders ({{ }} for literal braces).")
+@click.option(
+    "--prompt-file", type=click.Path(path_type=Path), help="Read the template from a file."
+)
+@click.option("--system", help="Optional system message (may use {column} placeholders).")
+@click.option("--image-column", help="Column with one image file name per row (empty = no image).")
+@click.option("--image-dir", help="Folder the image file names are relative to.")
+@click.option(
+    "--model", "models", multiple=True, help="Model pool, in order of preference (repeatable)."
+)
+@click.option(
+    "--endpoint",
+    type=click.Choice(["/v1/chat/completions", "/v1/responses", "/v1/embeddings"]),
+    default=None,
+    help="API endpoint [default: /v1/chat/completions].",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="Rows per batch file [default: 20; ≤ 50,000 / 200 MB].",
+)
+@click.option("--max-tokens", type=int, default=None, help="max_tokens in each request body.")
+@click.option("--temperature", type=float, default=None, help="temperature in each request body.")
+@click.option(
+    "--run-dir", type=click.Path(path_type=Path), default=None, help="[default: runs/<csv stem>]"
+)
+@click.option(
+    "--poll-interval", type=float, default=None, help="Seconds between status polls [default: 30]."
+)
+@click.option(
+    "--max-retries", type=int, default=None, help="Per row, for retryable failures and expiry [3]."
+)
+@click.option("--start-row", type=int, default=None, help="First source row (0-based).")
+@click.option("--end-row", type=int, default=None, help="Stop before this source row (exclusive).")
+@click.option(
+    "--mode", type=click.Choice(["batch", "online"]), default=None, help="[default: batch]"
+)
+@click.option(
+    "--workers", type=int, default=None, help="Concurrent requests in online mode [default: 8]."
+)
+@click.option(
+    "--max-cost", type=float, default=None, help="Stop submitting before spend would pass USD."
+)
+@click.option(
+    "--token-limit", type=int, default=None, help="Enqueued prompt tokens in flight per model."
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="batchops.toml [default: ./batchops.toml if present].",
+)
+@click.option("--cleanup", is_flag=True, help="Start over: delete the previous run in --run-dir.")
+@click.option(
+    "--keep-latest", is_flag=True, help="Start over, keeping the previous run dir as a backup."
+)
+@click.option("--no-wait", is_flag=True, help="Submit and return; status/merge pick it up later.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Build and check the batch files, print the estimate; upload nothing.",
+)
+@key_options
+@common_logging
+@handle_errors
+def run(
+    csv_path: Path | None,
+    input_path: Path | None,
+    prompt: str | None,
+    prompt_file: Path | None,
+    models: tuple[str, ...],
+    config_path: Path | None,
+    run_dir: Path | None,
+    log_dir: Path,
+    verbose: int,
+    quiet: int,
+    cleanup: bool,
+    keep_latest: bool,
+    no_wait: bool,
+    dry_run: bool,
+    api_key_file: Path | None,
+    base_url: str | None,
+    **options: Any,
+) -> None:
+    """Run a table through the model(s): build, submit, poll, collect, retry, merge."""
+    logsetup.configure(log_dir, verbose - quiet)
+    source_path = csv_path or input_path
+    if source_path is None:
+        raise InputError("give the source table with --csv PATH")
+    if not source_path.exists():
+        raise InputError(f"{source_path}: file not found")
+    if (prompt is None) == (prompt_file is None):
+        raise InputError("give exactly one of --prompt TEXT or --prompt-file PATH")
+    if prompt_file is not None:
+        try:
+            prompt = prompt_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"{prompt_file}: cannot read prompt file ({exc.strerror})") from None
+    config = _config(config_path)
+    spec = api.build_spec(
+        source_path=str(source_path),
+        prompt=prompt or "",
+        models=list(models),
+        config=config,
+        **options,
+    )
+    report = api.run_job(
+        spec,
+        run_dir,
+        cleanup=cleanup,
+        keep_latest=keep_latest,
+        dry_run=dry_run,
+        wait=not no_wait,
+        api_key_file=api_key_file,
+        base_url=base_url,
+        on_estimate=_print_estimate,
+        on_progress=_print_progress,
+    )
+    if dry_run:
+        click.echo(f"dry run: chunk files in {report.run_dir / 'inputs'}; nothing uploaded")
+        return
+    click.echo(report.summary())
+    if report.final_output:
+        click.echo(f"merged output: {report.final_output}")
+    if report.stopped_because == "no-wait":
+        click.echo(f"submitted; follow with: batchops status --run-dir {report.run_dir}")
+        return
+    if report.exit_code:
+        click.echo(f"rows missing: see `batchops missing --run-dir {report.run_dir}`", err=True)
+    sys.exit(report.exit_code)
+
+
+def _config(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        default = Path("batchops.toml")
+        return load_toml(default) if default.exists() else {}
+    return load_toml(path)
+
+
+def _print_estimate(est: api.Estimate) -> None:
+    cost = f"${est.cost_usd:.6f}" if est.cost_usd is not None else "unknown (no price for a model)"
+    click.echo(
+        f"estimate: {est.rows} rows in {est.chunks} chunk(s), ~{est.prompt_tokens} prompt tokens, "
+        f"≤{est.completion_tokens} completion tokens ({est.completion_assumption}); cost ≈ {cost} at batch prices"
+    )
+
+
+def _print_progress(p: Any) -> None:
+    c = p.counts
+    logger.info(
+        "rows: {} succeeded, {} failed, {} skipped, {} queued, {} pending | batches in flight: {} {} | "
+        "spent ${:.6f}",
+        c["succeeded"],
+        c["failed"],
+        c["skipped"],
+        c["queued"],
+        c["pending"],
+        p.in_flight,
+        p.remote,
+        p.spent,
+    )
+
+
+@cli.command()
+@run_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@handle_errors
+def status(run_dir: Path | None, as_json: bool) -> None:
+    """Rows by status, batches by remote status, spend so far, and what to do next."""
+    st = api.status(resolve_run_dir(run_dir))
+    if as_json:
+        click.echo(json.dumps(st, indent=2, default=str))
+        return
+    r = st["rows"]
+    click.echo(
+        f"run {st['run_id']} ({st['run_dir']}), source {st['source']}, models {', '.join(st['models'])}"
+    )
+    click.echo("rows:    " + ", ".join(f"{k} {v}" for k, v in r.items()))
+    click.echo(
+        "batches: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(st["batches_by_status"].items())) or "none")
+    )
+    click.echo(f"spent:   ${st['spent_usd']:.6f}")
+    for m in st["cost_by_model"]:
+        cost = f"${m['cost_usd']:.6f}" if m["cost_usd"] is not None else "unknown"
+        click.echo(
+            f"  {m['model']} ({m['mode']}): {m['calls']} calls, {m['prompt_tokens']} prompt / "
+            f"{m['cached_tokens']} cached / {m['completion_tokens']} completion tokens, {cost}"
+        )
+    click.echo(f"next:    {st['next']}")
+
+
+@cli.command()
+@run_dir_option
+@handle_errors
+def missing(run_dir: Path | None) -> None:
+    """Write <run-dir>/missing_rows.csv (rows without an answer and why) and print a summary."""
+    path, by_status = api.missing(resolve_run_dir(run_dir))
+    total = sum(by_status.values())
+    click.echo(
+        f"{total} row(s) without an answer"
+        + (": " + ", ".join(f"{k} {v}" for k, v in by_status.items()) if total else "")
+    )
+    click.echo(f"written to {path}")
+
+
+@cli.command("retry-missing")
+@run_dir_option
+@click.option(
+    "--model", "models", multiple=True, help="Model pool for the retry [default: the run's]."
+)
+@click.option("--poll-interval", type=float, default=None, help="Seconds between status polls.")
+@key_options
+@common_logging
+@handle_errors
+def retry_missing(
+    run_dir: Path | None,
+    models: tuple[str, ...],
+    poll_interval: float | None,
+    api_key_file: Path | None,
+    base_url: str | None,
+    log_dir: Path,
+    verbose: int,
+    quiet: int,
+) -> None:
+    """Send every failed, skipped or missing row again, then merge."""
+    logsetup.configure(log_dir, verbose - quiet)
+    report = api.retry_missing(
+        resolve_run_dir(run_dir),
+        models=list(models) or None,
+        poll_interval=poll_interval,
+        api_key_file=api_key_file,
+        base_url=base_url,
+        on_progress=_print_progress,
+    )
+    click.echo(report.summary())
+    if report.final_output:
+        click.echo(f"merged output: {report.final_output}")
+    sys.exit(report.exit_code)
+
+
+@cli.command()
+@run_dir_option
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output path: CSV, or Parquet when it ends in .parquet [default: <run-dir>/final_output.csv].",
+)
+@handle_errors
+def merge(run_dir: Path | None, output: Path | None) -> None:
+    """Join every answer onto the source table (source columns unchanged, then the result columns)."""
+    path = api.merge(resolve_run_dir(run_dir), output)
+    click.echo(f"merged output: {path}")
+
+
+@cli.command()
+@run_dir_option
+@key_options
+@common_logging
+@handle_errors
+def cancel(
+    run_dir: Path | None,
+    api_key_file: Path | None,
+    base_url: str | None,
+    log_dir: Path,
+    verbose: int,
+    quiet: int,
+) -> None:
+    """Cancel the run's in-flight batches and record their partial results."""
+    logsetup.configure(log_dir, verbose - quiet)
+    n = api.cancel(resolve_run_dir(run_dir), api_key_file=api_key_file, base_url=base_url)
+    click.echo(
+        f"{n} batch(es) cancelled; partial results recorded. Resume with `batchops run` or retry-missing."
+    )
+
+
+@cli.command()
+@run_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@handle_errors
+def cost(run_dir: Path | None, as_json: bool) -> None:
+    """Cost per model and per batch, total, and estimate vs actual."""
+    data = api.cost(resolve_run_dir(run_dir))
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    for m in data["by_model"]:
+        c = f"${m['cost_usd']:.6f}" if m["cost_usd"] is not None else "unknown"
+        click.echo(
+            f"{m['model']} ({m['mode']}): {m['calls']} calls, {m['prompt_tokens']} prompt, "
+            f"{m['cached_tokens']} cached, {m['completion_tokens']} completion tokens: {c}"
+        )
+    for b in data["by_batch"]:
+        c = f"${b['cost_usd']:.6f}" if b["cost_usd"] is not None else "-"
+        e = f"${b['est_cost']:.6f}" if b["est_cost"] is not None else "unknown"
+        click.echo(f"  {b['batch_id']} chunk {b['chunk_id']} {b['status']}: {c} (estimate {e})")
+    click.echo(f"total: ${data['total_usd']:.6f}")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option(
+    "--scenario",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Scenario file (TOML or JSON).",
+)
+@handle_errors
+def emulator(host: str, port: int, scenario: Path | None) -> None:
+    """Serve a local OpenAI-compatible Batch API with fault injection (see docs/emulator.md).
+
+    \b
+    Example:
+      batchops emulator --port 8000 &
+      OPENAI_BASE_URL=http://127.0.0.1:8000/v1 OPENAI_API_KEY=sk-local batchops run ...
+    """
+    from batchops.emulator import Scenario, serve
+
+    sc = Scenario.from_file(scenario) if scenario else Scenario()
+    click.echo(f"emulator on http://{host}:{port}/v1 (Ctrl+C stops it)", err=True)
+    serve(host=host, port=port, scenario=sc)
+
+
+@cli.command()
+@click.option(
+    "--data-dir", type=click.Path(path_type=Path), default=Path("data/sample"), show_default=True
+)
+@click.option(
+    "--run-dir", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True
+)
+@common_logging
+@handle_errors
+def demo(data_dir: Path, run_dir: Path, log_dir: Path, verbose: int, quiet: int) -> None:
+    """Run the bundled sample (with images) end to end against the built-in emulator; no key, no network."""
+    from batchops.emulator import EmulatorServer, Scenario
+
+    logsetup.configure(log_dir, verbose - quiet)
+    csv_path = data_dir / "products.csv"
+    if not csv_path.exists():
+        raise InputError(
+            f"{csv_path}: sample not found (run from the repository root or give --data-dir)"
+        )
+    scenario = Scenario(
+        validating_seconds=0.2, in_progress_seconds=1.0, finalizing_seconds=0.2, seed=7
+    )
+    with EmulatorServer(scenario=scenario, host="127.0.0.1", port=0) as emu:
+        os.environ["OPENAI_API_KEY"] = "sk-emulator-demo-key-0000"
+        prompt = (data_dir / "prompt.txt").read_text(encoding="utf-8")
+        spec = api.build_spec(
+            source_path=str(csv_path),
+            prompt=prompt,
+            models=["gpt-4o-mini"],
+            id_column="sku",
+            image_column="image",
+            image_dir=str(data_dir / "images"),
+            batch_size=10,
+            poll_interval=0.5,
+            max_tokens=200,
+        )
+        report = api.run_job(
+            spec,
+            run_dir,
+            cleanup=True,
+            base_url=emu.base_url,
+            on_estimate=_print_estimate,
+            on_progress=_print_progress,
+        )
+    click.echo(report.summary())
+    click.echo(f"merged output: {report.final_output}")
+    sys.exit(report.exit_code)
+
+
+def main() -> None:
+    cli(prog_name="batchops")
+
+
+if __name__ == "__main__":
+    main()

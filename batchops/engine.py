@@ -1,0 +1,579 @@
+"""The batch loop: build → upload → create → poll → collect → re-queue, until every row is settled.
+
+Durability: before each remote call that creates something the chunk's state says so
+(`uploading`, `submitting`); remote objects carry the run id, chunk id and attempt (file name and
+batch metadata). On start, `reconcile()` looks remote objects up and re-attaches instead of
+creating them again, so a crash at any point never submits a chunk twice.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loguru import logger
+
+from batchops import chunking, pricing, results, source
+from batchops.classify import EXHAUSTING, classify_batch_error, is_retryable
+from batchops.providers import ApiCallError, Pool, call
+from batchops.records import RowOutcome
+from batchops.rundir import RunDir
+from batchops.store import ChunkRow
+
+# Completion tokens assumed per row for estimates when --max-tokens is not given.
+DEFAULT_COMPLETION_ESTIMATE = 256
+# How far back (seconds before the run was created) reconcile looks in the remote batch list.
+RECONCILE_SLACK = 3600
+
+
+@dataclass
+class Progress:
+    """A snapshot for progress displays."""
+
+    counts: dict[str, int]
+    in_flight: int
+    remote: dict[str, int]
+    spent: float
+
+
+@dataclass
+class EngineResult:
+    counts: dict[str, int]
+    stopped_because: str | None = None  # "pool exhausted", "budget reached", "no-wait", ...
+    spent: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+class BatchEngine:
+    def __init__(
+        self,
+        run: RunDir,
+        pool: Pool,
+        *,
+        wait: bool = True,
+        on_progress: Callable[[Progress], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.run = run
+        self.store = run.store
+        self.spec = run.spec
+        self.pool = pool
+        self.wait = wait
+        self.on_progress = on_progress
+        self.sleep = sleep
+        self.src = source.open_source(self.spec)
+        self.budget_hit = False
+        # Learned from token_limit_exceeded: the enqueued tokens a model accepted at most.
+        self.learned_limit: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ planning
+    def ensure_rows(self) -> None:
+        if self.store.row_count() == 0:
+            n = self.store.add_rows(self.src_frames(columns=[]))
+            logger.info("run {}: {} source row(s) registered", self.run.run_id, n)
+
+    def src_frames(self, columns: list[str] | None = None):
+        return source.iter_frames(self.src, columns=columns)
+
+    def build_pending(self) -> int:
+        """Pack every pending row into chunk files for the current model; returns chunks built."""
+        pending = self.store.pending_row_idxs()
+        current = self.pool.current()
+        if not pending or current is None:
+            return 0
+        model = current[0].name
+        self.run.inputs.mkdir(parents=True, exist_ok=True)
+        built = 0
+        est_completion = self.spec.max_tokens or DEFAULT_COMPLETION_ESTIMATE
+        for chunk in chunking.build_chunks(
+            self.src,
+            self.spec,
+            model=model,
+            out_dir=self.run.inputs,
+            first_chunk_no=self.store.next_chunk_no(),
+            only_rows=pending,
+            estimate_tokens=pricing.estimate_text_tokens_series,
+        ):
+            est_cost = pricing.estimate_cost(
+                model,
+                chunk.est_prompt_tokens,
+                est_completion * len(chunk.row_idxs),
+                batch=True,
+                overrides=self.overrides(),
+            )
+            if self.store.add_chunk(chunk, model, est_cost) is not None:
+                built += 1
+                logger.debug(
+                    "chunk {} built: {} rows, {} bytes, ~{} prompt tokens, model {}",
+                    chunk.chunk_no,
+                    len(chunk.row_idxs),
+                    chunk.n_bytes,
+                    chunk.est_prompt_tokens,
+                    model,
+                )
+            for s in chunk.skipped:
+                logger.warning("row {} skipped: {}", s.row_idx, s.reason)
+        if built:
+            logger.info(
+                "{} chunk file(s) built for {} pending row(s) (model {})",
+                built,
+                len(pending),
+                model,
+            )
+        return built
+
+    def overrides(self):
+        out = dict(self.spec.prices)
+        for m in self.spec.models:
+            if m.price is not None:
+                out[m.name] = m.price
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def execute(self) -> EngineResult:
+        self.ensure_rows()
+        self.reconcile()
+        self.build_pending()
+        stopped: str | None = None
+        while True:
+            self.submit_ready()
+            in_flight = self.store.chunks("submitted")
+            if not in_flight:
+                if (
+                    self.store.counts()["pending"]
+                    and self.pool.current()
+                    and not self.budget_hit
+                    and self.build_pending()
+                ):
+                    continue
+                ready = self.store.chunks("built", "uploaded")
+                if ready and self.pool.current() and not self.budget_hit:
+                    # Nothing in flight but a chunk could not be sent (a transient error or a token
+                    # limit learned at zero): wait and try again rather than give up on it.
+                    self.sleep(self.spec.poll_interval)
+                    continue
+                stopped = self._why_stopped()
+                break
+            if not self.wait:
+                stopped = "no-wait"
+                break
+            self.report_progress()
+            self.sleep(self.spec.poll_interval)
+            self.poll()
+            if self.store.counts()["pending"] and self.pool.current():
+                self.build_pending()
+        self.report_progress()
+        return EngineResult(self.store.counts(), stopped, self.store.spent())
+
+    def _why_stopped(self) -> str | None:
+        counts = self.store.counts()
+        if counts["pending"] or counts["queued"]:
+            if self.pool.current() is None:
+                return "every model and key in the pool is exhausted"
+            if self.budget_hit:
+                return "budget reached"
+        return None
+
+    def report_progress(self) -> None:
+        if self.on_progress is None:
+            return
+        remote: dict[str, int] = {}
+        for b in self.store.batches():
+            if b["collected_at"] is None:
+                remote[b["status"]] = remote.get(b["status"], 0) + 1
+        self.on_progress(
+            Progress(
+                self.store.counts(), len(self.store.chunks("submitted")), remote, self.store.spent()
+            )
+        )
+
+    # ------------------------------------------------------------------ submitting
+    def token_limit(self, model: str) -> int | None:
+        entry = self.spec.model_entry(model) if model in self.spec.model_names else None
+        configured = (entry.token_limit if entry else None) or self.spec.token_limit
+        learned = self.learned_limit.get(model)
+        limits = [x for x in (configured, learned) if x]
+        return min(limits) if limits else None
+
+    def in_flight_tokens(self, model: str) -> int:
+        return sum(
+            c.est_tokens for c in self.store.chunks("submitting", "submitted") if c.model == model
+        )
+
+    def fits_token_limit(self, chunk: ChunkRow) -> bool:
+        limit = self.token_limit(chunk.model)
+        if limit is None:
+            return True
+        in_flight = self.in_flight_tokens(chunk.model)
+        # A chunk larger than the limit on its own still goes when nothing else is in flight.
+        return in_flight == 0 or in_flight + chunk.est_tokens <= limit
+
+    def fits_budget(self, chunk: ChunkRow) -> bool:
+        cap = self.spec.max_cost
+        if cap is None:
+            return True
+        in_flight = sum(c.est_cost or 0.0 for c in self.store.chunks("submitting", "submitted"))
+        return self.store.spent() + in_flight + (chunk.est_cost or 0.0) <= cap + 1e-12
+
+    def submit_ready(self) -> None:
+        for chunk in self.store.chunks("built", "uploaded"):
+            current = self.pool.current()
+            if current is None:
+                return
+            entry, key = current
+            if chunk.model != entry.name:
+                # Built for a model that is now exhausted: re-render its rows for the current model.
+                self._drop_unsent(
+                    chunk, f"model {chunk.model} exhausted; rows re-packed for {entry.name}"
+                )
+                continue
+            if not self.fits_token_limit(chunk):
+                continue
+            if not self.fits_budget(chunk):
+                if not self.budget_hit:
+                    logger.warning(
+                        "budget: submitting chunk {} (est ${:.4f}) would pass --max-cost ${:.4f} "
+                        "(spent ${:.4f}); no more chunks are submitted",
+                        chunk.chunk_id,
+                        chunk.est_cost or 0.0,
+                        self.spec.max_cost,
+                        self.store.spent(),
+                    )
+                self.budget_hit = True
+                return
+            try:
+                self._submit(chunk, key)
+            except ApiCallError as exc:
+                if exc.cls in EXHAUSTING:
+                    self.pool.exhaust(
+                        chunk.model,
+                        key.key_id,
+                        f"{exc.code or exc.cls}: {exc.message}",
+                        whole_key=exc.cls == "auth",
+                    )
+                    self.store.event(
+                        "switch",
+                        f"{exc.what}: {exc.cls} ({exc.code}) on model {chunk.model} "
+                        f"key {key.label}",
+                        chunk_id=chunk.chunk_id,
+                    )
+                    continue
+                if exc.cls == "token_limit":
+                    # Some providers (Azure fail-fast) refuse at create time: same as a failed batch.
+                    self.learned_limit[chunk.model] = self.in_flight_tokens(chunk.model)
+                    continue
+                logger.warning("chunk {}: {}; will try again", chunk.chunk_id, exc)
+                return
+
+    def _drop_unsent(self, chunk: ChunkRow, reason: str) -> None:
+        if chunk.file_id:
+            self._delete_file(chunk.model, chunk.key_id, chunk.file_id)
+        self.store.abandon_chunk(chunk.chunk_id, reason)
+
+    def remote_file_name(self, chunk: ChunkRow) -> str:
+        return f"{self.run.run_id}-c{chunk.chunk_id:06d}-a{chunk.attempt}.jsonl"
+
+    def metadata(self, chunk: ChunkRow) -> dict[str, str]:
+        return {
+            "batchops_run": self.run.run_id,
+            "batchops_chunk": str(chunk.chunk_id),
+            "batchops_attempt": str(chunk.attempt),
+        }
+
+    def _submit(self, chunk: ChunkRow, key) -> None:
+        client = self.pool.client(chunk.model, key.key_id)
+        policy = self.spec.retry
+        if chunk.state == "uploaded" and chunk.key_id != key.key_id:
+            # The file belongs to another key's account: upload it again under this key.
+            self._delete_file(chunk.model, chunk.key_id, chunk.file_id)
+            self.store.set_chunk(chunk.chunk_id, state="built", file_id=None)
+            chunk = self.store.chunk(chunk.chunk_id)
+        if chunk.state == "built":
+            self.store.set_chunk(
+                chunk.chunk_id,
+                state="uploading",
+                key_id=key.key_id,
+                event=f"uploading {Path(chunk.path).name} with key {key.label}",
+            )
+            with open(chunk.path, "rb") as fh:
+                f = call(
+                    client.files.create,
+                    file=(self.remote_file_name(chunk), fh),
+                    purpose="batch",
+                    what=f"upload chunk {chunk.chunk_id}",
+                    policy=policy,
+                    scrub=self.pool.scrub,
+                )
+            self.store.set_chunk(
+                chunk.chunk_id, state="uploaded", file_id=f.id, event=f"uploaded as {f.id}"
+            )
+            logger.debug("chunk {} uploaded as {}", chunk.chunk_id, f.id)
+            chunk = self.store.chunk(chunk.chunk_id)
+        self.store.set_chunk(chunk.chunk_id, state="submitting", key_id=key.key_id)
+        b = call(
+            client.batches.create,
+            input_file_id=chunk.file_id,
+            endpoint=self.spec.endpoint,
+            completion_window=self.spec.completion_window,
+            metadata=self.metadata(chunk),
+            what=f"create batch for chunk {chunk.chunk_id}",
+            policy=policy,
+            scrub=self.pool.scrub,
+        )
+        self._attach(chunk, b)
+
+    def _attach(self, chunk: ChunkRow, b) -> None:
+        chunk = self.store.chunk(chunk.chunk_id)
+        self.store.upsert_batch(chunk, b)
+        self.store.set_chunk(
+            chunk.chunk_id,
+            state="submitted",
+            batch_id=b.id,
+            event=f"batch {b.id} submitted ({chunk.n_rows} rows, model {chunk.model})",
+        )
+        logger.info(
+            "chunk {} submitted as batch {} ({} rows, model {})",
+            chunk.chunk_id,
+            b.id,
+            chunk.n_rows,
+            chunk.model,
+        )
+
+    def _delete_file(self, model: str, key_id: str | None, file_id: str | None) -> None:
+        if not file_id:
+            return
+        try:
+            call(
+                self.pool.client(model, key_id).files.delete,
+                file_id,
+                what=f"delete unused file {file_id}",
+                policy=self.spec.retry,
+                scrub=self.pool.scrub,
+                attempts=2,
+            )
+            logger.debug("deleted unused file {}", file_id)
+        except ApiCallError as exc:
+            logger.debug("could not delete unused file {}: {}", file_id, exc)
+
+    # ------------------------------------------------------------------ crash recovery
+    def reconcile(self) -> None:
+        """Re-attach to remote objects created just before a crash, instead of creating them again."""
+        for chunk in self.store.chunks("uploading", "submitting"):
+            client = self.pool.client(chunk.model, chunk.key_id)
+            policy = self.spec.retry
+            if chunk.state == "uploading":
+                name = self.remote_file_name(chunk)
+                files = call(
+                    lambda c=client: list(c.files.list(purpose="batch")),
+                    what="list files",
+                    policy=policy,
+                    scrub=self.pool.scrub,
+                )
+                matches = sorted(
+                    (f for f in files if f.filename == name), key=lambda f: f.created_at
+                )
+                if matches:
+                    for extra in matches[1:]:
+                        self._delete_file(chunk.model, chunk.key_id, extra.id)
+                    self.store.set_chunk(
+                        chunk.chunk_id,
+                        state="uploaded",
+                        file_id=matches[0].id,
+                        event=f"reconciled: upload found as {matches[0].id}",
+                    )
+                else:
+                    self.store.set_chunk(
+                        chunk.chunk_id, state="built", event="reconciled: upload never arrived"
+                    )
+            else:
+                found = self._find_remote_batch(client, chunk)
+                if found is not None:
+                    self._attach(chunk, found)
+                    self.store.event(
+                        "reconciled",
+                        f"re-attached to batch {found.id}",
+                        chunk_id=chunk.chunk_id,
+                        batch_id=found.id,
+                    )
+                else:
+                    self.store.set_chunk(
+                        chunk.chunk_id,
+                        state="uploaded",
+                        event="reconciled: batch was never created",
+                    )
+
+    def _find_remote_batch(self, client, chunk: ChunkRow):
+        want = self.metadata(chunk)
+        since = float(self.store.get_meta("created_at") or 0) - RECONCILE_SLACK
+        page = call(
+            client.batches.list,
+            limit=100,
+            what="list batches",
+            policy=self.spec.retry,
+            scrub=self.pool.scrub,
+        )
+        for b in page:  # auto-paginates; newest first, so stop once older than this run
+            if (b.metadata or {}) == want or all(
+                (b.metadata or {}).get(k) == v for k, v in want.items()
+            ):
+                return b
+            if b.created_at and b.created_at < since:
+                break
+        return None
+
+    # ------------------------------------------------------------------ polling and collecting
+    def poll(self) -> None:
+        for chunk in self.store.chunks("submitted"):
+            client = self.pool.client(chunk.model, chunk.key_id)
+            try:
+                b = call(
+                    client.batches.retrieve,
+                    chunk.batch_id,
+                    what=f"poll batch {chunk.batch_id}",
+                    policy=self.spec.retry,
+                    scrub=self.pool.scrub,
+                )
+            except ApiCallError as exc:
+                logger.warning("poll of batch {} failed: {}; will poll again", chunk.batch_id, exc)
+                continue
+            self.store.upsert_batch(chunk, b)
+            logger.debug(
+                "batch {} (chunk {}): {} {}",
+                b.id,
+                chunk.chunk_id,
+                b.status,
+                b.request_counts.model_dump() if b.request_counts else "",
+            )
+            if b.status in ("completed", "failed", "expired", "cancelled"):
+                try:
+                    self.collect(chunk, b)
+                except ApiCallError as exc:
+                    logger.warning("collecting batch {} failed: {}; will try again", b.id, exc)
+
+    def collect(self, chunk: ChunkRow, b) -> None:
+        if b.status == "failed":
+            self._collect_failed(chunk, b)
+            return
+        outcomes: list[tuple[RowOutcome, float | None, bool]] = []
+        exhausted = False
+        for file_id, folder in (
+            (b.output_file_id, self.run.outputs),
+            (b.error_file_id, self.run.errors),
+        ):
+            if not file_id:
+                continue
+            path = self._download(chunk, b.id, file_id, folder)
+            for o in results.parse_file(path, self.spec.endpoint):
+                o.retryable = (
+                    o.retryable and is_retryable(o.error_class, self.spec.retry.retry_on)
+                    if o.error_class
+                    else o.retryable
+                )
+                exhausted |= o.error_class in EXHAUSTING
+                cost = None
+                if o.usage is not None:
+                    cost = pricing.cost_or_none(
+                        o.usage, chunk.model, batch=True, overrides=self.overrides()
+                    )
+                # Exhausted model/key is not the row's fault: it does not use up a retry.
+                outcomes.append((o, cost, o.error_class not in EXHAUSTING))
+        if exhausted:
+            self.pool.exhaust(
+                chunk.model, chunk.key_id, "requests refused with insufficient quota / no access"
+            )
+        applied = self.store.record_outcomes(
+            chunk.chunk_id, b.id, outcomes, max_retries=self.spec.retry.max_retries
+        )
+        logger.info(
+            "batch {} {}: {} succeeded, {} re-queued, {} failed",
+            b.id,
+            b.status,
+            applied.succeeded,
+            applied.requeued,
+            applied.failed,
+        )
+
+    def _download(self, chunk: ChunkRow, batch_id: str, file_id: str, folder: Path) -> Path:
+        client = self.pool.client(chunk.model, chunk.key_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{batch_id}.jsonl"
+        content = call(
+            client.files.content,
+            file_id,
+            what=f"download {file_id}",
+            policy=self.spec.retry,
+            scrub=self.pool.scrub,
+        )
+        tmp = path.with_suffix(".jsonl.tmp")
+        content.write_to_file(tmp)
+        os.replace(tmp, path)
+        return path
+
+    def _collect_failed(self, chunk: ChunkRow, b) -> None:
+        errors = list(b.errors.data) if b.errors and b.errors.data else []
+        classes = {classify_batch_error(e.code) for e in errors}
+        text = (
+            "; ".join(f"{e.code}: {e.message}" for e in errors[:3]) or "batch failed without errors"
+        )
+        text = self.pool.scrub(text)
+        if "token_limit" in classes:
+            # Not the chunk's fault: wait for in-flight batches of this model, then send the same file again.
+            others = self.in_flight_tokens(chunk.model) - chunk.est_tokens
+            self.learned_limit[chunk.model] = max(0, others)
+            self.store.set_chunk(
+                chunk.chunk_id,
+                state="uploaded",
+                attempt=chunk.attempt + 1,
+                batch_id=None,
+                event=f"batch {b.id} failed: {text}; will resubmit when in-flight batches finish",
+            )
+            logger.info(
+                "batch {} hit the enqueued-token limit of {}; chunk {} waits for in-flight batches",
+                b.id,
+                chunk.model,
+                chunk.chunk_id,
+            )
+            return
+        exhausting = classes & EXHAUSTING
+        if exhausting:
+            self.pool.exhaust(chunk.model, chunk.key_id, text)
+        self.store.requeue_chunk_rows(
+            chunk.chunk_id,
+            f"batch {b.id} failed: {text}",
+            next(iter(exhausting)) if exhausting else "api_error",
+            counts=not exhausting,
+            max_retries=self.spec.retry.max_retries,
+        )
+        logger.warning("batch {} failed: {}", b.id, text)
+
+    # ------------------------------------------------------------------ cancel
+    def cancel_all(self) -> int:
+        """Cancel every in-flight batch, wait for them to stop, and record their partial results."""
+        chunks = self.store.chunks("submitted")
+        for chunk in chunks:
+            client = self.pool.client(chunk.model, chunk.key_id)
+            try:
+                call(
+                    client.batches.cancel,
+                    chunk.batch_id,
+                    what=f"cancel batch {chunk.batch_id}",
+                    policy=self.spec.retry,
+                    scrub=self.pool.scrub,
+                )
+                self.store.event(
+                    "cancel",
+                    f"cancel requested for batch {chunk.batch_id}",
+                    chunk_id=chunk.chunk_id,
+                )
+                logger.info("cancel requested for batch {}", chunk.batch_id)
+            except ApiCallError as exc:
+                if exc.status != 409:  # 409: already finished; it is collected below
+                    logger.warning("cancel of batch {} failed: {}", chunk.batch_id, exc)
+        while self.store.chunks("submitted"):
+            self.poll()
+            if self.store.chunks("submitted"):
+                self.sleep(min(self.spec.poll_interval, 2.0))
+        return len(chunks)

@@ -1,0 +1,656 @@
+"""The run's SQLite database: the single source of truth for rows, chunks, batches and attempts.
+
+Every state transition goes through a method here, each in one transaction, so a crash at any
+moment leaves the database at a transition boundary. Intent is written *before* each remote call
+that creates something (`uploading`, `submitting`), so a re-run can reconcile instead of repeating.
+
+Row:   pending → queued → succeeded | failed | skipped   (retryable failures go back to pending)
+Chunk: built → uploading → uploaded → submitting → submitted → collected   (or abandoned)
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from batchops.errors import StateError
+from batchops.records import BuiltChunk, RowOutcome
+
+SCHEMA_VERSION = 1
+DB_NAME = "state.db"
+
+# Each migration brings the schema from version i to i+1; never edit a released one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE rows (
+        row_idx INTEGER PRIMARY KEY,
+        row_id TEXT NOT NULL UNIQUE,
+        status TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        chunk_id INTEGER,
+        response TEXT,
+        finish_reason TEXT,
+        error TEXT,
+        error_class TEXT,
+        model TEXT,
+        prompt_tokens INTEGER,
+        cached_tokens INTEGER,
+        completion_tokens INTEGER,
+        reasoning_tokens INTEGER,
+        cost_usd REAL,
+        batch_id TEXT,
+        updated_at REAL
+    );
+    CREATE INDEX rows_status ON rows(status);
+    CREATE INDEX rows_chunk ON rows(chunk_id);
+    CREATE TABLE chunks (
+        chunk_id INTEGER PRIMARY KEY,
+        model TEXT NOT NULL,
+        path TEXT NOT NULL,
+        n_rows INTEGER NOT NULL,
+        n_bytes INTEGER NOT NULL,
+        est_tokens INTEGER NOT NULL,
+        est_cost REAL,
+        state TEXT NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        file_id TEXT,
+        batch_id TEXT,
+        key_id TEXT,
+        note TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX chunks_state ON chunks(state);
+    CREATE TABLE chunk_rows (
+        chunk_id INTEGER NOT NULL,
+        row_idx INTEGER NOT NULL,
+        PRIMARY KEY (chunk_id, row_idx)
+    ) WITHOUT ROWID;
+    CREATE TABLE batches (
+        batch_id TEXT PRIMARY KEY,
+        chunk_id INTEGER NOT NULL,
+        attempt INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        key_id TEXT,
+        status TEXT NOT NULL,
+        input_file_id TEXT,
+        output_file_id TEXT,
+        error_file_id TEXT,
+        request_total INTEGER,
+        request_completed INTEGER,
+        request_failed INTEGER,
+        errors TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        ended_at REAL,
+        collected_at REAL
+    );
+    CREATE INDEX batches_chunk ON batches(chunk_id);
+    CREATE TABLE attempts (
+        id INTEGER PRIMARY KEY,
+        row_idx INTEGER NOT NULL,
+        chunk_id INTEGER,
+        batch_id TEXT,
+        mode TEXT NOT NULL,
+        ok INTEGER NOT NULL,
+        error_class TEXT,
+        error TEXT,
+        model TEXT,
+        prompt_tokens INTEGER,
+        cached_tokens INTEGER,
+        completion_tokens INTEGER,
+        reasoning_tokens INTEGER,
+        cost_usd REAL,
+        ts REAL NOT NULL
+    );
+    CREATE INDEX attempts_row ON attempts(row_idx);
+    CREATE INDEX attempts_batch ON attempts(batch_id);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        kind TEXT NOT NULL,
+        chunk_id INTEGER,
+        batch_id TEXT,
+        message TEXT NOT NULL
+    );
+    """,
+]
+
+IN_FLIGHT_STATES = ("uploading", "uploaded", "submitting", "submitted")
+TERMINAL_BATCH = ("completed", "failed", "expired", "cancelled")
+
+
+@dataclass(slots=True)
+class ChunkRow:
+    """A chunk as stored."""
+
+    chunk_id: int
+    model: str
+    path: str
+    n_rows: int
+    n_bytes: int
+    est_tokens: int
+    est_cost: float | None
+    state: str
+    attempt: int
+    file_id: str | None
+    batch_id: str | None
+    key_id: str | None
+    note: str | None
+
+
+@dataclass(slots=True)
+class Applied:
+    """What recording one batch's outcomes did to its rows."""
+
+    succeeded: int = 0
+    failed: int = 0
+    requeued: int = 0
+    ignored: int = 0  # lines for rows no longer queued in this chunk (already recorded)
+
+
+class Store:
+    """The run database. Open with `Store.open(run_dir)`; one writer at a time."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self.conn = conn
+        self.path = path
+
+    # ------------------------------------------------------------------ opening / meta
+    @classmethod
+    def open(cls, run_dir: Path, *, create: bool = True) -> Store:
+        path = Path(run_dir) / DB_NAME
+        if not path.exists() and not create:
+            raise StateError(
+                f"{run_dir}: no batchops run here (no {DB_NAME}); start one with `batchops run`"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a killed process (only an OS crash can lose the last commit).
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        store = cls(conn, path)
+        store._migrate()
+        return store
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"{self.path}: written by a newer batchops (schema {version} > {SCHEMA_VERSION}); upgrade batchops"
+            )
+        for i in range(version, SCHEMA_VERSION):
+            with self.tx():
+                for statement in _split_sql(MIGRATIONS[i]):
+                    self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version = {i + 1}")
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction: committed on success, rolled back on any exception."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.tx():
+            self.conn.execute(
+                "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def event(
+        self, kind: str, message: str, *, chunk_id: int | None = None, batch_id: str | None = None
+    ) -> None:
+        with self.tx():
+            self._event(kind, message, chunk_id, batch_id)
+
+    def _event(
+        self, kind: str, message: str, chunk_id: int | None = None, batch_id: str | None = None
+    ) -> None:
+        self.conn.execute(
+            "INSERT INTO events(ts, kind, chunk_id, batch_id, message) VALUES (?, ?, ?, ?, ?)",
+            (time.time(), kind, chunk_id, batch_id, message),
+        )
+
+    # ------------------------------------------------------------------ rows
+    def row_count(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+
+    def add_rows(self, frames: Iterable[pl.DataFrame]) -> int:
+        """Register the source rows (once, at the start of a run) as pending."""
+        n = 0
+        with self.tx():
+            for frame in frames:
+                pairs = zip(frame["__row_idx"].to_list(), frame["__row_id"].to_list(), strict=True)
+                self.conn.executemany("INSERT INTO rows(row_idx, row_id) VALUES (?, ?)", pairs)
+                n += frame.height
+        return n
+
+    def pending_row_idxs(self) -> list[int]:
+        return [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT row_idx FROM rows WHERE status = 'pending' ORDER BY row_idx"
+            )
+        ]
+
+    def counts(self) -> dict[str, int]:
+        out = {s: 0 for s in ("pending", "queued", "succeeded", "failed", "skipped")}
+        for status, n in self.conn.execute("SELECT status, COUNT(*) FROM rows GROUP BY status"):
+            out[status] = n
+        return out
+
+    def reset_rows(self, statuses: tuple[str, ...]) -> int:
+        """Put rows with these statuses back to pending with a fresh retry budget (retry-missing)."""
+        marks = ",".join("?" * len(statuses))
+        with self.tx():
+            cur = self.conn.execute(
+                f"UPDATE rows SET status = 'pending', attempts = 0, updated_at = ? WHERE status IN ({marks})",
+                (time.time(), *statuses),
+            )
+            self._event(
+                "retry",
+                f"{cur.rowcount} row(s) with status {'/'.join(statuses)} put back to pending",
+            )
+        return cur.rowcount
+
+    # ------------------------------------------------------------------ chunks
+    def next_chunk_no(self) -> int:
+        return (self.conn.execute("SELECT MAX(chunk_id) FROM chunks").fetchone()[0] or 0) + 1
+
+    def add_chunk(self, built: BuiltChunk, model: str, est_cost: float | None) -> int | None:
+        """Record a built chunk file and queue its rows; record its skipped rows. One transaction."""
+        now = time.time()
+        with self.tx():
+            for s in built.skipped:
+                self.conn.execute(
+                    "UPDATE rows SET status = 'skipped', error = ?, error_class = 'input', updated_at = ?"
+                    " WHERE row_idx = ? AND status = 'pending'",
+                    (s.reason, now, s.row_idx),
+                )
+            if not built.row_idxs:
+                return None
+            self.conn.execute(
+                "INSERT INTO chunks(chunk_id, model, path, n_rows, n_bytes, est_tokens, est_cost, state,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'built', ?, ?)",
+                (
+                    built.chunk_no,
+                    model,
+                    str(built.path),
+                    len(built.row_idxs),
+                    built.n_bytes,
+                    built.est_prompt_tokens,
+                    est_cost,
+                    now,
+                    now,
+                ),
+            )
+            self.conn.executemany(
+                "INSERT INTO chunk_rows(chunk_id, row_idx) VALUES (?, ?)",
+                ((built.chunk_no, r) for r in built.row_idxs),
+            )
+            self.conn.executemany(
+                "UPDATE rows SET status = 'queued', chunk_id = ?, updated_at = ? WHERE row_idx = ?",
+                ((built.chunk_no, now, r) for r in built.row_idxs),
+            )
+        return built.chunk_no
+
+    def chunks(self, *states: str) -> list[ChunkRow]:
+        if states:
+            marks = ",".join("?" * len(states))
+            cur = self.conn.execute(
+                f"SELECT * FROM chunks WHERE state IN ({marks}) ORDER BY chunk_id", states
+            )
+        else:
+            cur = self.conn.execute("SELECT * FROM chunks ORDER BY chunk_id")
+        return [_chunk(r) for r in cur]
+
+    def chunk(self, chunk_id: int) -> ChunkRow:
+        row = self.conn.execute("SELECT * FROM chunks WHERE chunk_id = ?", (chunk_id,)).fetchone()
+        if row is None:
+            raise StateError(f"{self.path}: chunk {chunk_id} not found")
+        return _chunk(row)
+
+    def set_chunk(self, chunk_id: int, *, event: str | None = None, **fields: Any) -> None:
+        """Move a chunk to a new state / record remote ids (intent before the remote call)."""
+        fields["updated_at"] = time.time()
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self.tx():
+            self.conn.execute(
+                f"UPDATE chunks SET {cols} WHERE chunk_id = ?", (*fields.values(), chunk_id)
+            )
+            if event:
+                self._event(fields.get("state", "chunk"), event, chunk_id, fields.get("batch_id"))
+
+    def abandon_chunk(self, chunk_id: int, reason: str) -> int:
+        """Drop a not-yet-submitted chunk (e.g. its model is exhausted): its rows go back to pending."""
+        now = time.time()
+        with self.tx():
+            self.conn.execute(
+                "UPDATE chunks SET state = 'abandoned', note = ?, updated_at = ? WHERE chunk_id = ?",
+                (reason, now, chunk_id),
+            )
+            cur = self.conn.execute(
+                "UPDATE rows SET status = 'pending', updated_at = ? WHERE chunk_id = ? AND status = 'queued'",
+                (now, chunk_id),
+            )
+            self._event("abandoned", reason, chunk_id)
+        return cur.rowcount
+
+    # ------------------------------------------------------------------ batches
+    def upsert_batch(self, chunk: ChunkRow, batch: Any) -> None:
+        """Store the latest view of a remote batch object (openai Batch or dict-like)."""
+        b = batch if isinstance(batch, dict) else batch.model_dump()
+        rc = b.get("request_counts") or {}
+        now = time.time()
+        ended = next(
+            (
+                b.get(k)
+                for k in ("completed_at", "failed_at", "expired_at", "cancelled_at")
+                if b.get(k)
+            ),
+            None,
+        )
+        errors = b.get("errors")
+        with self.tx():
+            self.conn.execute(
+                """INSERT INTO batches(batch_id, chunk_id, attempt, model, key_id, status, input_file_id,
+                       output_file_id, error_file_id, request_total, request_completed, request_failed, errors,
+                       created_at, updated_at, ended_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(batch_id) DO UPDATE SET status = excluded.status,
+                       output_file_id = excluded.output_file_id, error_file_id = excluded.error_file_id,
+                       request_total = excluded.request_total, request_completed = excluded.request_completed,
+                       request_failed = excluded.request_failed, errors = excluded.errors,
+                       updated_at = excluded.updated_at, ended_at = excluded.ended_at""",
+                (
+                    b["id"],
+                    chunk.chunk_id,
+                    chunk.attempt,
+                    chunk.model,
+                    chunk.key_id,
+                    b.get("status"),
+                    b.get("input_file_id"),
+                    b.get("output_file_id"),
+                    b.get("error_file_id"),
+                    rc.get("total"),
+                    rc.get("completed"),
+                    rc.get("failed"),
+                    json.dumps(errors) if errors else None,
+                    b.get("created_at") or now,
+                    now,
+                    ended,
+                ),
+            )
+
+    def batches(self) -> list[sqlite3.Row]:
+        return self.conn.execute("SELECT * FROM batches ORDER BY created_at, batch_id").fetchall()
+
+    # ------------------------------------------------------------------ outcomes
+    def record_outcomes(
+        self,
+        chunk_id: int,
+        batch_id: str | None,
+        outcomes: Iterable[tuple[RowOutcome, float | None, bool]],
+        *,
+        mode: str = "batch",
+        max_retries: int,
+        close_chunk: bool = True,
+        lost_reason: str = "no result for this row in the batch's output or error file",
+    ) -> Applied:
+        """Apply one batch's (or one online request's) outcomes to its rows, in one transaction.
+
+        `outcomes` yields (outcome, cost_usd, counts_as_attempt). A row is only touched while it is
+        still queued in this chunk, so recording the same files twice changes nothing. With
+        `close_chunk`, rows of the chunk that got no line at all go back to pending (or fail when
+        out of retries) and the chunk becomes `collected`.
+        """
+        now = time.time()
+        applied = Applied()
+        with self.tx():
+            for outcome, cost, counts in outcomes:
+                row = self.conn.execute(
+                    "SELECT row_idx, status, chunk_id, attempts FROM rows WHERE row_id = ?",
+                    (outcome.custom_id,),
+                ).fetchone()
+                if row is None or row["status"] != "queued" or row["chunk_id"] != chunk_id:
+                    applied.ignored += 1
+                    continue
+                u = outcome.usage
+                # Every executed request is an attempt with its own (billed) tokens, success or not.
+                if u is not None or not outcome.ok:
+                    self.conn.execute(
+                        "INSERT INTO attempts(row_idx, chunk_id, batch_id, mode, ok, error_class, error, model,"
+                        " prompt_tokens, cached_tokens, completion_tokens, reasoning_tokens, cost_usd, ts)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            row["row_idx"],
+                            chunk_id,
+                            batch_id,
+                            mode,
+                            int(outcome.ok),
+                            outcome.error_class,
+                            outcome.error_message,
+                            outcome.model,
+                            u.prompt_tokens if u else None,
+                            u.cached_tokens if u else None,
+                            u.completion_tokens if u else None,
+                            u.reasoning_tokens if u else None,
+                            cost,
+                            now,
+                        ),
+                    )
+                if outcome.ok:
+                    status, attempts = "succeeded", row["attempts"]
+                    applied.succeeded += 1
+                else:
+                    attempts = row["attempts"] + (1 if counts else 0)
+                    if outcome.retryable and attempts <= max_retries:
+                        status = "pending"
+                        applied.requeued += 1
+                    else:
+                        status = "failed"
+                        applied.failed += 1
+                self.conn.execute(
+                    """UPDATE rows SET status = ?, attempts = ?, response = COALESCE(?, response),
+                           finish_reason = ?, error = ?, error_class = ?, model = COALESCE(?, model),
+                           prompt_tokens = COALESCE(prompt_tokens, 0) + COALESCE(?, 0),
+                           cached_tokens = COALESCE(cached_tokens, 0) + COALESCE(?, 0),
+                           completion_tokens = COALESCE(completion_tokens, 0) + COALESCE(?, 0),
+                           reasoning_tokens = COALESCE(reasoning_tokens, 0) + COALESCE(?, 0),
+                           cost_usd = CASE WHEN ? IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + ? END,
+                           batch_id = COALESCE(?, batch_id), updated_at = ?
+                       WHERE row_idx = ?""",
+                    (
+                        status,
+                        attempts,
+                        outcome.response if outcome.ok else None,
+                        outcome.finish_reason,
+                        None if outcome.ok else _error_text(outcome),
+                        outcome.error_class,
+                        outcome.model,
+                        u.prompt_tokens if u else None,
+                        u.cached_tokens if u else None,
+                        u.completion_tokens if u else None,
+                        u.reasoning_tokens if u else None,
+                        cost,
+                        cost,
+                        batch_id,
+                        now,
+                        row["row_idx"],
+                    ),
+                )
+            if close_chunk:
+                lost = self.conn.execute(
+                    "SELECT row_idx, attempts FROM rows WHERE chunk_id = ? AND status = 'queued'",
+                    (chunk_id,),
+                ).fetchall()
+                for r in lost:
+                    attempts = r["attempts"] + 1
+                    status = "pending" if attempts <= max_retries else "failed"
+                    applied.requeued += status == "pending"
+                    applied.failed += status == "failed"
+                    self.conn.execute(
+                        "UPDATE rows SET status = ?, attempts = ?, error = ?, error_class = 'api_error',"
+                        " updated_at = ? WHERE row_idx = ?",
+                        (status, attempts, lost_reason, now, r["row_idx"]),
+                    )
+                self.conn.execute(
+                    "UPDATE chunks SET state = 'collected', updated_at = ? WHERE chunk_id = ?",
+                    (now, chunk_id),
+                )
+                if batch_id:
+                    self.conn.execute(
+                        "UPDATE batches SET collected_at = ? WHERE batch_id = ?", (now, batch_id)
+                    )
+                self._event(
+                    "collected",
+                    f"{applied.succeeded} succeeded, {applied.requeued} re-queued, {applied.failed} failed",
+                    chunk_id,
+                    batch_id,
+                )
+        return applied
+
+    def requeue_chunk_rows(
+        self, chunk_id: int, error: str, error_class: str, *, counts: bool, max_retries: int
+    ) -> int:
+        """A whole batch failed (not the rows' fault): its queued rows go back to pending."""
+        now = time.time()
+        with self.tx():
+            if counts:
+                self.conn.execute(
+                    "UPDATE rows SET attempts = attempts + 1 WHERE chunk_id = ? AND status = 'queued'",
+                    (chunk_id,),
+                )
+                self.conn.execute(
+                    "UPDATE rows SET status = 'failed', error = ?, error_class = ?, updated_at = ?"
+                    " WHERE chunk_id = ? AND status = 'queued' AND attempts > ?",
+                    (error, error_class, now, chunk_id, max_retries),
+                )
+            cur = self.conn.execute(
+                "UPDATE rows SET status = 'pending', error = ?, error_class = ?, updated_at = ?"
+                " WHERE chunk_id = ? AND status = 'queued'",
+                (error, error_class, now, chunk_id),
+            )
+            self.conn.execute(
+                "UPDATE chunks SET state = 'collected', note = ?, updated_at = ? WHERE chunk_id = ?",
+                (error, now, chunk_id),
+            )
+            self._event("requeued", f"{cur.rowcount} row(s): {error}", chunk_id)
+        return cur.rowcount
+
+    # ------------------------------------------------------------------ reading for merge / status
+    def outcomes_frame(self) -> pl.DataFrame:
+        """One row per source row with its merged columns (see merge.MERGED_COLUMNS)."""
+        cur = self.conn.execute(
+            "SELECT row_idx, response, status, error, model, prompt_tokens, completion_tokens, cost_usd, batch_id"
+            " FROM rows ORDER BY row_idx"
+        )
+        schema = {
+            "row_idx": pl.Int64,
+            "response": pl.String,
+            "status": pl.String,
+            "error": pl.String,
+            "model": pl.String,
+            "prompt_tokens": pl.Int64,
+            "completion_tokens": pl.Int64,
+            "cost_usd": pl.Float64,
+            "batch_id": pl.String,
+        }
+        frame = pl.DataFrame(cur.fetchall(), schema=schema, orient="row")
+        # Rows still pending/queued when the run stopped have no answer yet: "missing".
+        return frame.with_columns(
+            pl.when(pl.col("status").is_in(["pending", "queued"]))
+            .then(pl.lit("missing"))
+            .otherwise(pl.col("status"))
+            .alias("status")
+        )
+
+    def cost_by_model(self) -> list[sqlite3.Row]:
+        return self.conn.execute(
+            """SELECT model, mode, COUNT(*) AS calls, SUM(ok) AS ok, COUNT(*) - SUM(ok) AS failed,
+                      SUM(COALESCE(prompt_tokens,0)) AS prompt_tokens, SUM(COALESCE(cached_tokens,0)) AS cached_tokens,
+                      SUM(COALESCE(completion_tokens,0)) AS completion_tokens,
+                      SUM(COALESCE(reasoning_tokens,0)) AS reasoning_tokens,
+                      SUM(cost_usd) AS cost_usd, SUM(cost_usd IS NULL AND prompt_tokens IS NOT NULL) AS unpriced
+               FROM attempts GROUP BY model, mode ORDER BY model"""
+        ).fetchall()
+
+    def cost_by_batch(self) -> list[sqlite3.Row]:
+        return self.conn.execute(
+            """SELECT b.batch_id, b.chunk_id, b.model, b.status, b.request_total, b.request_completed,
+                      b.request_failed, c.est_cost, c.est_tokens,
+                      (SELECT SUM(cost_usd) FROM attempts a WHERE a.batch_id = b.batch_id) AS cost_usd,
+                      (SELECT SUM(prompt_tokens) FROM attempts a WHERE a.batch_id = b.batch_id) AS prompt_tokens,
+                      (SELECT SUM(completion_tokens) FROM attempts a WHERE a.batch_id = b.batch_id) AS completion_tokens,
+                      b.created_at, b.ended_at
+               FROM batches b JOIN chunks c ON c.chunk_id = b.chunk_id ORDER BY b.created_at"""
+        ).fetchall()
+
+    def spent(self) -> float:
+        return self.conn.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM attempts").fetchone()[0]
+
+    def events(self, limit: int = 50) -> list[sqlite3.Row]:
+        return self.conn.execute(
+            "SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,)
+        ).fetchall()
+
+    def rows_by_status(self, statuses: tuple[str, ...]) -> list[sqlite3.Row]:
+        marks = ",".join("?" * len(statuses))
+        return self.conn.execute(
+            f"SELECT row_idx, row_id, status, attempts, error, error_class FROM rows WHERE status IN ({marks})"
+            " ORDER BY row_idx",
+            statuses,
+        ).fetchall()
+
+
+def _chunk(r: sqlite3.Row) -> ChunkRow:
+    return ChunkRow(
+        r["chunk_id"],
+        r["model"],
+        r["path"],
+        r["n_rows"],
+        r["n_bytes"],
+        r["est_tokens"],
+        r["est_cost"],
+        r["state"],
+        r["attempt"],
+        r["file_id"],
+        r["batch_id"],
+        r["key_id"],
+        r["note"],
+    )
+
+
+def _error_text(o: RowOutcome) -> str:
+    parts = [p for p in (o.error_code, o.error_message) if p]
+    text = ": ".join(parts) if parts else (o.error_class or "error")
+    return f"HTTP {o.status_code} {text}" if o.status_code and o.status_code != 200 else text
+
+
+def _split_sql(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
