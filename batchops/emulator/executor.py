@@ -1,0 +1,98 @@
+"""One request through the emulated model: access, quota, injected faults, then the answer.
+
+Shared by batch lines and synchronous calls, so both count against the same quotas and stats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from batchops.emulator import errors as E
+from batchops.emulator.answers import ImageError, prompt_tokens, success_body
+from batchops.emulator.errors import ApiError
+from batchops.emulator.state import Emulator
+
+
+@dataclass(slots=True)
+class Outcome:
+    status: int
+    body: dict[str, Any]
+    error: ApiError | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def chosen(seed: int, knob: str, custom_id: str, fraction: float) -> bool:
+    """Seeded, per-custom_id choice: the same ids are picked whatever batch they are in."""
+    if fraction <= 0:
+        return False
+    if fraction >= 1:
+        return True
+    digest = hashlib.blake2b(f"{seed}:{knob}:{custom_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest) / 2**64 < fraction
+
+
+def _fail(err: ApiError) -> Outcome:
+    return Outcome(err.status, err.body(), err)
+
+
+def execute(
+    emu: Emulator,
+    *,
+    custom_id: str,
+    model: str,
+    body: dict[str, Any],
+    endpoint: str,
+    api_key: str,
+    n_prompt: int | None = None,
+    image_error: bool = False,
+) -> Outcome:
+    """Run one request. Denied models and exhausted quotas are refused before the model runs
+    (not counted as executed); everything after that counts as one execution."""
+    sc = emu.scenario
+    c = emu.counters
+    if model in sc.denied_models:
+        return _fail(E.model_denied(model))
+    if not emu.quota_left(model, api_key):
+        return _fail(E.insufficient_quota(sc.retry_after_seconds))
+
+    per_req = c.requests.setdefault(custom_id, [0, 0])
+    per_model = c.models.setdefault(model, [0, 0])
+    first_run = per_req[0] == 0
+    first_answer = per_req[1] == 0
+    per_req[0] += 1
+    per_model[0] += 1
+    c.keys[api_key] += 1
+
+    if first_run and chosen(sc.seed, "fail_once", custom_id, sc.fail_once_fraction):
+        return _fail(E.server_error(500))
+    if chosen(sc.seed, "reject", custom_id, sc.reject_fraction):
+        return _fail(E.rejected())
+    if n_prompt is None and not image_error:
+        try:
+            n_prompt = prompt_tokens(body, endpoint)
+        except ImageError:
+            image_error = True
+    if image_error or n_prompt is None:
+        return _fail(E.unsupported_image())
+    truncate = first_answer and chosen(sc.seed, "truncate", custom_id, sc.truncate_fraction)
+    invalid = first_answer and chosen(sc.seed, "invalid_json", custom_id, sc.invalid_json_fraction)
+    try:
+        out, n_in, n_out = success_body(
+            model,
+            body,
+            endpoint,
+            n_prompt=n_prompt,
+            cached_fraction=sc.cached_tokens_fraction,
+            truncate=truncate,
+            invalid_json=invalid,
+        )
+    except ImageError:
+        return _fail(E.unsupported_image())
+    per_req[1] += 1
+    per_model[1] += 1
+    cached = int(n_in * sc.cached_tokens_fraction)
+    return Outcome(200, out, None, n_in, cached, n_out)

@@ -1,0 +1,235 @@
+"""Drives batches through their life cycle on the server clock, whether or not anyone polls.
+
+validating → in_progress → finalizing → completed, or → failed (validation), → expired
+(expire_first_n / the 24 h window), cancelling → cancelled. Requests run progressively over the
+in-progress time, so a cancel or an expiry leaves a real partial result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+
+from batchops.emulator.errors import ORG
+from batchops.emulator.executor import execute
+from batchops.emulator.state import Batch, Emulator, hex_id
+from batchops.emulator.validation import InputCheck, validate_input
+
+TICK_SECONDS = 0.01
+# Work per slice before yielding to the HTTP handlers (keeps polls fast during a 50k batch).
+SLICE_SECONDS = 0.02
+
+EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
+
+# Input validation parses whole files; it runs off the event loop.
+_validators = ThreadPoolExecutor(max_workers=2, thread_name_prefix="emulator-validate")
+
+
+def start_validation(emu: Emulator, b: Batch) -> None:
+    """Begin checking the batch's input file (snapshotted now, like the real service)."""
+    f = emu.files.get(b.params.input_file_id)
+    if f is None:
+        missing = InputCheck(
+            errors=[
+                {
+                    "code": "invalid_request",
+                    "message": f"Cannot find file {b.params.input_file_id}, or organization "
+                    f"{ORG} does not have access to it.",
+                    "param": "file_id",
+                    "line": None,
+                }
+            ]
+        )
+        b.check = _validators.submit(lambda: missing)
+        return
+    sc = emu.scenario
+    known = set(sc.models) if sc.models is not None else None
+    b.check = _validators.submit(
+        validate_input,
+        f.data,
+        b.params.endpoint,
+        known_models=known,
+        max_requests=sc.max_requests_per_batch,
+    )
+
+
+async def run_forever(emu: Emulator) -> None:
+    """The runner task: advance every live batch, yielding often."""
+    while True:
+        busy = tick(emu)
+        await asyncio.sleep(0 if busy else TICK_SECONDS)
+
+
+def tick(emu: Emulator) -> bool:
+    """Advance all batches once; True when work is left that should run right away."""
+    deadline = time.monotonic() + SLICE_SECONDS
+    busy = False
+    for b in list(emu.batches.values()):
+        if b.status in ("completed", "failed", "expired", "cancelled"):
+            continue
+        busy |= _advance(emu, b, deadline)
+    return busy
+
+
+def _advance(emu: Emulator, b: Batch, deadline: float) -> bool:
+    sc = emu.scenario
+    mono = time.monotonic()
+    wall = int(time.time())
+    elapsed = mono - b.phase_started
+
+    if b.status == "validating":
+        if elapsed < sc.scaled(sc.validating_seconds) or b.check is None or not b.check.done():
+            return False
+        _finish_validation(emu, b, wall, mono)
+        return b.status == "in_progress"
+
+    if b.status == "in_progress":
+        if wall >= b.created_at + 86_400:
+            _close(emu, b, "expired", wall, mono)
+            return False
+        n = len(b.requests)
+        duration = sc.scaled(sc.in_progress_seconds + sc.per_request_seconds * n)
+        target = n if elapsed >= duration else math.floor(n * elapsed / duration)
+        if b.expire_index is not None:
+            target = min(target, b.expire_index)
+        more = _run_requests(emu, b, target, deadline)
+        if b.expire_index is not None and b.next_index >= b.expire_index:
+            _close(emu, b, "expired", wall, mono)
+        elif b.next_index >= n:
+            b.enter("finalizing", wall, mono)
+        return more
+
+    if b.status == "finalizing":
+        if elapsed >= sc.scaled(sc.finalizing_seconds):
+            _close(emu, b, "completed", wall, mono)
+        return False
+
+    if b.status == "cancelling" and elapsed >= sc.scaled(sc.cancelling_seconds):
+        _close(emu, b, "cancelled", wall, mono)
+    return False
+
+
+def _finish_validation(emu: Emulator, b: Batch, wall: int, mono: float) -> None:
+    assert b.check is not None
+    check = b.check.result()
+    b.check = None
+    if check.errors:
+        b.errors = check.errors
+        b.enter("failed", wall, mono)
+        return
+    b.model = check.model
+    b.prompt_tokens = check.prompt_tokens
+    limit = emu.scenario.enqueued_token_limit.get(check.model or "")
+    if limit is not None and check.prompt_tokens + emu.enqueued_tokens(b.model or "", b) > limit:
+        b.errors = [
+            {
+                "code": "token_limit_exceeded",
+                "message": f"Enqueued token limit reached for {b.model} in organization {ORG}. "
+                f"Limit: {limit:,} enqueued tokens. Please try again once some in_progress "
+                "batches have been completed.",
+                "param": None,
+                "line": None,
+            }
+        ]
+        b.prompt_tokens = 0
+        b.enter("failed", wall, mono)
+        return
+    b.requests = check.requests
+    c = emu.counters
+    if c.batches_started < emu.scenario.expire_first_n:
+        b.expire_index = math.floor(len(b.requests) * emu.scenario.expire_done_fraction)
+    c.batches_started += 1
+    b.enter("in_progress", wall, mono)
+
+
+def _run_requests(emu: Emulator, b: Batch, target: int, deadline: float) -> bool:
+    """Execute requests up to index `target`; True if stopped by the time slice."""
+    endpoint = b.params.endpoint
+    model = b.model or ""
+    dumps = orjson.dumps
+    i = b.next_index
+    while i < target:
+        r = b.requests[i]
+        out = execute(
+            emu,
+            custom_id=r.custom_id,
+            model=model,
+            body=r.body,
+            endpoint=endpoint,
+            api_key=b.api_key,
+            n_prompt=r.prompt_tokens,
+            image_error=r.image_error,
+        )
+        line = {
+            "id": hex_id("batch_req_", 16),
+            "custom_id": r.custom_id,
+            "response": {
+                "status_code": out.status,
+                "request_id": hex_id("req_", 16),
+                "body": out.body,
+            },
+            "error": None,
+        }
+        if out.status == 200:
+            b.ok_lines.append(dumps(line))
+            b.usage_in += out.prompt_tokens
+            b.usage_cached += out.cached_tokens
+            b.usage_out += out.completion_tokens
+        else:
+            b.err_lines.append(dumps(line))
+        i += 1
+        if i & 63 == 0 and time.monotonic() >= deadline:
+            break
+    b.next_index = i
+    return i < target
+
+
+def _close(emu: Emulator, b: Batch, status: str, wall: int, mono: float) -> None:
+    """Enter a terminal status: unexecuted requests become error lines, files are written."""
+    code = {"expired": "batch_expired", "cancelled": "batch_cancelled"}.get(status)
+    if code is not None and b.requests:
+        message = EXPIRED_MESSAGE if code == "batch_expired" else CANCELLED_MESSAGE
+        for r in b.requests[b.next_index :]:
+            b.err_lines.append(_error_line(r.custom_id, code, message))
+        b.next_index = len(b.requests)
+    if b.check is not None:
+        b.check.cancel()  # cancelled before validation finished: no requests, no files
+        b.check = None
+    rng = random.Random(f"{emu.scenario.seed}:{b.seq}")
+    b.output_file_id = _write(emu, b, b.ok_lines, "output", rng)
+    b.error_file_id = _write(emu, b, b.err_lines, "error", rng)
+    b.enter(status, wall, mono)
+
+
+def _error_line(custom_id: str, code: str, message: str) -> bytes:
+    line: dict[str, Any] = {
+        "id": hex_id("batch_req_", 16),
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message},
+    }
+    return orjson.dumps(line)
+
+
+def _write(
+    emu: Emulator, b: Batch, lines: list[bytes], kind: str, rng: random.Random
+) -> str | None:
+    if not lines:
+        return None
+    if emu.scenario.shuffle_output:
+        lines = lines[:]
+        rng.shuffle(lines)
+    f = emu.add_file(
+        f"{b.id}_{kind}.jsonl",
+        "batch_output",
+        b"\n".join(lines) + b"\n",
+        b.params.output_expires_seconds,
+    )
+    return f.id

@@ -1,0 +1,148 @@
+"""Deterministic JSON values that satisfy a (structured-outputs style) JSON Schema.
+
+Covers what OpenAI's structured outputs accept: object/array/string/number/integer/boolean/null,
+enum/const, anyOf/oneOf/allOf (first branch / merged), $ref into $defs/definitions, string
+length, numeric bounds, array length. `pattern` and `format` are not honoured beyond a few
+common formats. Values are derived from a seed text (the request), so the same request always
+gets the same JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+_FORMATS = {
+    "date": "2024-01-01",
+    "date-time": "2024-01-01T00:00:00Z",
+    "time": "00:00:00",
+    "email": "user@example.com",
+    "uri": "https://example.com/",
+    "uuid": "00000000-0000-4000-8000-000000000000",
+}
+
+
+def _h(seed: str, path: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}\0{path}".encode(), digest_size=8).digest())
+
+
+def _resolve(schema: Any, root: dict[str, Any]) -> dict[str, Any]:
+    """Follow local $refs ("#/$defs/X", "#/definitions/X", "#")."""
+    seen = 0
+    while isinstance(schema, dict) and "$ref" in schema and seen < 32:
+        ref = schema["$ref"]
+        node: Any = root
+        if isinstance(ref, str) and ref.startswith("#"):
+            for part in [p for p in ref[1:].split("/") if p]:
+                node = node.get(part.replace("~1", "/").replace("~0", "~"), {})
+        else:
+            node = {}
+        schema = node
+        seen += 1
+    return schema if isinstance(schema, dict) else {}
+
+
+def _type_of(schema: dict[str, Any]) -> str | None:
+    t = schema.get("type")
+    if isinstance(t, list):
+        non_null = [x for x in t if x != "null"]
+        return non_null[0] if non_null else "null"
+    if isinstance(t, str):
+        return t
+    if "properties" in schema:
+        return "object"
+    if "items" in schema:
+        return "array"
+    return None
+
+
+def fill(schema: Any, seed: str, snippet: str = "", *, root: Any = None, path: str = "$") -> Any:
+    """A value valid against `schema`, derived from `seed` (and readable via `snippet`)."""
+    root = schema if root is None else root
+    s = _resolve(schema, root)
+    if "const" in s:
+        return s["const"]
+    if isinstance(s.get("enum"), list) and s["enum"]:
+        return s["enum"][_h(seed, path) % len(s["enum"])]
+    for key in ("anyOf", "oneOf"):
+        if isinstance(s.get(key), list) and s[key]:
+            options = [o for o in s[key] if _type_of(_resolve(o, root)) != "null"] or s[key]
+            return fill(options[0], seed, snippet, root=root, path=path)
+    if isinstance(s.get("allOf"), list) and s["allOf"]:
+        merged: dict[str, Any] = {k: v for k, v in s.items() if k != "allOf"}
+        for part in s["allOf"]:
+            part = _resolve(part, root)
+            merged.setdefault("properties", {}).update(part.get("properties", {}))
+            merged["required"] = list(merged.get("required", [])) + list(part.get("required", []))
+            for k, v in part.items():
+                merged.setdefault(k, v)
+        return fill(merged, seed, snippet, root=root, path=path)
+
+    t = _type_of(s)
+    if t == "object":
+        props = s.get("properties") or {}
+        return {k: fill(v, seed, snippet, root=root, path=f"{path}.{k}") for k, v in props.items()}
+    if t == "array":
+        lo = int(s.get("minItems", 0))
+        hi = int(s.get("maxItems", max(lo, 2)))
+        n = max(lo, min(hi, 2))
+        items = s.get("items", {})
+        return [fill(items, seed, snippet, root=root, path=f"{path}[{i}]") for i in range(n)]
+    if t == "string":
+        return _string(s, seed, snippet, path)
+    if t == "integer":
+        lo, hi = _bounds(s, integer=True)
+        return int(lo + _h(seed, path) % (int(hi) - int(lo) + 1))
+    if t == "number":
+        lo, hi = _bounds(s, integer=False)
+        value = round(lo + (_h(seed, path) % 10_001) / 10_000 * (hi - lo), 2)
+        return min(max(value, lo), hi)
+    if t == "boolean":
+        return bool(_h(seed, path) & 1)
+    if t == "null":
+        return None
+    return _string(s, seed, snippet, path)  # no type: anything goes, a string is readable
+
+
+def _string(s: dict[str, Any], seed: str, snippet: str, path: str) -> str:
+    fmt = s.get("format")
+    if isinstance(fmt, str) and fmt in _FORMATS:
+        return _FORMATS[fmt]
+    name = path.rsplit(".", 1)[-1].strip("$[]0123456789") or "value"
+    text = f"{name}: {snippet[:40]}".rstrip() if snippet else f"{name} {_h(seed, path) % 1000}"
+    lo = int(s.get("minLength", 0))
+    hi = s.get("maxLength")
+    if hi is not None:
+        text = text[: int(hi)]
+    if len(text) < lo:
+        text = text + "x" * (lo - len(text))
+    return text
+
+
+def _bounds(s: dict[str, Any], *, integer: bool) -> tuple[float, float]:
+    """[lo, hi] from minimum/maximum/exclusive*; open sides span 100 from the other one."""
+    step = 1 if integer else 0.01
+    lo: float | None = s.get("minimum")
+    hi: float | None = s.get("maximum")
+    ex_lo, ex_hi = s.get("exclusiveMinimum"), s.get("exclusiveMaximum")
+    if isinstance(ex_lo, int | float) and not isinstance(ex_lo, bool):
+        lo = ex_lo + step if lo is None else max(lo, ex_lo + step)
+    if isinstance(ex_hi, int | float) and not isinstance(ex_hi, bool):
+        hi = ex_hi - step if hi is None else min(hi, ex_hi - step)
+    if lo is None and hi is None:
+        lo, hi = 0, 100
+    elif lo is None:
+        lo = min(0, hi - 100)
+    elif hi is None:
+        hi = lo + 100
+    assert lo is not None and hi is not None
+    if integer:
+        lo, hi = math.ceil(lo), math.floor(hi)
+    return lo, max(lo, hi)
+
+
+def violating(schema: Any) -> Any:
+    """A JSON value that does not satisfy `schema` (wrong root type), for fault injection."""
+    s = _resolve(schema, schema) if isinstance(schema, dict) else {}
+    return {"unexpected": True} if _type_of(s) == "array" else ["unexpected"]

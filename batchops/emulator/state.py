@@ -1,0 +1,331 @@
+"""In-memory state of the emulator: files, batches, counters and quotas.
+
+Everything here is touched only from the server's event loop thread (the HTTP handlers and the
+batch runner task both run there), so no locks are needed. Other threads go through
+`EmulatorServer`, which hops onto the loop.
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+import time
+from collections import Counter, deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchops.emulator import errors as E
+from batchops.emulator.errors import ApiError
+from batchops.emulator.scenario import Scenario
+from batchops.emulator.validation import BatchRequest, CreateParams, InputCheck
+
+FILE_DEFAULT_EXPIRY = 2_592_000  # batch files expire after 30 days unless told otherwise
+BATCH_WINDOW = 86_400
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+STATUSES = (
+    "validating",
+    "failed",
+    "in_progress",
+    "finalizing",
+    "completed",
+    "expired",
+    "cancelling",
+    "cancelled",
+)
+_B62 = string.digits + string.ascii_letters
+
+
+def new_id(prefix: str, n: int = 22) -> str:
+    """Random ids (`file-` + 22 base62 like the real API); never reused across restarts."""
+    return prefix + "".join(secrets.choice(_B62) for _ in range(n))
+
+
+def hex_id(prefix: str, n_bytes: int = 12) -> str:
+    return prefix + secrets.token_hex(n_bytes)
+
+
+@dataclass(slots=True)
+class StoredFile:
+    id: str
+    filename: str
+    purpose: str
+    data: bytes
+    created_at: int
+    expires_at: int | None
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": len(self.data),
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+            "status_details": None,
+        }
+
+
+@dataclass(slots=True)
+class Batch:
+    id: str
+    seq: int  # creation order since the last reset (seeds the output shuffle)
+    params: CreateParams
+    api_key: str
+    created_at: int
+    phase_started: float  # monotonic time the current status was entered
+    status: str = "validating"
+    stamps: dict[str, int | None] = field(default_factory=dict)
+    model: str | None = None
+    errors: list[dict[str, Any]] | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    usage_in: int = 0
+    usage_cached: int = 0
+    usage_out: int = 0
+    # Runner internals
+    check: Future[InputCheck] | None = None
+    requests: list[BatchRequest] = field(default_factory=list)
+    next_index: int = 0
+    ok_lines: list[bytes] = field(default_factory=list)
+    err_lines: list[bytes] = field(default_factory=list)
+    expire_index: int | None = None  # set for batches chosen by expire_first_n
+    prompt_tokens: int = 0
+
+    def enter(self, status: str, wall: int, mono: float) -> None:
+        self.status = status
+        self.phase_started = mono
+        self.stamps[f"{status}_at"] = wall
+
+    def to_api(self) -> dict[str, Any]:
+        st = self.stamps
+        return {
+            "id": self.id,
+            "object": "batch",
+            "endpoint": self.params.endpoint,
+            "model": self.model,
+            "errors": {"object": "list", "data": self.errors} if self.errors else None,
+            "input_file_id": self.params.input_file_id,
+            "completion_window": self.params.completion_window,
+            "status": self.status,
+            "output_file_id": self.output_file_id,
+            "error_file_id": self.error_file_id,
+            "created_at": self.created_at,
+            "in_progress_at": st.get("in_progress_at"),
+            "expires_at": self.created_at + BATCH_WINDOW,
+            "finalizing_at": st.get("finalizing_at"),
+            "completed_at": st.get("completed_at"),
+            "failed_at": st.get("failed_at"),
+            "expired_at": st.get("expired_at"),
+            "cancelling_at": st.get("cancelling_at"),
+            "cancelled_at": st.get("cancelled_at"),
+            "request_counts": {
+                "total": len(self.requests),
+                "completed": len(self.ok_lines),
+                "failed": len(self.err_lines),
+            },
+            "usage": {
+                "input_tokens": self.usage_in,
+                "input_tokens_details": {"cached_tokens": self.usage_cached},
+                "output_tokens": self.usage_out,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": self.usage_in + self.usage_out,
+            },
+            "metadata": self.params.metadata,
+        }
+
+
+@dataclass
+class Counters:
+    """What `GET /_emulator/stats` reports (plus per-key usage for key quotas)."""
+
+    requests: dict[str, list[int]] = field(default_factory=dict)  # cid -> [executed, succeeded]
+    calls: Counter[str] = field(default_factory=Counter)
+    models: dict[str, list[int]] = field(default_factory=dict)  # model -> [executed, succeeded]
+    keys: Counter[str] = field(default_factory=Counter)  # key -> executed
+    batches_created: int = 0
+    batches_started: int = 0  # entered in_progress (expire_first_n counts these)
+    files_uploaded: int = 0
+    files_deleted: int = 0
+    api_calls: int = 0  # every non-admin call, drives the *_every faults
+
+
+class Emulator:
+    """The whole emulated account: scenario, objects, counters."""
+
+    def __init__(self, scenario: Scenario | None = None) -> None:
+        self.scenario = scenario or Scenario()
+        self.files: dict[str, StoredFile] = {}
+        self.batches: dict[str, Batch] = {}
+        self.counters = Counters()
+        self.rpm_windows: dict[str, deque[float]] = {}
+        self._file_models: dict[str, str | None] = {}
+
+    # ------------------------------------------------------------------ admin
+    def reset(self) -> None:
+        for b in self.batches.values():
+            if b.check is not None:
+                b.check.cancel()
+        self.files.clear()
+        self.batches.clear()
+        self.counters = Counters()
+        self.rpm_windows.clear()
+        self._file_models.clear()
+
+    def update_scenario(self, changes: dict[str, Any]) -> Scenario:
+        self.scenario = self.scenario.updated(**changes)
+        return self.scenario
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        by_status = Counter(b.status for b in self.batches.values())
+        return {
+            "requests": {k: {"executed": v[0], "succeeded": v[1]} for k, v in c.requests.items()},
+            "calls": dict(sorted(c.calls.items())),
+            "batches": {
+                "created": c.batches_created,
+                "by_status": {s: by_status[s] for s in STATUSES if by_status[s]},
+            },
+            "files": {
+                "uploaded": c.files_uploaded,
+                "deleted": c.files_deleted,
+                "live": len(self.files),
+            },
+            "models": {m: {"executed": v[0], "succeeded": v[1]} for m, v in c.models.items()},
+            "keys": {E.mask_key(k): {"executed": n} for k, n in c.keys.items()},
+        }
+
+    # ------------------------------------------------------------------ auth and quotas
+    def authenticate(self, key: str | None) -> str:
+        if not key:
+            raise E.missing_api_key()
+        allowed = self.scenario.api_keys
+        if allowed is not None and key not in allowed:
+            raise E.invalid_api_key(key)
+        return key
+
+    def quota_left(self, model: str | None, key: str) -> bool:
+        """False when the model's or the key's execution quota is used up."""
+        sc = self.scenario
+        if model is not None and model in sc.model_quota:
+            used = self.counters.models.get(model, [0, 0])[0]
+            if used >= sc.model_quota[model]:
+                return False
+        return not (key in sc.key_quota and self.counters.keys[key] >= sc.key_quota[key])
+
+    def check_rate_limit(self, key: str, model: str) -> dict[str, str]:
+        """Record a sync call against the key's RPM window; ApiError when over it."""
+        rpm = self.scenario.rate_limit_rpm
+        if rpm is None:
+            return {}
+        now = time.monotonic()
+        window = self.rpm_windows.setdefault(key, deque())
+        while window and now - window[0] >= 60.0:
+            window.popleft()
+        if len(window) >= rpm:
+            raise E.rate_limited(model, rpm, len(window), self.scenario.retry_after_seconds)
+        window.append(now)
+        reset = 60.0 - (now - window[0])
+        return {
+            "x-ratelimit-limit-requests": str(rpm),
+            "x-ratelimit-remaining-requests": str(rpm - len(window)),
+            "x-ratelimit-reset-requests": f"{reset:.3f}s",
+        }
+
+    # ------------------------------------------------------------------ files
+    def add_file(
+        self, filename: str, purpose: str, data: bytes, expires_seconds: int | None
+    ) -> StoredFile:
+        now = int(time.time())
+        if expires_seconds is None and purpose in ("batch", "batch_output"):
+            expires_seconds = FILE_DEFAULT_EXPIRY
+        f = StoredFile(
+            new_id("file-"),
+            filename,
+            purpose,
+            data,
+            now,
+            now + expires_seconds if expires_seconds else None,
+        )
+        self.files[f.id] = f
+        return f
+
+    def get_file(self, file_id: str) -> StoredFile:
+        f = self.files.get(file_id)
+        if f is None:
+            raise E.no_such_file(file_id)
+        return f
+
+    def delete_file(self, file_id: str) -> dict[str, Any]:
+        self.get_file(file_id)
+        del self.files[file_id]
+        self._file_models.pop(file_id, None)
+        self.counters.files_deleted += 1
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    def file_model(self, f: StoredFile) -> str | None:
+        """The model named by a batch input file (cached; used for quota checks on create)."""
+        from batchops.emulator.validation import first_model
+
+        if f.id not in self._file_models:
+            self._file_models[f.id] = first_model(f.data)
+        return self._file_models[f.id]
+
+    # ------------------------------------------------------------------ batches
+    def get_batch(self, batch_id: str) -> Batch:
+        b = self.batches.get(batch_id)
+        if b is None:
+            raise E.no_such_batch(batch_id)
+        return b
+
+    def add_batch(self, params: CreateParams, api_key: str) -> Batch:
+        c = self.counters
+        b = Batch(
+            id=hex_id("batch_", 16),
+            seq=c.batches_created,
+            params=params,
+            api_key=api_key,
+            created_at=int(time.time()),
+            phase_started=time.monotonic(),
+        )
+        c.batches_created += 1
+        self.batches[b.id] = b
+        return b
+
+    def cancel_batch(self, batch_id: str) -> Batch:
+        b = self.get_batch(batch_id)
+        if b.status in ("completed", "failed", "expired"):
+            raise ApiError(409, f"Cannot cancel a batch with status '{b.status}'.")
+        if b.status in ("validating", "in_progress", "finalizing"):
+            b.enter("cancelling", int(time.time()), time.monotonic())
+        return b
+
+    def enqueued_tokens(self, model: str, exclude: Batch) -> int:
+        return sum(
+            b.prompt_tokens
+            for b in self.batches.values()
+            if b is not exclude
+            and b.model == model
+            and b.status in ("validating", "in_progress", "finalizing")
+        )
+
+
+def page(
+    items: list[Any], after: str | None, limit: int, key: Any = lambda x: x.id
+) -> dict[str, Any]:
+    """A cursor page of API objects: items after the one with id `after`, at most `limit`."""
+    start = 0
+    if after:
+        ids = [key(x) for x in items]
+        start = ids.index(after) + 1 if after in ids else len(items)
+    chunk = items[start : start + limit]
+    data = [x.to_api() for x in chunk]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": start + limit < len(items),
+    }
