@@ -70,6 +70,7 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     "cost_usd": pa.float64(),
 }
 _MIN_FRAME_ROWS = 50_000  # frames smaller than this are merged in groups
+_MAX_FRAME_ROWS = 200_000  # larger frames are merged slice by slice
 _IDX = "__row_idx"  # join key, as the source module names it
 _HIT = "__batchops_hit"  # marks joined outcome rows, to count outcomes that matched no row
 
@@ -125,7 +126,7 @@ def merge_frames(
     with _atomic_write(out_path) as fh:
         sink: _Sink = _CsvSink(fh) if fmt == "csv" else _ParquetSink(fh, source_columns, names)
         try:
-            for frame in _coalesce(frames, _MIN_FRAME_ROWS):
+            for frame in _coalesce(frames, _MIN_FRAME_ROWS, _MAX_FRAME_ROWS):
                 part, n_matched = _merge_one(frame, source_columns, index, names)
                 rows += part.height
                 matched += n_matched
@@ -215,6 +216,9 @@ def _merge_one(
     index: _OutcomeIndex,
     names: dict[str, str],
 ) -> tuple[pl.DataFrame, int]:
+    if _IDX not in frame.schema or any(c not in frame.schema for c in source_columns):
+        lacking = [c for c in (_IDX, *source_columns) if c not in frame.schema]
+        raise StateError(f"source frame lacks column(s) {lacking}")
     idx = frame.get_column(_IDX).cast(pl.Int64)
     lo, hi = idx.min(), idx.max()
     sub = index.slice_for(lo, hi) if lo is not None else index.table.clear()
@@ -241,21 +245,23 @@ def _merge_one(
     return out, n_matched
 
 
-def _coalesce(frames: Iterable[pl.DataFrame], min_rows: int) -> Iterator[pl.DataFrame]:
-    """Glue small frames together: per-frame overhead (~1-2 ms) dominates below ~10k rows."""
+def _coalesce(
+    frames: Iterable[pl.DataFrame], min_rows: int, max_rows: int
+) -> Iterator[pl.DataFrame]:
+    """Even out frame sizes: glue small frames (per-frame overhead is ~1-2 ms) and cut huge
+    ones into zero-copy slices (the merged copy of a frame is what costs memory)."""
     pending: list[pl.DataFrame] = []
     n = 0
     for frame in frames:
         if frame.height == 0:
             continue
-        if not pending and frame.height >= min_rows:
-            yield frame
-            continue
         pending.append(frame)
         n += frame.height
         if n >= min_rows:
-            yield pl.concat(pending, how="vertical_relaxed")
+            glued = pending[0] if len(pending) == 1 else pl.concat(pending, how="vertical_relaxed")
             pending, n = [], 0
+            for start in range(0, glued.height, max_rows):
+                yield glued.slice(start, max_rows)
     if pending:
         yield pl.concat(pending, how="vertical_relaxed")
 

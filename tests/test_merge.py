@@ -198,13 +198,15 @@ def test_cost_full_precision_and_tokens_integers(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 100, 10_000])
-@pytest.mark.parametrize("glue", [True, False])
+@pytest.mark.parametrize("sizing", ["glued", "each", "sliced"])
 def test_shuffled_outcomes_land_on_their_rows(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int, glue: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int, sizing: str
 ) -> None:
-    if not glue:  # merge each small frame on its own, as large sources do
+    if sizing != "glued":  # merge each frame on its own, as large sources do
         monkeypatch.setattr(merge_mod, "_MIN_FRAME_ROWS", 1)
-    n = 503
+    if sizing == "sliced":  # and cut frames into slices, as a huge frame is
+        monkeypatch.setattr(merge_mod, "_MAX_FRAME_ROWS", 3)
+    n = 203
     src = tmp_path / "src.csv"
     write_source_csv(src, ["key", "val"], [[f"k{i:05d}", str(i * 3)] for i in range(n)])
     offset = 1000  # e.g. --start-row 1000: row_idx is not the position in the output
@@ -424,3 +426,30 @@ def test_frames_are_consumed_lazily(tmp_path: Path) -> None:
 
     summary = merge_frames(frames(), ["a"], outcomes_frame([]), out)
     assert pulled == [0, 1, 2] and summary.rows == 150_000
+
+
+def test_uneven_frames_are_glued_and_sliced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(merge_mod, "_MIN_FRAME_ROWS", 10)
+    monkeypatch.setattr(merge_mod, "_MAX_FRAME_ROWS", 25)
+    sizes = [3, 100, 2, 0, 40, 1]
+    frames, start = [], 0
+    for size in sizes:
+        idx = list(range(start, start + size))
+        frames.append(
+            pl.DataFrame(
+                {"a": [f"v{i}" for i in idx], "__row_idx": idx, "__row_id": [str(i) for i in idx]},
+                schema={"a": pl.String, "__row_idx": pl.Int64, "__row_id": pl.String},
+            )
+        )
+        start += size
+    got = [f.height for f in merge_mod._coalesce(iter(frames), 10, 25)]
+    assert got == [25, 25, 25, 25, 3, 25, 17, 1] and sum(got) == sum(sizes)
+    items = [ok(i, f"r{i}") for i in range(start)]
+    random.Random(1).shuffle(items)
+    out = tmp_path / "m.csv"
+    merge_frames(frames, ["a"], outcomes_frame(items), out)
+    back = read_merged(out)
+    assert back["a"].to_list() == [f"v{i}" for i in range(start)]
+    assert back["response"].to_list() == [f"r{i}" for i in range(start)]
