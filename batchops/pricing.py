@@ -280,7 +280,7 @@ def _library_price(model: str, batch: bool, when: datetime) -> ModelPrice | None
     elif batch:
         factor = Decimal(1) - _dec(BATCH_FALLBACK_DISCOUNT)
         detail += (
-            f"; batch = {factor * 100:g}% of the sync price: the library has no batch price "
+            f"; batch = {float(factor) * 100:g}% of the sync price: the library has no batch price "
             f"for this model on {when.date().isoformat()}"
         )
 
@@ -686,9 +686,6 @@ def _embedding_input_tokens(value: Any) -> int:
     return 0
 
 
-_EMBEDDING_KEYS = frozenset({"input", "model", "dimensions", "encoding_format", "user"})
-
-
 def _endpoint_kind(body: Mapping[str, Any], endpoint: str | None) -> str:
     if endpoint:
         for kind in ("chat/completions", "responses", "embeddings", "completions"):
@@ -697,10 +694,16 @@ def _endpoint_kind(body: Mapping[str, Any], endpoint: str | None) -> str:
     if "messages" in body:
         return "chat/completions"
     if "input" in body:
-        model = body.get("model")
-        if (isinstance(model, str) and "embed" in model.lower()) or set(body) <= _EMBEDDING_KEYS:
+        inp, model = body["input"], body.get("model")
+        if isinstance(inp, list) and any(isinstance(i, Mapping) for i in inp):
+            return "responses"  # a list of message items
+        if isinstance(inp, list) and inp and all(isinstance(i, int | list) for i in inp):
+            return "embeddings"  # token arrays
+        if (isinstance(model, str) and "embed" in model.lower()) or (
+            {"dimensions", "encoding_format"} & set(body)
+        ):
             return "embeddings"
-        return "responses"
+        return "responses"  # ambiguous (plain text input): pass `endpoint` to be sure
     if "prompt" in body:
         return "completions"
     return "responses" if "instructions" in body else "chat/completions"
