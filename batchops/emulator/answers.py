@@ -14,9 +14,9 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import math
-import secrets
 import struct
 import time
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import orjson
 
+from batchops.emulator.ids import hex_id
 from batchops.emulator.schema_fill import fill, violating
 from batchops.emulator.tokens import (
     REMOTE_IMAGE_SIZE,
@@ -53,6 +54,7 @@ PER_MESSAGE_TOKENS = 4
 REPLY_PRIMING_TOKENS = 3
 
 
+@functools.lru_cache(maxsize=64)
 def endpoint_kind(endpoint: str) -> Kind:
     """'/v1/chat/completions', '/chat/completions' … → 'chat' (also embeddings, responses)."""
     e = endpoint.rstrip("/")
@@ -72,14 +74,18 @@ def endpoint_kind(endpoint: str) -> Kind:
 class _Image:
     url: str
     detail: str
+    size: tuple[int | None, tuple[int, int]] | None = None
 
     def measure(self) -> tuple[int | None, tuple[int, int]]:
-        """(bytes or None for a remote URL, (width, height))."""
-        if self.url.startswith("data:"):
-            return decode_data_url(self.url)
-        if self.url.startswith(("http://", "https://")):
-            return None, REMOTE_IMAGE_SIZE
-        raise ImageError("image_url must be an http(s) URL or a base64 data URL")
+        """(bytes or None for a remote URL, (width, height)); decoded once."""
+        if self.size is None:
+            if self.url.startswith("data:"):
+                self.size = decode_data_url(self.url)
+            elif self.url.startswith(("http://", "https://")):
+                self.size = None, REMOTE_IMAGE_SIZE
+            else:
+                raise ImageError("image_url must be an http(s) URL or a base64 data URL")
+        return self.size
 
 
 @dataclass(slots=True)
@@ -162,9 +168,15 @@ def prompt_tokens(body: dict[str, Any], endpoint: str) -> int:
         return sum(
             count_tokens(x) if isinstance(x, str) else len(x) for x in _embedding_inputs(body)
         )
+    return _message_tokens(_messages(body, kind))
+
+
+def _message_tokens(messages: list[_Message]) -> int:
     total = REPLY_PRIMING_TOKENS
-    for m in _messages(body, kind):
-        total += PER_MESSAGE_TOKENS + sum(count_tokens(t) for t in m.texts)
+    for m in messages:
+        total += PER_MESSAGE_TOKENS
+        for t in m.texts:
+            total += count_tokens(t)
         for img in m.images:
             _, (w, h) = img.measure()
             total += image_tokens(w, h, img.detail)
@@ -201,9 +213,9 @@ def _schema_of(fmt: dict[str, Any]) -> dict[str, Any] | None:
     return schema if isinstance(schema, dict) else {}
 
 
-def _plain_text(model: str, body: dict[str, Any], kind: Kind) -> tuple[str, str]:
+def _plain_text(model: str, messages: list[_Message]) -> tuple[str, str]:
     """(readable answer, full last-user text)."""
-    last = _last_user(_messages(body, kind))
+    last = _last_user(messages)
     text = "\n".join(last.texts) if last else ""
     answer = f"{model} says: {text[:SNIPPET_CHARS]}".rstrip()
     if last and last.images:
@@ -232,10 +244,13 @@ def make_answer(
     *,
     truncate: bool = False,
     invalid_json: bool = False,
+    messages: list[_Message] | None = None,
 ) -> Answer:
     """The answer to a chat/responses request; `truncate`/`invalid_json` inject faults."""
     kind = endpoint_kind(endpoint)
-    text, user_text = _plain_text(model, body, kind)
+    if messages is None:
+        messages = _messages(body, kind)
+    text, user_text = _plain_text(model, messages)
     fmt = _structured_format(body, kind)
     if fmt is not None:
         schema = _schema_of(fmt)
@@ -291,8 +306,7 @@ def expected_answer(
 # --------------------------------------------------------------------------- response bodies
 
 
-def _rid(prefix: str) -> str:
-    return f"{prefix}{secrets.token_hex(12)}"
+_rid = hex_id
 
 
 def success_body(
@@ -300,18 +314,28 @@ def success_body(
     body: dict[str, Any],
     endpoint: str,
     *,
-    n_prompt: int,
+    n_prompt: int | None = None,
     cached_fraction: float = 0.0,
     truncate: bool = False,
     invalid_json: bool = False,
 ) -> tuple[dict[str, Any], int, int]:
-    """(response body, prompt tokens, completion tokens) of a successful request."""
+    """(response body, prompt tokens, completion tokens) of a successful request.
+
+    `n_prompt` None: counted here. Raises ImageError for an undecodable image.
+    """
     kind = endpoint_kind(endpoint)
-    cached = math.floor(n_prompt * cached_fraction)
     now = int(time.time())
     if kind == "embeddings":
+        if n_prompt is None:
+            n_prompt = prompt_tokens(body, endpoint)
         return _embeddings_body(model, body, n_prompt), n_prompt, 0
-    ans = make_answer(model, body, endpoint, truncate=truncate, invalid_json=invalid_json)
+    messages = _messages(body, kind)
+    if n_prompt is None:
+        n_prompt = _message_tokens(messages)
+    cached = math.floor(n_prompt * cached_fraction)
+    ans = make_answer(
+        model, body, endpoint, truncate=truncate, invalid_json=invalid_json, messages=messages
+    )
     if kind == "chat":
         n = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 1) > 0 else 1
         completion = ans.completion_tokens * n

@@ -27,8 +27,9 @@ from starlette.routing import Route
 from batchops.emulator import errors as E
 from batchops.emulator.errors import ApiError
 from batchops.emulator.executor import execute
+from batchops.emulator.ids import hex_id
 from batchops.emulator.runner import run_forever, start_validation
-from batchops.emulator.state import Emulator, hex_id, page
+from batchops.emulator.state import Emulator, page
 from batchops.emulator.validation import validate_create, validate_expiry
 
 log = logging.getLogger("batchops.emulator")
@@ -152,7 +153,7 @@ def _api(
                 response = error_response(E.server_error(500))
         if drop:
             return await _drop(request)
-        response.headers["x-request-id"] = hex_id("req_", 16)
+        response.headers["x-request-id"] = hex_id("req_")
         return response
 
     return endpoint

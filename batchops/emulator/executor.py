@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchops.emulator import errors as E
-from batchops.emulator.answers import ImageError, prompt_tokens, success_body
+from batchops.emulator.answers import ImageError, success_body
 from batchops.emulator.errors import ApiError
 from batchops.emulator.state import Emulator
 
@@ -67,19 +67,27 @@ def execute(
     per_model[0] += 1
     c.keys[api_key] += 1
 
-    if first_run and chosen(sc.seed, "fail_once", custom_id, sc.fail_once_fraction):
+    # (each fraction is tested before hashing: this runs 50,000 times per big batch)
+    if (
+        sc.fail_once_fraction
+        and first_run
+        and chosen(sc.seed, "fail_once", custom_id, sc.fail_once_fraction)
+    ):
         return _fail(E.server_error(500))
-    if chosen(sc.seed, "reject", custom_id, sc.reject_fraction):
+    if sc.reject_fraction and chosen(sc.seed, "reject", custom_id, sc.reject_fraction):
         return _fail(E.rejected())
-    if n_prompt is None and not image_error:
-        try:
-            n_prompt = prompt_tokens(body, endpoint)
-        except ImageError:
-            image_error = True
-    if image_error or n_prompt is None:
+    if image_error:
         return _fail(E.unsupported_image())
-    truncate = first_answer and chosen(sc.seed, "truncate", custom_id, sc.truncate_fraction)
-    invalid = first_answer and chosen(sc.seed, "invalid_json", custom_id, sc.invalid_json_fraction)
+    truncate = (
+        bool(sc.truncate_fraction)
+        and first_answer
+        and chosen(sc.seed, "truncate", custom_id, sc.truncate_fraction)
+    )
+    invalid = (
+        bool(sc.invalid_json_fraction)
+        and first_answer
+        and chosen(sc.seed, "invalid_json", custom_id, sc.invalid_json_fraction)
+    )
     try:
         out, n_in, n_out = success_body(
             model,

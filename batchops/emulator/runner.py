@@ -18,7 +18,8 @@ import orjson
 
 from batchops.emulator.errors import ORG
 from batchops.emulator.executor import execute
-from batchops.emulator.state import Batch, Emulator, hex_id
+from batchops.emulator.ids import hex_id
+from batchops.emulator.state import Batch, Emulator
 from batchops.emulator.validation import InputCheck, validate_input
 
 TICK_SECONDS = 0.01
@@ -57,6 +58,7 @@ def start_validation(emu: Emulator, b: Batch) -> None:
         b.params.endpoint,
         known_models=known,
         max_requests=sc.max_requests_per_batch,
+        need_tokens=bool(sc.enqueued_token_limit),
     )
 
 
@@ -168,11 +170,11 @@ def _run_requests(emu: Emulator, b: Batch, target: int, deadline: float) -> bool
             image_error=r.image_error,
         )
         line = {
-            "id": hex_id("batch_req_", 16),
+            "id": hex_id("batch_req_"),
             "custom_id": r.custom_id,
             "response": {
                 "status_code": out.status,
-                "request_id": hex_id("req_", 16),
+                "request_id": hex_id("req_"),
                 "body": out.body,
             },
             "error": None,
@@ -210,7 +212,7 @@ def _close(emu: Emulator, b: Batch, status: str, wall: int, mono: float) -> None
 
 def _error_line(custom_id: str, code: str, message: str) -> bytes:
     line: dict[str, Any] = {
-        "id": hex_id("batch_req_", 16),
+        "id": hex_id("batch_req_"),
         "custom_id": custom_id,
         "response": None,
         "error": {"code": code, "message": message},

@@ -7,8 +7,6 @@ batch runner task both run there), so no locks are needed. Other threads go thro
 
 from __future__ import annotations
 
-import secrets
-import string
 import time
 from collections import Counter, deque
 from concurrent.futures import Future
@@ -17,6 +15,7 @@ from typing import Any
 
 from batchops.emulator import errors as E
 from batchops.emulator.errors import ApiError
+from batchops.emulator.ids import hex_id, new_id
 from batchops.emulator.scenario import Scenario
 from batchops.emulator.validation import BatchRequest, CreateParams, InputCheck
 
@@ -33,16 +32,6 @@ STATUSES = (
     "cancelling",
     "cancelled",
 )
-_B62 = string.digits + string.ascii_letters
-
-
-def new_id(prefix: str, n: int = 22) -> str:
-    """Random ids (`file-` + 22 base62 like the real API); never reused across restarts."""
-    return prefix + "".join(secrets.choice(_B62) for _ in range(n))
-
-
-def hex_id(prefix: str, n_bytes: int = 12) -> str:
-    return prefix + secrets.token_hex(n_bytes)
 
 
 @dataclass(slots=True)
@@ -283,7 +272,7 @@ class Emulator:
     def add_batch(self, params: CreateParams, api_key: str) -> Batch:
         c = self.counters
         b = Batch(
-            id=hex_id("batch_", 16),
+            id=hex_id("batch_"),
             seq=c.batches_created,
             params=params,
             api_key=api_key,

@@ -127,7 +127,7 @@ class BatchRequest:
 
     custom_id: str
     body: dict[str, Any]
-    prompt_tokens: int
+    prompt_tokens: int | None  # None: counted when executed (no enqueued-token limit to check)
     image_error: bool = False
 
 
@@ -170,9 +170,18 @@ def first_model(data: bytes, max_lines: int = 1000) -> str | None:
 
 
 def validate_input(
-    data: bytes, endpoint: str, *, known_models: set[str] | None, max_requests: int
+    data: bytes,
+    endpoint: str,
+    *,
+    known_models: set[str] | None,
+    max_requests: int,
+    need_tokens: bool = True,
 ) -> InputCheck:
-    """Every line checked; all offending lines reported at once (capped), as the real API does."""
+    """Every line checked; all offending lines reported at once (capped), as the real API does.
+
+    Prompt tokens are counted only with `need_tokens` (an enqueued-token limit is configured):
+    counting is the costly part and is otherwise done as each request executes.
+    """
     kind = endpoint_kind(endpoint)
     out = InputCheck()
     seen: set[str] = set()
@@ -240,15 +249,17 @@ def validate_input(
             )
             continue
         image_error = False
-        try:
-            tokens = prompt_tokens(body, endpoint)
-        except ImageError:
-            tokens, image_error = 0, True
+        tokens: int | None = None
+        if need_tokens:
+            try:
+                tokens = prompt_tokens(body, endpoint)
+            except ImageError:
+                tokens, image_error = 0, True
         if kind == "embeddings":
             inp = body.get("input")
             n_embedding_inputs += len(inp) if isinstance(inp, list) else 1
         out.requests.append(BatchRequest(cid, body, tokens, image_error))
-        out.prompt_tokens += tokens
+        out.prompt_tokens += tokens or 0
 
     if n_lines == 0:
         add(
