@@ -1,0 +1,297 @@
+"""One row → one request: the prompt template, the request body per endpoint, images as data URLs.
+
+Templates use Python format syntax restricted to plain `{column}` placeholders (`{{`/`}}` are
+literal braces); every cell is a string and an empty cell renders as "". The per-row functions here
+are the reference; `text_expr` and `line_pieces` give the same result column-wise for the fast
+builder in chunking.py, and are derived from the same parsed template and the same request_body.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import string
+from collections.abc import Mapping
+from pathlib import Path
+
+import orjson
+import polars as pl
+
+from batchops.errors import InputError
+from batchops.source import close_column, list_columns
+from batchops.spec import JobSpec
+
+CHAT = "/v1/chat/completions"
+RESPONSES = "/v1/responses"
+EMBEDDINGS = "/v1/embeddings"
+
+# Keys request_body sets itself from other options; body_extra may not override them.
+_OWN_KEYS = {
+    CHAT: ("model", "messages", "max_tokens", "temperature"),
+    RESPONSES: ("model", "input", "instructions", "max_output_tokens", "temperature"),
+    EMBEDDINGS: ("model", "input"),
+}
+
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+)
+_EXT_MIME = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+}
+
+
+class ImageProblem(Exception):
+    """A row's image cannot be sent; the row is skipped with `reason` (never fatal to the run)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates
+
+Piece = tuple[str, str | None]  # (literal text, column name or None)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse(template: str, what: str = "--prompt") -> tuple[Piece, ...]:
+    """Split a template into (literal, column) pieces; reject anything but plain `{column}`."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise InputError(f"{what}: {exc} (write {{{{ and }}}} for literal braces)") from None
+    pieces: list[Piece] = []
+    for literal, name, spec, conversion in parsed:
+        if name is None:
+            pieces.append((literal, None))
+            continue
+        shown = (
+            "{"
+            + name
+            + (f"!{conversion}" if conversion else "")
+            + (f":{spec}" if spec else "")
+            + "}"
+        )
+        if name == "":  # {0} stays a column name: a table may well have a column "2020"
+            raise InputError(
+                f"{what}: placeholder {shown} is positional; name a column, e.g. {{description}}"
+            )
+        if conversion or spec:
+            raise InputError(
+                f"{what}: placeholder {shown} has a conversion or format spec; only plain "
+                "{column} is supported (cells are inserted exactly as written)"
+            )
+        if "." in name or "[" in name:
+            raise InputError(
+                f"{what}: placeholder {shown} uses attribute or index access; only plain "
+                "{column} is supported (column names with '.', '[', ':' or '!' cannot be used)"
+            )
+        pieces.append((literal, name))
+    return tuple(pieces)
+
+
+def template_fields(template: str) -> list[str]:
+    """The columns a template uses, in order of first use, each once."""
+    return list(dict.fromkeys(name for _, name in _parse(template) if name is not None))
+
+
+def check_template(
+    template: str,
+    columns: list[str],
+    *,
+    what: str = "--prompt",
+    source_name: str | Path | None = None,
+) -> None:
+    """Raise InputError if the template is empty, malformed, or names a column the source lacks."""
+    if not template.strip():
+        raise InputError(f"{what} is empty")
+    _parse(template, what)
+    for name in template_fields(template):
+        if name not in columns:
+            hint = close_column(name, columns)
+            did_you_mean = f"; did you mean {{{hint}}}?" if hint else ""
+            raise InputError(
+                f"{what}: placeholder {{{name}}} names no column of {source_name or 'the source'} "
+                f"(columns: {list_columns(columns)}){did_you_mean}"
+            )
+
+
+def render_text(template: str, row: Mapping[str, str | None]) -> str:
+    """Per-row reference rendering: cells inserted exactly, an empty/None cell as ""."""
+    out: list[str] = []
+    for lit, name in _parse(template):
+        out.append(lit)
+        if name is not None:
+            out.append(row[name] or "")
+    return "".join(out)
+
+
+def text_expr(template: str) -> pl.Expr:
+    """The same rendering as render_text, as one polars expression over String columns."""
+    parts: list[pl.Expr] = []
+    for lit, name in _parse(template):
+        if lit:
+            parts.append(pl.lit(lit, dtype=pl.String))
+        if name is not None:
+            parts.append(pl.col(name).fill_null(""))
+    if not parts:
+        return pl.lit("", dtype=pl.String)
+    return pl.concat_str(parts) if len(parts) > 1 else parts[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies
+
+
+def request_body(spec: JobSpec, model: str, text: str, image_data_url: str | None = None) -> dict:
+    """The body of one request to spec.endpoint (what the synchronous endpoint would receive)."""
+    extra = spec.body_extra or {}
+    own = _OWN_KEYS[spec.endpoint]
+    for key in extra:
+        if key in own:
+            raise InputError(
+                f"body_extra sets {key!r}, which batchops sets itself for {spec.endpoint}"
+            )
+    if extra.get("stream"):
+        raise InputError("body_extra sets 'stream': the Batch API rejects streaming requests")
+
+    if spec.endpoint == EMBEDDINGS:
+        for option, value in (
+            ("--system", spec.system),
+            ("--image-column", image_data_url or spec.image_column),
+            ("--max-tokens", spec.max_tokens),
+            ("--temperature", spec.temperature),
+        ):
+            if value is not None:
+                raise InputError(f"{option} has no meaning for {EMBEDDINGS}")
+        return {"model": model, "input": text, **extra}
+
+    body: dict = {"model": model}
+    if spec.endpoint == CHAT:
+        content: str | list = text
+        if image_data_url is not None:
+            content = [
+                {"type": "text", "text": text},
+                {
+                    "type": "image_url",
+                    "image_url": {"url": image_data_url, "detail": spec.image_detail},
+                },
+            ]
+        messages = [{"role": "system", "content": spec.system}] if spec.system is not None else []
+        messages.append({"role": "user", "content": content})
+        body["messages"] = messages
+        if spec.max_tokens is not None:
+            body["max_tokens"] = spec.max_tokens
+    else:  # responses
+        parts: list[dict] = [{"type": "input_text", "text": text}]
+        if image_data_url is not None:
+            parts.append(
+                {"type": "input_image", "image_url": image_data_url, "detail": spec.image_detail}
+            )
+        body["input"] = [{"role": "user", "content": parts}]
+        if spec.system is not None:
+            body["instructions"] = spec.system
+        if spec.max_tokens is not None:
+            body["max_output_tokens"] = spec.max_tokens
+    if spec.temperature is not None:
+        body["temperature"] = spec.temperature
+    body.update(extra)
+    return body
+
+
+def request_line(
+    spec: JobSpec, model: str, custom_id: str, text: str, image_data_url: str | None = None
+) -> dict:
+    """One line of a batch input file, as a dict."""
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": spec.endpoint,
+        "body": request_body(spec, model, text, image_data_url),
+    }
+
+
+# Characters JSON allows raw but that str.splitlines() and older JavaScript treat as line breaks:
+# escaped, so every reader sees one request per "\n"-terminated line.
+LINE_BREAK_ESCAPES = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+_LINE_BREAK_BYTES = [(k.encode(), v.encode()) for k, v in LINE_BREAK_ESCAPES.items()]
+
+
+def dumps(obj: object) -> bytes:
+    """Compact UTF-8 JSON (as orjson writes it) with LINE_BREAK_ESCAPES applied."""
+    out = orjson.dumps(obj)
+    for raw, escaped in _LINE_BREAK_BYTES:
+        if raw in out:  # UTF-8 is self-synchronising: these bytes occur only as that character
+            out = out.replace(raw, escaped)
+    return out
+
+
+# Stand-ins spliced out of a serialised line; plain ASCII so any JSON encoder writes them verbatim.
+_ID_MARK = "@@batchops-custom-id-3f9a1c@@"
+_TEXT_MARK = "@@batchops-text-3f9a1c@@"
+
+
+def line_pieces(spec: JobSpec, model: str) -> tuple[str, str, str]:
+    """(before id, between id and text, after text) of a text-only line, so that
+    before + json(custom_id) + between + json(text) + after == the serialised request_line.
+
+    The columnar builder fills the two JSON strings per row; everything else comes from
+    request_body, so both paths share one definition of the body.
+    """
+    line = dumps(request_line(spec, model, _ID_MARK, _TEXT_MARK)).decode()
+    id_q, text_q = f'"{_ID_MARK}"', f'"{_TEXT_MARK}"'
+    if line.count(id_q) != 1 or line.count(text_q) != 1 or line.index(id_q) > line.index(text_q):
+        raise InputError(
+            "the request body repeats an internal marker; remove it from --system/body_extra"
+        )
+    before, rest = line.split(id_q)
+    between, after = rest.split(text_q)
+    return before, between, after
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def image_data_url(image_dir: Path, cell: str) -> str:
+    """`data:<mime>;base64,…` of the file `cell` names inside image_dir, bytes unchanged."""
+    shown = image_dir / cell
+    try:
+        root = image_dir.resolve()
+        path = shown.resolve()
+    except (OSError, ValueError) as exc:
+        raise ImageProblem(f"bad image path {cell!r}: {exc}") from None
+    if not path.is_relative_to(root):
+        raise ImageProblem(f"image path escapes the image dir {image_dir}: {cell}")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageProblem(f"image not found: {shown}") from None
+    except IsADirectoryError:
+        raise ImageProblem(f"image is a directory, not a file: {shown}") from None
+    except OSError as exc:
+        raise ImageProblem(f"cannot read image {shown}: {exc.strerror or exc}") from None
+    if not data:
+        raise ImageProblem(f"image file is empty: {shown}")
+    mime = image_mime(data, shown.name)
+    if mime is None:
+        raise ImageProblem(f"not a PNG, JPEG, GIF or WEBP image: {shown}")
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def image_mime(data: bytes, name: str) -> str | None:
+    """MIME type from the file's magic bytes, else from its extension; None if neither knows."""
+    for magic, mime in _MAGIC:
+        if data.startswith(magic):
+            return mime
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return _EXT_MIME.get(Path(name).suffix.lower())
