@@ -1,0 +1,316 @@
+"""Pack requests into JSONL batch files under the request-count and byte limits.
+
+Text-only requests are built column-wise, one frame of rows at a time: the prompt is a polars
+`concat_str` of the template's literals and columns, custom_id and text are JSON-escaped by
+polars, and spliced between constant pieces taken from render.request_line. A frame's lines end
+up in one contiguous Arrow buffer that is written to the chunk files by byte ranges, so no Python
+object is made per row except the ids the caller asked for. Rows with images are built one by one
+(reading and base64-encoding files dominates there).
+
+A chunk covers up to spec.batch_size consecutive selected rows; rows that cannot be sent
+(missing image, request over the file limit) are reported in its `skipped` instead of written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from batchops import render
+from batchops.errors import InputError
+from batchops.records import BuiltChunk, Skipped
+from batchops.render import ImageProblem
+from batchops.source import ROW_ID, ROW_IDX, Source, iter_frames
+from batchops.spec import MAX_BYTES_PER_FILE, MAX_REQUESTS_PER_FILE, JobSpec
+
+TokenEstimator = Callable[[pl.Series], pl.Series]
+
+# Rows rendered at once, sized so a frame's JSON stays near _FRAME_BYTES: the columnar pipeline
+# holds a few copies of it, and wide rows must not blow the memory budget.
+_FRAME_BYTES = 6 << 20
+_FRAME_ROWS = (500, 50_000)
+_IMAGE_FRAME_ROWS = 1_000  # image rows are written one at a time anyway
+_IMAGE_TOKENS = {"low": 85, "auto": 765, "high": 765}  # classic gpt-4o figure for a 1024² image
+_TEXT_COL = "__text"
+
+
+def default_file_name(no: int) -> str:
+    return f"chunk_{no:06d}.jsonl"
+
+
+def build_chunks(
+    source: Source,
+    spec: JobSpec,
+    *,
+    model: str,
+    out_dir: Path,
+    first_chunk_no: int,
+    only_rows=None,
+    file_name: Callable[[int], str] = default_file_name,
+    estimate_tokens: TokenEstimator | None = None,
+    max_bytes: int = MAX_BYTES_PER_FILE,
+) -> Iterator[BuiltChunk]:
+    """Write the slice's (or only_rows') requests in source order into chunk files; yield each
+    file's BuiltChunk as soon as the file is in place (written to .tmp, then renamed)."""
+    render.check_template(spec.prompt, source.columns, source_name=source.path)
+    pieces = render.line_pieces(spec, model)  # also validates the body options before any work
+    image_col = spec.image_column
+    if image_col is not None and image_col not in source.columns:
+        raise InputError(f"--image-column {image_col!r}: no such column in {source.path}")
+    fields = render.template_fields(spec.prompt)
+    columns = list(dict.fromkeys(fields + ([image_col] if image_col else [])))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = _ChunkWriter(
+        out_dir, first_chunk_no, file_name, min(spec.batch_size, MAX_REQUESTS_PER_FILE), max_bytes
+    )
+    tokens = _TokenCounter(spec, estimate_tokens)
+    text = render.text_expr(spec.prompt).alias(_TEXT_COL)
+
+    try:
+        if image_col is None:
+            rows = _text_frame_rows(source, pieces)
+            for frame in iter_frames(source, columns=columns, batch_rows=rows, only_rows=only_rows):
+                yield from _pack_text(frame.with_columns(text), pieces, tokens, writer)
+        else:
+            image_dir = Path(spec.image_dir) if spec.image_dir else source.path.parent
+            for frame in iter_frames(
+                source, columns=columns, batch_rows=_IMAGE_FRAME_ROWS, only_rows=only_rows
+            ):
+                yield from _pack_images(
+                    frame.with_columns(text),
+                    spec,
+                    model,
+                    image_col,
+                    image_dir,
+                    pieces,
+                    tokens,
+                    writer,
+                )
+        if writer.open:
+            yield writer.close()
+    finally:
+        writer.abort()  # an abandoned generator leaves no half-written .tmp behind
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _text_frame_rows(source: Source, pieces: tuple[str, str, str]) -> int:
+    line_bytes = source.file_size / max(1, source.total_rows) + sum(map(len, pieces))
+    lo, hi = _FRAME_ROWS
+    return int(min(hi, max(lo, _FRAME_BYTES // line_bytes)))
+
+
+def _json_str(expr: pl.Expr) -> pl.Expr:
+    """A String column as JSON string literals (quotes included), escaped by polars' encoder,
+    plus the same line-break escapes as render.dumps."""
+    encoded = pl.struct(expr.alias("s")).struct.json_encode()
+    return (
+        encoded.str.strip_prefix('{"s":')
+        .str.strip_suffix("}")
+        .str.replace_many(list(render.LINE_BREAK_ESCAPES), list(render.LINE_BREAK_ESCAPES.values()))
+    )
+
+
+def _pack_text(
+    frame: pl.DataFrame,
+    pieces: tuple[str, str, str],
+    tokens: _TokenCounter,
+    writer: _ChunkWriter,
+) -> Iterator[BuiltChunk]:
+    before, between, after = pieces
+    line = pl.concat_str(
+        pl.lit(before),
+        _json_str(pl.col(ROW_ID)),
+        pl.lit(between),
+        _json_str(pl.col(_TEXT_COL)),
+        pl.lit(after + "\n"),
+    )
+    lines = frame.select(line).to_series().rechunk().to_arrow(compat_level=pl.CompatLevel.oldest())
+    # large_string: one data buffer holding every line back to back, int64 offsets into it.
+    _, off_buf, data = lines.buffers()
+    offsets = np.frombuffer(off_buf, dtype=np.int64, count=len(lines) + 1, offset=lines.offset * 8)
+    data_view = memoryview(data)
+    row_idx = frame[ROW_IDX].to_numpy()
+    ids = frame[ROW_ID].to_list()
+    cum_tokens = np.concatenate(([0], np.cumsum(tokens.per_row(frame[_TEXT_COL]))))
+
+    n, p = len(frame), 0
+    while p < n:
+        # The longest run of rows from p that fits the open chunk's remaining rows and bytes.
+        fit_bytes = (
+            int(np.searchsorted(offsets, offsets[p] + writer.room_bytes, side="right")) - 1 - p
+        )
+        k = min(writer.room_rows, n - p, fit_bytes)
+        if k > 0:
+            writer.add(
+                data_view[offsets[p] : offsets[p + k]],
+                row_idx[p : p + k].tolist(),
+                ids[p : p + k],
+                int(cum_tokens[p + k] - cum_tokens[p]),
+            )
+            p += k
+        elif writer.n_bytes == 0:  # this one request alone is over the file limit
+            size = int(offsets[p + 1] - offsets[p])
+            writer.skip(int(row_idx[p]), _too_big(size, writer.max_bytes))
+            p += 1
+        if writer.full or (k <= 0 and writer.n_bytes):
+            yield writer.close()
+
+
+def _pack_images(
+    frame: pl.DataFrame,
+    spec: JobSpec,
+    model: str,
+    image_col: str,
+    image_dir: Path,
+    pieces: tuple[str, str, str],
+    tokens: _TokenCounter,
+    writer: _ChunkWriter,
+) -> Iterator[BuiltChunk]:
+    before, between, after = (piece.encode() for piece in pieces)
+    per_row = tokens.per_row(frame[_TEXT_COL])
+    image_tokens = _IMAGE_TOKENS[spec.image_detail]
+    for text, cell, idx, cid, est in zip(
+        frame[_TEXT_COL], frame[image_col], frame[ROW_IDX], frame[ROW_ID], per_row, strict=True
+    ):
+        if cell == "":  # no image for this row: a plain text request
+            line = b"".join((before, render.dumps(cid), between, render.dumps(text), after, b"\n"))
+        else:
+            try:
+                url = render.image_data_url(image_dir, cell)
+            except ImageProblem as exc:
+                writer.skip(idx, exc.reason)
+                if writer.full:
+                    yield writer.close()
+                continue
+            line = render.dumps(render.request_line(spec, model, cid, text, url)) + b"\n"
+            est += image_tokens
+        if len(line) > writer.max_bytes:
+            writer.skip(idx, _too_big(len(line), writer.max_bytes))
+        else:
+            if len(line) > writer.room_bytes:
+                yield writer.close()
+            writer.add(line, [idx], [cid], int(est))
+        if writer.full:
+            yield writer.close()
+
+
+def _too_big(size: int, limit: int) -> str:
+    return f"request is {size:,} bytes, over the {limit:,}-byte limit of a batch file"
+
+
+class _TokenCounter:
+    """Prompt-token estimate per row: the caller's estimator, or ceil(utf-8 bytes / 4) plus a
+    fixed per-request overhead (message framing and the system prompt)."""
+
+    def __init__(self, spec: JobSpec, estimate: TokenEstimator | None) -> None:
+        self.estimate = estimate
+        overhead = 0
+        if spec.endpoint != render.EMBEDDINGS:
+            overhead = 3 + 4  # reply priming + the user message's framing
+            if spec.system is not None:
+                overhead += 4 + math.ceil(len(spec.system.encode()) / 4)
+        self.overhead = overhead
+
+    def per_row(self, texts: pl.Series) -> np.ndarray:
+        if self.estimate is not None:
+            return self.estimate(texts).cast(pl.Int64).to_numpy()
+        return ((texts.str.len_bytes().cast(pl.Int64) + 3) // 4 + self.overhead).to_numpy()
+
+
+class _ChunkWriter:
+    """The chunk file being filled; knows its limits and publishes it atomically on close."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        first_no: int,
+        file_name: Callable[[int], str],
+        max_rows: int,
+        max_bytes: int,
+    ) -> None:
+        self.out_dir, self.next_no, self.file_name = out_dir, first_no, file_name
+        self.max_rows, self.max_bytes = max_rows, max_bytes
+        self.fh = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.row_idxs: list[int] = []
+        self.custom_ids: list[str] = []
+        self.skipped: list[Skipped] = []
+        self.n_bytes = 0
+        self.tokens = 0
+        self.consumed = 0  # rows written or skipped: a chunk covers at most max_rows of them
+
+    @property
+    def open(self) -> bool:
+        return self.consumed > 0
+
+    @property
+    def full(self) -> bool:
+        return self.consumed >= self.max_rows
+
+    @property
+    def room_rows(self) -> int:
+        return self.max_rows - self.consumed
+
+    @property
+    def room_bytes(self) -> int:
+        return self.max_bytes - self.n_bytes
+
+    def _path(self) -> Path:
+        return self.out_dir / self.file_name(self.next_no)
+
+    def _tmp(self) -> Path:
+        path = self._path()
+        return path.with_name(path.name + ".tmp")
+
+    def add(self, data, row_idxs: list[int], custom_ids: list[str], tokens: int) -> None:
+        if self.fh is None:
+            self.fh = open(self._tmp(), "wb")  # noqa: SIM115 (closed in close/abort)
+        self.fh.write(data)
+        self.n_bytes += len(data)
+        self.row_idxs += row_idxs
+        self.custom_ids += custom_ids
+        self.tokens += tokens
+        self.consumed += len(row_idxs)
+
+    def skip(self, row_idx: int, reason: str) -> None:
+        self.skipped.append(Skipped(row_idx, reason))
+        self.consumed += 1
+
+    def close(self) -> BuiltChunk:
+        """Publish the chunk file (an empty one if every row was skipped) and start the next."""
+        if self.fh is None:
+            self.fh = open(self._tmp(), "wb")  # noqa: SIM115
+        self.fh.flush()
+        os.fsync(self.fh.fileno())  # the caller records the chunk as built: it must survive a crash
+        self.fh.close()
+        self.fh = None
+        path = self._path()
+        os.replace(self._tmp(), path)
+        chunk = BuiltChunk(
+            chunk_no=self.next_no,
+            path=path,
+            row_idxs=self.row_idxs,
+            custom_ids=self.custom_ids,
+            n_bytes=self.n_bytes,
+            est_prompt_tokens=self.tokens,
+            skipped=self.skipped,
+        )
+        self.next_no += 1
+        self._reset()
+        return chunk
+
+    def abort(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+            self._tmp().unlink(missing_ok=True)
