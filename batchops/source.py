@@ -54,6 +54,11 @@ class Source:
     _block_size: int = field(default=_BLOCK_SIZE, repr=False)
     _fingerprint: tuple[int, int] = field(default=(0, 0), repr=False)
 
+    @property
+    def file_size(self) -> int:
+        """Bytes of the file when it was validated."""
+        return self._fingerprint[0]
+
 
 def open_source(spec: JobSpec) -> Source:
     """Validate the source named by `spec` (readable, well-formed, ids, columns, slice); build nothing."""
