@@ -406,11 +406,15 @@ def _routes() -> list[Route]:
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
-    return error_response(E.invalid_url(request.method, request.url.path))
+    response = error_response(E.invalid_url(request.method, request.url.path))
+    response.headers["x-request-id"] = hex_id("req_")
+    return response
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
-    return error_response(E.server_error(500))
+    response = error_response(E.server_error(500))
+    response.headers["x-request-id"] = hex_id("req_")
+    return response
 
 
 def create_app(emu: Emulator) -> Starlette:

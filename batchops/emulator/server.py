@@ -36,6 +36,35 @@ class _AbortableH11(H11Protocol):
         self.app = app
 
 
+class _QuickServer(uvicorn.Server):
+    """uvicorn.Server whose stop takes ~10 ms instead of ~200 ms (uvicorn polls its exit flag
+    and waits for connections in 100 ms steps): tests start and stop hundreds of emulators."""
+
+    async def main_loop(self) -> None:
+        counter = 0
+        while not await self.on_tick(counter):
+            for _ in range(10):  # on_tick stays at ~10 Hz, as uvicorn expects
+                if self.should_exit:
+                    return
+                await asyncio.sleep(0.01)
+            counter = (counter + 1) % 864_000
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()  # idle keep-alive connections close at once
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.timeout_graceful_shutdown
+        while (self.server_state.connections or self.server_state.tasks) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for task in self.server_state.tasks:
+            task.cancel()
+        for server in self.servers:
+            await server.wait_closed()
+        await self.lifespan.shutdown()
+
+
 def _config(app: Any, host: str, port: int, log_level: str) -> uvicorn.Config:
     return uvicorn.Config(
         app,
@@ -84,14 +113,15 @@ class EmulatorServer:
             return self
         # Bind here so the port (0 = any free port) is known before the thread starts.
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on accepted sockets whose proto
+        # says TCP (with proto 0 every keep-alive answer waits ~40 ms for a delayed ACK).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self._port))
         self._port = sock.getsockname()[1]
         self._sock = sock
         config = _config(create_app(self.emulator), self.host, self._port, self._log_level)
-        server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        server = _QuickServer(config)
         self._server = server
         ready = threading.Event()
         failure: list[BaseException] = []
