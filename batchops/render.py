@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import os
 import string
 from collections.abc import Mapping
 from pathlib import Path
@@ -265,14 +266,16 @@ def image_data_url(image_dir: Path, cell: str) -> str:
     """`data:<mime>;base64,…` of the file `cell` names inside image_dir, bytes unchanged."""
     shown = image_dir / cell
     try:
-        root = image_dir.resolve()
-        path = shown.resolve()
+        root = os.path.abspath(image_dir)  # absolute: the cache below must not depend on the cwd
+        path = _real_path(root, cell)
+        inside = path.startswith(_real_dir(root) + os.sep)
     except (OSError, ValueError) as exc:
         raise ImageProblem(f"bad image path {cell!r}: {exc}") from None
-    if not path.is_relative_to(root):
+    if not inside:
         raise ImageProblem(f"image path escapes the image dir {image_dir}: {cell}")
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            data = fh.read()
     except FileNotFoundError:
         raise ImageProblem(f"image not found: {shown}") from None
     except IsADirectoryError:
@@ -285,6 +288,22 @@ def image_data_url(image_dir: Path, cell: str) -> str:
     if mime is None:
         raise ImageProblem(f"not a PNG, JPEG, GIF or WEBP image: {shown}")
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _real_dir(path: str) -> str:
+    # Directories are resolved once per build, not once per row (realpath costs a syscall per
+    # path component); files are still checked one by one below.
+    return os.path.realpath(path)
+
+
+def _real_path(image_dir: str, cell: str) -> str:
+    """The file's real location: symlinks and `..` resolved, so escapes can be caught."""
+    parent, name = os.path.split(os.path.join(image_dir, cell))
+    if name in ("", ".", ".."):
+        return os.path.realpath(os.path.join(image_dir, cell))
+    path = os.path.join(_real_dir(os.path.normpath(parent)), name)
+    return os.path.realpath(path) if os.path.islink(path) else path
 
 
 def image_mime(data: bytes, name: str) -> str | None:

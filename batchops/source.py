@@ -272,6 +272,7 @@ def _scan_csv(path: Path, columns: list[str], id_column: str | None) -> tuple[in
             raise InputError(_ragged_error(path, len(columns), len(ragged)))
         if ids is not None:
             ids.finish(block_size)
+        pa.default_memory_pool().release_unused()  # the build that follows needs the room
         return total, block_size
 
 
