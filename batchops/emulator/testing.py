@@ -147,11 +147,13 @@ def gif_header(width: int, height: int) -> bytes:
 
 
 def jpeg_header(width: int, height: int, exif_bytes: int = 0) -> bytes:
-    """A JPEG prefix with an optional APP1 (EXIF-like) segment before the SOF0 frame header."""
+    """A JPEG prefix with optional APP1 (EXIF-like) segments before the SOF0 frame header."""
     out = b"\xff\xd8"
-    if exif_bytes:
-        payload = b"Exif\x00\x00" + b"\x00" * exif_bytes
+    while exif_bytes > 0:  # one segment holds at most 65,533 bytes
+        n = min(exif_bytes, 60_000)
+        payload = b"Exif\x00\x00" + b"\x00" * n
         out += b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+        exif_bytes -= n
     sof = struct.pack(">BHHB", 8, height, width, 3) + b"\x01\x22\x00\x02\x11\x01\x03\x11\x01"
     return out + b"\xff\xc0" + struct.pack(">H", len(sof) + 2) + sof + b"\xff\xd9"
 
