@@ -19,7 +19,7 @@ import orjson
 from batchops.emulator.errors import ORG
 from batchops.emulator.executor import execute
 from batchops.emulator.ids import hex_id
-from batchops.emulator.state import Batch, Emulator
+from batchops.emulator.state import BATCH_WINDOW, TERMINAL, Batch, Emulator
 from batchops.emulator.validation import InputCheck, validate_input
 
 TICK_SECONDS = 0.01
@@ -73,32 +73,37 @@ def tick(emu: Emulator) -> bool:
     """Advance all batches once; True when work is left that should run right away."""
     deadline = time.monotonic() + SLICE_SECONDS
     busy = False
-    for b in list(emu.batches.values()):
-        if b.status in ("completed", "failed", "expired", "cancelled"):
-            continue
+    for b in list(emu.live.values()):
         busy |= _advance(emu, b, deadline)
+        if b.status in TERMINAL:
+            emu.live.pop(b.id, None)
     return busy
 
 
 def _advance(emu: Emulator, b: Batch, deadline: float) -> bool:
+    """One step of one batch. Phase ends are scheduled from the batch's creation, so time
+    spent validating a big file is made up during in_progress (when execution keeps up)."""
     sc = emu.scenario
     mono = time.monotonic()
     wall = int(time.time())
-    elapsed = mono - b.phase_started
+    since_created = mono - b.created_mono
+    validating_end = sc.scaled(sc.validating_seconds)
 
     if b.status == "validating":
-        if elapsed < sc.scaled(sc.validating_seconds) or b.check is None or not b.check.done():
+        if since_created < validating_end or b.check is None or not b.check.done():
             return False
         _finish_validation(emu, b, wall, mono)
         return b.status == "in_progress"
 
+    n = len(b.requests)
+    running_end = validating_end + sc.scaled(sc.in_progress_seconds + sc.per_request_seconds * n)
     if b.status == "in_progress":
-        if wall >= b.created_at + 86_400:
+        if wall >= b.created_at + BATCH_WINDOW:
             _close(emu, b, "expired", wall, mono)
             return False
-        n = len(b.requests)
-        duration = sc.scaled(sc.in_progress_seconds + sc.per_request_seconds * n)
-        target = n if elapsed >= duration else math.floor(n * elapsed / duration)
+        span = running_end - (b.phase_started - b.created_mono)
+        elapsed = mono - b.phase_started
+        target = n if elapsed >= span else math.floor(n * elapsed / span)
         if b.expire_index is not None:
             target = min(target, b.expire_index)
         more = _run_requests(emu, b, target, deadline)
@@ -109,11 +114,11 @@ def _advance(emu: Emulator, b: Batch, deadline: float) -> bool:
         return more
 
     if b.status == "finalizing":
-        if elapsed >= sc.scaled(sc.finalizing_seconds):
+        if since_created >= running_end + sc.scaled(sc.finalizing_seconds):
             _close(emu, b, "completed", wall, mono)
         return False
 
-    if b.status == "cancelling" and elapsed >= sc.scaled(sc.cancelling_seconds):
+    if b.status == "cancelling" and mono - b.phase_started >= sc.scaled(sc.cancelling_seconds):
         _close(emu, b, "cancelled", wall, mono)
     return False
 
@@ -156,6 +161,7 @@ def _run_requests(emu: Emulator, b: Batch, target: int, deadline: float) -> bool
     endpoint = b.params.endpoint
     model = b.model or ""
     dumps = orjson.dumps
+    shuffle = emu.scenario.shuffle_output
     i = b.next_index
     while i < target:
         r = b.requests[i]
@@ -180,12 +186,12 @@ def _run_requests(emu: Emulator, b: Batch, target: int, deadline: float) -> bool
             "error": None,
         }
         if out.status == 200:
-            b.ok_lines.append(dumps(line))
+            _place(b.ok_lines, b.ok_rng, dumps(line), shuffle)
             b.usage_in += out.prompt_tokens
             b.usage_cached += out.cached_tokens
             b.usage_out += out.completion_tokens
         else:
-            b.err_lines.append(dumps(line))
+            _place(b.err_lines, b.err_rng, dumps(line), shuffle)
         i += 1
         if i & 63 == 0 and time.monotonic() >= deadline:
             break
@@ -198,16 +204,27 @@ def _close(emu: Emulator, b: Batch, status: str, wall: int, mono: float) -> None
     code = {"expired": "batch_expired", "cancelled": "batch_cancelled"}.get(status)
     if code is not None and b.requests:
         message = EXPIRED_MESSAGE if code == "batch_expired" else CANCELLED_MESSAGE
+        shuffle = emu.scenario.shuffle_output
         for r in b.requests[b.next_index :]:
-            b.err_lines.append(_error_line(r.custom_id, code, message))
+            _place(b.err_lines, b.err_rng, _error_line(r.custom_id, code, message), shuffle)
         b.next_index = len(b.requests)
     if b.check is not None:
         b.check.cancel()  # cancelled before validation finished: no requests, no files
         b.check = None
-    rng = random.Random(f"{emu.scenario.seed}:{b.seq}")
-    b.output_file_id = _write(emu, b, b.ok_lines, "output", rng)
-    b.error_file_id = _write(emu, b, b.err_lines, "error", rng)
+    b.output_file_id = _write(emu, b, b.ok_lines, "output")
+    b.error_file_id = _write(emu, b, b.err_lines, "error")
     b.enter(status, wall, mono)
+
+
+def _place(lines: list[bytes], rng: random.Random | None, line: bytes, shuffle: bool) -> None:
+    """Append `line` at a seeded random position (inside-out Fisher-Yates step)."""
+    if shuffle and rng is not None and lines:
+        j = int(rng.random() * (len(lines) + 1))
+        if j < len(lines):
+            lines.append(lines[j])
+            lines[j] = line
+            return
+    lines.append(line)
 
 
 def _error_line(custom_id: str, code: str, message: str) -> bytes:
@@ -220,18 +237,13 @@ def _error_line(custom_id: str, code: str, message: str) -> bytes:
     return orjson.dumps(line)
 
 
-def _write(
-    emu: Emulator, b: Batch, lines: list[bytes], kind: str, rng: random.Random
-) -> str | None:
+def _write(emu: Emulator, b: Batch, lines: list[bytes], kind: str) -> str | None:
     if not lines:
         return None
-    if emu.scenario.shuffle_output:
-        lines = lines[:]
-        rng.shuffle(lines)
     f = emu.add_file(
         f"{b.id}_{kind}.jsonl",
         "batch_output",
-        b"\n".join(lines) + b"\n",
+        lines[:],  # the file joins its own copy lazily; the batch keeps counting its lines
         b.params.output_expires_seconds,
     )
     return f.id

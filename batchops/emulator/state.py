@@ -7,6 +7,7 @@ batch runner task both run there), so no locks are needed. Other threads go thro
 
 from __future__ import annotations
 
+import random
 import time
 from collections import Counter, deque
 from concurrent.futures import Future
@@ -34,20 +35,49 @@ STATUSES = (
 )
 
 
-@dataclass(slots=True)
 class StoredFile:
-    id: str
-    filename: str
-    purpose: str
-    data: bytes
-    created_at: int
-    expires_at: int | None
+    """A file's metadata and bytes. Result files are kept as lines and joined on first read:
+    joining 40 MB at the end of a 50,000-line batch would stall every other request."""
+
+    __slots__ = ("id", "filename", "purpose", "created_at", "expires_at", "size", "_data", "_lines")
+
+    def __init__(
+        self,
+        file_id: str,
+        filename: str,
+        purpose: str,
+        data: bytes | list[bytes],
+        created_at: int,
+        expires_at: int | None,
+    ) -> None:
+        self.id = file_id
+        self.filename = filename
+        self.purpose = purpose
+        self.created_at = created_at
+        self.expires_at = expires_at
+        self._data: bytes | None = None
+        self._lines: list[bytes] | None = None
+        if isinstance(data, list):
+            self._lines = data
+            self.size = sum(map(len, data)) + len(data)  # one newline after each line
+        else:
+            self._data = data
+            self.size = len(data)
+
+    @property
+    def data(self) -> bytes:
+        if self._data is None:
+            lines = self._lines or []
+            lines.append(b"")  # join() then ends with a newline, without another 40 MB copy
+            self._data = b"\n".join(lines)
+            self._lines = None
+        return self._data
 
     def to_api(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "file",
-            "bytes": len(self.data),
+            "bytes": self.size,
             "created_at": self.created_at,
             "expires_at": self.expires_at,
             "filename": self.filename,
@@ -65,6 +95,7 @@ class Batch:
     api_key: str
     created_at: int
     phase_started: float  # monotonic time the current status was entered
+    created_mono: float = 0.0  # monotonic creation time: phase deadlines count from here
     status: str = "validating"
     stamps: dict[str, int | None] = field(default_factory=dict)
     model: str | None = None
@@ -82,6 +113,10 @@ class Batch:
     err_lines: list[bytes] = field(default_factory=list)
     expire_index: int | None = None  # set for batches chosen by expire_first_n
     prompt_tokens: int = 0
+    # Output order: lines are placed at random as they are produced (inside-out Fisher-Yates),
+    # so closing a 50,000-line batch needs no shuffle.
+    ok_rng: random.Random | None = None
+    err_rng: random.Random | None = None
 
     def enter(self, status: str, wall: int, mono: float) -> None:
         self.status = status
@@ -148,6 +183,7 @@ class Emulator:
         self.scenario = scenario or Scenario()
         self.files: dict[str, StoredFile] = {}
         self.batches: dict[str, Batch] = {}
+        self.live: dict[str, Batch] = {}  # not yet terminal: what the runner advances
         self.counters = Counters()
         self.rpm_windows: dict[str, deque[float]] = {}
         self._file_models: dict[str, str | None] = {}
@@ -159,6 +195,7 @@ class Emulator:
                 b.check.cancel()
         self.files.clear()
         self.batches.clear()
+        self.live.clear()
         self.counters = Counters()
         self.rpm_windows.clear()
         self._file_models.clear()
@@ -225,7 +262,7 @@ class Emulator:
 
     # ------------------------------------------------------------------ files
     def add_file(
-        self, filename: str, purpose: str, data: bytes, expires_seconds: int | None
+        self, filename: str, purpose: str, data: bytes | list[bytes], expires_seconds: int | None
     ) -> StoredFile:
         now = int(time.time())
         if expires_seconds is None and purpose in ("batch", "batch_output"):
@@ -279,8 +316,13 @@ class Emulator:
             created_at=int(time.time()),
             phase_started=time.monotonic(),
         )
+        b.created_mono = b.phase_started
+        seed = self.scenario.seed
+        b.ok_rng = random.Random(f"{seed}:{b.seq}:output")
+        b.err_rng = random.Random(f"{seed}:{b.seq}:error")
         c.batches_created += 1
         self.batches[b.id] = b
+        self.live[b.id] = b
         return b
 
     def cancel_batch(self, batch_id: str) -> Batch:
