@@ -13,7 +13,6 @@ A chunk covers up to spec.batch_size consecutive selected rows; rows that cannot
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from batchops import render
+from batchops import pricing, render
 from batchops.errors import InputError
 from batchops.records import BuiltChunk, Skipped
 from batchops.render import ImageProblem
@@ -35,7 +34,6 @@ TokenEstimator = Callable[[pl.Series], pl.Series]
 _FRAME_BYTES = 4 << 20  # measured: 4 MiB ≈ 246 MiB peak RSS at full speed; 6 MiB ≈ 265
 _FRAME_ROWS = (500, 50_000)
 _IMAGE_FRAME_ROWS = 1_000  # image rows are written one at a time anyway
-_IMAGE_TOKENS = {"low": 85, "auto": 765, "high": 765}  # classic gpt-4o figure for a 1024² image
 _TEXT_COL = "__text"
 
 
@@ -187,7 +185,6 @@ def _pack_images(
 ) -> Iterator[BuiltChunk]:
     before, between, after = (piece.encode() for piece in pieces)
     per_row = tokens.per_row(frame[_TEXT_COL])
-    image_tokens = _IMAGE_TOKENS[spec.image_detail]
     for text, cell, idx, cid, est in zip(
         frame[_TEXT_COL], frame[image_col], frame[ROW_IDX], frame[ROW_ID], per_row, strict=True
     ):
@@ -202,7 +199,7 @@ def _pack_images(
                     yield writer.close()
                 continue
             line = render.dumps(render.request_line(spec, model, cid, text, url)) + b"\n"
-            est += image_tokens
+            est += _image_tokens(url, spec.image_detail, model)
         if len(line) > writer.max_bytes:
             writer.skip(idx, _too_big(len(line), writer.max_bytes))
         else:
@@ -213,13 +210,19 @@ def _pack_images(
             yield writer.close()
 
 
+def _image_tokens(url: str, detail: str, model: str) -> int:
+    """Tokens of one image by the model's own formula and the image's real size."""
+    size = pricing.data_url_image_size(url) or pricing.DEFAULT_IMAGE_SIZE
+    return pricing.image_tokens(size[0], size[1], detail, model)
+
+
 def _too_big(size: int, limit: int) -> str:
     return f"request is {size:,} bytes, over the {limit:,}-byte limit of a batch file"
 
 
 class _TokenCounter:
-    """Prompt-token estimate per row: the caller's estimator, or ceil(utf-8 bytes / 4) plus a
-    fixed per-request overhead (message framing and the system prompt)."""
+    """Prompt-token estimate per row: the row's text (by the caller's estimator, or ceil(utf-8
+    bytes / 4)) plus a fixed per-request overhead (message framing and the system prompt)."""
 
     def __init__(self, spec: JobSpec, estimate: TokenEstimator | None) -> None:
         self.estimate = estimate
@@ -227,13 +230,16 @@ class _TokenCounter:
         if spec.endpoint != render.EMBEDDINGS:
             overhead = 3 + 4  # reply priming + the user message's framing
             if spec.system is not None:
-                overhead += 4 + math.ceil(len(spec.system.encode()) / 4)
+                overhead += 4 + int(self._count(pl.Series([spec.system]))[0])
         self.overhead = overhead
 
-    def per_row(self, texts: pl.Series) -> np.ndarray:
+    def _count(self, texts: pl.Series) -> np.ndarray:
         if self.estimate is not None:
             return self.estimate(texts).cast(pl.Int64).to_numpy()
-        return ((texts.str.len_bytes().cast(pl.Int64) + 3) // 4 + self.overhead).to_numpy()
+        return ((texts.str.len_bytes().cast(pl.Int64) + 3) // 4).to_numpy()
+
+    def per_row(self, texts: pl.Series) -> np.ndarray:
+        return self._count(texts) + self.overhead
 
 
 class _ChunkWriter:
