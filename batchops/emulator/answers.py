@@ -213,19 +213,26 @@ def _schema_of(fmt: dict[str, Any]) -> dict[str, Any] | None:
     return schema if isinstance(schema, dict) else {}
 
 
-def _plain_text(model: str, messages: list[_Message]) -> tuple[str, str]:
-    """(readable answer, full last-user text)."""
+def _plain_text(model: str, messages: list[_Message]) -> tuple[str, str, int]:
+    """(readable answer, full last-user text, the answer's tokens)."""
     last = _last_user(messages)
     text = "\n".join(last.texts) if last else ""
-    answer = f"{model} says: {text[:SNIPPET_CHARS]}".rstrip()
+    head = f"{model} says:"
+    snippet = text[:SNIPPET_CHARS]
+    answer = f"{head} {snippet}".rstrip()
+    # Whitespace separates tokens, so the parts can be counted apart: the head is cached and a
+    # short text's snippet is the text itself, already counted (and cached) for the prompt.
+    tokens = count_tokens(head) + count_tokens(snippet)
     if last and last.images:
         notes = []
         for img in last.images:
             n_bytes, _ = img.measure()
             notes.append("remote" if n_bytes is None else f"{n_bytes} bytes")
         label = "image" if len(notes) == 1 else "images"
-        answer += f" [{len(notes)} {label}: {', '.join(notes)}]"
-    return answer, text
+        note = f"[{len(notes)} {label}: {', '.join(notes)}]"
+        answer += " " + note
+        tokens += count_tokens(note)
+    return answer, text, tokens
 
 
 def _max_tokens(body: dict[str, Any], kind: Kind) -> int | None:
@@ -250,7 +257,7 @@ def make_answer(
     kind = endpoint_kind(endpoint)
     if messages is None:
         messages = _messages(body, kind)
-    text, user_text = _plain_text(model, messages)
+    text, user_text, tokens = _plain_text(model, messages)
     fmt = _structured_format(body, kind)
     if fmt is not None:
         schema = _schema_of(fmt)
@@ -261,8 +268,8 @@ def make_answer(
         else:
             value = fill(schema, f"{model}\0{user_text}", user_text)
         text = orjson.dumps(value).decode()
+        tokens = count_tokens(text)
     finish: Literal["stop", "length"] = "stop"
-    tokens = count_tokens(text)
     limit = _max_tokens(body, kind)
     if truncate:
         limit = min(limit, max(1, tokens // 2)) if limit is not None else max(1, tokens // 2)
