@@ -83,8 +83,16 @@ def build_spec(
     data.update({k: v for k, v in cfg.items() if k in JobSpec.model_fields})
     data.update({k: v for k, v in options.items() if v is not None and k in JobSpec.model_fields})
     retry = dict(cfg.get("retry", {}))
-    if options.get("max_retries") is not None:
-        retry["max_retries"] = options["max_retries"]
+    for flag, name in (
+        ("max_retries", "max_retries"),
+        ("retry_delay", "initial_delay"),
+        ("retry_backoff", "backoff"),
+        ("retry_max_delay", "max_delay"),
+    ):
+        if options.get(flag) is not None:
+            retry[name] = options[flag]
+    if options.get("retry_on"):
+        retry["retry_on"] = [c.strip() for c in str(options["retry_on"]).split(",") if c.strip()]
     data["retry"] = retry
     entries: list[ModelEntry] = []
     by_name = {m["name"]: m for m in (table_models or [])} if table_models else {}

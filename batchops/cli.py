@@ -163,6 +163,22 @@ def cli() -> None:
     "--workers", type=int, default=None, help="Concurrent requests in online mode [default: 8]."
 )
 @click.option(
+    "--retry-delay",
+    type=float,
+    default=None,
+    help="Seconds before a remote call's first retry [1].",
+)
+@click.option("--retry-backoff", type=float, default=None, help="Multiplier between retries [2].")
+@click.option(
+    "--retry-max-delay", type=float, default=None, help="Cap on the delay between retries [60]."
+)
+@click.option(
+    "--retry-on",
+    default=None,
+    help="Comma-separated failure classes that retry a row: timeout, api_error, format_error, "
+    "expired, cancelled, rate_limit [all].",
+)
+@click.option(
     "--max-cost", type=float, default=None, help="Stop submitting before spend would pass USD."
 )
 @click.option(

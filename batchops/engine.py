@@ -219,6 +219,8 @@ class BatchEngine:
         return self.store.spent() + in_flight + (chunk.est_cost or 0.0) <= cap + 1e-12
 
     def submit_ready(self) -> None:
+        if self.store.chunks("uploading", "submitting"):
+            self.reconcile()  # a call failed ambiguously earlier in this invocation
         for chunk in self.store.chunks("built", "uploaded"):
             current = self.pool.current()
             if current is None:
@@ -298,31 +300,42 @@ class BatchEngine:
                 key_id=key.key_id,
                 event=f"uploading {Path(chunk.path).name} with key {key.label}",
             )
-            with open(chunk.path, "rb") as fh:
-                f = call(
-                    client.files.create,
-                    file=(self.remote_file_name(chunk), fh),
-                    purpose="batch",
-                    what=f"upload chunk {chunk.chunk_id}",
-                    policy=policy,
-                    scrub=self.pool.scrub,
-                )
+            try:
+                with open(chunk.path, "rb") as fh:
+                    f = call(
+                        client.files.create,
+                        file=(self.remote_file_name(chunk), fh),
+                        purpose="batch",
+                        what=f"upload chunk {chunk.chunk_id}",
+                        policy=policy,
+                        scrub=self.pool.scrub,
+                    )
+            except ApiCallError as exc:
+                if _refused(exc):  # nothing was created: the intent is void
+                    self.store.set_chunk(chunk.chunk_id, state="built")
+                raise
             self.store.set_chunk(
                 chunk.chunk_id, state="uploaded", file_id=f.id, event=f"uploaded as {f.id}"
             )
             logger.debug("chunk {} uploaded as {}", chunk.chunk_id, f.id)
             chunk = self.store.chunk(chunk.chunk_id)
         self.store.set_chunk(chunk.chunk_id, state="submitting", key_id=key.key_id)
-        b = call(
-            client.batches.create,
-            input_file_id=chunk.file_id,
-            endpoint=self.spec.endpoint,
-            completion_window=self.spec.completion_window,
-            metadata=self.metadata(chunk),
-            what=f"create batch for chunk {chunk.chunk_id}",
-            policy=policy,
-            scrub=self.pool.scrub,
-        )
+        try:
+            b = call(
+                client.batches.create,
+                input_file_id=chunk.file_id,
+                endpoint=self.spec.endpoint,
+                completion_window=self.spec.completion_window,
+                metadata=self.metadata(chunk),
+                what=f"create batch for chunk {chunk.chunk_id}",
+                policy=policy,
+                scrub=self.pool.scrub,
+            )
+        except ApiCallError as exc:
+            if _refused(exc):
+                self.store.set_chunk(chunk.chunk_id, state="uploaded")
+            # Otherwise (timeout, dropped connection, 5xx) the batch may exist: reconcile decides.
+            raise
         self._attach(chunk, b)
 
     def _attach(self, chunk: ChunkRow, b) -> None:
@@ -577,3 +590,8 @@ class BatchEngine:
             if self.store.chunks("submitted"):
                 self.sleep(min(self.spec.poll_interval, 2.0))
         return len(chunks)
+
+
+def _refused(exc: ApiCallError) -> bool:
+    """The server answered with a 4xx: it created nothing, so the written intent can be undone."""
+    return exc.status is not None and 400 <= exc.status < 500

@@ -1,0 +1,256 @@
+"""Never lose a row, never pay twice: fault scenarios of the emulator against the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from cli_helpers import (
+    awkward_table,
+    calls,
+    executions,
+    expected_answers,
+    invoke,
+    read_csv,
+    run_args,
+    sent_bodies,
+    subprocess_run,
+)
+
+from batchops.emulator.answers import prompt_tokens
+
+FAST_RETRY = ["--retry-delay", "0.01", "--retry-max-delay", "0.05"]
+
+
+def all_succeeded_once(emu) -> dict[str, dict[str, int]]:
+    stats = executions(emu)
+    assert stats, "nothing executed"
+    assert all(v["succeeded"] == 1 for v in stats.values()), {
+        k: v for k, v in stats.items() if v["succeeded"] != 1
+    }
+    return stats
+
+
+def test_transient_failures_and_5xx_recover_without_double_execution(
+    emulator_factory, tmp_path: Path
+):
+    emu = emulator_factory(fail_once_fraction=0.05, http_error_every=4, seed=3)
+    src = awkward_table(tmp_path, n_plain=200, images=False)
+    run_dir = tmp_path / "run"
+    res = invoke(*run_args(emu, src, run_dir, "--batch-size", "25", *FAST_RETRY))
+    assert res.exit_code == 0, res.output
+    stats = all_succeeded_once(emu)
+    failed_once = [k for k, v in stats.items() if v["executed"] == 2]
+    assert failed_once, "the scenario should have failed some requests once"
+    assert all(v["executed"] <= 2 for v in stats.values())
+    out = read_csv(run_dir / "final_output.csv")
+    assert {o["status"] for o in out} == {"succeeded"}
+    assert {o["sku"]: o["response"] for o in out} == expected_answers(run_dir)
+
+
+def test_expired_batches_keep_their_finished_half(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(expire_first_n=2, expire_done_fraction=0.5)
+    src = awkward_table(tmp_path, n_plain=33, images=False)
+    run_dir = tmp_path / "run"
+    res = invoke(*run_args(emu, src, run_dir, "--batch-size", "10"))
+    assert res.exit_code == 0, res.output
+    stats = all_succeeded_once(emu)
+    assert all(v["executed"] == 1 for v in stats.values())  # the finished half was not re-sent
+    st = json.loads(invoke("status", "--run-dir", run_dir, "--json").output)
+    assert st["batches_by_status"]["expired"] == 2
+    assert st["rows"]["succeeded"] == 40
+
+
+def test_enqueued_token_limit_waits_and_never_switches_model(emulator_factory, tmp_path: Path):
+    src = awkward_table(tmp_path, n_plain=53, images=False)
+    # Size the limit from a dry run: two chunks fit, a third does not.
+    dry = tmp_path / "dry"
+    assert (
+        invoke(
+            *run_args(
+                None or type("E", (), {"base_url": "http://127.0.0.1:9/v1"})(),
+                src,
+                dry,
+                "--batch-size",
+                "10",
+                "--dry-run",
+            )
+        ).exit_code
+        == 0
+    )
+    bodies = list(sent_bodies(dry).values())
+    per_chunk = max(
+        sum(prompt_tokens(b, "/v1/chat/completions") for b in bodies[i : i + 10])
+        for i in range(0, len(bodies), 10)
+    )
+    emu = emulator_factory(
+        enqueued_token_limit={"gpt-4o-mini": int(per_chunk * 2.5)}, in_progress_seconds=0.3
+    )
+    run_dir = tmp_path / "run"
+    res = invoke(*run_args(emu, src, run_dir, "--batch-size", "10", "--model", "gpt-4.1-mini"))
+    assert res.exit_code == 0, res.output
+    all_succeeded_once(emu)
+    out = read_csv(run_dir / "final_output.csv")
+    assert {o["model"] for o in out} == {"gpt-4o-mini"}
+    failed = [
+        b
+        for b in json.loads(invoke("status", "--run-dir", run_dir, "--json").output)["batches"]
+        if b["status"] == "failed"
+    ]
+    assert failed and all("token_limit_exceeded" in b["errors"] for b in failed)
+
+
+def test_first_model_out_of_quota_fails_over_to_second(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(model_quota={"gpt-a": 0})
+    src = awkward_table(tmp_path, n_plain=23, images=False)
+    run_dir = tmp_path / "run"
+    res = invoke(
+        *run_args(emu, src, run_dir, "--batch-size", "10", "--model", "gpt-b", model="gpt-a")
+    )
+    assert res.exit_code == 0, res.output
+    out = read_csv(run_dir / "final_output.csv")
+    assert {o["model"] for o in out} == {"gpt-b"}
+    all_succeeded_once(emu)
+    # gpt-a was tried once (refused at create), then every chunk went to gpt-b.
+    assert calls(emu, "POST /v1/batches") == 3 + 1
+    log = next((tmp_path / "logs").glob("*.log")).read_text()
+    assert "switching to model gpt-b" in log
+
+
+def test_quota_running_out_mid_batch_requeues_on_next_model(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(model_quota={"gpt-a": 15})
+    src = awkward_table(tmp_path, n_plain=33, images=False)
+    run_dir = tmp_path / "run"
+    res = invoke(
+        *run_args(emu, src, run_dir, "--batch-size", "10", "--model", "gpt-b", model="gpt-a")
+    )
+    assert res.exit_code == 0, res.output
+    out = read_csv(run_dir / "final_output.csv")
+    models = [o["model"] for o in out]
+    assert models.count("gpt-a") == 15 and models.count("gpt-b") == 25
+    all_succeeded_once(emu)
+
+
+def test_every_model_and_key_exhausted_exits_3_then_retry_missing(emulator_factory, tmp_path: Path):
+    k1, k2 = "sk-key-one-00000000001111", "sk-key-two-00000000002222"
+    emu = emulator_factory(key_quota={k1: 0, k2: 0})
+    src = awkward_table(tmp_path, n_plain=3, images=False)
+    run_dir = tmp_path / "run"
+    env = {"OPENAI_API_KEYS": f"{k1},{k2}", "OPENAI_API_KEY": ""}
+    res = invoke(*run_args(emu, src, run_dir, "--model", "gpt-b", model="gpt-a"), env=env)
+    assert res.exit_code == 3, res.output
+    assert "exhausted" in res.output and "10 missing" in res.output
+    out = read_csv(run_dir / "final_output.csv")
+    assert {o["status"] for o in out} == {"missing"}
+    log = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+    assert k1 not in log and k2 not in log and "sk-…1111" in log
+    assert k1 not in (run_dir / "state.db").read_bytes().decode("latin-1")
+    # The quota resets; retry-missing starts the pool from the top and completes the run.
+    emu.update_scenario(key_quota={})
+    res = invoke(
+        "retry-missing",
+        "--run-dir",
+        run_dir,
+        "--base-url",
+        emu.base_url,
+        "--poll-interval",
+        "0.05",
+        "--log-dir",
+        tmp_path / "logs",
+        env=env,
+    )
+    assert res.exit_code == 0, res.output
+    assert {o["model"] for o in read_csv(run_dir / "final_output.csv")} == {"gpt-a"}
+    all_succeeded_once(emu)
+
+
+def test_budget_stops_submitting_with_exit_3(emulator, tmp_path: Path):
+    src = awkward_table(tmp_path, n_plain=40, images=False)
+    run_dir = tmp_path / "run"
+    res = invoke(
+        *run_args(
+            emulator,
+            src,
+            run_dir,
+            "--batch-size",
+            "10",
+            "--max-tokens",
+            "50",
+            "--max-cost",
+            "0.0002",
+        )
+    )
+    assert res.exit_code == 3, res.output
+    assert "budget reached" in res.output
+    st = json.loads(invoke("status", "--run-dir", run_dir, "--json").output)
+    assert st["spent_usd"] <= 0.0002
+    assert 0 < st["rows"]["succeeded"] < 47
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_loses_nothing_and_sends_nothing_twice(
+    emulator_factory, tmp_path: Path
+):
+    emu = emulator_factory(
+        validating_seconds=0.05,
+        in_progress_seconds=0.25,
+        finalizing_seconds=0.05,
+        fail_once_fraction=0.03,
+        seed=11,
+    )
+    src = awkward_table(tmp_path, n_plain=113, images=False)
+    run_dir = tmp_path / "run"
+    args = [
+        "run",
+        "--csv",
+        src,
+        "--id-column",
+        "sku",
+        "--prompt",
+        "Describe {name}",
+        "--model",
+        "gpt-4o-mini",
+        "--run-dir",
+        run_dir,
+        "--base-url",
+        emu.base_url,
+        "--poll-interval",
+        "0.05",
+        "--batch-size",
+        "7",
+        "--log-dir",
+        tmp_path / "logs",
+        *FAST_RETRY,
+    ]
+    rng = random.Random(5)
+    kills = 0
+    for _ in range(40):
+        proc = subprocess_run(args)
+        time.sleep(rng.uniform(0.05, 1.2))
+        if proc.poll() is not None:
+            break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        if kills >= 12:
+            break
+    assert kills >= 10
+    final = subprocess_run(args)
+    out, err = final.communicate(timeout=120)
+    assert final.returncode == 0, err.decode()
+    stats = all_succeeded_once(emu)
+    assert len(stats) == 120
+    rows = read_csv(run_dir / "final_output.csv")
+    assert {r["status"] for r in rows} == {"succeeded"}
+    assert {r["sku"]: r["response"] for r in rows} == expected_answers(run_dir)
+    with sqlite3.connect(run_dir / "state.db") as db:
+        (n,) = db.execute("SELECT COUNT(*) FROM attempts WHERE ok = 1").fetchone()
+    assert n == 120
+    # Uploaded files that no batch used were deleted or reused: every live input file is a batch's input.
+    assert emu.stats()["batches"]["created"] >= 18
