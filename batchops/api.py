@@ -48,6 +48,7 @@ class RunReport:
     final_output: Path | None
     estimate: Estimate | None = None
     resumed: bool = False
+    max_cost: float | None = None
 
     @property
     def complete(self) -> bool:
@@ -65,6 +66,10 @@ class RunReport:
         )
         if self.stopped_because:
             text += f"; stopped: {self.stopped_because}"
+        if self.max_cost is not None:
+            text += (
+                f"; budget ${self.max_cost:.6f}: ${max(0.0, self.max_cost - self.spent):.6f} left"
+            )
         return text
 
 
@@ -228,7 +233,14 @@ def run_job(
         if result.stopped_because != "no-wait":
             final = merge_run(run)
         return RunReport(
-            run_dir, result.counts, result.spent, result.stopped_because, final, est, resumed
+            run_dir,
+            result.counts,
+            result.spent,
+            result.stopped_because,
+            final,
+            est,
+            resumed,
+            spec.max_cost,
         )
     finally:
         run.close()
@@ -318,7 +330,14 @@ def retry_missing(
         result = engine.execute()
         final = merge_run(run) if result.stopped_because != "no-wait" else None
         return RunReport(
-            Path(run_dir), result.counts, result.spent, result.stopped_because, final, None, True
+            Path(run_dir),
+            result.counts,
+            result.spent,
+            result.stopped_because,
+            final,
+            None,
+            True,
+            spec.max_cost,
         )
     finally:
         run.close()
