@@ -1,8 +1,7 @@
-"""A local OpenAI-compatible Files/Batch/Chat API with fault injection (see docs/emulator.md).
+"""A local OpenAI-compatible Files/Batch/Chat API with fault injection.
 
-from batchops.emulator import EmulatorServer, Scenario
-with EmulatorServer(scenario=Scenario(in_progress_seconds=0.2)) as emu:
-    client = openai.OpenAI(base_url=emu.base_url, api_key="sk-test")
+`EmulatorServer` runs it on a background thread (tests), `serve` in the foreground
+(`batchops emulator`), `Scenario` holds its knobs. See docs/emulator.md.
 """
 
 from batchops.emulator.scenario import Scenario

@@ -344,7 +344,8 @@ def success_body(
         model, body, endpoint, truncate=truncate, invalid_json=invalid_json, messages=messages
     )
     if kind == "chat":
-        n = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 1) > 0 else 1
+        n_raw = body.get("n")
+        n = n_raw if isinstance(n_raw, int) and n_raw > 0 else 1  # n choices, all alike
         completion = ans.completion_tokens * n
         out = {
             "id": _rid("chatcmpl-"),
