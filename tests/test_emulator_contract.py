@@ -154,7 +154,7 @@ def test_embeddings_batch(openai_client: openai.OpenAI) -> None:
 def test_responses_batch(openai_client: openai.OpenAI) -> None:
     lines = [
         responses_line("a", "Summarise the water cycle.", instructions="Be brief."),
-        responses_line("b", "A very long question " * 10, max_output_tokens=5),
+        responses_line("b", "A very long question " * 10, max_output_tokens=16),
     ]
     b = run_batch(openai_client, lines, endpoint="/v1/responses")
     assert b.status == "completed", b.errors
@@ -181,7 +181,7 @@ def test_responses_batch(openai_client: openai.OpenAI) -> None:
     cut = by_id["b"]
     assert cut["status"] == "incomplete"
     assert cut["incomplete_details"] == {"reason": "max_output_tokens"}
-    assert cut["usage"]["output_tokens"] == 5
+    assert cut["usage"]["output_tokens"] == 16
 
 
 def test_sync_endpoints(openai_client: openai.OpenAI, emulator: EmulatorServer) -> None:

@@ -38,6 +38,7 @@ from batchops.emulator.tokens import (
 __all__ = [
     "Answer",
     "ImageError",
+    "SchemaError",
     "count_tokens",
     "endpoint_kind",
     "expected_answer",
@@ -186,6 +187,10 @@ def _message_tokens(messages: list[_Message]) -> int:
 # --------------------------------------------------------------------------- answers
 
 
+class SchemaError(ValueError):
+    """A response_format schema too broken to answer (the API answers 400)."""
+
+
 @dataclass(slots=True)
 class Answer:
     """The assistant text of one request, as the emulator will return it."""
@@ -266,7 +271,10 @@ def make_answer(
         elif schema is None:
             value = {"answer": text}
         else:
-            value = fill(schema, f"{model}\0{user_text}", user_text)
+            try:
+                value = fill(schema, f"{model}\0{user_text}", user_text)
+            except (TypeError, ValueError, KeyError, AttributeError, RecursionError):
+                raise SchemaError("the emulator cannot build a value for this schema") from None
         text = orjson.dumps(value).decode()
         tokens = count_tokens(text)
     finish: Literal["stop", "length"] = "stop"

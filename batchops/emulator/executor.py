@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchops.emulator import errors as E
-from batchops.emulator.answers import ImageError, success_body
+from batchops.emulator.answers import ImageError, SchemaError, endpoint_kind, success_body
 from batchops.emulator.errors import ApiError
 from batchops.emulator.state import Emulator
 
@@ -33,6 +33,44 @@ def chosen(seed: int, knob: str, custom_id: str, fraction: float) -> bool:
         return True
     digest = hashlib.blake2b(f"{seed}:{knob}:{custom_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest) / 2**64 < fraction
+
+
+def _int_param(body: dict[str, Any], name: str, lo: int, hi: int) -> ApiError | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        return E.invalid_type(name, "an integer", value)
+    if value < lo or value > hi:
+        low = value < lo
+        return ApiError(
+            400,
+            f"Invalid '{name}': integer {'below minimum' if low else 'above maximum'} value. "
+            f"Expected a value {'>=' if low else '<='} {lo if low else hi}, but got {value} "
+            "instead.",
+            param=name,
+            code="integer_below_min_value" if low else "integer_above_max_value",
+        )
+    return None
+
+
+def body_problem(body: dict[str, Any], endpoint: str) -> ApiError | None:
+    """Parameter errors the model endpoint answers with a 400 (also bounds the work we do)."""
+    kind = endpoint_kind(endpoint)
+    if kind == "chat":
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+            return E.invalid_type("messages", "an array of objects", msgs)
+        checks = [("n", 1, 128), ("max_tokens", 1, 10**9), ("max_completion_tokens", 1, 10**9)]
+    elif kind == "responses":
+        checks = [("max_output_tokens", 16, 10**9)]
+    else:
+        checks = [("dimensions", 1, 3072)]
+    for name, lo, hi in checks:
+        err = _int_param(body, name, lo, hi)
+        if err is not None:
+            return err
+    return None
 
 
 def _fail(err: ApiError) -> Outcome:
@@ -78,6 +116,9 @@ def execute(
         return _fail(E.rejected())
     if image_error:
         return _fail(E.unsupported_image())
+    problem = body_problem(body, endpoint)
+    if problem is not None:
+        return _fail(problem)
     truncate = (
         bool(sc.truncate_fraction)
         and first_answer
@@ -100,6 +141,15 @@ def execute(
         )
     except ImageError:
         return _fail(E.unsupported_image())
+    except SchemaError as exc:
+        return _fail(
+            ApiError(
+                400,
+                f"Invalid schema for response_format: {exc}.",
+                param="response_format",
+                code="invalid_json_schema",
+            )
+        )
     per_req[1] += 1
     per_model[1] += 1
     cached = int(n_in * sc.cached_tokens_fraction)

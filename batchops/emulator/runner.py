@@ -8,6 +8,7 @@ in-progress time, so a cancel or an expiry leaves a real partial result.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import time
@@ -16,11 +17,14 @@ from typing import Any
 
 import orjson
 
+from batchops.emulator import errors as E
 from batchops.emulator.errors import ORG
-from batchops.emulator.executor import execute
+from batchops.emulator.executor import Outcome, execute
 from batchops.emulator.ids import hex_id
 from batchops.emulator.state import BATCH_WINDOW, TERMINAL, Batch, Emulator
 from batchops.emulator.validation import InputCheck, validate_input
+
+log = logging.getLogger("batchops.emulator")
 
 TICK_SECONDS = 0.01
 # Work per slice before yielding to the HTTP handlers (keeps polls fast during a 50k batch).
@@ -65,7 +69,11 @@ def start_validation(emu: Emulator, b: Batch) -> None:
 async def run_forever(emu: Emulator) -> None:
     """The runner task: advance every live batch, yielding often."""
     while True:
-        busy = tick(emu)
+        try:
+            busy = tick(emu)
+        except Exception:  # a bug must not stop every batch: log it and keep ticking
+            log.exception("emulator runner tick failed")
+            busy = False
         await asyncio.sleep(0 if busy else TICK_SECONDS)
 
 
@@ -165,16 +173,21 @@ def _run_requests(emu: Emulator, b: Batch, target: int, deadline: float) -> bool
     i = b.next_index
     while i < target:
         r = b.requests[i]
-        out = execute(
-            emu,
-            custom_id=r.custom_id,
-            model=model,
-            body=r.body,
-            endpoint=endpoint,
-            api_key=b.api_key,
-            n_prompt=r.prompt_tokens,
-            image_error=r.image_error,
-        )
+        try:
+            out = execute(
+                emu,
+                custom_id=r.custom_id,
+                model=model,
+                body=r.body,
+                endpoint=endpoint,
+                api_key=b.api_key,
+                n_prompt=r.prompt_tokens,
+                image_error=r.image_error,
+            )
+        except Exception:  # an emulator bug on one odd request: a 500 line, not a stuck batch
+            log.exception("emulator failed on request %s", r.custom_id)
+            err = E.server_error(500)
+            out = Outcome(err.status, err.body(), err)
         line = {
             "id": hex_id("batch_req_"),
             "custom_id": r.custom_id,

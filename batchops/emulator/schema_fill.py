@@ -57,10 +57,18 @@ def _type_of(schema: dict[str, Any]) -> str | None:
     return None
 
 
+MAX_DEPTH = 12  # recursive schemas ($ref to an ancestor) stop here
+# Absurd minItems/minLength are not honoured beyond these (the answer must stay small).
+MAX_ITEMS = 100
+MAX_STRING = 10_000
+
+
 def fill(schema: Any, seed: str, snippet: str = "", *, root: Any = None, path: str = "$") -> Any:
     """A value valid against `schema`, derived from `seed` (and readable via `snippet`)."""
     root = schema if root is None else root
     s = _resolve(schema, root)
+    if path.count(".") + path.count("[") > MAX_DEPTH:
+        return None
     if "const" in s:
         return s["const"]
     if isinstance(s.get("enum"), list) and s["enum"]:
@@ -71,22 +79,23 @@ def fill(schema: Any, seed: str, snippet: str = "", *, root: Any = None, path: s
             return fill(options[0], seed, snippet, root=root, path=path)
     if isinstance(s.get("allOf"), list) and s["allOf"]:
         merged: dict[str, Any] = {k: v for k, v in s.items() if k != "allOf"}
+        props: dict[str, Any] = dict(_dict(merged.get("properties")))
         for part in s["allOf"]:
             part = _resolve(part, root)
-            merged.setdefault("properties", {}).update(part.get("properties", {}))
-            merged["required"] = list(merged.get("required", [])) + list(part.get("required", []))
+            props.update(_dict(part.get("properties")))
             for k, v in part.items():
                 merged.setdefault(k, v)
+        merged["properties"] = props
         return fill(merged, seed, snippet, root=root, path=path)
 
     t = _type_of(s)
     if t == "object":
-        props = s.get("properties") or {}
+        props = _dict(s.get("properties"))
         return {k: fill(v, seed, snippet, root=root, path=f"{path}.{k}") for k, v in props.items()}
     if t == "array":
-        lo = int(s.get("minItems", 0))
-        hi = int(s.get("maxItems", max(lo, 2)))
-        n = max(lo, min(hi, 2))
+        lo = _int(s.get("minItems"), 0)
+        hi = _int(s.get("maxItems"), max(lo, 2))
+        n = min(max(lo, min(hi, 2)), MAX_ITEMS)
         items = s.get("items", {})
         return [fill(items, seed, snippet, root=root, path=f"{path}[{i}]") for i in range(n)]
     if t == "string":
@@ -111,24 +120,36 @@ def _string(s: dict[str, Any], seed: str, snippet: str, path: str) -> str:
         return _FORMATS[fmt]
     name = path.rsplit(".", 1)[-1].strip("$[]0123456789") or "value"
     text = f"{name}: {snippet[:40]}".rstrip() if snippet else f"{name} {_h(seed, path) % 1000}"
-    lo = int(s.get("minLength", 0))
+    lo = min(_int(s.get("minLength"), 0), MAX_STRING)
     hi = s.get("maxLength")
     if hi is not None:
-        text = text[: int(hi)]
+        text = text[: max(0, _int(hi, len(text)))]
     if len(text) < lo:
         text = text + "x" * (lo - len(text))
     return text
 
 
+def _num(value: Any) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return value if ok else None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _int(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
 def _bounds(s: dict[str, Any], *, integer: bool) -> tuple[float, float]:
     """[lo, hi] from minimum/maximum/exclusive*; open sides span 100 from the other one."""
     step = 1 if integer else 0.01
-    lo: float | None = s.get("minimum")
-    hi: float | None = s.get("maximum")
-    ex_lo, ex_hi = s.get("exclusiveMinimum"), s.get("exclusiveMaximum")
-    if isinstance(ex_lo, int | float) and not isinstance(ex_lo, bool):
+    lo, hi = _num(s.get("minimum")), _num(s.get("maximum"))
+    ex_lo, ex_hi = _num(s.get("exclusiveMinimum")), _num(s.get("exclusiveMaximum"))
+    if ex_lo is not None:
         lo = ex_lo + step if lo is None else max(lo, ex_lo + step)
-    if isinstance(ex_hi, int | float) and not isinstance(ex_hi, bool):
+    if ex_hi is not None:
         hi = ex_hi - step if hi is None else min(hi, ex_hi - step)
     if lo is None and hi is None:
         lo, hi = 0, 100
