@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +17,11 @@ from typing import Any
 import pandas as pd
 from loguru import logger
 
+from batchops import chunking, pricing, source
 from batchops import merge as merging
-from batchops import source
 from batchops.engine import DEFAULT_COMPLETION_ESTIMATE, BatchEngine, Progress
 from batchops.errors import InputError, RunIncomplete
-from batchops.providers import Key, Pool, load_keys
+from batchops.providers import Pool, load_keys
 from batchops.render import check_template
 from batchops.rundir import RunDir, create_or_resume, default_run_dir, open_existing, start_over
 from batchops.spec import JobSpec, ModelEntry
@@ -143,51 +144,22 @@ def validate_inputs(spec: JobSpec) -> source.Source:
 
 
 def make_pool(
-    spec: JobSpec,
-    *,
-    api_key_file: Path | None = None,
-    base_url: str | None = None,
-    dry_run: bool = False,
+    spec: JobSpec, *, api_key_file: Path | None = None, base_url: str | None = None
 ) -> Pool:
     keys = load_keys(api_key_file)
-    if dry_run and not keys:
-        keys = [Key("dry-run-no-key")]
     return Pool(spec, keys, base_url=base_url or os.environ.get("OPENAI_BASE_URL"))
 
 
 def estimate(run: RunDir) -> Estimate:
+    """The estimate of every chunk not yet collected (printed before the first upload)."""
     per_row = run.spec.max_tokens or DEFAULT_COMPLETION_ESTIMATE
-    assumption = (
-        f"--max-tokens {run.spec.max_tokens} per row (an upper bound)"
-        if run.spec.max_tokens
-        else f"{DEFAULT_COMPLETION_ESTIMATE} completion tokens per row (no --max-tokens given)"
-    )
     chunks = run.store.chunks("built", "uploading", "uploaded", "submitting", "submitted")
-    by_model: dict[str, dict[str, Any]] = {}
-    cost: float | None = 0.0
-    for c in chunks:
-        m = by_model.setdefault(
-            c.model,
-            {"chunks": 0, "rows": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0},
-        )
-        m["chunks"] += 1
-        m["rows"] += c.n_rows
-        m["prompt_tokens"] += c.est_tokens
-        m["completion_tokens"] += per_row * c.n_rows
-        if c.est_cost is None:
-            m["cost_usd"] = None
-            cost = None
-        elif m["cost_usd"] is not None:
-            m["cost_usd"] += c.est_cost
-            cost = None if cost is None else cost + c.est_cost
-    return Estimate(
-        len(chunks),
-        sum(c.n_rows for c in chunks),
-        sum(c.est_tokens for c in chunks),
-        per_row * sum(c.n_rows for c in chunks),
-        cost,
-        assumption,
-        by_model,
+    return _estimate_of(
+        None,
+        [(c.est_tokens, c.n_rows, c.est_cost) for c in chunks],
+        per_row,
+        run.spec.max_tokens,
+        [c.model for c in chunks],
     )
 
 
@@ -206,8 +178,10 @@ def run_job(
 ) -> RunReport:
     """`batchops run`: start or resume a run and drive it to the end (or until it can go no further)."""
     run_dir = Path(run_dir or default_run_dir(spec.source))
-    validate_inputs(spec)
-    pool = make_pool(spec, api_key_file=api_key_file, base_url=base_url, dry_run=dry_run)
+    src = validate_inputs(spec)
+    if dry_run:
+        return dry_run_job(spec, src, run_dir, on_estimate=on_estimate)
+    pool = make_pool(spec, api_key_file=api_key_file, base_url=base_url)
     if cleanup or keep_latest:
         backup = start_over(run_dir, keep_backup=keep_latest)
         if backup:
@@ -218,16 +192,11 @@ def run_job(
             logger.info("resuming run {} in {}", run.run_id, run_dir)
         engine = BatchEngine(run, pool, wait=wait, on_progress=on_progress)
         engine.ensure_rows()
-        if not dry_run:
-            engine.reconcile()
+        engine.reconcile()
         engine.build_pending()
         est = estimate(run)
         if on_estimate:
             on_estimate(est)
-        if dry_run:
-            return RunReport(
-                run_dir, run.store.counts(), run.store.spent(), "dry run", None, est, resumed
-            )
         result = engine.execute()
         final = None
         if result.stopped_because != "no-wait":
@@ -244,6 +213,100 @@ def run_job(
         )
     finally:
         run.close()
+
+
+def dry_run_job(
+    spec: JobSpec,
+    src: source.Source,
+    run_dir: Path,
+    *,
+    on_estimate: Callable[[Estimate], None] | None = None,
+) -> RunReport:
+    """Build every chunk file of the job under <run-dir>/dry-run/ and estimate it.
+
+    No network, no key, and the run's database is not touched: a dry run has no side effect
+    on a real run in the same directory (which builds its own files in seconds).
+    """
+    out_dir = run_dir / "dry-run"
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    model = spec.models[0].name
+    chunks = list(
+        chunking.build_chunks(
+            src,
+            spec,
+            model=model,
+            out_dir=out_dir,
+            first_chunk_no=1,
+            estimate_tokens=pricing.estimate_text_tokens_fast,
+        )
+    )
+    per_row = spec.max_tokens or DEFAULT_COMPLETION_ESTIMATE
+    overrides = pricing.overrides_from_spec(spec)
+    rows = [c for c in chunks if c.row_idxs]
+    est_rows = [
+        (
+            c.est_prompt_tokens,
+            len(c.row_idxs),
+            pricing.estimate_cost(
+                model,
+                c.est_prompt_tokens,
+                per_row * len(c.row_idxs),
+                batch=True,
+                overrides=overrides,
+            ),
+        )
+        for c in rows
+    ]
+    est = _estimate_of(model, est_rows, per_row, spec.max_tokens)
+    if on_estimate:
+        on_estimate(est)
+    counts = {
+        "pending": 0,
+        "queued": est.rows,
+        "succeeded": 0,
+        "failed": 0,
+        "skipped": sum(len(c.skipped) for c in chunks),
+    }
+    return RunReport(run_dir, counts, 0.0, "dry run", None, est, False, spec.max_cost)
+
+
+def _estimate_of(
+    model_by: str | None,
+    chunks: list[tuple[int, int, float | None]],
+    per_row: int,
+    max_tokens: int | None,
+    models: list[str] | None = None,
+) -> Estimate:
+    """An Estimate from (prompt tokens, rows, cost) per chunk; `models` names each chunk's model."""
+    assumption = (
+        f"--max-tokens {max_tokens} per row (an upper bound)"
+        if max_tokens
+        else f"{DEFAULT_COMPLETION_ESTIMATE} completion tokens per row (no --max-tokens given)"
+    )
+    by_model: dict[str, dict[str, Any]] = {}
+    for i, (tokens, n, c) in enumerate(chunks):
+        name = models[i] if models else (model_by or "?")
+        m = by_model.setdefault(
+            name,
+            {"chunks": 0, "rows": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0},
+        )
+        m["chunks"] += 1
+        m["rows"] += n
+        m["prompt_tokens"] += tokens
+        m["completion_tokens"] += per_row * n
+        m["cost_usd"] = None if c is None or m["cost_usd"] is None else m["cost_usd"] + c
+    costs = [m["cost_usd"] for m in by_model.values()]
+    return Estimate(
+        len(chunks),
+        sum(n for _, n, _ in chunks),
+        sum(t for t, _, _ in chunks),
+        per_row * sum(n for _, n, _ in chunks),
+        None if any(c is None for c in costs) else sum(costs),
+        assumption,
+        by_model,
+    )
 
 
 def merge_run(run: RunDir, out: Path | None = None) -> Path:

@@ -258,7 +258,7 @@ def run(
         on_progress=_print_progress,
     )
     if dry_run:
-        click.echo(f"dry run: chunk files in {report.run_dir / 'inputs'}; nothing uploaded")
+        click.echo(f"dry run: chunk files in {report.run_dir / 'dry-run'}; nothing uploaded")
         return
     click.echo(report.summary())
     if report.final_output:

@@ -8,11 +8,14 @@ creating them again, so a crash at any point never submits a chunk twice.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import wraps
 from pathlib import Path
+from typing import Any, TypeVar
 
 from loguru import logger
 
@@ -27,6 +30,34 @@ from batchops.store import ChunkRow
 DEFAULT_COMPLETION_ESTIMATE = 256
 # How far back (seconds before the run was created) reconcile looks in the remote batch list.
 RECONCILE_SLACK = 3600
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _in_run(fn: F) -> F:
+    """Every log record inside carries the run id (the DEBUG file shows it as run=…)."""
+
+    @wraps(fn)
+    def wrapper(self: BatchEngine, *args: Any, **kwargs: Any) -> Any:
+        with logger.contextualize(run=self.run.run_id):
+            return fn(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _on_chunk(fn: F) -> F:
+    """Every log record inside carries the run, chunk and batch ids of the chunk (first argument;
+    the batch id from the second argument when it is a remote batch object)."""
+
+    @wraps(fn)
+    def wrapper(self: BatchEngine, chunk: ChunkRow, *args: Any, **kwargs: Any) -> Any:
+        batch = getattr(args[0], "id", None) if args else None
+        with logger.contextualize(
+            run=self.run.run_id, chunk=chunk.chunk_id, batch=batch or chunk.batch_id
+        ):
+            return fn(self, chunk, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass
@@ -70,6 +101,7 @@ class BatchEngine:
         self.learned_limit: dict[str, int] = {}
 
     # ------------------------------------------------------------------ planning
+    @_in_run
     def ensure_rows(self) -> None:
         if self.store.row_count() == 0:
             n = self.store.add_rows(self.src_frames(columns=[]))
@@ -78,6 +110,7 @@ class BatchEngine:
     def src_frames(self, columns: list[str] | None = None):
         return source.iter_frames(self.src, columns=columns)
 
+    @_in_run
     def build_pending(self) -> int:
         """Pack every pending row into chunk files for the current model; returns chunks built."""
         pending = self.store.pending_row_idxs()
@@ -95,7 +128,7 @@ class BatchEngine:
             out_dir=self.run.inputs,
             first_chunk_no=self.store.next_chunk_no(),
             only_rows=pending,
-            estimate_tokens=pricing.estimate_text_tokens_series,
+            estimate_tokens=pricing.estimate_text_tokens_fast,
         ):
             est_cost = pricing.estimate_cost(
                 model,
@@ -126,14 +159,12 @@ class BatchEngine:
         return built
 
     def overrides(self):
-        out = dict(self.spec.prices)
-        for m in self.spec.models:
-            if m.price is not None:
-                out[m.name] = m.price
-        return out
+        return pricing.overrides_from_spec(self.spec)
 
     # ------------------------------------------------------------------ the loop
+    @_in_run
     def execute(self) -> EngineResult:
+        self.save_pool_state()
         self.ensure_rows()
         self.reconcile()
         self.build_pending()
@@ -177,6 +208,41 @@ class BatchEngine:
                 return "budget reached"
         return None
 
+    def exhaust(
+        self,
+        chunk: ChunkRow,
+        key_id: str | None,
+        reason: str,
+        batch_id: str | None = None,
+        *,
+        whole_key: bool = False,
+    ) -> None:
+        """Take a model/key out of the pool; every such switch is an event and updates the
+        pool state `batchops status` shows (the pool itself lives only in this invocation)."""
+        before = self.pool.current()
+        self.pool.exhaust(chunk.model, key_id, reason, whole_key=whole_key)
+        after = self.pool.current()
+        label = self.pool.all_keys[key_id].label if key_id in self.pool.all_keys else "?"
+        what = f"key {label}" if whole_key else f"model {chunk.model} on key {label}"
+        if after is None:
+            then = "no model/key left in the pool"
+        elif after != before:
+            then = f"switching to model {after[0].name} on key {after[1].label}"
+        else:
+            then = f"still using model {after[0].name} on key {after[1].label}"
+        self.store.event(
+            "switch",
+            self.pool.scrub(f"{what} exhausted ({reason}); {then}"),
+            chunk_id=chunk.chunk_id,
+            batch_id=batch_id,
+        )
+        self.save_pool_state()
+
+    def save_pool_state(self) -> None:
+        """The pool as this invocation sees it (keys masked), for `batchops status`."""
+        state = {"ts": time.time(), "pairs": self.pool.summary()}
+        self.store.set_meta("pool_state", self.pool.scrub(json.dumps(state)))
+
     def report_progress(self) -> None:
         if self.on_progress is None:
             return
@@ -218,6 +284,7 @@ class BatchEngine:
         in_flight = sum(c.est_cost or 0.0 for c in self.store.chunks("submitting", "submitted"))
         return self.store.spent() + in_flight + (chunk.est_cost or 0.0) <= cap + 1e-12
 
+    @_in_run
     def submit_ready(self) -> None:
         if self.store.chunks("uploading", "submitting"):
             self.reconcile()  # a call failed ambiguously earlier in this invocation
@@ -250,17 +317,11 @@ class BatchEngine:
                 self._submit(chunk, key)
             except ApiCallError as exc:
                 if exc.cls in EXHAUSTING:
-                    self.pool.exhaust(
-                        chunk.model,
+                    self.exhaust(
+                        chunk,
                         key.key_id,
-                        f"{exc.code or exc.cls}: {exc.message}",
+                        f"{exc.what}: {exc.cls} ({exc.code}): {exc.message}",
                         whole_key=exc.cls == "auth",
-                    )
-                    self.store.event(
-                        "switch",
-                        f"{exc.what}: {exc.cls} ({exc.code}) on model {chunk.model} "
-                        f"key {key.label}",
-                        chunk_id=chunk.chunk_id,
                     )
                     continue
                 if exc.cls == "token_limit":
@@ -270,6 +331,7 @@ class BatchEngine:
                 logger.warning("chunk {}: {}; will try again", chunk.chunk_id, exc)
                 return
 
+    @_on_chunk
     def _drop_unsent(self, chunk: ChunkRow, reason: str) -> None:
         if chunk.file_id:
             self._delete_file(chunk.model, chunk.key_id, chunk.file_id)
@@ -285,6 +347,7 @@ class BatchEngine:
             "batchops_attempt": str(chunk.attempt),
         }
 
+    @_on_chunk
     def _submit(self, chunk: ChunkRow, key) -> None:
         client = self.pool.client(chunk.model, key.key_id)
         policy = self.spec.retry
@@ -338,6 +401,7 @@ class BatchEngine:
             raise
         self._attach(chunk, b)
 
+    @_on_chunk
     def _attach(self, chunk: ChunkRow, b) -> None:
         chunk = self.store.chunk(chunk.chunk_id)
         self.store.upsert_batch(chunk, b)
@@ -372,6 +436,7 @@ class BatchEngine:
             logger.debug("could not delete unused file {}: {}", file_id, exc)
 
     # ------------------------------------------------------------------ crash recovery
+    @_in_run
     def reconcile(self) -> None:
         """Re-attach to remote objects created just before a crash, instead of creating them again."""
         for chunk in self.store.chunks("uploading", "submitting"):
@@ -438,34 +503,37 @@ class BatchEngine:
         return None
 
     # ------------------------------------------------------------------ polling and collecting
+    @_in_run
     def poll(self) -> None:
         for chunk in self.store.chunks("submitted"):
-            client = self.pool.client(chunk.model, chunk.key_id)
-            try:
-                b = call(
-                    client.batches.retrieve,
-                    chunk.batch_id,
-                    what=f"poll batch {chunk.batch_id}",
-                    policy=self.spec.retry,
-                    scrub=self.pool.scrub,
-                )
-            except ApiCallError as exc:
-                logger.warning("poll of batch {} failed: {}; will poll again", chunk.batch_id, exc)
-                continue
-            self.store.upsert_batch(chunk, b)
-            logger.debug(
-                "batch {} (chunk {}): {} {}",
-                b.id,
-                chunk.chunk_id,
-                b.status,
-                b.request_counts.model_dump() if b.request_counts else "",
-            )
-            if b.status in ("completed", "failed", "expired", "cancelled"):
+            with logger.contextualize(chunk=chunk.chunk_id, batch=chunk.batch_id):
+                client = self.pool.client(chunk.model, chunk.key_id)
                 try:
-                    self.collect(chunk, b)
+                    b = call(
+                        client.batches.retrieve,
+                        chunk.batch_id,
+                        what=f"poll batch {chunk.batch_id}",
+                        policy=self.spec.retry,
+                        scrub=self.pool.scrub,
+                    )
                 except ApiCallError as exc:
-                    logger.warning("collecting batch {} failed: {}; will try again", b.id, exc)
+                    logger.warning("poll of batch {} failed: {}; will poll again", chunk.batch_id, exc)
+                    continue
+                self.store.upsert_batch(chunk, b)
+                logger.debug(
+                    "batch {} (chunk {}): {} {}",
+                    b.id,
+                    chunk.chunk_id,
+                    b.status,
+                    b.request_counts.model_dump() if b.request_counts else "",
+                )
+                if b.status in ("completed", "failed", "expired", "cancelled"):
+                    try:
+                        self.collect(chunk, b)
+                    except ApiCallError as exc:
+                        logger.warning("collecting batch {} failed: {}; will try again", b.id, exc)
 
+    @_on_chunk
     def collect(self, chunk: ChunkRow, b) -> None:
         if b.status == "failed":
             self._collect_failed(chunk, b)
@@ -494,8 +562,8 @@ class BatchEngine:
                 # Exhausted model/key is not the row's fault: it does not use up a retry.
                 outcomes.append((o, cost, o.error_class not in EXHAUSTING))
         if exhausted:
-            self.pool.exhaust(
-                chunk.model, chunk.key_id, "requests refused with insufficient quota / no access"
+            self.exhaust(
+                chunk, chunk.key_id, "requests refused with insufficient quota / no access", b.id
             )
         applied = self.store.record_outcomes(
             chunk.chunk_id, b.id, outcomes, max_retries=self.spec.retry.max_retries
@@ -525,6 +593,7 @@ class BatchEngine:
         os.replace(tmp, path)
         return path
 
+    @_on_chunk
     def _collect_failed(self, chunk: ChunkRow, b) -> None:
         errors = list(b.errors.data) if b.errors and b.errors.data else []
         classes = {classify_batch_error(e.code) for e in errors}
@@ -552,7 +621,7 @@ class BatchEngine:
             return
         exhausting = classes & EXHAUSTING
         if exhausting:
-            self.pool.exhaust(chunk.model, chunk.key_id, text)
+            self.exhaust(chunk, chunk.key_id, text, b.id)
         self.store.requeue_chunk_rows(
             chunk.chunk_id,
             f"batch {b.id} failed: {text}",
@@ -563,6 +632,7 @@ class BatchEngine:
         logger.warning("batch {} failed: {}", b.id, text)
 
     # ------------------------------------------------------------------ cancel
+    @_in_run
     def cancel_all(self) -> int:
         """Cancel every in-flight batch, wait for them to stop, and record their partial results."""
         chunks = self.store.chunks("submitted")

@@ -218,7 +218,13 @@ def test_dry_run_uploads_nothing_and_prints_estimate(emulator, tmp_path: Path):
     assert res.exit_code == 0, res.output
     assert "estimate:" in res.output and "nothing uploaded" in res.output
     assert emulator.stats()["calls"] == {}
-    assert list((tmp_path / "run" / "inputs").glob("*.jsonl"))
+    assert list((tmp_path / "run" / "dry-run").glob("*.jsonl"))
+    assert not (tmp_path / "run" / "state.db").exists()  # a dry run leaves no run behind
+    # Its estimate is the one a real run prints before its first upload.
+    dry = next(line for line in res.output.splitlines() if line.startswith("estimate:"))
+    real = invoke(*run_args(emulator, src, tmp_path / "run"))
+    assert real.exit_code == 0
+    assert dry in real.output
 
 
 def test_status_cost_cancel_commands(emulator_factory, tmp_path: Path):
