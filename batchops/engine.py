@@ -355,6 +355,7 @@ class BatchEngine:
             # The file belongs to another key's account: upload it again under this key.
             self._delete_file(chunk.model, chunk.key_id, chunk.file_id)
             self.store.set_chunk(chunk.chunk_id, state="built", file_id=None)
+            logger.debug("chunk {}: built → uploading (key {})", chunk.chunk_id, key.label)
             chunk = self.store.chunk(chunk.chunk_id)
         if chunk.state == "built":
             self.store.set_chunk(
@@ -380,6 +381,7 @@ class BatchEngine:
             self.store.set_chunk(
                 chunk.chunk_id, state="uploaded", file_id=f.id, event=f"uploaded as {f.id}"
             )
+        logger.debug("chunk {}: uploaded → submitting (key {})", chunk.chunk_id, key.label)
             logger.debug("chunk {} uploaded as {}", chunk.chunk_id, f.id)
             chunk = self.store.chunk(chunk.chunk_id)
         self.store.set_chunk(chunk.chunk_id, state="submitting", key_id=key.key_id)
@@ -517,7 +519,9 @@ class BatchEngine:
                         scrub=self.pool.scrub,
                     )
                 except ApiCallError as exc:
-                    logger.warning("poll of batch {} failed: {}; will poll again", chunk.batch_id, exc)
+                    logger.warning(
+                        "poll of batch {} failed: {}; will poll again", chunk.batch_id, exc
+                    )
                     continue
                 self.store.upsert_batch(chunk, b)
                 logger.debug(
@@ -574,6 +578,16 @@ class BatchEngine:
             b.status,
             applied.succeeded,
             applied.requeued,
+        batch_cost = sum(c for _, c, _ in outcomes if c is not None)
+        unpriced = sum(1 for o, c, _ in outcomes if c is None and o.usage is not None)
+        logger.info(
+            "cost: batch {} (model {}) ${:.6f}{}; run total ${:.6f}",
+            b.id,
+            chunk.model,
+            batch_cost,
+            f" + {unpriced} request(s) without a known price" if unpriced else "",
+            self.store.spent(),
+        )
             applied.failed,
         )
 

@@ -1,7 +1,8 @@
 """Log sinks for the command line. The library only logs; the CLI decides where logs go.
 
 A DEBUG file per invocation (`<log-dir>/batch_execution_YYYYMMDD_HHMMSS.log`) and INFO (or the
-level -v/-q pick) on stderr. Every record passes a filter that masks API keys, so a key that
+level -v/-q pick) on stderr, through the rich Console of the progress display when there is one.
+The file shows the run, chunk and batch ids the engine attaches to each record. Every record passes a filter that masks API keys, so a key that
 reached a message by accident still never lands in a log.
 """
 
@@ -11,16 +12,43 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
+from rich.console import Console
+from rich.text import Text
 
 from batchops.classify import mask_key
+
+if TYPE_CHECKING:
+    from loguru import Message, Record
 
 # Anything shaped like an OpenAI-style secret key.
 _KEY_RE = re.compile(r"sk-[A-Za-z0-9_\-]{8,}")
 _CONSOLE_FORMAT = "<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}"
-_FILE_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {name}:{function}:{line} | {message}"
+_FILE_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {name}:{function}:{line} | {extra[_ids]}{message}"
+# Ids the engine attaches with logger.contextualize/bind; shown in the file as [run=… chunk=… batch=…].
+ID_FIELDS = ("run", "chunk", "batch")
+
+
+def _file_format(record: Record) -> str:
+    extra = record["extra"]
+    ids = " ".join(f"{k}={extra[k]}" for k in ID_FIELDS if extra.get(k) is not None)
+    extra["_ids"] = f"[{ids}] " if ids else ""
+    return _FILE_FORMAT + "\n{exception}"
+
+
+def rich_sink(console: Console) -> Callable[[Message], None]:
+    """A loguru sink that prints through a rich Console, so log lines appear above a live
+    progress display instead of tearing it. Colours are loguru's, rendered (or dropped, under
+    NO_COLOR or without a terminal) by rich."""
+
+    def write(message: Message) -> None:
+        console.print(Text.from_ansi(str(message).rstrip("\n")), soft_wrap=True, highlight=False)
+
+    return write
 
 
 def _secret_values() -> list[str]:
@@ -36,28 +64,61 @@ def mask_secrets(text: str, secrets: list[str] | None = None) -> str:
     return _KEY_RE.sub(lambda m: mask_key(m.group(0)), text)
 
 
-def configure(log_dir: Path | None = Path("logs"), verbosity: int = 0, *, sink=None) -> Path | None:
-    """Install the sinks; returns the log file's path (None when log_dir is None)."""
+def configure(
+    log_dir: Path | None = Path("logs"),
+    verbosity: int = 0,
+    *,
+    sink: Any = None,
+    console: Console | None = None,
+) -> Path | None:
+    """Install the sinks; returns the log file's path (None when log_dir is None).
+
+    The console sink prints through `console` (a rich Console shared with the progress display)
+    when given, else to `sink` or stderr.
+    """
     logger.remove()
     logger.enable("batchops")
     secrets = _secret_values()
 
-    def scrub(record) -> bool:
+    def scrub(record: Record) -> bool:
         record["message"] = mask_secrets(record["message"], secrets)
         return True
 
     level = {-2: "ERROR", -1: "WARNING", 0: "INFO", 1: "DEBUG"}.get(
         max(-2, min(1, verbosity)), "INFO"
     )
-    colorize = None if not os.environ.get("NO_COLOR") else False
-    logger.add(
-        sink or sys.stderr, level=level, format=_CONSOLE_FORMAT, filter=scrub, colorize=colorize
-    )
+    if console is not None:
+        # rich decides about colour (NO_COLOR, terminal or not); loguru always emits ANSI to it.
+        logger.add(
+            rich_sink(console),
+            level=level,
+            format=_CONSOLE_FORMAT,
+            filter=scrub,
+            colorize=True,
+            diagnose=False,
+        )
+    else:
+        colorize = None if not os.environ.get("NO_COLOR") else False
+        logger.add(
+            sink or sys.stderr,
+            level=level,
+            format=_CONSOLE_FORMAT,
+            filter=scrub,
+            colorize=colorize,
+            diagnose=False,
+        )
     if log_dir is None:
         return None
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"batch_execution_{time.strftime('%Y%m%d_%H%M%S')}.log"
+    # diagnose=False: tracebacks must not show local variables (a client holds its API key).
     logger.add(
-        path, level="DEBUG", format=_FILE_FORMAT, filter=scrub, encoding="utf-8", enqueue=False
+        path,
+        level="DEBUG",
+        format=_file_format,
+        filter=scrub,
+        encoding="utf-8",
+        enqueue=False,
+        diagnose=False,
     )
     return path

@@ -629,6 +629,59 @@ class Store:
             statuses,
         ).fetchall()
 
+    def events_of(self, *kinds: str, limit: int = 50) -> list[sqlite3.Row]:
+        """The newest events of these kinds (e.g. "switch": model/key exhaustion)."""
+        marks = ",".join("?" * len(kinds))
+        return self.conn.execute(
+            f"SELECT * FROM events WHERE kind IN ({marks}) ORDER BY id DESC LIMIT ?",
+            (*kinds, limit),
+        ).fetchall()
+
+    def retry_summary(self) -> dict[str, Any]:
+        """Rows that needed more than one try: how many, extra attempts, by last error class."""
+        n, extra = self.conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(attempts), 0) FROM rows WHERE attempts > 0"
+        ).fetchone()
+        by_class = {
+            (c or "unknown"): k
+            for c, k in self.conn.execute(
+                "SELECT error_class, COUNT(*) FROM rows WHERE attempts > 0 GROUP BY error_class"
+            )
+        }
+        return {"rows": n, "attempts": extra, "by_class": by_class}
+
+    def error_classes(self, examples: int = 3) -> list[dict[str, Any]]:
+        """Rows without an answer that carry an error, by class, with a few example rows each."""
+        out = []
+        for cls, n in self.conn.execute(
+            "SELECT COALESCE(error_class, 'unknown'), COUNT(*) FROM rows"
+            " WHERE status != 'succeeded' AND error IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1"
+        ).fetchall():
+            rows = self.conn.execute(
+                "SELECT row_idx, row_id, status, attempts, error FROM rows"
+                " WHERE status != 'succeeded' AND error IS NOT NULL"
+                " AND COALESCE(error_class, 'unknown') = ? ORDER BY row_idx LIMIT ?",
+                (cls, examples),
+            ).fetchall()
+            out.append({"error_class": cls, "rows": n, "examples": [dict(r) for r in rows]})
+        return out
+
+    def failed_attempts_by_class(self) -> dict[str, int]:
+        """Every failed request ever executed, by class (includes ones a retry later fixed)."""
+        return {
+            (c or "unknown"): n
+            for c, n in self.conn.execute(
+                "SELECT error_class, COUNT(*) FROM attempts WHERE ok = 0 GROUP BY error_class"
+            )
+        }
+
+    def sample_answers(self, n: int = 20) -> list[sqlite3.Row]:
+        return self.conn.execute(
+            "SELECT row_idx, row_id, model, response, prompt_tokens, completion_tokens, cost_usd"
+            " FROM rows WHERE status = 'succeeded' ORDER BY row_idx LIMIT ?",
+            (n,),
+        ).fetchall()
+
 
 def _chunk(r: sqlite3.Row) -> ChunkRow:
     return ChunkRow(
