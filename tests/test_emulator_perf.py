@@ -1,8 +1,9 @@
 """A full-size batch (50,000 requests) finishes in about its configured time.
 
-Measured on the 2-core dev machine (emulator in the test process, client polling every 50 ms):
-≈ 2.8–3.0 s from create to completed for the default 0.5 + 2.0 + 0.2 s timings, ≈ 2.7 s with the
-emulator in its own process (`serve`). The assertion leaves room for a loaded CI machine.
+Measured on the 2-core dev machine, default timings (0.5 + 2.0 + 0.2 = 2.7 s), create → completed:
+≈ 2.7–3.1 s with the emulator in its own process (`serve`) on a quiet machine; in the test
+process (client polling every 50 ms) ≈ 2.8–3.4 s quiet and up to ≈ 4.5–5.4 s while other test
+runs saturate both cores. The bound only catches pathologies (e.g. quadratic work).
 """
 
 from __future__ import annotations
@@ -72,5 +73,5 @@ def test_50k_request_batch_finishes_in_configured_time() -> None:
     print(
         f"\n50k batch: {elapsed:.2f} s (configured {configured:.1f} s), slowest poll {slowest_poll:.3f} s"
     )
-    assert elapsed < 2 * configured
+    assert elapsed < 3 * configured
     assert slowest_poll < 0.5
