@@ -220,8 +220,16 @@ class Emulator:
                 "live": len(self.files),
             },
             "models": {m: {"executed": v[0], "succeeded": v[1]} for m, v in c.models.items()},
-            "keys": {E.mask_key(k): {"executed": n} for k, n in c.keys.items()},
+            "keys": self._masked_key_stats(),
         }
+
+    def _masked_key_stats(self) -> dict[str, dict[str, int]]:
+        """Executions per key, keys masked (two keys with the same mask are added up)."""
+        out: dict[str, dict[str, int]] = {}
+        for key, n in self.counters.keys.items():
+            entry = out.setdefault(E.mask_key(key), {"executed": 0})
+            entry["executed"] += n
+        return out
 
     # ------------------------------------------------------------------ auth and quotas
     def authenticate(self, key: str | None) -> str:
