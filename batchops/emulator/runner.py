@@ -103,7 +103,7 @@ def _advance(emu: Emulator, b: Batch, deadline: float) -> bool:
         _finish_validation(emu, b, wall, mono)
         return b.status == "in_progress"
 
-    n = len(b.requests)
+    n = b.total
     running_end = validating_end + sc.scaled(sc.in_progress_seconds + sc.per_request_seconds * n)
     if b.status == "in_progress":
         if wall >= b.created_at + BATCH_WINDOW:
@@ -157,6 +157,7 @@ def _finish_validation(emu: Emulator, b: Batch, wall: int, mono: float) -> None:
         b.enter("failed", wall, mono)
         return
     b.requests = check.requests
+    b.total = len(b.requests)
     c = emu.counters
     if c.batches_started < emu.scenario.expire_first_n:
         b.expire_index = math.floor(len(b.requests) * emu.scenario.expire_done_fraction)
@@ -226,6 +227,7 @@ def _close(emu: Emulator, b: Batch, status: str, wall: int, mono: float) -> None
         b.check = None
     b.output_file_id = _write(emu, b, b.ok_lines, "output")
     b.error_file_id = _write(emu, b, b.err_lines, "error")
+    b.requests = []  # parsed bodies are not needed any more (50k of them weigh ~100 MB)
     b.enter(status, wall, mono)
 
 

@@ -107,7 +107,8 @@ class Batch:
     usage_out: int = 0
     # Runner internals
     check: Future[InputCheck] | None = None
-    requests: list[BatchRequest] = field(default_factory=list)
+    requests: list[BatchRequest] = field(default_factory=list)  # freed when the batch ends
+    total: int = 0
     next_index: int = 0
     ok_lines: list[bytes] = field(default_factory=list)
     err_lines: list[bytes] = field(default_factory=list)
@@ -146,7 +147,7 @@ class Batch:
             "cancelling_at": st.get("cancelling_at"),
             "cancelled_at": st.get("cancelled_at"),
             "request_counts": {
-                "total": len(self.requests),
+                "total": self.total,
                 "completed": len(self.ok_lines),
                 "failed": len(self.err_lines),
             },
