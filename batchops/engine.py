@@ -355,9 +355,9 @@ class BatchEngine:
             # The file belongs to another key's account: upload it again under this key.
             self._delete_file(chunk.model, chunk.key_id, chunk.file_id)
             self.store.set_chunk(chunk.chunk_id, state="built", file_id=None)
-            logger.debug("chunk {}: built → uploading (key {})", chunk.chunk_id, key.label)
             chunk = self.store.chunk(chunk.chunk_id)
         if chunk.state == "built":
+            logger.debug("chunk {}: built → uploading (key {})", chunk.chunk_id, key.label)
             self.store.set_chunk(
                 chunk.chunk_id,
                 state="uploading",
@@ -381,9 +381,9 @@ class BatchEngine:
             self.store.set_chunk(
                 chunk.chunk_id, state="uploaded", file_id=f.id, event=f"uploaded as {f.id}"
             )
-        logger.debug("chunk {}: uploaded → submitting (key {})", chunk.chunk_id, key.label)
             logger.debug("chunk {} uploaded as {}", chunk.chunk_id, f.id)
             chunk = self.store.chunk(chunk.chunk_id)
+        logger.debug("chunk {}: uploaded → submitting (key {})", chunk.chunk_id, key.label)
         self.store.set_chunk(chunk.chunk_id, state="submitting", key_id=key.key_id)
         try:
             b = call(
@@ -578,6 +578,8 @@ class BatchEngine:
             b.status,
             applied.succeeded,
             applied.requeued,
+            applied.failed,
+        )
         batch_cost = sum(c for _, c, _ in outcomes if c is not None)
         unpriced = sum(1 for o, c, _ in outcomes if c is None and o.usage is not None)
         logger.info(
@@ -587,8 +589,6 @@ class BatchEngine:
             batch_cost,
             f" + {unpriced} request(s) without a known price" if unpriced else "",
             self.store.spent(),
-        )
-            applied.failed,
         )
 
     def _download(self, chunk: ChunkRow, batch_id: str, file_id: str, folder: Path) -> Path:
