@@ -112,7 +112,7 @@ def test_chat_batch_round_trip(openai_client: openai.OpenAI) -> None:
 
 
 def test_request_counts_grow_while_in_progress(emulator_factory: Any) -> None:
-    emu = emulator_factory(in_progress_seconds=0.6)
+    emu = emulator_factory(in_progress_seconds=0.4)
     client = openai.OpenAI(base_url=emu.base_url, api_key=DEFAULT_KEY, max_retries=0)
     f = client.files.create(
         file=("in.jsonl", jsonl(chat_line(f"r{i}", "hi") for i in range(50))), purpose="batch"
