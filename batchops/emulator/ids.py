@@ -8,7 +8,7 @@ import string
 
 _B62 = string.digits + string.ascii_letters
 _ID_BASE = secrets.token_hex(6)  # random per process, so ids never repeat across restarts
-_id_seq = itertools.count()
+_id_seq = itertools.count(secrets.randbelow(1 << 44))  # random start: ids look less artificial
 
 
 def new_id(prefix: str, n: int = 22) -> str:
