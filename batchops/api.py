@@ -7,8 +7,10 @@ out = batchops.run(df, prompt="Classify: {text}", model="gpt-4o-mini", run_dir="
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +19,9 @@ from typing import Any
 import pandas as pd
 from loguru import logger
 
-from batchops import chunking, pricing, source
+from batchops import chunking, pricing, source, validate
 from batchops import merge as merging
+from batchops import report as reporting
 from batchops.engine import DEFAULT_COMPLETION_ESTIMATE, BatchEngine, Progress
 from batchops.errors import InputError, RunIncomplete
 from batchops.providers import Pool, load_keys
@@ -50,6 +53,7 @@ class RunReport:
     estimate: Estimate | None = None
     resumed: bool = False
     max_cost: float | None = None
+    checks: list[validate.FileCheck] | None = None  # dry run: the chunk files' validation
 
     @property
     def complete(self) -> bool:
@@ -260,6 +264,12 @@ def dry_run_job(
         for c in rows
     ]
     est = _estimate_of(model, est_rows, per_row, spec.max_tokens)
+    checks = validate.check_files([c.path for c in rows], spec.endpoint)
+    bad = validate.problems(checks)
+    if bad:
+        more = f" (and {len(bad) - 1} more problem(s))" if len(bad) > 1 else ""
+        raise InputError(f"chunk file check failed: {bad[0]}{more}")
+    logger.info(validate.summary(checks))
     if on_estimate:
         on_estimate(est)
     counts = {
@@ -269,7 +279,9 @@ def dry_run_job(
         "failed": 0,
         "skipped": sum(len(c.skipped) for c in chunks),
     }
-    return RunReport(run_dir, counts, 0.0, "dry run", None, est, False, spec.max_cost)
+    return RunReport(
+        run_dir, counts, 0.0, "dry run", None, est, False, spec.max_cost, checks=checks
+    )
 
 
 def _estimate_of(
@@ -419,40 +431,150 @@ def status(run_dir: Path) -> dict[str, Any]:
     """Everything `batchops status` shows, as plain data (also `status --json`)."""
     run = open_existing(Path(run_dir))
     try:
-        st = run.store
-        counts = st.counts()
-        batches = [dict(b) for b in st.batches()]
-        remote: dict[str, int] = {}
-        for b in batches:
-            remote[b["status"]] = remote.get(b["status"], 0) + 1
-        chunk_states: dict[str, int] = {}
-        for c in st.chunks():
-            chunk_states[c.state] = chunk_states.get(c.state, 0) + 1
-        missing_n = counts["pending"] + counts["queued"] + counts["failed"] + counts["skipped"]
-        in_flight = sum(
-            1 for b in batches if b["collected_at"] is None and b["status"] not in ("failed",)
-        )
-        if missing_n == 0 and counts["succeeded"]:
-            hint = f"all rows answered: merged table at {run.final_output}"
-        elif in_flight:
-            hint = f"{in_flight} batch(es) still running: `batchops run` (same options) or `batchops watch` follows them"
-        else:
-            hint = f"{missing_n} row(s) missing: `batchops retry-missing --run-dir {run.path}`"
-        return {
-            "run_id": run.run_id,
-            "run_dir": str(run.path),
-            "source": run.spec.source,
-            "models": run.spec.model_names,
-            "mode": run.spec.mode,
-            "rows": counts,
-            "chunks": chunk_states,
-            "batches_by_status": remote,
-            "batches": batches,
-            "spent_usd": st.spent(),
-            "cost_by_model": [dict(r) for r in st.cost_by_model()],
-            "events": [dict(e) for e in st.events(20)],
-            "next": hint,
+        return status_of(run)
+    finally:
+        run.close()
+
+
+def status_of(run: RunDir) -> dict[str, Any]:
+    st = run.store
+    now = time.time()
+    counts = st.counts()
+    chunk_states: dict[str, int] = {}
+    submitted: set[str] = set()
+    for c in st.chunks():
+        chunk_states[c.state] = chunk_states.get(c.state, 0) + 1
+        if c.state == "submitted" and c.batch_id:
+            submitted.add(c.batch_id)
+    batches = []
+    remote: dict[str, int] = {}
+    ages: dict[str, dict[str, Any]] = {}
+    for row in st.batches():
+        b = dict(row)
+        b["in_flight"] = b["batch_id"] in submitted
+        b["age_s"] = max(0.0, now - b["created_at"])
+        b["duration_s"] = max(0.0, (b["ended_at"] or now) - b["created_at"])
+        batches.append(b)
+        remote[b["status"]] = remote.get(b["status"], 0) + 1
+        a = ages.setdefault(b["status"], {"count": 0, "oldest_s": 0.0, "newest_s": None})
+        a["count"] += 1
+        a["oldest_s"] = max(a["oldest_s"], b["age_s"])
+        a["newest_s"] = b["age_s"] if a["newest_s"] is None else min(a["newest_s"], b["age_s"])
+    pool_state = json.loads(st.get_meta("pool_state") or "{}")
+    switches = [
+        {
+            "ts": e["ts"],
+            "when": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts"])),
+            "chunk_id": e["chunk_id"],
+            "batch_id": e["batch_id"],
+            "message": e["message"],
         }
+        for e in st.events_of("switch", limit=20)
+    ]
+    retries = st.retry_summary()
+    retries["failed_attempts_by_class"] = st.failed_attempts_by_class()
+    return {
+        "run_id": run.run_id,
+        "run_dir": str(run.path),
+        "source": run.spec.source,
+        "models": run.spec.model_names,
+        "mode": run.spec.mode,
+        "rows": counts,
+        "chunks": chunk_states,
+        "in_flight": len(submitted),
+        "batches_by_status": remote,
+        "batch_ages": ages,
+        "batches": batches,
+        "pool": pool_state.get("pairs", []),
+        "pool_updated_at": pool_state.get("ts"),
+        "switches": switches,
+        "retries": retries,
+        "spent_usd": st.spent(),
+        "cost_by_model": [dict(r) for r in st.cost_by_model()],
+        "events": [dict(e) for e in st.events(20)],
+        "next": _next_step(run, counts, len(submitted)),
+    }
+
+
+def _next_step(run: RunDir, counts: dict[str, int], in_flight: int) -> str:
+    """One line telling the operator what to do next."""
+    d = run.path
+    missing_n = counts["pending"] + counts["queued"] + counts["failed"] + counts["skipped"]
+    if in_flight:
+        return (
+            f"{in_flight} batch(es) still running: `batchops watch --run-dir {d}` follows them "
+            "(or run the same `batchops run` again)"
+        )
+    if missing_n == 0 and counts["succeeded"]:
+        if run.final_output.exists():
+            return f"all rows answered: merged table at {run.final_output}"
+        return f"all rows answered: `batchops merge --run-dir {d}` writes the table"
+    if missing_n == 0:
+        return f"nothing sent yet: `batchops watch --retry --run-dir {d}` sends the rows"
+    parts = [f"{counts[k]} {k}" for k in ("failed", "skipped", "pending", "queued") if counts[k]]
+    hint = (
+        f"{missing_n} row(s) missing ({', '.join(parts)}): `batchops retry-missing --run-dir {d}`"
+    )
+    if counts["skipped"]:
+        hint += f"; fix the input of skipped rows first (`batchops missing --run-dir {d}`)"
+    return hint
+
+
+def watch(
+    run_dir: Path,
+    *,
+    retry: bool = False,
+    poll_interval: float | None = None,
+    api_key_file: Path | None = None,
+    base_url: str | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> RunReport:
+    """`batchops watch`: poll the run's remote batches, collecting each as it ends, until none
+    is in flight. With `retry`, also re-queue what failed and submit it (the whole engine loop)."""
+    run = open_existing(Path(run_dir))
+    try:
+        if poll_interval is not None:  # for this invocation only; the saved job is unchanged
+            run.spec = run.spec.model_copy(update={"poll_interval": poll_interval})
+        pool = make_pool(run.spec, api_key_file=api_key_file, base_url=base_url)
+        engine = BatchEngine(run, pool, on_progress=on_progress, sleep=sleep)
+        if retry:
+            result = engine.execute()
+            stopped = result.stopped_because
+        else:
+            engine.reconcile()  # creates nothing: re-attaches what a crash left half-done
+            while True:
+                engine.poll()
+                engine.report_progress()
+                if not run.store.chunks("submitted"):
+                    break
+                engine.sleep(run.spec.poll_interval)
+            c = run.store.counts()
+            stopped = (
+                "rows left to send: `batchops watch --retry` sends them"
+                if c["pending"] or c["queued"]
+                else None
+            )
+        final = merge_run(run) if run.store.counts()["succeeded"] else None
+        return RunReport(
+            Path(run_dir),
+            run.store.counts(),
+            run.store.spent(),
+            stopped,
+            final,
+            None,
+            True,
+            run.spec.max_cost,
+        )
+    finally:
+        run.close()
+
+
+def report(run_dir: Path, out: Path | None = None) -> tuple[Path, Path]:
+    """`batchops report`: one self-contained HTML page and the same data as report.json."""
+    run = open_existing(Path(run_dir))
+    try:
+        return reporting.write(run, out)
     finally:
         run.close()
 

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import click
-from loguru import logger
+from rich.console import Console
 
-from batchops import __version__, api
+from batchops import __version__, api, validate
 from batchops import logs as logsetup
 from batchops.errors import BatchopsError, InputError
+from batchops.progress import ProgressDisplay, fmt_usd, make_console, status_view
 from batchops.spec import load_toml
 
 EXAMPLE_RUN = """\b
@@ -27,6 +28,29 @@ Example:
   batchops run --csv products.csv --id-column sku \\
       --prompt "Describe {name} in one line." --model gpt-4o-mini --model gpt-4.1-mini
 """
+
+
+def _examples(*lines: str) -> str:
+    """An epilog click prints as written (\\b keeps its line breaks)."""
+    return (
+        "\b\nExample"
+        + ("s" if len(lines) > 1 else "")
+        + ":\n"
+        + "\n".join(f"  {ln}" for ln in lines)
+    )
+
+
+def _start_logging(log_dir: Path, verbosity: int) -> Console:
+    """Log lines and the progress display share one rich Console (stderr), so log lines print
+    above the live bar instead of tearing it."""
+    console = make_console()
+    logsetup.configure(log_dir, verbosity, console=console)
+    return console
+
+
+def _display(console: Console, verbosity: int) -> ProgressDisplay:
+    # -q: no live display; the plain progress lines are INFO logs, which -q hides as well.
+    return ProgressDisplay(console, live=False if verbosity < 0 else None)
 
 
 def _fail(message: str, code: int) -> None:
@@ -224,7 +248,7 @@ def run(
     **options: Any,
 ) -> None:
     """Run a table through the model(s): build, submit, poll, collect, retry, merge."""
-    logsetup.configure(log_dir, verbose - quiet)
+    console = _start_logging(log_dir, verbose - quiet)
     source_path = csv_path or input_path
     if source_path is None:
         raise InputError("give the source table with --csv PATH")
@@ -245,19 +269,21 @@ def run(
         config=config,
         **options,
     )
-    report = api.run_job(
-        spec,
-        run_dir,
-        cleanup=cleanup,
-        keep_latest=keep_latest,
-        dry_run=dry_run,
-        wait=not no_wait,
-        api_key_file=api_key_file,
-        base_url=base_url,
-        on_estimate=_print_estimate,
-        on_progress=_print_progress,
-    )
+    with _display(console, verbose - quiet) as display:
+        report = api.run_job(
+            spec,
+            run_dir,
+            cleanup=cleanup,
+            keep_latest=keep_latest,
+            dry_run=dry_run,
+            wait=not no_wait,
+            api_key_file=api_key_file,
+            base_url=base_url,
+            on_estimate=_print_estimate,
+            on_progress=display,
+        )
     if dry_run:
+        _print_dry_run(report)
         click.echo(f"dry run: chunk files in {report.run_dir / 'dry-run'}; nothing uploaded")
         return
     click.echo(report.summary())
@@ -279,59 +305,54 @@ def _config(path: Path | None) -> dict[str, Any]:
 
 
 def _print_estimate(est: api.Estimate) -> None:
-    cost = f"${est.cost_usd:.6f}" if est.cost_usd is not None else "unknown (no price for a model)"
+    # fmt_usd: the same figure `batchops cost` prints as "estimate:"
+    cost = fmt_usd(est.cost_usd) if est.cost_usd is not None else "unknown (no price for a model)"
     click.echo(
         f"estimate: {est.rows} rows in {est.chunks} chunk(s), ~{est.prompt_tokens} prompt tokens, "
         f"≤{est.completion_tokens} completion tokens ({est.completion_assumption}); cost ≈ {cost} at batch prices"
     )
 
 
-def _print_progress(p: Any) -> None:
-    c = p.counts
-    logger.info(
-        "rows: {} succeeded, {} failed, {} skipped, {} queued, {} pending | batches in flight: {} {} | "
-        "spent ${:.6f}",
-        c["succeeded"],
-        c["failed"],
-        c["skipped"],
-        c["queued"],
-        c["pending"],
-        p.in_flight,
-        p.remote,
-        p.spent,
+def _print_dry_run(report: api.RunReport) -> None:
+    if report.checks is not None:
+        click.echo(validate.summary(report.checks))
+    est = report.estimate
+    if est is None:
+        return
+    click.echo(
+        f"tokens: ~{est.prompt_tokens:,} prompt + ≤{est.completion_tokens:,} completion "
+        f"= ≤{est.prompt_tokens + est.completion_tokens:,} in total"
     )
+    for model, m in est.by_model.items():
+        click.echo(
+            f"  {model}: {m['rows']:,} rows in {m['chunks']} file(s), ~{m['prompt_tokens']:,} "
+            f"prompt + ≤{m['completion_tokens']:,} completion tokens, {fmt_usd(m['cost_usd'])}"
+        )
 
 
-@cli.command()
+@cli.command(
+    epilog=_examples("batchops status --run-dir runs/products", "batchops status --json | jq .rows")
+)
 @run_dir_option
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the same data as JSON.")
 @handle_errors
 def status(run_dir: Path | None, as_json: bool) -> None:
-    """Rows by status, batches by remote status, spend so far, and what to do next."""
+    """Rows by status, batches by remote status and age, models and keys in use or exhausted,
+    retries, spend so far, and what to do next."""
     st = api.status(resolve_run_dir(run_dir))
     if as_json:
         click.echo(json.dumps(st, indent=2, default=str))
         return
-    r = st["rows"]
-    click.echo(
-        f"run {st['run_id']} ({st['run_dir']}), source {st['source']}, models {', '.join(st['models'])}"
-    )
-    click.echo("rows:    " + ", ".join(f"{k} {v}" for k, v in r.items()))
-    click.echo(
-        "batches: "
-        + (", ".join(f"{k} {v}" for k, v in sorted(st["batches_by_status"].items())) or "none")
-    )
-    click.echo(f"spent:   ${st['spent_usd']:.6f}")
-    for m in st["cost_by_model"]:
-        cost = f"${m['cost_usd']:.6f}" if m["cost_usd"] is not None else "unknown"
-        click.echo(
-            f"  {m['model']} ({m['mode']}): {m['calls']} calls, {m['prompt_tokens']} prompt / "
-            f"{m['cached_tokens']} cached / {m['completion_tokens']} completion tokens, {cost}"
-        )
-    click.echo(f"next:    {st['next']}")
+    _result_console().print(status_view(st))
 
 
-@cli.command()
+def _result_console() -> Console:
+    """stdout, for a command's result; wide enough for tables when it is not a terminal."""
+    probe = Console(highlight=False)
+    return Console(highlight=False, width=None if probe.is_terminal else 120)
+
+
+@cli.command(epilog=_examples("batchops missing --run-dir runs/products"))
 @run_dir_option
 @handle_errors
 def missing(run_dir: Path | None) -> None:
@@ -345,7 +366,13 @@ def missing(run_dir: Path | None) -> None:
     click.echo(f"written to {path}")
 
 
-@cli.command("retry-missing")
+@cli.command(
+    "retry-missing",
+    epilog=_examples(
+        "batchops retry-missing --run-dir runs/products",
+        "batchops retry-missing --run-dir runs/products --model gpt-4.1-mini",
+    ),
+)
 @run_dir_option
 @click.option(
     "--model", "models", multiple=True, help="Model pool for the retry [default: the run's]."
@@ -365,22 +392,28 @@ def retry_missing(
     quiet: int,
 ) -> None:
     """Send every failed, skipped or missing row again, then merge."""
-    logsetup.configure(log_dir, verbose - quiet)
-    report = api.retry_missing(
-        resolve_run_dir(run_dir),
-        models=list(models) or None,
-        poll_interval=poll_interval,
-        api_key_file=api_key_file,
-        base_url=base_url,
-        on_progress=_print_progress,
-    )
+    console = _start_logging(log_dir, verbose - quiet)
+    with _display(console, verbose - quiet) as display:
+        report = api.retry_missing(
+            resolve_run_dir(run_dir),
+            models=list(models) or None,
+            poll_interval=poll_interval,
+            api_key_file=api_key_file,
+            base_url=base_url,
+            on_progress=display,
+        )
     click.echo(report.summary())
     if report.final_output:
         click.echo(f"merged output: {report.final_output}")
     sys.exit(report.exit_code)
 
 
-@cli.command()
+@cli.command(
+    epilog=_examples(
+        "batchops merge --run-dir runs/products",
+        "batchops merge --run-dir runs/products -o answers.parquet",
+    )
+)
 @run_dir_option
 @click.option(
     "-o",
@@ -396,7 +429,7 @@ def merge(run_dir: Path | None, output: Path | None) -> None:
     click.echo(f"merged output: {path}")
 
 
-@cli.command()
+@cli.command(epilog=_examples("batchops cancel --run-dir runs/products"))
 @run_dir_option
 @key_options
 @common_logging
@@ -410,14 +443,14 @@ def cancel(
     quiet: int,
 ) -> None:
     """Cancel the run's in-flight batches and record their partial results."""
-    logsetup.configure(log_dir, verbose - quiet)
+    _start_logging(log_dir, verbose - quiet)
     n = api.cancel(resolve_run_dir(run_dir), api_key_file=api_key_file, base_url=base_url)
     click.echo(
         f"{n} batch(es) cancelled; partial results recorded. Resume with `batchops run` or retry-missing."
     )
 
 
-@cli.command()
+@cli.command(epilog=_examples("batchops cost --run-dir runs/products", "batchops cost --json"))
 @run_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @handle_errors
@@ -438,6 +471,74 @@ def cost(run_dir: Path | None, as_json: bool) -> None:
         e = f"${b['est_cost']:.6f}" if b["est_cost"] is not None else "unknown"
         click.echo(f"  {b['batch_id']} chunk {b['chunk_id']} {b['status']}: {c} (estimate {e})")
     click.echo(f"total: ${data['total_usd']:.6f}")
+    click.echo(f"estimate: {fmt_usd(data['estimate_usd'])}")
+
+
+@cli.command(
+    epilog=_examples(
+        "batchops run --csv products.csv --prompt-file p.txt --model gpt-4o-mini --no-wait",
+        "batchops watch --run-dir runs/products",
+        "batchops watch --run-dir runs/products --retry   # also resubmit what failed",
+    )
+)
+@run_dir_option
+@click.option(
+    "--retry",
+    is_flag=True,
+    help="Also re-queue what failed or expired and submit it again, until every row is settled.",
+)
+@click.option("--poll-interval", type=float, default=None, help="Seconds between status polls.")
+@key_options
+@common_logging
+@handle_errors
+def watch(
+    run_dir: Path | None,
+    retry: bool,
+    poll_interval: float | None,
+    api_key_file: Path | None,
+    base_url: str | None,
+    log_dir: Path,
+    verbose: int,
+    quiet: int,
+) -> None:
+    """Follow the run's remote batches to the end, collecting results as each one finishes."""
+    console = _start_logging(log_dir, verbose - quiet)
+    with _display(console, verbose - quiet) as display:
+        report = api.watch(
+            resolve_run_dir(run_dir),
+            retry=retry,
+            poll_interval=poll_interval,
+            api_key_file=api_key_file,
+            base_url=base_url,
+            on_progress=display,
+        )
+    click.echo(report.summary())
+    if report.final_output:
+        click.echo(f"merged output: {report.final_output}")
+    sys.exit(report.exit_code)
+
+
+@cli.command(
+    epilog=_examples(
+        "batchops report --run-dir runs/products",
+        "batchops report --run-dir runs/products -o /tmp/products-report.html",
+    )
+)
+@run_dir_option
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="HTML file [default: <run-dir>/report.html]; report.json is written next to it.",
+)
+@handle_errors
+def report(run_dir: Path | None, output: Path | None) -> None:
+    """One self-contained HTML page about the run (counts, cost, timeline, errors, sample
+    answers) and the same data as report.json."""
+    html_path, json_path = api.report(resolve_run_dir(run_dir), output)
+    click.echo(f"report: {html_path}")
+    click.echo(f"data:   {json_path}")
 
 
 @cli.command()
@@ -465,7 +566,7 @@ def emulator(host: str, port: int, scenario: Path | None) -> None:
     serve(host=host, port=port, scenario=sc)
 
 
-@cli.command()
+@cli.command(epilog=_examples("batchops demo", "batchops demo -v   # debug lines on the console"))
 @click.option(
     "--data-dir", type=click.Path(path_type=Path), default=Path("data/sample"), show_default=True
 )
@@ -478,7 +579,7 @@ def demo(data_dir: Path, run_dir: Path, log_dir: Path, verbose: int, quiet: int)
     """Run the bundled sample (with images) end to end against the built-in emulator; no key, no network."""
     from batchops.emulator import EmulatorServer, Scenario
 
-    logsetup.configure(log_dir, verbose - quiet)
+    console = _start_logging(log_dir, verbose - quiet)
     csv_path = data_dir / "products.csv"
     if not csv_path.exists():
         raise InputError(
@@ -501,14 +602,15 @@ def demo(data_dir: Path, run_dir: Path, log_dir: Path, verbose: int, quiet: int)
             poll_interval=0.5,
             max_tokens=200,
         )
-        report = api.run_job(
-            spec,
-            run_dir,
-            cleanup=True,
-            base_url=emu.base_url,
-            on_estimate=_print_estimate,
-            on_progress=_print_progress,
-        )
+        with _display(console, verbose - quiet) as display:
+            report = api.run_job(
+                spec,
+                run_dir,
+                cleanup=True,
+                base_url=emu.base_url,
+                on_estimate=_print_estimate,
+                on_progress=display,
+            )
     click.echo(report.summary())
     click.echo(f"merged output: {report.final_output}")
     sys.exit(report.exit_code)

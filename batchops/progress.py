@@ -84,15 +84,18 @@ class ProgressDisplay:
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> ProgressDisplay:
-        if self.live_mode:
-            self._live = Live(
-                get_renderable=self.render,
-                console=self.console,
-                refresh_per_second=4,
-                transient=False,
-            )
-            self._live.start()
+        # The live display starts with the first snapshot: what is printed before (the estimate,
+        # a dry run's summary) goes out as plain text, and a dry run never shows a bar at all.
         return self
+
+    def _start_live(self) -> None:
+        self._live = Live(
+            get_renderable=self.render,
+            console=self.console,
+            refresh_per_second=4,
+            transient=False,
+        )
+        self._live.start()
 
     def __exit__(
         self,
@@ -114,6 +117,8 @@ class ProgressDisplay:
         key = (tuple(sorted(p.counts.items())), tuple(sorted(p.remote.items())), round(p.spent, 9))
         changed = key != self._last_key
         self._last_key = key
+        if self.live_mode and self._live is None:
+            self._start_live()
         if self._live is not None:
             self._live.refresh()
             if changed:  # the file log keeps the history the live display overwrites
@@ -210,6 +215,9 @@ def status_view(st: dict[str, Any]) -> RenderableType:
         )
     ]
 
+    parts.append(
+        Text.assemble(("rows: ", "bold"), ", ".join(f"{k} {v}" for k, v in st["rows"].items()))
+    )
     rows = Table(title="rows", title_justify="left", show_edge=False)
     rows.add_column("status")
     rows.add_column("rows", justify="right")
