@@ -69,6 +69,8 @@ __all__ = [
 # OpenAI: "50% cost discount compared to synchronous APIs" (batch-api-facts.md §6). Used when the
 # price library has no batch price for a model on the requested date.
 BATCH_FALLBACK_DISCOUNT = 0.5
+# Completion tokens assumed per row for estimates when --max-tokens is not given.
+DEFAULT_COMPLETION_ESTIMATE = 256
 
 OVERRIDE_SOURCE = "batchops.toml override"
 _BATCH_CONTEXT = {"processing": "batch"}  # genai-prices' price-variant context for Batch API prices
