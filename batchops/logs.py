@@ -40,15 +40,49 @@ def _file_format(record: Record) -> str:
     return _FILE_FORMAT + "\n{exception}"
 
 
-def rich_sink(console: Console) -> Callable[[Message], None]:
+def rich_sink(console: Console, secrets: list[str] | None = None) -> Callable[[Message], None]:
     """A loguru sink that prints through a rich Console, so log lines appear above a live
     progress display instead of tearing it. Colours are loguru's, rendered (or dropped, under
-    NO_COLOR or without a terminal) by rich."""
+    NO_COLOR or without a terminal) by rich. The whole text is masked, traceback included."""
 
     def write(message: Message) -> None:
-        console.print(Text.from_ansi(str(message).rstrip("\n")), soft_wrap=True, highlight=False)
+        text = mask_secrets(str(message).rstrip("\n"), secrets)
+        console.print(Text.from_ansi(text), soft_wrap=True, highlight=False)
 
     return write
+
+
+class MaskedFile:
+    """The DEBUG log file, written through mask_secrets as a whole: a filter only reaches the
+    message, not an exception's text in the traceback."""
+
+    def __init__(self, path: Path, secrets: list[str] | None = None) -> None:
+        self.path = path
+        self._secrets = secrets
+        self._fh = path.open("a", encoding="utf-8")
+
+    def write(self, text: str) -> None:
+        self._fh.write(mask_secrets(text, self._secrets))
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def stop(self) -> None:  # loguru calls this on logger.remove()
+        self._fh.close()
+
+
+class _MaskedStream:
+    def __init__(self, stream: Any, secrets: list[str] | None) -> None:
+        self._stream, self._secrets = stream, secrets
+
+    def write(self, text: str) -> None:
+        self._stream.write(mask_secrets(text, self._secrets))
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return bool(getattr(self._stream, "isatty", lambda: False)())
 
 
 def _secret_values() -> list[str]:
@@ -90,7 +124,7 @@ def configure(
     if console is not None:
         # rich decides about colour (NO_COLOR, terminal or not); loguru always emits ANSI to it.
         logger.add(
-            rich_sink(console),
+            rich_sink(console, secrets),
             level=level,
             format=_CONSOLE_FORMAT,
             filter=scrub,
@@ -99,8 +133,9 @@ def configure(
         )
     else:
         colorize = None if not os.environ.get("NO_COLOR") else False
+        stream = sink or sys.stderr
         logger.add(
-            sink or sys.stderr,
+            _MaskedStream(stream, secrets) if hasattr(stream, "write") else stream,
             level=level,
             format=_CONSOLE_FORMAT,
             filter=scrub,
@@ -113,11 +148,11 @@ def configure(
     path = log_dir / f"batch_execution_{time.strftime('%Y%m%d_%H%M%S')}.log"
     # diagnose=False: tracebacks must not show local variables (a client holds its API key).
     logger.add(
-        path,
+        MaskedFile(path, secrets),
         level="DEBUG",
         format=_file_format,
         filter=scrub,
-        encoding="utf-8",
+        colorize=False,
         enqueue=False,
         diagnose=False,
     )

@@ -1,0 +1,94 @@
+"""validate.py finds what the Batch API would reject, with the API's error codes and lines;
+the emulator's own input validation is the reference it is checked against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchops import validate
+from batchops.emulator.testing import chat_line, jsonl
+from batchops.emulator.validation import validate_input
+
+EP = "/v1/chat/completions"
+
+
+def write(tmp_path: Path, lines: list, name: str = "chunk.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_bytes(jsonl(lines))
+    return path
+
+
+def codes(check: validate.FileCheck) -> list[tuple[int | None, str]]:
+    return [(p.line, p.code) for p in check.problems]
+
+
+def test_a_good_file_passes_and_is_counted(tmp_path: Path):
+    path = write(tmp_path, [chat_line(f"r{i}", f"text {i}") for i in range(5)])
+    check = validate.check_file(path, EP)
+    assert check.ok and check.requests == 5 and check.model == "gpt-4o-mini"
+    assert check.n_bytes == path.stat().st_size
+    assert "all valid" in validate.summary([check])
+
+
+BAD_LINES = [
+    ("not json at all", "invalid_json_line"),
+    ('["a", "list"]', "invalid_json_line"),
+    ({"custom_id": "x", "method": "POST", "url": EP}, "missing_required_parameter"),
+    ({"method": "POST", "url": EP, "body": {}}, "missing_required_parameter"),
+    ({**chat_line("x", "t"), "url": "/v1/embeddings"}, "invalid_url"),
+    ({**chat_line("x", "t"), "method": "GET"}, "invalid_request"),
+    ({**chat_line("x", "t"), "custom_id": 7}, "invalid_request"),
+    ({**chat_line("x", "t"), "body": "text"}, "invalid_request"),
+    (chat_line("x", "t", stream=True), "streaming_unsupported"),
+]
+
+
+@pytest.mark.parametrize(("line", "code"), BAD_LINES)
+def test_each_bad_line_gets_the_api_code_and_its_line_number(tmp_path: Path, line, code):
+    path = write(tmp_path, [chat_line("ok-1", "fine"), line, chat_line("ok-2", "fine")])
+    check = validate.check_file(path, EP)
+    assert codes(check) == [(2, code)]
+    # The emulator (which copies the API) rejects the same line for the same reason.
+    ref = validate_input(
+        path.read_bytes(), EP, known_models=None, max_requests=50_000, need_tokens=False
+    )
+    assert [(e["line"], e["code"]) for e in ref.errors] == [(2, code)]
+
+
+def test_duplicate_ids_and_mixed_models_like_the_api(tmp_path: Path):
+    lines = [
+        chat_line("a", "1"),
+        chat_line("b", "2"),
+        chat_line("a", "3"),  # duplicate custom_id
+        chat_line("c", "4", model="gpt-4.1-mini"),  # second model in one file
+    ]
+    path = write(tmp_path, lines)
+    check = validate.check_file(path, EP)
+    assert codes(check) == [(3, "duplicate_custom_id"), (4, "mismatched_model")]
+    ref = validate_input(
+        path.read_bytes(), EP, known_models=None, max_requests=50_000, need_tokens=False
+    )
+    assert [(e["line"], e["code"]) for e in ref.errors] == codes(check)
+    assert "2 problem(s)" in validate.summary([check])
+
+
+def test_file_limits_requests_and_bytes(tmp_path: Path):
+    path = write(tmp_path, [chat_line(f"r{i}", "x" * 50) for i in range(4)])
+    check = validate.check_file(path, EP, max_requests=3, max_bytes=100)
+    assert {p.code for p in check.problems} == {"too_many_requests", "file_too_large"}
+    assert all(p.line is None for p in check.problems)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"\n")
+    assert codes(validate.check_file(empty, EP)) == [(None, "empty_file")]
+
+
+def test_a_broken_big_file_lists_a_bounded_number_of_problems(tmp_path: Path):
+    path = write(tmp_path, ["{broken"] * (validate.MAX_LISTED + 30))
+    check = validate.check_file(path, EP)
+    assert len(check.problems) == validate.MAX_LISTED and check.unlisted == 30
+    assert f"{validate.MAX_LISTED + 30} problem(s)" in validate.summary([check])
+    assert str(check.problems[0]) == (
+        "chunk.jsonl line 1: invalid_json_line: this line is not parseable as a JSON object"
+    )
