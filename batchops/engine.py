@@ -442,48 +442,58 @@ class BatchEngine:
     def reconcile(self) -> None:
         """Re-attach to remote objects created just before a crash, instead of creating them again."""
         for chunk in self.store.chunks("uploading", "submitting"):
-            client = self.pool.client(chunk.model, chunk.key_id)
-            policy = self.spec.retry
-            if chunk.state == "uploading":
-                name = self.remote_file_name(chunk)
-                files = call(
-                    lambda c=client: list(c.files.list(purpose="batch")),
-                    what="list files",
-                    policy=policy,
-                    scrub=self.pool.scrub,
+            self._reconcile_one(chunk)
+
+    @_on_chunk
+    def _reconcile_one(self, chunk: ChunkRow) -> None:
+        client = self.pool.client(chunk.model, chunk.key_id)
+        policy = self.spec.retry
+        if chunk.state == "uploading":
+            name = self.remote_file_name(chunk)
+            files = call(
+                lambda c=client: list(c.files.list(purpose="batch")),
+                what="list files",
+                policy=policy,
+                scrub=self.pool.scrub,
+            )
+            matches = sorted((f for f in files if f.filename == name), key=lambda f: f.created_at)
+            if matches:
+                for extra in matches[1:]:
+                    self._delete_file(chunk.model, chunk.key_id, extra.id)
+                self.store.set_chunk(
+                    chunk.chunk_id,
+                    state="uploaded",
+                    file_id=matches[0].id,
+                    event=f"reconciled: upload found as {matches[0].id}",
                 )
-                matches = sorted(
-                    (f for f in files if f.filename == name), key=lambda f: f.created_at
+                logger.info(
+                    "chunk {}: reconciled, upload found as {}", chunk.chunk_id, matches[0].id
                 )
-                if matches:
-                    for extra in matches[1:]:
-                        self._delete_file(chunk.model, chunk.key_id, extra.id)
-                    self.store.set_chunk(
-                        chunk.chunk_id,
-                        state="uploaded",
-                        file_id=matches[0].id,
-                        event=f"reconciled: upload found as {matches[0].id}",
-                    )
-                else:
-                    self.store.set_chunk(
-                        chunk.chunk_id, state="built", event="reconciled: upload never arrived"
-                    )
             else:
-                found = self._find_remote_batch(client, chunk)
-                if found is not None:
-                    self._attach(chunk, found)
-                    self.store.event(
-                        "reconciled",
-                        f"re-attached to batch {found.id}",
-                        chunk_id=chunk.chunk_id,
-                        batch_id=found.id,
-                    )
-                else:
-                    self.store.set_chunk(
-                        chunk.chunk_id,
-                        state="uploaded",
-                        event="reconciled: batch was never created",
-                    )
+                self.store.set_chunk(
+                    chunk.chunk_id, state="built", event="reconciled: upload never arrived"
+                )
+                logger.info("chunk {}: reconciled, upload never arrived", chunk.chunk_id)
+        else:
+            found = self._find_remote_batch(client, chunk)
+            if found is not None:
+                self._attach(chunk, found)
+                self.store.event(
+                    "reconciled",
+                    f"re-attached to batch {found.id}",
+                    chunk_id=chunk.chunk_id,
+                    batch_id=found.id,
+                )
+                logger.info(
+                    "chunk {}: reconciled, re-attached to batch {}", chunk.chunk_id, found.id
+                )
+            else:
+                self.store.set_chunk(
+                    chunk.chunk_id,
+                    state="uploaded",
+                    event="reconciled: batch was never created",
+                )
+                logger.info("chunk {}: reconciled, batch was never created", chunk.chunk_id)
 
     def _find_remote_batch(self, client, chunk: ChunkRow):
         want = self.metadata(chunk)
@@ -651,29 +661,34 @@ class BatchEngine:
         """Cancel every in-flight batch, wait for them to stop, and record their partial results."""
         chunks = self.store.chunks("submitted")
         for chunk in chunks:
-            client = self.pool.client(chunk.model, chunk.key_id)
-            try:
-                call(
-                    client.batches.cancel,
-                    chunk.batch_id,
-                    what=f"cancel batch {chunk.batch_id}",
-                    policy=self.spec.retry,
-                    scrub=self.pool.scrub,
-                )
-                self.store.event(
-                    "cancel",
-                    f"cancel requested for batch {chunk.batch_id}",
-                    chunk_id=chunk.chunk_id,
-                )
-                logger.info("cancel requested for batch {}", chunk.batch_id)
-            except ApiCallError as exc:
-                if exc.status != 409:  # 409: already finished; it is collected below
-                    logger.warning("cancel of batch {} failed: {}", chunk.batch_id, exc)
+            self._cancel_one(chunk)
         while self.store.chunks("submitted"):
             self.poll()
             if self.store.chunks("submitted"):
                 self.sleep(min(self.spec.poll_interval, 2.0))
         return len(chunks)
+
+    @_on_chunk
+    def _cancel_one(self, chunk: ChunkRow) -> None:
+        client = self.pool.client(chunk.model, chunk.key_id)
+        try:
+            call(
+                client.batches.cancel,
+                chunk.batch_id,
+                what=f"cancel batch {chunk.batch_id}",
+                policy=self.spec.retry,
+                scrub=self.pool.scrub,
+            )
+            self.store.event(
+                "cancel",
+                f"cancel requested for batch {chunk.batch_id}",
+                chunk_id=chunk.chunk_id,
+                batch_id=chunk.batch_id,
+            )
+            logger.info("cancel requested for batch {}", chunk.batch_id)
+        except ApiCallError as exc:
+            if exc.status != 409:  # 409: already finished; it is collected below
+                logger.warning("cancel of batch {} failed: {}", chunk.batch_id, exc)
 
 
 def _refused(exc: ApiCallError) -> bool:

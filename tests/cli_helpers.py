@@ -105,10 +105,10 @@ def subprocess_run(
     )
 
 
-def sent_bodies(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """custom_id → request body, from the chunk files the run uploaded."""
+def sent_bodies(run_dir: Path, folder: str = "inputs") -> dict[str, dict[str, Any]]:
+    """custom_id → request body, from the chunk files the run uploaded (or a dry run built)."""
     out: dict[str, dict[str, Any]] = {}
-    for f in sorted((run_dir / "inputs").glob("*.jsonl")):
+    for f in sorted((run_dir / folder).glob("*.jsonl")):
         for line in f.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 req = json.loads(line)

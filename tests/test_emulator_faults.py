@@ -406,8 +406,9 @@ def test_images_count_tokens_and_bad_images_fail(openai_client: openai.OpenAI) -
     out, err = results(openai_client, b)
     by_id = {o["custom_id"]: o["response"]["body"] for o in out}
     text_tokens = 3 + 4 + count_tokens("What is this?")
-    assert by_id["img"]["usage"]["prompt_tokens"] == text_tokens + 765
-    assert by_id["low"]["usage"]["prompt_tokens"] == text_tokens + 85
+    # gpt-4o-mini bills images at its own rate: 2833 + 5667 per 512-px tile (gpt-4o: 85 + 170).
+    assert by_id["img"]["usage"]["prompt_tokens"] == text_tokens + 2833 + 4 * 5667
+    assert by_id["low"]["usage"]["prompt_tokens"] == text_tokens + 2833
     assert by_id["img"]["choices"][0]["message"]["content"] == (
         f"gpt-4o-mini says: What is this? [1 image: {len(png)} bytes]"
     )

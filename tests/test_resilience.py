@@ -84,7 +84,7 @@ def test_enqueued_token_limit_waits_and_never_switches_model(emulator_factory, t
         ).exit_code
         == 0
     )
-    bodies = list(sent_bodies(dry).values())
+    bodies = list(sent_bodies(dry, folder="dry-run").values())
     per_chunk = max(
         sum(prompt_tokens(b, "/v1/chat/completions") for b in bodies[i : i + 10])
         for i in range(0, len(bodies), 10)

@@ -32,8 +32,8 @@ from batchops.emulator.tokens import (
     count_tokens,
     cut_to_tokens,
     decode_data_url,
-    image_tokens,
 )
+from batchops.pricing import image_tokens as model_image_tokens
 
 __all__ = [
     "Answer",
@@ -169,10 +169,10 @@ def prompt_tokens(body: dict[str, Any], endpoint: str) -> int:
         return sum(
             count_tokens(x) if isinstance(x, str) else len(x) for x in _embedding_inputs(body)
         )
-    return _message_tokens(_messages(body, kind))
+    return _message_tokens(_messages(body, kind), str(body.get("model") or ""))
 
 
-def _message_tokens(messages: list[_Message]) -> int:
+def _message_tokens(messages: list[_Message], model: str | None = None) -> int:
     total = REPLY_PRIMING_TOKENS
     for m in messages:
         total += PER_MESSAGE_TOKENS
@@ -180,7 +180,9 @@ def _message_tokens(messages: list[_Message]) -> int:
             total += count_tokens(t)
         for img in m.images:
             _, (w, h) = img.measure()
-            total += image_tokens(w, h, img.detail)
+            # Billed like the real API: each model has its own image formula (gpt-4o-mini bills
+            # ~33x gpt-4o's tokens per image), the same table batchops prices with.
+            total += model_image_tokens(w, h, img.detail, model)
     return total
 
 
@@ -346,7 +348,7 @@ def success_body(
         return _embeddings_body(model, body, n_prompt), n_prompt, 0
     messages = _messages(body, kind)
     if n_prompt is None:
-        n_prompt = _message_tokens(messages)
+        n_prompt = _message_tokens(messages, model)
     cached = math.floor(n_prompt * cached_fraction)
     ans = make_answer(
         model, body, endpoint, truncate=truncate, invalid_json=invalid_json, messages=messages
