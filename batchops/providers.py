@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import openai
 from loguru import logger
@@ -21,7 +22,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 from batchops.classify import EXHAUSTING, classify_http, mask_key
 from batchops.errors import BatchopsError, ConfigError
 from batchops.records import ErrorClass
-from batchops.spec import JobSpec, ModelEntry, RetryPolicy
+from batchops.spec import JobSpec, Mode, ModelEntry, RetryPolicy
 
 T = TypeVar("T")
 
@@ -111,6 +112,12 @@ class Pool:
         self.env = dict(os.environ) if env is None else env
         self.base_url = base_url
         self._clients: dict[tuple[str, str], openai.OpenAI] = {}
+        # Async clients belong to one event loop: made per online run, closed by aclose().
+        self._async_clients: dict[tuple[str, str], openai.AsyncOpenAI] = {}
+        # The engine's mode ("batch"/"online"): current() offers only pairs of that mode.
+        self.lane: Mode | None = None
+        for m in spec.models:
+            _check_url(m)
         self.keys = keys
         self.pairs: list[tuple[ModelEntry, Key]] = []
         entry_keys = {m.name: self._entry_key(m) for m in spec.models}
@@ -137,33 +144,52 @@ class Pool:
         return Key(value)
 
     def current(self) -> tuple[ModelEntry, Key] | None:
+        """The pair to use now; None when none is left, or (with a `lane`) when the next pair
+        in failover order is of the other mode: the caller hands over to the other engine."""
+        pair = self.first_available()
+        if pair is not None and self.lane is not None and self.mode_of(pair[0]) != self.lane:
+            return None
+        return pair
+
+    def first_available(self) -> tuple[ModelEntry, Key] | None:
+        """The first pair not exhausted, whatever its mode."""
         for m, k in self.pairs:
             if (m.name, k.key_id) not in self.exhausted:
                 return m, k
         return None
 
+    def mode_of(self, entry: ModelEntry) -> Mode:
+        """A model's effective mode: its own `mode`, else the job's."""
+        return entry.mode or self.spec.mode
+
+    def next_mode(self) -> Mode | None:
+        """The mode of the first pair not exhausted (None when the pool is used up)."""
+        pair = self.first_available()
+        return None if pair is None else self.mode_of(pair[0])
+
     def exhaust(
         self, model: str, key_id: str | None, reason: str, *, whole_key: bool = False
     ) -> None:
         """Take a pair (or every pair of a key) out of the pool for this invocation."""
-        before = self.current()
+        before = self.first_available()
         for m, k in self.pairs:
             if (whole_key and k.key_id == key_id) or (
                 m.name == model and (key_id is None or k.key_id == key_id)
             ):
                 self.exhausted.setdefault((m.name, k.key_id), reason)
-        after = self.current()
+        after = self.first_available()
         label = self.all_keys[key_id].label if key_id in self.all_keys else "?"
         what = f"key {label}" if whole_key else f"model {model} on key {label}"
         if after is None:
             logger.warning("{} exhausted ({}); no model/key left in the pool", what, reason)
         elif before != after:
             logger.warning(
-                "{} exhausted ({}); switching to model {} on key {}",
+                "{} exhausted ({}); switching to model {} on key {}{}",
                 what,
                 reason,
                 after[0].name,
                 after[1].label,
+                f" ({self.mode_of(after[0])} mode)" if self.lane is not None else "",
             )
 
     def summary(self) -> list[dict[str, str]]:
@@ -180,6 +206,27 @@ class Pool:
 
     def client(self, model: str, key_id: str | None) -> openai.OpenAI:
         """The client for a model's endpoint with a given key (e.g. to poll a batch it owns)."""
+        entry, key = self._entry_and_key(model, key_id)
+        cache_key = (entry.name if (entry.base_url or entry.azure_endpoint) else "", key.key_id)
+        if cache_key not in self._clients:
+            self._clients[cache_key] = make_client(entry, key, self.base_url)
+        return self._clients[cache_key]
+
+    def async_client(self, model: str, key_id: str | None) -> openai.AsyncOpenAI:
+        """The async twin of `client()` (online mode), for the running event loop."""
+        entry, key = self._entry_and_key(model, key_id)
+        cache_key = (entry.name if (entry.base_url or entry.azure_endpoint) else "", key.key_id)
+        if cache_key not in self._async_clients:
+            self._async_clients[cache_key] = make_async_client(entry, key, self.base_url)
+        return self._async_clients[cache_key]
+
+    async def aclose(self) -> None:
+        """Close the async clients (their connections belong to the loop that is ending)."""
+        clients, self._async_clients = list(self._async_clients.values()), {}
+        for c in clients:
+            await c.close()
+
+    def _entry_and_key(self, model: str, key_id: str | None) -> tuple[ModelEntry, Key]:
         entry = (
             self.spec.model_entry(model)
             if model in self.spec.model_names
@@ -188,10 +235,7 @@ class Pool:
         key = self.all_keys.get(key_id or "") or (self.pairs[0][1] if self.pairs else None)
         if key is None:
             raise ConfigError(f"no API key available for model {model}")
-        cache_key = (entry.name if (entry.base_url or entry.azure_endpoint) else "", key.key_id)
-        if cache_key not in self._clients:
-            self._clients[cache_key] = make_client(entry, key, self.base_url)
-        return self._clients[cache_key]
+        return entry, key
 
     def scrub(self, text: str) -> str:
         """Replace any key that slipped into a message by its masked label."""
@@ -202,16 +246,44 @@ class Pool:
 
 
 def make_client(entry: ModelEntry, key: Key, base_url: str | None = None) -> openai.OpenAI:
+    azure, kwargs = _client_kwargs(entry, key, base_url)
+    return openai.AzureOpenAI(**kwargs) if azure else openai.OpenAI(**kwargs)
+
+
+def make_async_client(
+    entry: ModelEntry, key: Key, base_url: str | None = None
+) -> openai.AsyncOpenAI:
+    azure, kwargs = _client_kwargs(entry, key, base_url)
+    return openai.AsyncAzureOpenAI(**kwargs) if azure else openai.AsyncOpenAI(**kwargs)
+
+
+def _client_kwargs(
+    entry: ModelEntry, key: Key, base_url: str | None
+) -> tuple[bool, dict[str, Any]]:
+    """(azure?, constructor arguments): the same settings for the sync and the async client."""
     common: dict[str, Any] = {"api_key": key.value, "max_retries": 0, "timeout": 600.0}
     if entry.provider == "azure":
         if not entry.azure_endpoint:
             raise ConfigError(f"model {entry.name}: provider azure needs azure_endpoint")
-        return openai.AzureOpenAI(
-            azure_endpoint=entry.azure_endpoint,
-            api_version=entry.api_version or "2024-10-21",
+        return True, {
+            "azure_endpoint": entry.azure_endpoint,
+            "api_version": entry.api_version or "2024-10-21",
             **common,
-        )
-    return openai.OpenAI(base_url=entry.base_url or base_url, **common)
+        }
+    return False, {"base_url": entry.base_url or base_url, **common}
+
+
+def _check_url(entry: ModelEntry) -> None:
+    """A model entry's base_url / azure_endpoint must be an http(s) URL with a host."""
+    for name, value in (("base_url", entry.base_url), ("azure_endpoint", entry.azure_endpoint)):
+        if value is None:
+            continue
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(
+                f"model {entry.name}: {name} {value!r} is not an http(s) URL "
+                "(e.g. http://localhost:8000/v1)"
+            )
 
 
 def describe_exception(
