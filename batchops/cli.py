@@ -187,6 +187,18 @@ def cli() -> None:
     "--workers", type=int, default=None, help="Concurrent requests in online mode [default: 8]."
 )
 @click.option(
+    "--rpm",
+    type=float,
+    default=None,
+    help="Online mode: requests per minute at most (a [[models]] entry's rpm wins for it).",
+)
+@click.option(
+    "--tpm",
+    type=float,
+    default=None,
+    help="Online mode: estimated tokens per minute at most (prompt + --max-tokens).",
+)
+@click.option(
     "--retry-delay",
     type=float,
     default=None,

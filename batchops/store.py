@@ -22,7 +22,7 @@ from typing import Any
 import polars as pl
 
 from batchops.errors import StateError
-from batchops.records import BuiltChunk, RowOutcome
+from batchops.records import BuiltChunk, RowOutcome, Skipped
 
 SCHEMA_VERSION = 1
 DB_NAME = "state.db"
@@ -362,6 +362,76 @@ class Store:
             )
             self._event("abandoned", reason, chunk_id)
         return cur.rowcount
+
+    # ------------------------------------------------------------------ online chunks
+    # Online mode groups rows into chunks in state `online` (no file): the group's rows are
+    # queued in it while their requests are sent; each answer is recorded with record_outcomes
+    # (close_chunk=False); the group is closed when done, or released after an interruption.
+
+    def add_online_chunk(self, model: str, row_idxs: list[int]) -> tuple[int, set[int]]:
+        """Queue the still-pending rows among `row_idxs` in a new online chunk, in one
+        transaction; returns (chunk_id, the rows queued)."""
+        now = time.time()
+        with self.tx():
+            cur = self.conn.execute(
+                "INSERT INTO chunks(model, path, n_rows, n_bytes, est_tokens, state, created_at,"
+                " updated_at) VALUES (?, '', 0, 0, 0, 'online', ?, ?)",
+                (model, now, now),
+            )
+            chunk_id = int(cur.lastrowid or 0)
+            self.conn.executemany(
+                "UPDATE rows SET status = 'queued', chunk_id = ?, updated_at = ?"
+                " WHERE row_idx = ? AND status = 'pending'",
+                ((chunk_id, now, r) for r in row_idxs),
+            )
+            queued = {
+                r[0]
+                for r in self.conn.execute(
+                    "SELECT row_idx FROM rows WHERE chunk_id = ? AND status = 'queued'", (chunk_id,)
+                )
+            }
+            self.conn.execute(
+                "UPDATE chunks SET n_rows = ? WHERE chunk_id = ?", (len(queued), chunk_id)
+            )
+        return chunk_id, queued
+
+    def skip_rows(self, chunk_id: int, skipped: Iterable[Skipped]) -> int:
+        """Rows of a chunk that cannot be sent (e.g. a missing image): `skipped`, with the reason."""
+        now = time.time()
+        with self.tx():
+            cur = self.conn.executemany(
+                "UPDATE rows SET status = 'skipped', error = ?, error_class = 'input', updated_at = ?"
+                " WHERE row_idx = ? AND chunk_id = ? AND status = 'queued'",
+                ((s.reason, now, s.row_idx, chunk_id) for s in skipped),
+            )
+        return cur.rowcount
+
+    def close_online_chunk(self, chunk_id: int) -> int:
+        """Close an online chunk; rows still queued in it (never answered) go back to pending
+        without using a retry. Returns how many went back."""
+        now = time.time()
+        with self.tx():
+            cur = self.conn.execute(
+                "UPDATE rows SET status = 'pending', updated_at = ?"
+                " WHERE chunk_id = ? AND status = 'queued'",
+                (now, chunk_id),
+            )
+            self.conn.execute(
+                "UPDATE chunks SET state = 'collected', updated_at = ? WHERE chunk_id = ?",
+                (now, chunk_id),
+            )
+            if cur.rowcount:
+                self._event(
+                    "released", f"{cur.rowcount} unsent online row(s) back to pending", chunk_id
+                )
+        return cur.rowcount
+
+    def release_online_chunks(self) -> int:
+        """Close every open online chunk (a stopped or killed online run); returns rows released."""
+        ids = [
+            r[0] for r in self.conn.execute("SELECT chunk_id FROM chunks WHERE state = 'online'")
+        ]
+        return sum(self.close_online_chunk(c) for c in ids)
 
     # ------------------------------------------------------------------ batches
     def upsert_batch(self, chunk: ChunkRow, batch: Any) -> None:

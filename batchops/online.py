@@ -1,0 +1,700 @@
+"""Online mode: the same job through synchronous calls, for endpoints without a Batch API.
+
+N workers (asyncio tasks sharing one `AsyncOpenAI` client per endpoint and key) take pending rows
+and send one request each. Durability follows the store's row life cycle:
+
+* rows are taken in groups into an *online chunk* (a chunks row in state `online`, no file): the
+  group's rows become `queued` in it before any of them is sent;
+* every answer is committed as it arrives (`Store.record_outcomes`, one short transaction), so a
+  kill loses at most the requests in flight — at most one per worker;
+* a group is closed when all its rows are settled; on start, rows still queued in `online`
+  chunks (a killed run) go back to pending, and a re-run sends only rows without an answer.
+
+Errors are classified like everywhere else (`providers.describe_exception` → classify.py):
+quota / no access / bad key exhaust the (model, key) pair with `Pool.exhaust` — the batch
+engine's failover — and the row goes back to pending without using a retry; a 429 rate limit
+pauses every worker for its `retry-after`; 5xx, timeouts and dropped connections retry with the
+job's backoff; any other 4xx fails the row for good. Client-side pacing (`rpm`, `tpm`, per model
+entry or run-wide) uses leaky buckets from aiolimiter.
+
+Ctrl+C stops taking rows, lets the requests in flight finish and records them (a second Ctrl+C
+abandons them; their rows go back to pending), then raises KeyboardInterrupt (exit 130).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import openai
+import orjson
+import polars as pl
+from aiolimiter import AsyncLimiter
+from loguru import logger
+
+from batchops import pricing, render, results, source
+from batchops.classify import EXHAUSTING, is_retryable
+from batchops.engine import EngineResult, Progress
+from batchops.providers import CALL_ATTEMPTS, Pool, call, describe_exception
+from batchops.records import RowOutcome, Skipped
+from batchops.render import ImageProblem
+from batchops.rundir import RunDir
+from batchops.spec import JobSpec, ModelEntry
+from batchops.store import Store
+
+CUSTOM_ID_HEADER = "X-Batchops-Custom-Id"
+# Rows per online chunk: small enough that a group is settled quickly, large enough that the
+# source is read in few passes and the chunks table stays small (1M rows → ~4,000 chunks).
+GROUP_ROWS = 256
+# A rate limit is the client's pacing, not the request's fault: it is retried this often (each
+# wait honouring retry-after, backoff capped by the retry policy's max_delay) before the row is
+# recorded as a retryable failure.
+RATE_LIMIT_ATTEMPTS = 30
+PROGRESS_EVERY = 2.0  # seconds between progress callbacks
+
+TRANSIENT = frozenset({"api_error", "timeout", "token_limit"})
+
+STOP_INTERRUPTED = "interrupted"
+STOP_POOL = "pool"  # no usable pair for this lane: exhausted, or the next pair is of the other mode
+STOP_BUDGET = "budget reached"
+STOP_ERROR = "error"
+
+
+@dataclass(slots=True)
+class Job:
+    """One row to send: rendered text, its image cell (read only when sent: memory stays flat)."""
+
+    chunk_id: int
+    row_idx: int
+    row_id: str
+    text: str
+    image: str | None
+
+
+@dataclass
+class _Counters:
+    sent: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    requeued: int = 0
+    skipped: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    by_class: dict[str, int] = field(default_factory=dict)
+
+
+def request_path(endpoint: str) -> str:
+    """The SDK-relative path of an endpoint ("/v1/chat/completions" → "/chat/completions")."""
+    return endpoint.removeprefix("/v1")
+
+
+def header_value(row_id: str) -> str:
+    """The custom-id header value: the id itself, percent-encoded if it is not printable ASCII
+    (HTTP headers cannot carry it raw, and a newline would split the header)."""
+    if row_id.isascii() and row_id.isprintable():
+        return row_id
+    return quote(row_id, safe="")
+
+
+class Pacer:
+    """Client-side limits (requests and tokens per minute) and the shared pause after a 429.
+
+    A model entry's own `rpm`/`tpm` applies to that model; otherwise the run-wide `spec.rpm`/
+    `spec.tpm` applies to every model together. Each bucket holds one second's worth (at least
+    one request), so a run starts at the limit's pace instead of with a minute-sized burst.
+    Limiters are created inside the running event loop (aiolimiter binds them to it).
+    """
+
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
+        self._limiters: dict[tuple[str, str], AsyncLimiter] = {}
+        self.paused_until = 0.0
+
+    def limits(
+        self, entry: ModelEntry
+    ) -> tuple[tuple[str, float] | None, tuple[str, float] | None]:
+        """((scope, rpm) or None, (scope, tpm) or None) for a model entry."""
+        rpm = (
+            (entry.name, entry.rpm)
+            if entry.rpm
+            else ("*", self.spec.rpm)
+            if self.spec.rpm
+            else None
+        )
+        tpm = (
+            (entry.name, entry.tpm)
+            if entry.tpm
+            else ("*", self.spec.tpm)
+            if self.spec.tpm
+            else None
+        )
+        return rpm, tpm
+
+    def needs_tokens(self, entry: ModelEntry) -> bool:
+        return self.limits(entry)[1] is not None
+
+    def _limiter(self, scope: str, kind: str, per_minute: float) -> AsyncLimiter:
+        lim = self._limiters.get((scope, kind))
+        if lim is None:
+            burst = max(1.0, per_minute / 60.0)
+            lim = AsyncLimiter(burst, burst * 60.0 / per_minute)
+            self._limiters[(scope, kind)] = lim
+        return lim
+
+    def pause(self, seconds: float) -> None:
+        """Every worker waits this long before its next request (a 429's retry-after)."""
+        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+
+    async def wait(self, entry: ModelEntry, tokens: int) -> None:
+        while (left := self.paused_until - time.monotonic()) > 0:
+            await asyncio.sleep(left)
+        rpm, tpm = self.limits(entry)
+        if rpm is not None:
+            await self._limiter(rpm[0], "rpm", rpm[1]).acquire(1)
+        if tpm is not None:
+            lim = self._limiter(tpm[0], "tpm", tpm[1])
+            left_tokens = float(max(1, tokens))
+            while left_tokens > 0:  # a request larger than the bucket waits for several refills
+                take = min(left_tokens, lim.max_rate)
+                await lim.acquire(take)
+                left_tokens -= take
+
+
+class OnlineEngine:
+    """Drive every pending row through synchronous calls until settled, or until the pool has
+    no pair for online mode (exhausted, or the next pair is a batch-mode one: the caller hands
+    over to the batch engine)."""
+
+    def __init__(
+        self,
+        run: RunDir,
+        pool: Pool,
+        *,
+        workers: int | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        group_rows: int = GROUP_ROWS,
+    ) -> None:
+        self.run = run
+        self.spec = run.spec
+        self.store: Store = run.store
+        self.pool = pool
+        self.workers = workers or self.spec.workers
+        self.on_progress = on_progress
+        self.group_rows = group_rows
+        self.src = source.open_source(self.spec)
+        self.overrides = pricing.overrides_from_spec(self.spec)
+        self.path = request_path(self.spec.endpoint)
+        self.image_dir = Path(self.spec.image_dir) if self.spec.image_dir else self.src.path.parent
+        self.count = _Counters()
+        self.stop_reason: str | None = None
+        self.in_flight = 0
+        self.spent = 0.0
+        self.reserved = 0.0  # estimated cost of requests in flight (for --max-cost)
+
+    # ------------------------------------------------------------------ entry point
+    def execute(self) -> EngineResult:
+        """Run to the end; raises KeyboardInterrupt after a clean stop on Ctrl+C."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            result = asyncio.run(self._main())
+        else:
+            result = self._execute_in_thread()  # e.g. Jupyter: a loop already runs here
+        if self.stop_reason == STOP_INTERRUPTED:
+            raise KeyboardInterrupt
+        return result
+
+    def _execute_in_thread(self) -> EngineResult:
+        # sqlite connections belong to their thread: the thread opens its own on the same file.
+        box: dict[str, Any] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        main_store = self.store
+
+        def target() -> None:
+            self.store = Store.open(self.run.path)
+            try:
+                box["result"] = asyncio.run(self._main())
+            except BaseException as exc:  # re-raised in the caller's thread
+                box["error"] = exc
+            finally:
+                self.store.close()
+
+        t = threading.Thread(target=target, name="batchops-online", daemon=True)
+        t.start()
+        try:
+            while t.is_alive():
+                t.join(0.1)
+        except KeyboardInterrupt:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._on_sigint)
+            t.join()
+        finally:
+            self.store = main_store
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    # ------------------------------------------------------------------ the loop
+    async def _main(self) -> EngineResult:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._sigints = 0
+        self._crash: BaseException | None = None
+        self._stop_event = asyncio.Event()
+        self.pacer = Pacer(self.spec)
+        self.queue: asyncio.Queue[Job | None] = asyncio.Queue(maxsize=self.workers * 2)
+        self._open: dict[int, int] = {}  # online chunk → jobs not yet settled
+        self._tasks: list[asyncio.Task[None]] = []
+        self._producer: asyncio.Task[None] | None = None
+        handlers = self._install_signals(loop)
+        started = time.monotonic()
+        try:
+            self._prepare()
+            self._tasks = [
+                asyncio.create_task(self._worker(), name=f"online-worker-{i}")
+                for i in range(self.workers)
+            ]
+            self._producer = asyncio.create_task(self._produce(), name="online-producer")
+            progress = asyncio.create_task(self._progress_loop())
+            try:
+                await asyncio.gather(self._producer, return_exceptions=True)
+                if self._producer.done() and not self._producer.cancelled():
+                    self._crash = self._crash or self._producer.exception()
+                if self._crash is not None:
+                    self._stop(STOP_ERROR)
+                # Workers still busy drain the queue (discarding jobs once stopping), then end.
+                for t in self._tasks:
+                    if not t.done():
+                        await self.queue.put(None)
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            finally:
+                progress.cancel()
+        finally:
+            released = self.store.release_online_chunks()
+            if released:
+                logger.info("{} unsent row(s) of online groups back to pending", released)
+            await self.pool.aclose()
+            for sig in handlers:
+                loop.remove_signal_handler(sig)
+        if self._crash is not None:
+            raise self._crash
+        elapsed = time.monotonic() - started
+        c = self.count
+        logger.info(
+            "online: {} answer(s) recorded in {:.1f}s ({:.1f}/s): {} succeeded, {} re-queued, "
+            "{} failed, {} skipped; {} transient retries, {} rate-limited{}",
+            c.sent,
+            elapsed,
+            c.sent / elapsed if elapsed > 0 else 0.0,
+            c.succeeded,
+            c.requeued,
+            c.failed,
+            c.skipped,
+            c.retries,
+            c.rate_limited,
+            f"; stopped: {self.stop_reason}" if self.stop_reason else "",
+        )
+        self._report()
+        return EngineResult(self.store.counts(), self._why_stopped(), self.store.spent())
+
+    def _why_stopped(self) -> str | None:
+        counts = self.store.counts()
+        if not (counts["pending"] or counts["queued"]):
+            return None
+        if self.stop_reason == STOP_BUDGET:
+            return STOP_BUDGET
+        if self.stop_reason == STOP_INTERRUPTED:
+            return STOP_INTERRUPTED
+        if self.pool.current() is None:
+            return "every model and key in the pool is exhausted"
+        return None
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        try:
+            loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+        except (NotImplementedError, RuntimeError, ValueError):  # e.g. Windows
+            return []
+        return [signal.SIGINT]
+
+    def _on_sigint(self) -> None:
+        self._sigints += 1
+        if self._sigints == 1:
+            logger.warning(
+                "interrupted: no new rows are sent; finishing {} request(s) in flight "
+                "(Ctrl+C again abandons them)",
+                self.in_flight,
+            )
+            self._stop(STOP_INTERRUPTED)
+        else:
+            logger.warning("interrupted again: abandoning {} request(s) in flight", self.in_flight)
+            if self._producer is not None:
+                self._producer.cancel()
+            for t in self._tasks:
+                t.cancel()
+
+    def _stop(self, reason: str) -> None:
+        if self.stop_reason is None or reason == STOP_INTERRUPTED:
+            self.stop_reason = reason
+        self._stop_event.set()
+
+    def _prepare(self) -> None:
+        """Register the rows (first run), release what a killed run left queued, and take back
+        rows of batch chunks that were never sent (they are answered online now)."""
+        if self.store.row_count() == 0:
+            n = self.store.add_rows(source.iter_frames(self.src, columns=[]))
+            logger.info("run {}: {} source row(s) registered", self.run.run_id, n)
+        released = self.store.release_online_chunks()
+        if released:
+            logger.info("{} row(s) queued by an interrupted online run back to pending", released)
+        for chunk in self.store.chunks("built", "uploaded"):
+            if chunk.file_id:
+                self._delete_file(chunk.model, chunk.key_id, chunk.file_id)
+            self.store.abandon_chunk(
+                chunk.chunk_id, "never submitted; its rows are answered in online mode"
+            )
+        self.spent = self.store.spent()
+        waiting = self.store.chunks("uploading", "submitting", "submitted")
+        if waiting:
+            logger.info(
+                "{} batch chunk(s) in flight are left alone (a batch run or `watch` collects them)",
+                len(waiting),
+            )
+
+    def _delete_file(self, model: str, key_id: str | None, file_id: str) -> None:
+        try:
+            call(
+                self.pool.client(model, key_id).files.delete,
+                file_id,
+                what=f"delete unused file {file_id}",
+                policy=self.spec.retry,
+                scrub=self.pool.scrub,
+                attempts=2,
+            )
+        except Exception as exc:  # best effort: an unused file costs nothing but storage
+            logger.debug("could not delete unused file {}: {}", file_id, self.pool.scrub(str(exc)))
+
+    # ------------------------------------------------------------------ producing
+    async def _produce(self) -> None:
+        """Pass over the pending rows in source order, group by group, until none is left.
+
+        Rows that come back to pending (retryable failure, exhausted pair) are taken by the next
+        pass; the last pass ends when nothing is in flight and nothing is pending."""
+        columns = render.template_fields(self.spec.prompt)
+        if self.spec.image_column:
+            columns = list(dict.fromkeys([*columns, self.spec.image_column]))
+        while self.stop_reason is None:
+            pending = self.store.pending_row_idxs()
+            if not pending:
+                await self.queue.join()  # everything sent is settled: anything back to pending?
+                if self.stop_reason is None and not self.store.pending_row_idxs():
+                    return
+                continue
+            if self.pool.current() is None:
+                self._stop(STOP_POOL)
+                return
+            frames = source.iter_frames(
+                self.src, columns=columns, batch_rows=self.group_rows, only_rows=pending
+            )
+            try:
+                while self.stop_reason is None:
+                    # Reading and rendering happen off the loop: workers keep sending meanwhile.
+                    group = await asyncio.to_thread(self._next_group, frames)
+                    if group is None:
+                        break
+                    await self._enqueue(group)
+            finally:
+                frames.close()
+
+    def _next_group(
+        self, frames: Iterator[pl.DataFrame]
+    ) -> list[tuple[int, str, str, str | None]] | None:
+        frame = next(frames, None)
+        if frame is None:
+            return None
+        image_col = self.spec.image_column
+        out: list[tuple[int, str, str, str | None]] = []
+        for row in frame.iter_rows(named=True):
+            text = render.render_text(self.spec.prompt, row)
+            cell = row[image_col] if image_col else None
+            out.append((row[source.ROW_IDX], row[source.ROW_ID], text, cell or None))
+        return out
+
+    async def _enqueue(self, group: list[tuple[int, str, str, str | None]]) -> None:
+        current = self.pool.current()
+        if current is None:
+            self._stop(STOP_POOL)
+            return
+        chunk_id, queued = self.store.add_online_chunk(current[0].name, [g[0] for g in group])
+        if not queued:
+            self.store.close_online_chunk(chunk_id)
+            return
+        self._open[chunk_id] = len(queued)
+        for row_idx, row_id, text, image in group:
+            if row_idx in queued:
+                await self.queue.put(Job(chunk_id, row_idx, row_id, text, image))
+
+    # ------------------------------------------------------------------ workers
+    async def _worker(self) -> None:
+        while True:
+            job = await self.queue.get()
+            try:
+                if job is None:
+                    return
+                if self.stop_reason is None:
+                    await self._handle(job)
+            except Exception as exc:  # a bug or a broken database: stop the run, report it
+                if self._crash is None:
+                    self._crash = exc
+                self._stop(STOP_ERROR)
+            finally:
+                if job is not None:
+                    self._settled(job.chunk_id)
+                self.queue.task_done()
+
+    def _settled(self, chunk_id: int) -> None:
+        left = self._open.get(chunk_id, 0) - 1
+        if left > 0:
+            self._open[chunk_id] = left
+            return
+        self._open.pop(chunk_id, None)
+        if self.stop_reason is None:
+            # Every row of the group is settled (rows of a stopped run are released at the end).
+            self.store.close_online_chunk(chunk_id)
+
+    async def _handle(self, job: Job) -> None:
+        image_url: str | None = None
+        if job.image is not None:
+            try:
+                image_url = await asyncio.to_thread(
+                    render.image_data_url, self.image_dir, job.image
+                )
+            except ImageProblem as exc:
+                self.store.skip_rows(job.chunk_id, [Skipped(job.row_idx, exc.reason)])
+                self.count.skipped += 1
+                logger.warning("row {} skipped: {}", job.row_idx, exc.reason)
+                return
+        transient_tries = 0
+        rate_tries = 0
+        while self.stop_reason is None:
+            pair = self.pool.current()
+            if pair is None:
+                self._stop(STOP_POOL)
+                return
+            entry, key = pair
+            body = render.request_body(self.spec, entry.name, job.text, image_url)
+            tokens = self._tokens(entry, body)
+            est = self._estimate_cost(entry.name, tokens)
+            if not self._fits_budget(est):
+                return
+            await self.pacer.wait(entry, tokens)
+            if self.stop_reason is not None:
+                return  # stopped while waiting: not sent, the row goes back to pending
+            raw, exc = await self._send(entry, key, body, job.row_id, est)
+            if exc is None:
+                outcome = self._parse(job, raw)
+                cost = None
+                if outcome.usage is not None:
+                    cost = pricing.cost_or_none(
+                        outcome.usage, entry.name, batch=False, overrides=self.overrides
+                    )
+                self._record(job, outcome, cost, True)
+                return
+            cls, status, code, message, retry_after = describe_exception(exc)
+            message = self.pool.scrub(message)
+            if cls in EXHAUSTING:
+                self._exhaust(entry.name, key, cls, code, message)
+                # Not the row's fault: back to pending without using a retry.
+                failure = self._failure(job, entry, cls, status, code, message)
+                self._record(job, failure, None, False)
+                return
+            if cls == "rate_limit" and rate_tries < RATE_LIMIT_ATTEMPTS:
+                rate_tries += 1
+                self.count.rate_limited += 1
+                delay = max(retry_after or 0.0, self.spec.retry.delay(rate_tries))
+                self.pacer.pause(delay)  # everyone slows down, not only this worker
+                logger.debug("row {}: rate limited; workers pause {:.2f}s", job.row_id, delay)
+                await self._sleep(delay)
+                continue
+            if cls in TRANSIENT and transient_tries < CALL_ATTEMPTS - 1:
+                transient_tries += 1
+                self.count.retries += 1
+                delay = max(retry_after or 0.0, self.spec.retry.delay(transient_tries))
+                logger.debug(
+                    "row {}: {} (HTTP {} {}: {}); retry {} in {:.2f}s",
+                    job.row_id,
+                    cls,
+                    status,
+                    code,
+                    message,
+                    transient_tries,
+                    delay,
+                )
+                await self._sleep(delay)
+                continue
+            self._record(job, self._failure(job, entry, cls, status, code, message), None, True)
+            return
+
+    async def _send(
+        self, entry: ModelEntry, key: Any, body: dict, row_id: str, est: float
+    ) -> tuple[bytes, openai.OpenAIError | None]:
+        """One HTTP request; the raw answer, or the SDK's error (never retried by the SDK).
+
+        The body goes out exactly as rendered (the same body a batch line carries) through the
+        client's generic `post`: one path for every endpoint, no pydantic round trip."""
+        self.reserved += est
+        self.in_flight += 1
+        try:
+            raw = await self.pool.async_client(entry.name, key.key_id).post(
+                self.path,
+                cast_to=bytes,
+                body=body,
+                options={"headers": {CUSTOM_ID_HEADER: header_value(row_id)}},
+            )
+            return raw, None
+        except openai.OpenAIError as exc:
+            return b"", exc
+        finally:
+            self.in_flight -= 1
+            self.reserved -= est
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once when the run stops (Ctrl+C does not wait out a backoff)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_event.wait(), timeout=seconds)
+
+    def _parse(self, job: Job, raw: bytes) -> RowOutcome:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            return RowOutcome(
+                job.row_id,
+                ok=False,
+                status_code=200,
+                error_code="invalid_response",
+                error_message="the answer is not a JSON object",
+                error_class="format_error",
+                retryable=is_retryable("format_error", self.spec.retry.retry_on),
+            )
+        outcome = results.parse_sync_response(body, self.spec.endpoint, job.row_id)
+        if outcome.error_class:  # the user's retry_on decides (as for batch results)
+            outcome.retryable = outcome.retryable and is_retryable(
+                outcome.error_class, self.spec.retry.retry_on
+            )
+        return outcome
+
+    def _failure(
+        self,
+        job: Job,
+        entry: ModelEntry,
+        cls: Any,
+        status: int | None,
+        code: str | None,
+        message: str,
+    ) -> RowOutcome:
+        return RowOutcome(
+            job.row_id,
+            ok=False,
+            model=entry.name,
+            status_code=status,
+            error_code=code,
+            error_message=message,
+            error_class=cls,
+            retryable=is_retryable(cls, self.spec.retry.retry_on),
+        )
+
+    def _record(self, job: Job, outcome: RowOutcome, cost: float | None, counts: bool) -> None:
+        self.count.sent += 1
+        applied = self.store.record_outcomes(
+            job.chunk_id,
+            None,
+            [(outcome, cost, counts)],
+            mode="online",
+            max_retries=self.spec.retry.max_retries,
+            close_chunk=False,
+        )
+        self.spent += cost or 0.0
+        self.count.succeeded += applied.succeeded
+        self.count.failed += applied.failed
+        self.count.requeued += applied.requeued
+        if not outcome.ok:
+            cls = outcome.error_class or "error"
+            self.count.by_class[cls] = self.count.by_class.get(cls, 0) + 1
+            logger.debug(
+                "row {}: {} ({}){}",
+                job.row_id,
+                cls,
+                outcome.error_message,
+                " — failed for good" if applied.failed else "",
+            )
+
+    def _exhaust(self, model: str, key: Any, cls: str, code: str | None, message: str) -> None:
+        if (model, key.key_id) in self.pool.exhausted:
+            return  # another worker's answer already switched
+        self.pool.exhaust(model, key.key_id, f"{code or cls}: {message}", whole_key=cls == "auth")
+        self.store.event(
+            "switch", f"online request: {cls} ({code}) on model {model} key {key.label}"
+        )
+
+    # ------------------------------------------------------------------ limits and budget
+    def _tokens(self, entry: ModelEntry, body: dict) -> int:
+        if not (self.pacer.needs_tokens(entry) or self.spec.max_cost is not None):
+            return 0
+        # As OpenAI counts it against TPM: the prompt estimate plus the completion cap.
+        return pricing.estimate_request_tokens(body, self.spec.endpoint) + (
+            self.spec.max_tokens or 0
+        )
+
+    def _estimate_cost(self, model: str, tokens: int) -> float:
+        if self.spec.max_cost is None:
+            return 0.0
+        prompt = tokens - (self.spec.max_tokens or 0)
+        completion = self.spec.max_tokens or pricing.DEFAULT_COMPLETION_ESTIMATE
+        est = pricing.estimate_cost(
+            model, prompt, completion, batch=False, overrides=self.overrides
+        )
+        return est or 0.0
+
+    def _fits_budget(self, est: float) -> bool:
+        cap = self.spec.max_cost
+        if cap is None or self.spent + self.reserved + est <= cap + 1e-12:
+            return True
+        if self.stop_reason is None:
+            logger.warning(
+                "budget: the next request (est ${:.6f}) would pass --max-cost ${:.4f} "
+                "(spent ${:.6f}); no more rows are sent",
+                est,
+                cap,
+                self.spent,
+            )
+        self._stop(STOP_BUDGET)
+        return False
+
+    # ------------------------------------------------------------------ progress
+    async def _progress_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY)
+            self._report()
+
+    def _report(self) -> None:
+        if self.on_progress is None:
+            return
+        self.on_progress(
+            Progress(
+                self.store.counts(),
+                0,
+                {"online requests in flight": self.in_flight},
+                self.spent,
+            )
+        )
