@@ -4,30 +4,51 @@ No dtype inference anywhere: `007` stays `007`, `19.90` stays `19.90`, an empty 
 null). CSV is parsed by pyarrow's streaming reader (RFC 4180 quoting, embedded newlines, BOM and
 CRLF handled, memory flat) and handed out as all-String polars frames. Row positions (`__row_idx`)
 are 0-based over the file's data rows, the numbering used by --start-row/--end-row everywhere.
+
+Parquet and JSONL (one JSON object per line) are read by the same streaming layer: only the reader
+(`_string_batches`) differs; slicing, only_rows and frames work on any stream of Arrow record
+batches. Their typed values are rendered as the text a user would write (`render_arrow` /
+`render_value`; the rules are in docs/inputs.md):
+
+* null / missing key → ""; strings unchanged;
+* integers → `7` (never `7.0`, nulls or not); floats → the shortest text that reads back the same
+  float (`1.5`, `7.0`, `0.1`); decimals keep their scale (`19.90`);
+* booleans → `true` / `false` (JSON's spelling, as the value is written in a JSONL file);
+* dates `2024-01-02`, timestamps ISO 8601 `2024-01-02T03:04:05[.ffffff][+00:00]`;
+* lists, structs, maps and JSON objects/arrays → compact JSON (`[1,2]`, `{"a":1}`).
+
+`iter_frames(..., native=True)` hands out what merge needs to give a table back in its own format:
+Parquet columns with their original types, JSONL rows as the original line text (`__raw`).
 """
 
 from __future__ import annotations
 
+import base64
 import codecs
 import contextlib
 import csv
 import difflib
+import json
 import sys
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import orjson
 import polars as pl
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from batchops.errors import InputError
 from batchops.spec import JobSpec
 
 ROW_IDX = "__row_idx"
 ROW_ID = "__row_id"
-_RESERVED = (ROW_IDX, ROW_ID)
+RAW = "__raw"  # native JSONL frames: the row's original JSON object text
+_RESERVED = (ROW_IDX, ROW_ID, RAW)
 
 # pyarrow parses in blocks; a quoted cell longer than a block cannot be parsed, so open_source
 # grows the block until the whole file parses and remembers the size for iter_frames.
@@ -35,6 +56,9 @@ _BLOCK_SIZE = 1 << 18
 _MAX_BLOCK_SIZE = 1 << 30
 _MAX_LISTED = 5
 _THREADS = False  # on 2 cores, single-threaded parsing was faster and leaner
+_BATCH_ROWS = 1 << 15  # rows per record batch from the Parquet and JSONL readers
+# Above this, a float parsed by orjson may be an integer it could not hold: re-read exactly.
+_EXACT_FLOAT = float(2**53)
 
 
 @dataclass(frozen=True)
@@ -50,6 +74,8 @@ class Source:
     end_row: int = 0  # exclusive
     total_rows: int = 0  # data rows in the whole file
     image_column: str | None = None
+    # Parquet: the file's Arrow schema (merge gives the columns back with these types).
+    arrow_schema: pa.Schema | None = field(default=None, compare=False, repr=False)
     # Private: how to re-read the file, and what it looked like when it was validated.
     _block_size: int = field(default=_BLOCK_SIZE, repr=False)
     _fingerprint: tuple[int, int] = field(default=(0, 0), repr=False)
@@ -64,19 +90,28 @@ def open_source(spec: JobSpec) -> Source:
     """Validate the source named by `spec` (readable, well-formed, ids, columns, slice); build nothing."""
     path = Path(spec.source)
     _check_readable(path)
-    if spec.source_format != "csv":
-        raise InputError(
-            f"{path}: source format {spec.source_format!r} is not supported yet (use csv)"
-        )
-
-    columns = _read_header(path)
-    _check_header(path, columns)
-    _check_column(path, columns, spec.id_column, "--id-column")
-    _check_column(path, columns, spec.image_column, "--image-column")
-    if spec.image_dir is not None and not Path(spec.image_dir).is_dir():
-        raise InputError(f"--image-dir {spec.image_dir}: not a directory")
-
-    total, block_size = _scan_csv(path, columns, spec.id_column)
+    fmt = spec.source_format
+    block_size = _BLOCK_SIZE
+    schema: pa.Schema | None = None
+    if fmt == "csv":
+        columns = _read_header(path)
+        _check_header(path, columns)
+        _check_columns(path, columns, spec)
+        total, block_size = _scan_csv(path, columns, spec.id_column)
+    elif fmt == "parquet":
+        schema, total = _parquet_meta(path)
+        columns = list(schema.names)
+        _check_header(path, columns)
+        _check_columns(path, columns, spec)
+        if spec.id_column is not None:
+            ids = _IdCheck(path, spec.id_column, fmt)
+            for batch in _string_batches(path, fmt, [spec.id_column]):
+                ids.add(batch.column(0), ids.rows)
+            ids.finish(block_size)
+    elif fmt == "jsonl":
+        columns, total = _scan_jsonl(path, spec)
+    else:
+        raise InputError(f"{path}: unknown source format {fmt!r} (csv, parquet or jsonl)")
 
     start = spec.start_row or 0
     end = total if spec.end_row is None else min(spec.end_row, total)
@@ -88,7 +123,7 @@ def open_source(spec: JobSpec) -> Source:
     st = path.stat()
     return Source(
         path=path,
-        format="csv",
+        format=fmt,
         columns=columns,
         n_rows=max(0, end - start),
         id_column=spec.id_column,
@@ -96,6 +131,7 @@ def open_source(spec: JobSpec) -> Source:
         end_row=end,
         total_rows=total,
         image_column=spec.image_column,
+        arrow_schema=schema,
         _block_size=block_size,
         _fingerprint=(st.st_size, st.st_mtime_ns),
     )
@@ -107,12 +143,16 @@ def iter_frames(
     columns: list[str] | None = None,
     batch_rows: int = 100_000,
     only_rows: Collection[int] | pl.Series | np.ndarray | None = None,
+    native: bool = False,
 ) -> Iterator[pl.DataFrame]:
     """Stream the slice as all-String frames of at most `batch_rows` rows, in file order.
 
     Each frame has the requested columns (default: all) plus `__row_idx` (Int64) and `__row_id`
     (the id column's value, or str(__row_idx)). `only_rows` keeps just those row positions
     (positions outside the slice are ignored).
+
+    native: Parquet columns keep their own types; a JSONL frame holds `__raw` (each row's JSON
+    object text, unchanged) instead of the columns; CSV is the same either way.
     """
     if batch_rows < 1:
         raise ValueError("batch_rows must be >= 1")
@@ -129,10 +169,12 @@ def iter_frames(
     wanted = _wanted_rows(source, only_rows)
     if source.n_rows == 0 or (wanted is not None and wanted.size == 0):
         return
+    if native and source.format == "jsonl":
+        cols = [RAW]
 
     pending: list[pa.RecordBatch] = []
     n_pending = 0
-    for idx, batch in _slice_batches(source, read_cols, wanted):
+    for idx, batch in _slice_batches(source, read_cols, wanted, native):
         pending.append(batch.append_column(ROW_IDX, pa.array(idx, pa.int64())))
         n_pending += batch.num_rows
         while n_pending >= batch_rows:
@@ -220,6 +262,13 @@ def _check_column(path: Path, columns: list[str], name: str | None, option: str)
         raise InputError(_no_such_column(path, columns, name, option))
 
 
+def _check_columns(path: Path, columns: list[str], spec: JobSpec) -> None:
+    _check_column(path, columns, spec.id_column, "--id-column")
+    _check_column(path, columns, spec.image_column, "--image-column")
+    if spec.image_dir is not None and not Path(spec.image_dir).is_dir():
+        raise InputError(f"--image-dir {spec.image_dir}: not a directory")
+
+
 def _no_such_column(path: Path, columns: list[str], name: str, what: str) -> str:
     hint = close_column(name, columns)
     did_you_mean = f"; did you mean {hint!r}?" if hint else ""
@@ -251,7 +300,7 @@ def _scan_csv(path: Path, columns: list[str], id_column: str | None) -> tuple[in
             ragged.append(row.text)
             return "skip"  # located precisely below, once the pass is over
 
-        ids = _IdCheck(path, id_column) if id_column is not None else None
+        ids = _IdCheck(path, id_column, "csv") if id_column is not None else None
         total = 0
         try:
             for batch in _open_reader(path, columns, block_size, on_invalid):
@@ -280,14 +329,16 @@ class _IdCheck:
     """Non-empty, unique ids in flat memory: 8 bytes of hash per row; the strings of suspected
     duplicates are fetched by a second pass only when two hashes collide."""
 
-    def __init__(self, path: Path, column: str) -> None:
-        self.path, self.column = path, column
+    def __init__(self, path: Path, column: str, fmt: str) -> None:
+        self.path, self.column, self.fmt = path, column, fmt
         self.hashes: list[np.ndarray] = []
         self.empty_rows: list[int] = []
         self.n_empty = 0
+        self.rows = 0
 
-    def add(self, values: pa.Array, first_row: int) -> None:
+    def add(self, values: pa.Array | pa.ChunkedArray, first_row: int) -> None:
         ids = pl.Series(values)
+        self.rows += len(ids)
         empty = (ids == "").arg_true()
         self.n_empty += len(empty)
         if len(self.empty_rows) < _MAX_LISTED:
@@ -310,7 +361,7 @@ class _IdCheck:
     def _report_duplicates(self, suspects: np.ndarray, block_size: int) -> None:
         found: dict[str, list[int]] = {}
         pos = 0
-        for batch in _open_reader(self.path, [self.column], block_size):
+        for batch in _string_batches(self.path, self.fmt, [self.column], block_size):
             ids = pl.Series(batch.column(0))
             hit = ids.hash(seed=0).is_in(pl.Series(suspects)).arg_true()
             for i, value in zip(hit.to_list(), ids.gather(hit).to_list(), strict=True):
@@ -358,14 +409,15 @@ def _wanted_rows(source: Source, only_rows) -> np.ndarray | None:
 
 
 def _slice_batches(
-    source: Source, read_cols: list[str], wanted: np.ndarray | None
+    source: Source, read_cols: list[str], wanted: np.ndarray | None, native: bool = False
 ) -> Iterator[tuple[np.ndarray, pa.RecordBatch]]:
     """Record batches of the slice (or of the wanted rows) with their row positions."""
     start, end = source.start_row, source.end_row
     last = end if wanted is None else int(wanted[-1]) + 1
     pos = 0
+    reader = _native_batches if native else _string_batches
     try:
-        for batch in _open_reader(source.path, read_cols, source._block_size):
+        for batch in reader(source.path, source.format, read_cols, source._block_size):
             n = batch.num_rows
             lo, hi = max(start, pos), min(last, pos + n)
             if lo < hi:
@@ -386,8 +438,230 @@ def _slice_batches(
 def _to_frame(table: pa.Table, cols: list[str], id_column: str | None) -> pl.DataFrame:
     df = pl.from_arrow(table)
     assert isinstance(df, pl.DataFrame)
-    row_id = pl.col(id_column) if id_column else pl.col(ROW_IDX).cast(pl.String)
+    row_id = pl.col(id_column if id_column else ROW_IDX).cast(pl.String)
     return df.select(*cols, pl.col(ROW_IDX), row_id.alias(ROW_ID))
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: every format as a stream of record batches (strings, or native for merge)
+
+
+def _string_batches(
+    path: Path, fmt: str, columns: list[str], block_size: int = _BLOCK_SIZE
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of `columns`, every value rendered as a non-null string."""
+    if fmt == "csv":
+        yield from _open_reader(path, columns, block_size)
+    elif fmt == "parquet":
+        for batch in _parquet_batches(path, columns):
+            yield pa.RecordBatch.from_arrays(
+                [render_arrow(batch.column(i)) for i in range(batch.num_columns)], names=columns
+            )
+    else:
+        yield from _jsonl_batches(path, columns, raw=False)
+
+
+def _native_batches(
+    path: Path, fmt: str, columns: list[str], block_size: int = _BLOCK_SIZE
+) -> Iterator[pa.RecordBatch]:
+    """Parquet: the columns with their own types; JSONL: `__raw` plus the rendered columns."""
+    if fmt == "parquet":
+        for batch in _parquet_batches(path, columns):
+            yield pa.RecordBatch.from_arrays(
+                [_plain(batch.column(i)) for i in range(batch.num_columns)], names=columns
+            )
+    elif fmt == "jsonl":
+        yield from _jsonl_batches(path, columns, raw=True)
+    else:
+        yield from _string_batches(path, fmt, columns, block_size)
+
+
+def _plain(arr: pa.Array) -> pa.Array:
+    # Dictionary columns (pandas categoricals) as their values: polars would make them
+    # Categorical, which does not concatenate across frames; merge restores the type on write.
+    return arr.dictionary_decode() if pa.types.is_dictionary(arr.type) else arr
+
+
+def _parquet_meta(path: Path) -> tuple[pa.Schema, int]:
+    try:
+        f = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+    # The pandas index/metadata describe a DataFrame, not this table: not carried along.
+    return f.schema_arrow.remove_metadata(), f.metadata.num_rows
+
+
+def _parquet_batches(path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    try:
+        f = pq.ParquetFile(path)
+        # Select by position: a top-level name containing "." must not be taken as a path.
+        names = f.schema_arrow.names
+        yield from f.iter_batches(
+            batch_size=_BATCH_ROWS,
+            columns=[names[names.index(c)] for c in columns],
+            use_threads=_THREADS,
+        )
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: cannot read ({exc})") from None
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
+    """(line number, the line without its line break, the parsed object) of every data row;
+    blank lines are not rows (as in CSV)."""
+    with path.open("rb") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if line_no == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")
+            text = line.strip()
+            if not text:
+                continue
+            yield line_no, text, _parse_json_line(path, line_no, text)
+
+
+def _parse_json_line(path: Path, line_no: int, text: bytes) -> dict[str, Any]:
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        obj = _exact_json(path, line_no, text)  # e.g. 1e400, which orjson refuses
+    if not isinstance(obj, dict):
+        kind = "an array" if isinstance(obj, list) else f"a {type(obj).__name__}"
+        raise InputError(
+            f"{path}: line {line_no} is {kind}, not a JSON object (JSONL needs one object per line)"
+        )
+    # orjson reads integers beyond 64 bits as floats: read such a line again, exactly.
+    for v in obj.values():
+        if isinstance(v, float) and abs(v) >= _EXACT_FLOAT and v.is_integer():
+            return _exact_json(path, line_no, text)
+    return obj
+
+
+def _exact_json(path: Path, line_no: int, text: bytes) -> Any:
+    try:
+        return json.loads(text)
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: line {line_no} is not UTF-8; save it as UTF-8") from None
+    except ValueError as exc:
+        raise InputError(f"{path}: line {line_no} is not valid JSON ({exc})") from None
+
+
+def _scan_jsonl(path: Path, spec: JobSpec) -> tuple[list[str], int]:
+    """One pass: every line an object; columns = every key, in order of first appearance;
+    ids non-empty and unique. Returns (columns, data rows)."""
+    keys: dict[str, None] = {}
+    id_col = spec.id_column
+    ids = _IdCheck(path, id_col, "jsonl") if id_col is not None else None
+    pending: list[str] = []
+    total = 0
+    for _, _, obj in _jsonl_rows(path):
+        if len(obj) != len(keys) or any(k not in keys for k in obj):
+            for k in obj:
+                keys.setdefault(k, None)
+        if ids is not None:
+            pending.append(render_value(obj.get(id_col)))
+            if len(pending) >= _BATCH_ROWS:
+                ids.add(pa.array(pending, pa.string()), ids.rows)
+                pending = []
+        total += 1
+    columns = list(keys)
+    if total == 0:
+        raise InputError(f"{path}: no data rows (an empty JSONL file)")
+    _check_header(path, columns)
+    _check_columns(path, columns, spec)
+    if ids is not None:
+        if pending:
+            ids.add(pa.array(pending, pa.string()), ids.rows)
+        ids.finish(_BLOCK_SIZE)
+    return columns, total
+
+
+def _jsonl_batches(path: Path, columns: list[str], *, raw: bool) -> Iterator[pa.RecordBatch]:
+    names = ([RAW] if raw else []) + columns
+    cells: list[list[str]] = [[] for _ in names]
+    n = 0
+    for _, text, obj in _jsonl_rows(path):
+        if raw:
+            cells[0].append(text.decode("utf-8"))
+        for out, c in zip(cells[raw:], columns, strict=True):
+            out.append(render_value(obj.get(c)))
+        n += 1
+        if n == _BATCH_ROWS:
+            yield pa.RecordBatch.from_arrays([pa.array(c, pa.string()) for c in cells], names=names)
+            cells, n = [[] for _ in names], 0
+    if n:
+        yield pa.RecordBatch.from_arrays([pa.array(c, pa.string()) for c in cells], names=names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering typed values as text (Parquet columns, JSONL values)
+
+
+def render_value(v: Any) -> str:
+    """One JSON value (as parsed from a JSONL line) as the text a user would expect."""
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v)  # shortest text that reads back as the same float
+    try:
+        return orjson.dumps(v).decode()
+    except TypeError:  # integers beyond 64 bits (exact re-read): the standard encoder
+        return json.dumps(v, ensure_ascii=False, separators=(",", ":"))
+
+
+def render_arrow(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """An Arrow column of any type as non-null strings, by the rules in the module docstring."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    t = arr.type
+    if pa.types.is_dictionary(t):
+        return render_arrow(arr.dictionary_decode())
+    s = pl.Series(_render_series(arr, t))
+    return s.fill_null("").to_arrow().cast(pa.string())
+
+
+def _render_series(arr: pa.Array, t: pa.DataType) -> pl.Series | list[str | None]:
+    if pa.types.is_null(t):
+        return pl.Series([None] * len(arr), dtype=pl.String)
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return pl.Series(arr.cast(pa.large_string()))
+    if pa.types.is_boolean(t):
+        return pl.Series(arr).cast(pl.String)  # true / false
+    if pa.types.is_integer(t) or pa.types.is_decimal(t) or pa.types.is_date(t):
+        return pl.Series(arr).cast(pl.String)
+    if pa.types.is_floating(t):
+        # polars writes the shortest round-trip text; float16 is widened first.
+        return pl.Series(arr.cast(pa.float64()) if pa.types.is_float16(t) else arr).cast(pl.String)
+    if pa.types.is_timestamp(t):
+        fmt = "%Y-%m-%dT%H:%M:%S%.f" + ("%:z" if t.tz else "")
+        return pl.Series(arr).dt.to_string(fmt)
+    if pa.types.is_time(t):
+        return pl.Series(arr).cast(pl.String)
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        return [None if b is None else base64.b64encode(b).decode() for b in arr.to_pylist()]
+    if pa.types.is_nested(t):
+        return _nested_json(arr)
+    return [None if v is None else str(v) for v in arr.to_pylist()]  # durations, intervals …
+
+
+def _nested_json(arr: pa.Array) -> pl.Series | list[str | None]:
+    """Lists/structs/maps as compact JSON (polars' encoder, else the standard one)."""
+    try:
+        wrapped = pl.DataFrame({"v": pl.Series(arr)}).select(
+            pl.struct("v").struct.json_encode().str.strip_prefix('{"v":').str.strip_suffix("}")
+        )
+        out = wrapped.to_series()
+        return pl.Series([None if v == "null" else v for v in out.to_list()], dtype=pl.String)
+    except Exception:  # a type polars cannot encode (e.g. maps with non-string keys)
+        return [None if v is None else _json_text(v) for v in arr.to_pylist()]
+
+
+def _json_text(v: Any) -> str:
+    return json.dumps(v, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,6 +717,7 @@ def _csv_field_limit():
 
 
 __all__ = [
+    "RAW",
     "ROW_ID",
     "ROW_IDX",
     "Source",
@@ -450,4 +725,6 @@ __all__ = [
     "iter_frames",
     "list_columns",
     "open_source",
+    "render_arrow",
+    "render_value",
 ]

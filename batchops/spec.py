@@ -101,6 +101,11 @@ class JobSpec(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     body_extra: dict = Field(default_factory=dict)
+    # Structured outputs: a JSON Schema every answer must satisfy (see batchops/structured.py).
+    schema_: dict | None = Field(None, description="JSON Schema of the answer (structured outputs)")
+    schema_name: str | None = Field(None, description="name sent with the schema")
+    schema_strict: bool = Field(True, description="strict structured outputs")
+    schema_prefix: str = Field("", description="prefix of the answer's columns in the merged output")
 
     batch_size: int = Field(20, ge=1, le=MAX_REQUESTS_PER_FILE)
     poll_interval: float = Field(30.0, gt=0)
@@ -125,6 +130,14 @@ class JobSpec(BaseModel):
             if m.name == name:
                 return m
         raise KeyError(name)
+
+
+SOURCE_FORMATS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+def infer_source_format(path: str | Path) -> str:
+    """csv / parquet / jsonl from the file's extension; anything else is read as CSV."""
+    return SOURCE_FORMATS.get(Path(path).suffix.lower(), "csv")
 
 
 def load_toml(path: Path) -> dict:

@@ -228,9 +228,9 @@ def test_slice_bounds(tmp_path):
         open_source(spec_for(path, start_row=10))
 
 
-def test_other_formats_are_refused_for_now(tmp_path):
+def test_a_csv_declared_as_parquet_is_one_clear_error(tmp_path):
     path = numbered(tmp_path, 3)
-    with pytest.raises(InputError, match="source format 'parquet' is not supported yet"):
+    with pytest.raises(InputError, match="not a readable Parquet file"):
         open_source(spec_for(path, source_format="parquet"))
 
 
