@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 from loguru import logger
 
-from batchops import chunking, pricing, source, validate
+from batchops import chunking, pricing, render, source, structured, validate
 from batchops import merge as merging
 from batchops import report as reporting
 from batchops.engine import DEFAULT_COMPLETION_ESTIMATE, BatchEngine, Progress
@@ -27,7 +27,7 @@ from batchops.errors import InputError, RunIncomplete
 from batchops.providers import Pool, load_keys
 from batchops.render import check_template
 from batchops.rundir import RunDir, create_or_resume, default_run_dir, open_existing, start_over
-from batchops.spec import JobSpec, ModelEntry
+from batchops.spec import JobSpec, ModelEntry, infer_source_format
 
 
 @dataclass
@@ -113,6 +113,11 @@ def build_spec(
     data["models"] = entries
     data["source"] = source_path
     data["prompt"] = prompt
+    data.setdefault("source_format", infer_source_format(source_path))
+    schema = options.get("schema", cfg.get("schema"))
+    if schema is not None:  # a pydantic model class, a JSON Schema dict, or a JSON file path
+        name = options.get("schema_name") or cfg.get("schema_name")
+        data["schema_"], data["schema_name"] = structured.resolve_schema(schema, name)
     if not entries:
         raise InputError("no model: give --model (repeatable) or [[models]] in batchops.toml")
     try:
@@ -144,6 +149,8 @@ def validate_inputs(spec: JobSpec) -> source.Source:
         )
     if spec.image_dir and not Path(spec.image_dir).is_dir():
         raise InputError(f"--image-dir {spec.image_dir}: not a directory")
+    structured.check_spec(spec)
+    render.request_body(spec, spec.models[0].name, "")  # body options (--body-extra …) checked now
     return src
 
 
@@ -322,10 +329,22 @@ def _estimate_of(
 
 
 def merge_run(run: RunDir, out: Path | None = None) -> Path:
-    src = source.open_source(run.spec)
+    spec = run.spec
+    src = source.open_source(spec)
     out = Path(out or run.final_output)
+    # Output in the source's own format: Parquet keeps the column types, JSONL each object.
+    native = merging.format_of(out) == src.format != "csv"
     summary = merging.merge_frames(
-        source.iter_frames(src), src.columns, run.store.outcomes_frame(), out
+        source.iter_frames(src, native=native),
+        src.columns,
+        run.store.outcomes_frame(),
+        out,
+        source_schema=src.arrow_schema if native else None,
+        raw=native and src.format == "jsonl",
+        answer_schema=spec.schema_,
+        schema_prefix=spec.schema_prefix,
+        embeddings=spec.endpoint == "/v1/embeddings"
+        and (spec.body_extra or {}).get("encoding_format") != "base64",
     )
     logger.info(
         "merged {} rows into {} ({})",
@@ -601,37 +620,116 @@ def run(
     model: str | Sequence[str],
     run_dir: str | Path,
     id_column: str | None = None,
+    schema: Any = None,
     **options: Any,
 ) -> pd.DataFrame:
-    """Run a table (a DataFrame or a CSV path) through the model(s); return it with the merged columns.
+    """Run a table through the model(s); return it with the merged columns.
 
-    The run directory is durable: calling again with the same arguments (e.g. after a kernel
-    restart) resumes instead of paying twice.
+    `data`: a pandas DataFrame, or the path of a CSV / Parquet / JSONL file. `schema`: a
+    pydantic model class (or a JSON Schema dict) for structured outputs: each answer is
+    validated and its fields come back as typed columns. Other keywords mirror the `run`
+    options in snake_case (mode, system, batch_size, poll_interval, max_retries, endpoint,
+    body_extra, schema_prefix, base_url, cleanup, wait, …).
+
+    A DataFrame comes back as itself (same index, same dtypes) with the merged columns added;
+    it is saved as <run_dir>/source.parquet, so values and types round-trip. The run directory
+    is durable: calling again with the same arguments (e.g. after a kernel restart) resumes
+    instead of paying twice.
     """
+    import pandas as pd
+
     run_dir = Path(run_dir)
+    run_keys = {"dry_run", "wait", "api_key_file", "base_url"}
+    cleanup, keep_latest = options.pop("cleanup", False), options.pop("keep_latest", False)
+    if cleanup or keep_latest:
+        # Before the frame is written: starting over moves the whole run dir aside.
+        backup = start_over(run_dir, keep_backup=bool(keep_latest))
+        if backup:
+            logger.info("previous run kept as {}", backup)
+    frame: pd.DataFrame | None = None
     if isinstance(data, pd.DataFrame):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / "source.csv"
-        frame = data.astype(object).where(data.notna(), "").astype(str)
-        tmp = path.with_suffix(".csv.tmp")
-        frame.to_csv(tmp, index=False)
-        if not path.exists() or path.read_bytes() != tmp.read_bytes():
-            os.replace(tmp, path)
-        else:
-            tmp.unlink()
-        source_path = str(path)
+        frame = data
+        source_path = str(_save_frame(data, run_dir))
     else:
         source_path = str(data)
     models = [model] if isinstance(model, str) else list(model)
-    run_keys = {"cleanup", "keep_latest", "dry_run", "wait", "api_key_file", "base_url"}
     spec = build_spec(
         source_path=source_path,
         prompt=prompt,
         models=models,
         id_column=id_column,
+        schema=schema,
         **{k: v for k, v in options.items() if k not in run_keys},
     )
     report = run_job(spec, run_dir, **{k: v for k, v in options.items() if k in run_keys})
     if report.final_output is None:
         raise RunIncomplete(f"{run_dir}: run not finished ({report.summary()})")
-    return merging.read_merged(report.final_output).to_pandas()
+    out = report.final_output
+    if merging.format_of(out) != "parquet":  # typed merged columns for the returned frame
+        out = merge(run_dir, run_dir / "final_output.parquet")
+    return _result_frame(out, frame)
+
+
+FRAME_SOURCE = "source.parquet"
+
+
+def _save_frame(df: pd.DataFrame, run_dir: Path) -> Path:
+    """Write the DataFrame as <run_dir>/source.parquet, unless the same bytes are there already
+    (a resumed run must find its source unchanged). A different frame in a run dir that already
+    holds a run is refused: its rows' answers would be joined onto other rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = [str(c) for c in df.columns]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(f"DataFrame has duplicate column names: {dup}")
+    arrays = []
+    for name in df.columns:
+        col = df[name]
+        try:
+            arrays.append(pa.array(col, from_pandas=True))
+        except (pa.ArrowException, TypeError, ValueError):  # mixed objects: their text
+            arrays.append(pa.array([None if _isna(v) else str(v) for v in col], pa.string()))
+    table = pa.Table.from_arrays(arrays, names=names)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / FRAME_SOURCE
+    tmp = run_dir / f".{FRAME_SOURCE}.{os.getpid()}.tmp"
+    pq.write_table(table, tmp, compression="zstd")
+    if path.exists() and path.read_bytes() == tmp.read_bytes():
+        tmp.unlink()
+        return path
+    if path.exists() and (run_dir / "state.db").exists():
+        tmp.unlink()
+        raise InputError(
+            f"{run_dir}: holds a run of a different DataFrame; pass cleanup=True (or "
+            "keep_latest=True) to start over, or use another run_dir"
+        )
+    os.replace(tmp, path)
+    return path
+
+
+def _isna(v: Any) -> bool:
+    import pandas as pd
+
+    try:
+        return bool(pd.isna(v))  # None, NaN, NaT, pd.NA
+    except (TypeError, ValueError):  # list-likes are values, not missing
+        return False
+
+
+def _result_frame(path: Path, frame: pd.DataFrame | None) -> pd.DataFrame:
+    """The merged Parquet as pandas; for a DataFrame input, that frame plus the added columns
+    (its own index and dtypes; counts as nullable Int64 since failed rows have none)."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    mapper = {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}.get
+    if frame is None:
+        return table.to_pandas(types_mapper=mapper)
+    added = table.select(table.column_names[frame.shape[1] :]).to_pandas(types_mapper=mapper)
+    out = pd.concat([frame.reset_index(drop=True), added], axis=1)
+    out.index = frame.index
+    return out

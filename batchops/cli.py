@@ -142,7 +142,10 @@ def cli() -> None:
     "--csv", "csv_path", type=click.Path(path_type=Path), help="Source table (UTF-8 CSV)."
 )
 @click.option(
-    "--input", "input_path", type=click.Path(path_type=Path), help="Source table (same as --csv)."
+    "--input",
+    "input_path",
+    type=click.Path(path_type=Path),
+    help="Source table: CSV, Parquet (.parquet) or JSONL (.jsonl/.ndjson), by its extension.",
 )
 @click.option("--id-column", help="Unique row key column [default: the 0-based row number].")
 @click.option("--prompt", help="Template with {column} placeholders ({{ }} for literal braces).")
@@ -160,6 +163,27 @@ def cli() -> None:
     type=click.Choice(["/v1/chat/completions", "/v1/responses", "/v1/embeddings"]),
     default=None,
     help="API endpoint [default: /v1/chat/completions].",
+)
+@click.option(
+    "--schema",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="JSON Schema file: structured outputs; each answer is validated and its top-level "
+    "fields become columns.",
+)
+@click.option("--schema-name", default=None, help="Name sent with --schema [default: file stem].")
+@click.option(
+    "--schema-prefix", default=None, help="Prefix of the answer's columns in the merged table."
+)
+@click.option(
+    "--schema-strict/--no-schema-strict",
+    default=None,
+    help="Strict structured outputs (the schema must close every object) [strict].",
+)
+@click.option(
+    "--body-extra",
+    default=None,
+    help='JSON object of further request-body parameters, e.g. \'{"top_p": 0.9}\'.',
 )
 @click.option(
     "--batch-size",
@@ -263,7 +287,7 @@ def run(
     console = _start_logging(log_dir, verbose - quiet)
     source_path = csv_path or input_path
     if source_path is None:
-        raise InputError("give the source table with --csv PATH")
+        raise InputError("give the source table with --csv PATH or --input PATH")
     if not source_path.exists():
         raise InputError(f"{source_path}: file not found")
     if (prompt is None) == (prompt_file is None):
@@ -274,6 +298,8 @@ def run(
         except OSError as exc:
             raise InputError(f"{prompt_file}: cannot read prompt file ({exc.strerror})") from None
     config = _config(config_path)
+    if options.get("body_extra") is not None:
+        options["body_extra"] = _json_object("--body-extra", options["body_extra"])
     spec = api.build_spec(
         source_path=str(source_path),
         prompt=prompt or "",
@@ -307,6 +333,16 @@ def run(
     if report.exit_code:
         click.echo(f"rows missing: see `batchops missing --run-dir {report.run_dir}`", err=True)
     sys.exit(report.exit_code)
+
+
+def _json_object(option: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{option}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{option}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _config(path: Path | None) -> dict[str, Any]:
@@ -432,7 +468,8 @@ def retry_missing(
     "--output",
     type=click.Path(path_type=Path),
     default=None,
-    help="Output path: CSV, or Parquet when it ends in .parquet [default: <run-dir>/final_output.csv].",
+    help="Output path: CSV, Parquet (.parquet) or JSONL (.jsonl) [default: "
+    "<run-dir>/final_output.<the source's format>].",
 )
 @handle_errors
 def merge(run_dir: Path | None, output: Path | None) -> None:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from loguru import logger
 
-from batchops import chunking, pricing, results, source
+from batchops import chunking, pricing, results, source, structured
 from batchops.classify import EXHAUSTING, classify_batch_error, is_retryable
 from batchops.providers import ApiCallError, Pool, call
 from batchops.records import RowOutcome
@@ -562,6 +562,7 @@ class BatchEngine:
                 continue
             path = self._download(chunk, b.id, file_id, folder)
             for o in results.parse_file(path, self.spec.endpoint):
+                o = structured.check_outcome(o, self.spec)  # schema answers: validated
                 o.retryable = (
                     o.retryable and is_retryable(o.error_class, self.spec.retry.retry_on)
                     if o.error_class

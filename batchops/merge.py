@@ -2,7 +2,13 @@
 
 Contract (DESIGN.md "Merged output"): every source column unchanged, in source order and row
 order, then the `MERGED_COLUMNS`; an added column whose name a source column already uses is
-prefixed ``batchops_`` (``batchops_2_`` … if that is taken too).
+prefixed ``batchops_`` (``batchops_2_`` … if that is taken too). With an answer schema, one
+column per top-level property follows (structured.SchemaColumns).
+
+Formats: CSV (every cell text), Parquet (source columns as strings, or with the source file's
+own Arrow types when `source_schema` is given; embeddings as a list<double> column; schema
+properties typed) and JSONL (each source object, unchanged when `raw` frames are given, with the
+added keys appended; embeddings and schema properties as native JSON values).
 
 How it stays fast and flat on 1,000,000 rows:
 
@@ -21,16 +27,20 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import sys
+import types
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
 
+import orjson
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchops.errors import InputError, StateError
+from batchops.structured import SchemaColumns
 
 __all__ = [
     "MERGED_COLUMNS",
@@ -72,6 +82,8 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
 _MIN_FRAME_ROWS = 50_000  # frames smaller than this are merged in groups
 _MAX_FRAME_ROWS = 200_000  # larger frames are merged slice by slice
 _IDX = "__row_idx"  # join key, as the source module names it
+_RAW = "__raw"  # native JSONL frames: the source object's text, as the source module names it
+_NO_EXTRA: dict[str, list] = {}
 _HIT = "__batchops_hit"  # marks joined outcome rows, to count outcomes that matched no row
 
 
@@ -107,6 +119,11 @@ def merge_frames(
     out_path: Path | str,
     *,
     fmt: str | None = None,
+    source_schema: pa.Schema | None = None,
+    raw: bool = False,
+    answer_schema: dict | None = None,
+    schema_prefix: str = "",
+    embeddings: bool = False,
 ) -> MergeSummary:
     """Write source frames (in row order) joined with `outcomes` to `out_path`.
 
@@ -114,26 +131,62 @@ def merge_frames(
     ``__row_id``. `outcomes`: at most one row per ``row_idx``; columns as in
     `MERGED_COLUMNS` (a missing one is treated as all-null). Rows without an outcome get status
     ``missing`` and error ``no result recorded``.
+
+    `source_schema`: the frames hold the source columns with their own types (a Parquet
+    source); Parquet output keeps those types where Arrow can. `raw` (JSONL output only): the
+    frames hold ``__raw``, each source object's JSON text, instead of the columns.
+    `answer_schema`: expand succeeded answers into one column per top-level property, named
+    `schema_prefix` + property. `embeddings`: responses are JSON vectors (list column in
+    Parquet, native list in JSONL).
     """
     out_path = Path(out_path)
     fmt = _resolve_fmt(out_path, fmt)
+    if raw and fmt != "jsonl":
+        raise InputError("raw source objects can only be merged into JSONL")
     names = merged_column_names(list(source_columns))
     index = _OutcomeIndex(outcomes, names)
-    out_columns = [*source_columns, *names.values()]
+    expand = (
+        SchemaColumns(answer_schema, schema_prefix, [*source_columns, *names.values()])
+        if answer_schema is not None
+        else None
+    )
+    extra_columns = expand.columns if expand is not None else []
+    out_columns = [*source_columns, *names.values(), *extra_columns]
 
     by_status: dict[str, int] = dict.fromkeys(STATUSES, 0)
     rows = matched = 0
     with _atomic_write(out_path) as fh:
-        sink: _Sink = _CsvSink(fh) if fmt == "csv" else _ParquetSink(fh, source_columns, names)
+        sink: _Sink
+        if fmt == "csv":
+            sink = _CsvSink(fh, expand)
+        elif fmt == "jsonl":
+            sink = _JsonlSink(fh, source_columns, names, raw=raw, embeddings=embeddings)
+        else:
+            sink = _ParquetSink(
+                fh, source_columns, names, source_schema, expand, embeddings=embeddings
+            )
         try:
             for frame in _coalesce(frames, _MIN_FRAME_ROWS, _MAX_FRAME_ROWS):
-                part, n_matched = _merge_one(frame, source_columns, index, names)
+                part, n_matched = _merge_one(
+                    frame,
+                    source_columns,
+                    index,
+                    names,
+                    keep_types=source_schema is not None,
+                    raw=raw,
+                )
                 rows += part.height
                 matched += n_matched
                 for status, n in part.get_column(names["status"]).value_counts().iter_rows():
                     by_status[status] = by_status.get(status, 0) + n
-                sink.write(part)
-                del part  # drop this frame's merged copy before pulling the next frame
+                extra = _NO_EXTRA
+                if expand is not None:
+                    extra = expand.values(
+                        part.get_column(names["response"]).to_list(),
+                        part.get_column(names["status"]).eq("succeeded").to_list(),
+                    )
+                sink.write(part, extra)
+                del part, extra  # drop this frame's merged copy before pulling the next frame
         except BaseException:
             with contextlib.suppress(Exception):  # release the writer; the temp file is deleted
                 sink.close(out_columns, source_columns, names)
@@ -146,6 +199,11 @@ def merge_frames(
         unmatched_outcomes=index.height - matched,
         columns=out_columns,
     )
+
+
+def format_of(path: Path | str) -> str:
+    """csv / parquet / jsonl, from the output path's extension (CSV unless it says otherwise)."""
+    return _resolve_fmt(Path(path), None)
 
 
 def read_merged(path: Path | str) -> pl.DataFrame:
@@ -172,10 +230,11 @@ def read_merged(path: Path | str) -> pl.DataFrame:
 
 def _resolve_fmt(out_path: Path, fmt: str | None) -> str:
     if fmt is None:
-        return "parquet" if out_path.suffix.lower() == ".parquet" else "csv"
+        suffix = out_path.suffix.lower()
+        return {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(suffix, "csv")
     fmt = fmt.lower()
-    if fmt not in ("csv", "parquet"):
-        raise InputError(f"unknown merge format {fmt!r}: use csv or parquet")
+    if fmt not in ("csv", "parquet", "jsonl"):
+        raise InputError(f"unknown merge format {fmt!r}: use csv, parquet or jsonl")
     return fmt
 
 
@@ -215,18 +274,24 @@ def _merge_one(
     source_columns: list[str],
     index: _OutcomeIndex,
     names: dict[str, str],
+    *,
+    keep_types: bool = False,
+    raw: bool = False,
 ) -> tuple[pl.DataFrame, int]:
+    if raw:
+        source_columns = [_RAW]
     if _IDX not in frame.schema or any(c not in frame.schema for c in source_columns):
         lacking = [c for c in (_IDX, *source_columns) if c not in frame.schema]
         raise StateError(f"source frame lacks column(s) {lacking}")
     idx = frame.get_column(_IDX).cast(pl.Int64)
     lo, hi = idx.min(), idx.max()
     sub = index.slice_for(lo, hi) if lo is not None else index.table.clear()
-    # Source cells stay the strings they were; only non-String (e.g. all-null) columns are cast.
+    # Source cells stay the strings they were; only non-String (e.g. all-null) columns are cast,
+    # unless the frames carry the source's own types (keep_types).
     left = frame.select(
         idx.alias(_IDX),
         *(
-            pl.col(c) if frame.schema[c] == pl.String else pl.col(c).cast(pl.String)
+            pl.col(c) if keep_types or frame.schema[c] == pl.String else pl.col(c).cast(pl.String)
             for c in source_columns
         ),
     )
@@ -267,7 +332,7 @@ def _coalesce(
 
 
 class _Sink(Protocol):
-    def write(self, part: pl.DataFrame) -> None: ...
+    def write(self, part: pl.DataFrame, extra: dict[str, list]) -> None: ...
 
     def close(
         self, out_columns: list[str], source_columns: list[str], names: dict[str, str]
@@ -277,11 +342,16 @@ class _Sink(Protocol):
 class _CsvSink:
     """UTF-8, header, RFC 4180 minimal quoting; empty strings written as empty cells."""
 
-    def __init__(self, fh: IO[bytes]) -> None:
+    def __init__(self, fh: IO[bytes], expand: SchemaColumns | None = None) -> None:
         self.fh = fh
+        self.expand = expand
         self.wrote_header = False
 
-    def write(self, part: pl.DataFrame) -> None:
+    def write(self, part: pl.DataFrame, extra: dict[str, list]) -> None:
+        if self.expand is not None:
+            part = part.with_columns(
+                pl.Series(c, self.expand.csv_text(c, v), dtype=pl.String) for c, v in extra.items()
+            )
         # polars quotes "" to tell it from null; the source wrote empty cells bare, so turn ""
         # into null (written as nothing) to give back the same bytes.
         part = part.with_columns(
@@ -298,23 +368,46 @@ class _CsvSink:
         self, out_columns: list[str], source_columns: list[str], names: dict[str, str]
     ) -> None:
         if not self.wrote_header:  # empty source: still a valid file with the header
-            pl.DataFrame(schema=_empty_schema(source_columns, names)).write_csv(self.fh)
+            schema = _empty_schema(source_columns, names)
+            schema.update(dict.fromkeys(self.expand.columns if self.expand else [], pl.String()))
+            pl.DataFrame(schema=schema).write_csv(self.fh)
 
 
 class _ParquetSink:
-    """Source and text columns as strings, tokens int64, cost float64; one row group per frame."""
+    """Source and text columns as strings (or the source's own types), tokens int64, cost
+    float64, embeddings list<double>, schema properties typed; one row group per frame."""
 
-    def __init__(self, fh: IO[bytes], source_columns: list[str], names: dict[str, str]) -> None:
-        fields = [pa.field(c, pa.large_string()) for c in source_columns]
+    def __init__(
+        self,
+        fh: IO[bytes],
+        source_columns: list[str],
+        names: dict[str, str],
+        source_schema: pa.Schema | None = None,
+        expand: SchemaColumns | None = None,
+        *,
+        embeddings: bool = False,
+    ) -> None:
+        fields = [_source_field(c, source_schema) for c in source_columns]
+        types = dict(_ARROW_TYPES, response=_EMBEDDING if embeddings else pa.large_string())
         fields += [
-            pa.field(final, _ARROW_TYPES.get(name, pa.large_string()))
-            for name, final in names.items()
+            pa.field(final, types.get(name, pa.large_string())) for name, final in names.items()
         ]
+        self.n_part = len(fields)
+        if expand is not None:
+            fields += [pa.field(f.column, f.arrow_type) for f in expand.fields]
         self.schema = pa.schema(fields)
+        self.expand = expand
+        self.response = names["response"] if embeddings else None
         self.writer = pq.ParquetWriter(fh, self.schema, compression="zstd")
 
-    def write(self, part: pl.DataFrame) -> None:
-        self.writer.write_table(part.to_arrow().cast(self.schema))
+    def write(self, part: pl.DataFrame, extra: dict[str, list]) -> None:
+        if self.response is not None:  # the vector's JSON text → a list column
+            part = part.with_columns(pl.col(self.response).str.json_decode(pl.List(pl.Float64)))
+        table = part.to_arrow()
+        arrays = [table.column(i).cast(self.schema.field(i).type) for i in range(self.n_part)]
+        if self.expand is not None:
+            arrays += [self.expand.arrow(c, v) for c, v in extra.items()]
+        self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
 
     def close(
         self, out_columns: list[str], source_columns: list[str], names: dict[str, str]
@@ -322,11 +415,95 @@ class _ParquetSink:
         self.writer.close()  # writes the footer; an empty source gives a 0-row file with schema
 
 
+_EMBEDDING = pa.large_list(pa.float64())
+
+
+def _source_field(column: str, source_schema: pa.Schema | None) -> pa.Field:
+    """The Parquet field of a source column: its own type when the frames carry it and the
+    values come back from polars castable to it; otherwise the type polars gives it."""
+    if source_schema is None:
+        return pa.field(column, pa.large_string())
+    original = source_schema.field(column)
+    t = original.type
+    plain = t.value_type if pa.types.is_dictionary(t) else t
+    try:
+        probe = pl.from_arrow(pa.array([None], plain)).to_arrow()  # type: ignore[union-attr]
+    except Exception:
+        return original.with_type(plain)
+    try:
+        probe.cast(t)
+        return original
+    except (pa.ArrowException, NotImplementedError):
+        return original.with_type(probe.type)
+
+
+class _JsonlSink:
+    """One JSON object per line: the source object (its own text when `raw`, else its string
+    cells) with the added columns as further keys; numbers and nulls native."""
+
+    def __init__(
+        self,
+        fh: IO[bytes],
+        source_columns: list[str],
+        names: dict[str, str],
+        *,
+        raw: bool,
+        embeddings: bool,
+    ) -> None:
+        self.fh = fh
+        self.source_columns = source_columns
+        self.added = list(names.values())
+        self.raw = raw
+        self.response = names["response"] if embeddings else None
+
+    def write(self, part: pl.DataFrame, extra: dict[str, list]) -> None:
+        if self.raw:
+            sources = part.get_column(_RAW).to_list()
+        elif self.source_columns:
+            sources = part.select(pl.struct(self.source_columns).struct.json_encode()).to_series()
+            sources = sources.to_list()
+        else:
+            sources = ["{}"] * part.height
+        keys = [*self.added, *extra]
+        columns = [part.get_column(c).to_list() for c in self.added] + list(extra.values())
+        if self.response is not None:  # embeddings: the vector's JSON text, spliced as is
+            i = self.added.index(self.response)
+            columns[i] = [None if v is None else orjson.Fragment(v) for v in columns[i]]
+        out = bytearray()
+        for src, *values in zip(sources, *columns, strict=True):
+            head = src.rstrip().encode()[:-1].rstrip()  # the object without its closing brace
+            tail = orjson.dumps(dict(zip(keys, values, strict=True)))
+            out += head
+            if not head.endswith(b"{"):
+                out += b","
+            out += tail[1:]
+            out += b"\n"
+        self.fh.write(out)
+
+    def close(
+        self, out_columns: list[str], source_columns: list[str], names: dict[str, str]
+    ) -> None:
+        pass  # an empty source gives an empty file
+
+
 def _empty_schema(source_columns: list[str], names: dict[str, str]) -> dict[str, pl.DataType]:
     schema: dict[str, pl.DataType] = dict.fromkeys(source_columns, pl.String())
     for name, final in names.items():
         schema[final] = _OUTCOME_TYPES[name]
     return schema
+
+
+class _CallableModule(types.ModuleType):
+    """`batchops.merge` is both this module and the API function (`batchops.merge(run_dir)`):
+    a package attribute cannot be both, so the module is made callable."""
+
+    def __call__(self, run_dir: Path | str, out: Path | str | None = None) -> Path:
+        from batchops.api import merge
+
+        return merge(Path(run_dir), Path(out) if out is not None else None)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ import polars as pl
 from batchops.errors import InputError
 from batchops.source import close_column, list_columns
 from batchops.spec import JobSpec
+from batchops.structured import format_for as structured_format
 
 CHAT = "/v1/chat/completions"
 RESPONSES = "/v1/responses"
@@ -170,6 +171,7 @@ def request_body(spec: JobSpec, model: str, text: str, image_data_url: str | Non
             ("--image-column", image_data_url or spec.image_column),
             ("--max-tokens", spec.max_tokens),
             ("--temperature", spec.temperature),
+            ("--schema", spec.schema_),
         ):
             if value is not None:
                 raise InputError(f"{option} has no meaning for {EMBEDDINGS}")
@@ -204,6 +206,11 @@ def request_body(spec: JobSpec, model: str, text: str, image_data_url: str | Non
             body["max_output_tokens"] = spec.max_tokens
     if spec.temperature is not None:
         body["temperature"] = spec.temperature
+    structured = structured_format(spec)
+    if structured is not None:
+        if structured[0] in extra:
+            raise InputError(f"body_extra sets {structured[0]!r}, which --schema sets")
+        body[structured[0]] = structured[1]
     body.update(extra)
     return body
 

@@ -3,7 +3,7 @@
 <run-dir>/state.db            the run's state (store.py)
 <run-dir>/inputs/             JSONL chunk files as uploaded
 <run-dir>/outputs/, errors/   output and error files as downloaded
-<run-dir>/final_output.csv    the merged table
+<run-dir>/final_output.csv    the merged table (.parquet / .jsonl for such sources)
 <run-dir>/missing_rows.csv    rows without an answer, with their reasons
 """
 
@@ -35,6 +35,9 @@ IDENTITY_FIELDS = (
     "max_tokens",
     "temperature",
     "body_extra",
+    "schema_",
+    "schema_name",
+    "schema_strict",
 )
 
 
@@ -59,7 +62,9 @@ class RunDir:
 
     @property
     def final_output(self) -> Path:
-        return self.path / "final_output.csv"
+        """The merged table, in the source's own format (CSV, Parquet or JSONL)."""
+        ext = {"parquet": ".parquet", "jsonl": ".jsonl"}.get(self.spec.source_format, ".csv")
+        return self.path / f"final_output{ext}"
 
     @property
     def missing_rows(self) -> Path:
