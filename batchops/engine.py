@@ -26,8 +26,6 @@ from batchops.records import RowOutcome
 from batchops.rundir import RunDir
 from batchops.store import ChunkRow
 
-# Completion tokens assumed per row for estimates when --max-tokens is not given.
-DEFAULT_COMPLETION_ESTIMATE = 256
 # How far back (seconds before the run was created) reconcile looks in the remote batch list.
 RECONCILE_SLACK = 3600
 
@@ -120,7 +118,7 @@ class BatchEngine:
         model = current[0].name
         self.run.inputs.mkdir(parents=True, exist_ok=True)
         built = 0
-        est_completion = self.spec.max_tokens or DEFAULT_COMPLETION_ESTIMATE
+        est_completion = self.spec.max_tokens or pricing.DEFAULT_COMPLETION_ESTIMATE
         for chunk in chunking.build_chunks(
             self.src,
             self.spec,
@@ -373,6 +371,9 @@ class BatchEngine:
                         what=f"upload chunk {chunk.chunk_id}",
                         policy=policy,
                         scrub=self.pool.scrub,
+                        # Never retried blindly: an upload that timed out may exist; reconcile
+                        # looks it up by name before anything is sent again.
+                        attempts=1,
                     )
             except ApiCallError as exc:
                 if _refused(exc):  # nothing was created: the intent is void
@@ -395,6 +396,7 @@ class BatchEngine:
                 what=f"create batch for chunk {chunk.chunk_id}",
                 policy=policy,
                 scrub=self.pool.scrub,
+                attempts=1,  # a retried create could start a second, paid batch: reconcile first
             )
         except ApiCallError as exc:
             if _refused(exc):

@@ -254,3 +254,19 @@ def test_kill_9_at_random_moments_loses_nothing_and_sends_nothing_twice(
     assert n == 120
     # Uploaded files that no batch used were deleted or reused: every live input file is a batch's input.
     assert emu.stats()["batches"]["created"] >= 18
+
+
+def test_dropped_connections_after_processing_never_duplicate_a_batch(emulator_factory, tmp_path: Path):
+    # Every 3rd call is carried out, then the connection drops: the client cannot know whether
+    # its upload or batch exists. Reconcile must find it instead of creating it again.
+    emu = emulator_factory(drop_connection_every=3, drop_after_processing=True)
+    src = awkward_table(tmp_path, n_plain=43, images=False)
+    run_dir = tmp_path / "run"
+    res = invoke(*run_args(emu, src, run_dir, "--batch-size", "10", *FAST_RETRY))
+    assert res.exit_code == 0, res.output
+    stats = all_succeeded_once(emu)
+    assert all(v["executed"] == 1 for v in stats.values())
+    s = emu.stats()
+    assert s["batches"]["created"] == 5  # one batch per chunk, never two
+    # Every uploaded input file is some batch's input; duplicates were deleted.
+    assert s["files"]["uploaded"] - s["files"]["deleted"] == 5
