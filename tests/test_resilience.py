@@ -256,7 +256,9 @@ def test_kill_9_at_random_moments_loses_nothing_and_sends_nothing_twice(
     assert emu.stats()["batches"]["created"] >= 18
 
 
-def test_dropped_connections_after_processing_never_duplicate_a_batch(emulator_factory, tmp_path: Path):
+def test_dropped_connections_after_processing_never_duplicate_a_batch(
+    emulator_factory, tmp_path: Path
+):
     # Every 3rd call is carried out, then the connection drops: the client cannot know whether
     # its upload or batch exists. Reconcile must find it instead of creating it again.
     emu = emulator_factory(drop_connection_every=3, drop_after_processing=True)
@@ -270,3 +272,24 @@ def test_dropped_connections_after_processing_never_duplicate_a_batch(emulator_f
     assert s["batches"]["created"] == 5  # one batch per chunk, never two
     # Every uploaded input file is some batch's input; duplicates were deleted.
     assert s["files"]["uploaded"] - s["files"]["deleted"] == 5
+
+
+def test_ctrl_c_stops_cleanly_with_130_and_resumes(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(in_progress_seconds=1.5)
+    src = awkward_table(tmp_path, n_plain=13, images=False)
+    run_dir = tmp_path / "run"
+    args = run_args(emu, src, run_dir, "--batch-size", "10")
+    proc = subprocess_run(args)
+    deadline = time.time() + 20
+    while emu.stats()["batches"]["created"] < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err.decode()
+    assert "interrupted" in err.decode() and "Traceback" not in err.decode()
+    # Remote batches keep running; the same command picks them up.
+    final = subprocess_run(args)
+    _, err = final.communicate(timeout=60)
+    assert final.returncode == 0, err.decode()
+    assert emu.stats()["batches"]["created"] == 2
+    all_succeeded_once(emu)
