@@ -513,6 +513,11 @@ class Store:
                     applied.ignored += 1
                     continue
                 u = outcome.usage
+                tokens = (
+                    (u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.reasoning_tokens)
+                    if u
+                    else (None, None, None, None)
+                )
                 # Every executed request is an attempt with its own (billed) tokens, success or not.
                 if u is not None or not outcome.ok:
                     self.conn.execute(
@@ -528,10 +533,7 @@ class Store:
                             outcome.error_class,
                             outcome.error_message,
                             outcome.model,
-                            u.prompt_tokens if u else None,
-                            u.cached_tokens if u else None,
-                            u.completion_tokens if u else None,
-                            u.reasoning_tokens if u else None,
+                            *tokens,
                             cost,
                             now,
                         ),
@@ -565,10 +567,7 @@ class Store:
                         None if outcome.ok else _error_text(outcome),
                         outcome.error_class,
                         outcome.model,
-                        u.prompt_tokens if u else None,
-                        u.cached_tokens if u else None,
-                        u.completion_tokens if u else None,
-                        u.reasoning_tokens if u else None,
+                        *tokens,
                         cost,
                         cost,
                         batch_id,

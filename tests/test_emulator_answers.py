@@ -31,8 +31,8 @@ from batchops.emulator.tokens import (
     cut_to_tokens,
     decode_data_url,
     image_size,
-    image_tokens,
 )
+from batchops.pricing import image_tokens
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import math
 import re
 import struct
 
@@ -66,8 +65,6 @@ def count_tokens(text: str) -> int:
     return _count_cached(text) if len(text) <= 2048 else _count(text)
 
 
-IMAGE_LOW_TOKENS = 85
-IMAGE_TILE_TOKENS = 170
 # Assumed size of an image given by remote URL (its bytes are never fetched).
 REMOTE_IMAGE_SIZE = (1024, 1024)
 
@@ -186,18 +183,3 @@ def decode_data_url(url: str) -> tuple[int, tuple[int, int]]:
             if chunk >= len(payload):
                 raise
             chunk *= 8
-
-
-def image_tokens(width: int, height: int, detail: str = "auto") -> int:
-    """OpenAI's classic tile formula (gpt-4o class): low = 85; high/auto tiles of 512 px."""
-    if detail == "low":
-        return IMAGE_LOW_TOKENS
-    w, h = float(width), float(height)
-    if max(w, h) > 2048:
-        s = 2048 / max(w, h)
-        w, h = w * s, h * s
-    if min(w, h) > 768:
-        s = 768 / min(w, h)
-        w, h = w * s, h * s
-    tiles = math.ceil(int(w) / 512) * math.ceil(int(h) / 512) if w >= 1 and h >= 1 else 1
-    return IMAGE_TILE_TOKENS * max(1, tiles) + IMAGE_LOW_TOKENS
