@@ -170,29 +170,6 @@ def test_every_model_and_key_exhausted_exits_3_then_retry_missing(emulator_facto
     all_succeeded_once(emu)
 
 
-def test_budget_stops_submitting_with_exit_3(emulator, tmp_path: Path):
-    src = awkward_table(tmp_path, n_plain=40, images=False)
-    run_dir = tmp_path / "run"
-    res = invoke(
-        *run_args(
-            emulator,
-            src,
-            run_dir,
-            "--batch-size",
-            "10",
-            "--max-tokens",
-            "50",
-            "--max-cost",
-            "0.0002",
-        )
-    )
-    assert res.exit_code == 3, res.output
-    assert "budget reached" in res.output
-    st = json.loads(invoke("status", "--run-dir", run_dir, "--json").output)
-    assert st["spent_usd"] <= 0.0002
-    assert 0 < st["rows"]["succeeded"] < 47
-
-
 @pytest.mark.slow
 def test_kill_9_at_random_moments_loses_nothing_and_sends_nothing_twice(
     emulator_factory, tmp_path: Path
