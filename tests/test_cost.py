@@ -111,3 +111,6 @@ def test_budget_summary_says_spent_and_left(emulator, tmp_path: Path):
     assert (
         "budget reached" in res.output and "budget $0.000200" in res.output and "left" in res.output
     )
+    st = json.loads(invoke("status", "--run-dir", run_dir, "--json").output)
+    assert st["spent_usd"] <= 0.0002
+    assert 0 < st["rows"]["succeeded"] < 47  # some chunks ran, then submitting stopped
