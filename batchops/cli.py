@@ -183,7 +183,7 @@ def cli() -> None:
 @click.option(
     "--body-extra",
     default=None,
-    help='JSON object of further request-body parameters, e.g. \'{"top_p": 0.9}\'.',
+    help="JSON object of further request-body parameters, e.g. '{\"top_p\": 0.9}'.",
 )
 @click.option(
     "--batch-size",

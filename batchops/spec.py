@@ -105,7 +105,9 @@ class JobSpec(BaseModel):
     schema_: dict | None = Field(None, description="JSON Schema of the answer (structured outputs)")
     schema_name: str | None = Field(None, description="name sent with the schema")
     schema_strict: bool = Field(True, description="strict structured outputs")
-    schema_prefix: str = Field("", description="prefix of the answer's columns in the merged output")
+    schema_prefix: str = Field(
+        "", description="prefix of the answer's columns in the merged output"
+    )
 
     batch_size: int = Field(20, ge=1, le=MAX_REQUESTS_PER_FILE)
     poll_interval: float = Field(30.0, gt=0)
