@@ -85,7 +85,10 @@ def build_chunks(
         if image_col is None:
             rows = _text_frame_rows(source, pieces)
             for frame in iter_frames(source, columns=columns, batch_rows=rows, only_rows=only_rows):
-                yield from _pack_text(frame.with_columns(text), pieces, tokens, writer)
+                frame = frame.with_columns(text)
+                if spec.endpoint == render.EMBEDDINGS:
+                    frame = yield from _skip_empty_inputs(frame, writer)
+                yield from _pack_text(frame, pieces, tokens, writer)
         else:
             image_dir = Path(spec.image_dir) if spec.image_dir else source.path.parent
             for frame in iter_frames(
@@ -108,6 +111,16 @@ def build_chunks(
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _skip_empty_inputs(frame: pl.DataFrame, writer: _ChunkWriter):
+    """Embeddings refuse an empty input (400 per request): such rows are skipped, not sent."""
+    empty = frame.filter(pl.col(_TEXT_COL) == "")
+    for idx in empty[ROW_IDX].to_list():
+        writer.skip(idx, "empty input: the embeddings endpoint refuses an empty text")
+        if writer.full:
+            yield writer.close()
+    return frame.filter(pl.col(_TEXT_COL) != "") if empty.height else frame
 
 
 def _text_frame_rows(source: Source, pieces: tuple[str, str, str]) -> int:

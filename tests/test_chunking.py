@@ -277,3 +277,11 @@ def test_the_bundled_sample_builds_without_skips(tmp_path):
     lines = read_lines(chunks)
     assert lines[0]["custom_id"] == "007"
     assert sum(isinstance(line["body"]["messages"][0]["content"], list) for line in lines) >= 10
+
+
+def test_empty_embedding_inputs_are_skipped_not_sent(tmp_path):
+    path = write_csv(tmp_path / "e.csv", ["id", "text"], [["a", "x"], ["b", ""], ["c", "y"]])
+    spec = make_spec(path, prompt="{text}", endpoint="/v1/embeddings", id_column="id")
+    (chunk,) = build(spec, tmp_path / "o")
+    assert chunk.row_idxs == [0, 2]
+    assert [(s.row_idx, "empty input" in s.reason) for s in chunk.skipped] == [(1, True)]
