@@ -22,7 +22,7 @@ from loguru import logger
 from batchops import chunking, pricing, render, source, structured, validate
 from batchops import merge as merging
 from batchops import report as reporting
-from batchops.engine import DEFAULT_COMPLETION_ESTIMATE, BatchEngine, Progress
+from batchops.engine import DEFAULT_COMPLETION_ESTIMATE, BatchEngine, EngineResult, Progress
 from batchops.errors import InputError, RunIncomplete
 from batchops.providers import Pool, load_keys
 from batchops.render import check_template
@@ -203,12 +203,14 @@ def run_job(
             logger.info("resuming run {} in {}", run.run_id, run_dir)
         engine = BatchEngine(run, pool, wait=wait, on_progress=on_progress)
         engine.ensure_rows()
-        engine.reconcile()
-        engine.build_pending()
+        pool.lane = pool.next_mode() or spec.mode
+        if pool.lane == "batch":
+            engine.reconcile()
+            engine.build_pending()
         est = estimate(run)
-        if on_estimate:
+        if on_estimate and pool.lane == "batch":
             on_estimate(est)
-        result = engine.execute()
+        result = _drive(run, pool, engine, on_progress=on_progress)
         final = None
         if result.stopped_because != "no-wait":
             final = merge_run(run)
@@ -420,8 +422,7 @@ def retry_missing(
         n = run.store.reset_rows(("failed", "skipped"))
         logger.info("{} failed/skipped row(s) put back in the queue", n)
         engine = BatchEngine(run, pool, wait=wait, on_progress=on_progress)
-        engine.reconcile()
-        result = engine.execute()
+        result = _drive(run, pool, engine, on_progress=on_progress)
         final = merge_run(run) if result.stopped_because != "no-wait" else None
         return RunReport(
             Path(run_dir),
@@ -733,3 +734,46 @@ def _result_frame(path: Path, frame: pd.DataFrame | None) -> pd.DataFrame:
     out = pd.concat([frame.reset_index(drop=True), added], axis=1)
     out.index = frame.index
     return out
+
+
+def _drive(
+    run: RunDir,
+    pool: Pool,
+    batch: BatchEngine,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> EngineResult:
+    """Run the engine of the current pair's mode (batch, or online: synchronous calls); when
+    the pool moves on to a pair of the other mode (the models before it exhausted), hand over
+    to the other engine. Each engine takes only pending rows, so a row answered (or in flight)
+    in one mode is never sent in the other."""
+    from batchops.online import OnlineEngine
+
+    result = None
+    # A handover happens only when a pair is exhausted, so this ends; the bound is a safety net.
+    for _ in range(len(pool.pairs) + 2):
+        lane = pool.lane = pool.next_mode() or pool.lane or run.spec.mode
+        if lane == "online":
+            result = OnlineEngine(run, pool, on_progress=on_progress).execute()
+        else:
+            result = batch.execute()
+        after = pool.next_mode()
+        if (
+            after is None
+            or after == lane
+            or result.stopped_because in ("no-wait", "budget reached")
+        ):
+            break
+        logger.info(
+            "the pool moved on to model {} in {} mode: handing over",
+            pool.first_available()[0].name,
+            after,
+        )
+    assert result is not None
+    waiting = run.store.chunks("uploading", "submitting", "submitted")
+    if pool.lane == "online" and waiting and result.stopped_because is None:
+        result.stopped_because = (
+            f"{len(waiting)} batch(es) of an earlier batch run still in flight: "
+            "`batchops watch` collects them"
+        )
+    return result

@@ -557,7 +557,8 @@ class Store:
                            completion_tokens = COALESCE(completion_tokens, 0) + COALESCE(?, 0),
                            reasoning_tokens = COALESCE(reasoning_tokens, 0) + COALESCE(?, 0),
                            cost_usd = CASE WHEN ? IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + ? END,
-                           batch_id = COALESCE(?, batch_id), updated_at = ?
+                           batch_id = CASE WHEN ? = 'online' THEN NULL ELSE COALESCE(?, batch_id) END,
+                           updated_at = ?
                        WHERE row_idx = ?""",
                     (
                         status,
@@ -570,6 +571,7 @@ class Store:
                         *tokens,
                         cost,
                         cost,
+                        mode,  # an answer from an online call belongs to no batch
                         batch_id,
                         now,
                         row["row_idx"],

@@ -1,0 +1,438 @@
+"""Online mode (`run --mode online`) against the emulator over HTTP, through the real CLI and SDK.
+
+Every claim is checked on the emulator's own counters (executions per `X-Batchops-Custom-Id`)
+and on the run database: rows answered exactly once, a kill loses at most the requests in
+flight, Ctrl+C stops cleanly, limits are kept, quota fails over exactly as in batch mode.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from cli_helpers import awkward_table, executions, invoke, read_csv, subprocess_run
+
+from batchops import pricing
+from batchops.emulator.answers import expected_answer
+
+PROMPT = "Describe {name}: {text}"
+FAST_RETRY = ["--retry-delay", "0.01", "--retry-max-delay", "0.05"]
+WORKERS = 8
+
+
+def table(tmp: Path, n: int, name: str = "table.csv") -> Path:
+    path = tmp / name
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "name", "text"])
+        for i in range(n):
+            w.writerow([f"r{i:05d}", f"item {i}", f"note {i}"])
+    return path
+
+
+def online_args(emu: Any, src: Path, run_dir: Path, *extra: Any, model: str = "gpt-4o-mini"):
+    return [
+        "run",
+        "--csv",
+        src,
+        "--id-column",
+        "id",
+        "--prompt",
+        PROMPT,
+        "--model",
+        model,
+        "--mode",
+        "online",
+        "--run-dir",
+        run_dir,
+        "--base-url",
+        emu.base_url,
+        "--log-dir",
+        run_dir.parent / "logs",
+        *FAST_RETRY,
+        *extra,
+    ]
+
+
+def body(model: str, row: dict[str, str]) -> dict[str, Any]:
+    text = PROMPT.format(name=row["name"], text=row["text"])
+    return {"model": model, "messages": [{"role": "user", "content": text}]}
+
+
+def succeeded_total(emu: Any) -> int:
+    return sum(v["succeeded"] for v in executions(emu).values())
+
+
+def db_rows(run_dir: Path, sql: str, *args: Any) -> list[tuple]:
+    with sqlite3.connect(run_dir / "state.db") as db:
+        return db.execute(sql, args).fetchall()
+
+
+def wait_until(pred, timeout: float = 60.0, step: float = 0.02) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(step)
+
+
+def test_online_run_answers_every_row_exactly_once(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(sync_latency_seconds=0.002)
+    n = 2000
+    src = table(tmp_path, n)
+    run_dir = tmp_path / "run"
+    # A separate process: the client and the in-test emulator do not share one interpreter.
+    proc = subprocess_run(online_args(emu, src, run_dir, "--workers", WORKERS))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    stats = executions(emu)
+    assert len(stats) == n
+    assert all(v == {"executed": 1, "succeeded": 1} for v in stats.values())
+    rows = read_csv(run_dir / "final_output.csv")
+    assert [r["id"] for r in rows] == [f"r{i:05d}" for i in range(n)]
+    assert {r["status"] for r in rows} == {"succeeded"}
+    assert all(
+        r["response"] == expected_answer("gpt-4o-mini", body("gpt-4o-mini", r)) for r in rows
+    )
+    assert all(float(r["cost_usd"]) > 0 for r in rows)  # synchronous prices
+    # Per-model statistics (calls, tokens, cost) for online mode, through `status`.
+    st = json.loads(invoke("status", "--run-dir", run_dir, "--json").output)
+    (m,) = st["cost_by_model"]
+    assert (m["model"], m["mode"], m["calls"], m["failed"]) == ("gpt-4o-mini", "online", n, 0)
+    assert m["prompt_tokens"] > 0 and m["completion_tokens"] > 0
+    assert abs(m["cost_usd"] - sum(float(r["cost_usd"]) for r in rows)) < 1e-9
+    # Every group was closed; nothing left queued.
+    assert db_rows(run_dir, "SELECT DISTINCT state FROM chunks") == [("collected",)]
+
+
+def test_kill_9_mid_run_loses_at_most_the_requests_in_flight(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(sync_latency_seconds=0.01)
+    n = 300
+    src = table(tmp_path, n)
+    run_dir = tmp_path / "run"
+    args = online_args(emu, src, run_dir, "--workers", WORKERS)
+    proc = subprocess_run(args)
+    wait_until(lambda: succeeded_total(emu) >= 80 or proc.poll() is not None)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.1)  # requests the dead client had in flight finish on the server
+    before = executions(emu)
+    recorded = {
+        r[0] for r in db_rows(run_dir, "SELECT row_id FROM rows WHERE status = 'succeeded'")
+    }
+    assert 0 < len(recorded) < n
+    # Answered by the server but never committed: exactly the requests in flight at the kill.
+    lost = {cid for cid, v in before.items() if v["succeeded"] and cid not in recorded}
+    assert len(lost) <= WORKERS
+    assert db_rows(run_dir, "SELECT COUNT(*) FROM rows WHERE status = 'queued'")[0][0] > 0
+
+    res = invoke(*args)  # the re-run needs no signal: in process
+    assert res.exit_code == 0, res.output
+    stats = executions(emu)
+    assert len(stats) == n and all(v["succeeded"] >= 1 for v in stats.values())
+    twice = {cid for cid, v in stats.items() if v["succeeded"] > 1}
+    assert twice == lost, "only the requests in flight at the kill may be answered twice"
+    assert all(v["succeeded"] <= 2 for v in stats.values())
+    # The re-run sent only rows without a committed answer.
+    assert all(stats[cid]["executed"] == 1 for cid in recorded)
+    rows = read_csv(run_dir / "final_output.csv")
+    assert {r["status"] for r in rows} == {"succeeded"}
+    assert "queued by an interrupted online run back to pending" in "".join(
+        p.read_text() for p in (tmp_path / "logs").glob("*.log")
+    )
+
+
+def test_ctrl_c_stops_cleanly_with_exit_130_and_resumes(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(sync_latency_seconds=0.05)
+    n = 200
+    src = table(tmp_path, n)
+    run_dir = tmp_path / "run"
+    args = online_args(emu, src, run_dir, "--workers", WORKERS)
+    proc = subprocess_run(args)
+    wait_until(lambda: succeeded_total(emu) >= 40 or proc.poll() is not None)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err.decode()[-3000:]
+    assert "interrupted" in err.decode()
+    # Clean stop: the requests in flight finished and were recorded; nothing is left queued.
+    stats = executions(emu)
+    recorded = {
+        r[0] for r in db_rows(run_dir, "SELECT row_id FROM rows WHERE status = 'succeeded'")
+    }
+    assert recorded == {cid for cid, v in stats.items() if v["succeeded"]}
+    assert 0 < len(recorded) < n
+    assert db_rows(run_dir, "SELECT COUNT(*) FROM rows WHERE status = 'queued'")[0][0] == 0
+    assert db_rows(run_dir, "SELECT COUNT(*) FROM chunks WHERE state = 'online'")[0][0] == 0
+
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    stats = executions(emu)
+    assert len(stats) == n
+    assert all(v == {"executed": 1, "succeeded": 1} for v in stats.values())
+
+
+# The database has the time each answer was recorded, which trails its send by one response
+# latency; that latency varies (more so on a loaded machine), so windows get this much slack.
+LATENCY_SLACK = 0.25
+
+
+def achieved_rate(ts: list[float], amounts: list[float], burst: float) -> float:
+    """Amount per second over the whole run, less the limiter's initial bucket: a leaky bucket
+    of `burst` at `rate` per second lets at most burst + rate × T through in T seconds."""
+    pairs = sorted(zip(ts, amounts, strict=True))
+    span = pairs[-1][0] - pairs[0][0] + LATENCY_SLACK
+    return (sum(a for _, a in pairs) - burst) / span
+
+
+def test_rpm_limit_is_respected(emulator, tmp_path: Path):
+    rpm, n = 1200.0, 60  # 20 requests/s: ~2 s
+    src = table(tmp_path, n)
+    run_dir = tmp_path / "run"
+    res = invoke(*online_args(emulator, src, run_dir, "--rpm", rpm))
+    assert res.exit_code == 0, res.output
+    ts = [r[0] for r in db_rows(run_dir, "SELECT ts FROM attempts WHERE mode = 'online'")]
+    assert len(ts) == n
+    # The bucket holds one second's worth; unpaced, these 60 calls take well under 0.5 s.
+    rate = achieved_rate(ts, [1.0] * n, burst=rpm / 60)
+    assert rate <= rpm / 60 * 1.1, f"{rate:.1f}/s over a limit of {rpm / 60:.1f}/s"
+    assert rate >= rpm / 60 * 0.3, f"{rate:.1f}/s: the limiter holds back far more than asked"
+
+
+def test_tpm_limit_per_model_entry_is_respected(emulator, tmp_path: Path):
+    n, max_tokens = 60, 16
+    src = table(tmp_path, n)
+    rows = read_csv(src)
+    # The engine's own estimate of each request (prompt estimate + max_tokens) is what is paced.
+    per_row = [
+        pricing.estimate_request_tokens(
+            {**body("gpt-4o-mini", r), "max_tokens": max_tokens}, "/v1/chat/completions"
+        )
+        + max_tokens
+        for r in rows
+    ]
+    tpm = sum(per_row) / n * 60 * 20  # ≈ 20 requests/s
+    config = tmp_path / "batchops.toml"
+    config.write_text(f'[[models]]\nname = "gpt-4o-mini"\ntpm = {tpm}\n', encoding="utf-8")
+    run_dir = tmp_path / "run"
+    res = invoke(
+        *online_args(emulator, src, run_dir, "--config", config, "--max-tokens", max_tokens)
+    )
+    assert res.exit_code == 0, res.output
+    ts = [r[0] for r in db_rows(run_dir, "SELECT ts FROM attempts")]
+    assert len(ts) == n
+    tokens_per_s = achieved_rate(ts, [sum(per_row) / n] * n, burst=tpm / 60)
+    assert tokens_per_s <= tpm / 60 * 1.1, f"{tokens_per_s:.0f} tokens/s over {tpm / 60:.0f}"
+    assert tokens_per_s >= tpm / 60 * 0.3
+
+
+def test_rate_limit_429_pauses_every_worker_for_retry_after(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(rate_limit_rpm=20, retry_after_seconds=0.25)
+    n = 60
+    src = table(tmp_path, n)
+    run_dir = tmp_path / "run"
+    lifted = 1.0
+    timer = threading.Timer(lifted, lambda: emu.update_scenario(rate_limit_rpm=None))
+    timer.start()
+    try:
+        res = invoke(*online_args(emu, src, run_dir, "--workers", WORKERS))
+    finally:
+        timer.cancel()
+    assert res.exit_code == 0, res.output
+    stats = executions(emu)
+    assert len(stats) == n and all(v == {"executed": 1, "succeeded": 1} for v in stats.values())
+    refused = emu.stats()["calls"]["POST /v1/chat/completions"] - n
+    assert refused > 0, "the limit should have been hit"
+    # All workers wait out retry-after together: ~one round of WORKERS calls per 0.25 s while
+    # limited (without the shared pause and retry-after it would be hundreds).
+    assert refused <= WORKERS * (lifted / 0.25 + 3), refused
+    st = json.loads(invoke("status", "--run-dir", run_dir, "--json").output)
+    assert st["rows"]["failed"] == 0
+
+
+def test_5xx_and_dropped_connections_retry_without_double_answers(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(http_error_every=5, drop_connection_every=7)
+    n = 120
+    src = table(tmp_path, n)
+    run_dir = tmp_path / "run"
+    res = invoke(*online_args(emu, src, run_dir))
+    assert res.exit_code == 0, res.output
+    stats = executions(emu)
+    assert len(stats) == n and all(v == {"executed": 1, "succeeded": 1} for v in stats.values())
+    assert emu.stats()["calls"]["POST /v1/chat/completions"] > n * 1.2  # retried
+
+
+def test_per_request_4xx_fails_the_row_for_good(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(reject_fraction=0.15, seed=4)
+    n = 60
+    src = table(tmp_path, n)
+    run_dir = tmp_path / "run"
+    res = invoke(*online_args(emu, src, run_dir))
+    assert res.exit_code == 3, res.output
+    rows = read_csv(run_dir / "final_output.csv")
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert failed and all(r["error"].startswith("HTTP 400") for r in failed)
+    stats = executions(emu)
+    assert all(v["executed"] == 1 for v in stats.values())  # never retried
+    assert {r["id"] for r in failed} == {cid for cid, v in stats.items() if not v["succeeded"]}
+
+
+def test_quota_fails_over_to_the_next_model_like_batch_mode(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(model_quota={"gpt-a": 15})
+    n = 40
+    src = table(tmp_path, n)
+    run_dir = tmp_path / "run"
+    res = invoke(*online_args(emu, src, run_dir, "--model", "gpt-b", model="gpt-a"))
+    assert res.exit_code == 0, res.output
+    rows = read_csv(run_dir / "final_output.csv")
+    models = [r["model"] for r in rows]
+    assert models.count("gpt-a") == 15 and models.count("gpt-b") == n - 15
+    stats = executions(emu)  # quota refusals happen before execution
+    assert all(v == {"executed": 1, "succeeded": 1} for v in stats.values())
+    assert all(r["response"] == expected_answer(r["model"], body(r["model"], r)) for r in rows)
+    st = json.loads(invoke("status", "--run-dir", run_dir, "--json").output)
+    by_model = {m["model"]: m for m in st["cost_by_model"]}
+    assert by_model["gpt-a"]["ok"] == 15 and 1 <= by_model["gpt-a"]["failed"] <= WORKERS
+    assert by_model["gpt-b"]["ok"] == n - 15 and by_model["gpt-b"]["failed"] == 0
+    assert st["rows"]["failed"] == 0  # the refused requests did not use a retry
+    log = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+    assert "switching to model gpt-b" in log
+
+
+def test_bad_key_exhausts_the_key_and_never_logs_it(emulator_factory, tmp_path: Path):
+    k1, k2 = "sk-bad-key-0000000000001111", "sk-good-key-000000000002222"
+    emu = emulator_factory(api_keys=[k2])
+    src = table(tmp_path, 30)
+    run_dir = tmp_path / "run"
+    res = invoke(
+        *online_args(emu, src, run_dir), env={"OPENAI_API_KEYS": f"{k1},{k2}", "OPENAI_API_KEY": ""}
+    )
+    assert res.exit_code == 0, res.output
+    assert set(emu.stats()["keys"]) == {"sk-…2222"}
+    log = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+    assert "sk-…1111" in log and k1 not in log and k2 not in log
+    assert k1 not in (run_dir / "state.db").read_bytes().decode("latin-1")
+
+
+def test_missing_image_row_is_skipped_and_never_sent(emulator, tmp_path: Path):
+    src = awkward_table(tmp_path, n_plain=5)
+    (tmp_path / "images" / "b.png").unlink()
+    run_dir = tmp_path / "run"
+    res = invoke(
+        "run",
+        "--csv",
+        src,
+        "--id-column",
+        "sku",
+        "--prompt",
+        "Describe {name} ({price}): {description}",
+        "--image-column",
+        "image",
+        "--image-dir",
+        tmp_path / "images",
+        "--model",
+        "gpt-4o-mini",
+        "--mode",
+        "online",
+        "--run-dir",
+        run_dir,
+        "--base-url",
+        emulator.base_url,
+        "--log-dir",
+        tmp_path / "logs",
+    )
+    assert res.exit_code == 3, res.output
+    out = {r["sku"]: r for r in read_csv(run_dir / "final_output.csv")}
+    assert out["011"]["status"] == "skipped" and "image not found" in out["011"]["error"]
+    assert "b.png" in out["011"]["error"]
+    stats = executions(emulator)
+    assert "011" not in stats and len(stats) == 11
+    assert out["007"]["status"] == "succeeded"  # sent with its image (a.png)
+    assert out["0042"]["response"] and out["0042"]["status"] == "succeeded"
+
+
+def test_budget_stops_sending_with_exit_3(emulator, tmp_path: Path):
+    src = table(tmp_path, 60)
+    run_dir = tmp_path / "run"
+    cap = 0.00004
+    res = invoke(*online_args(emulator, src, run_dir, "--max-tokens", 30, "--max-cost", cap))
+    assert res.exit_code == 3, res.output
+    assert "budget reached" in res.output
+    st = json.loads(invoke("status", "--run-dir", run_dir, "--json").output)
+    assert st["spent_usd"] <= cap
+    assert 0 < st["rows"]["succeeded"] < 60 and st["rows"]["queued"] == 0
+
+
+def test_batch_run_switched_to_online_sends_only_unanswered_rows(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(in_progress_seconds=0.8, model_quota={"gpt-a": 20})
+    n = 47
+    src = table(tmp_path, n)
+    run_dir = tmp_path / "run"
+    batch = [
+        a for a in online_args(emu, src, run_dir, model="gpt-a") if a not in ("--mode", "online")
+    ]
+    res = invoke(*batch, "--batch-size", "10", "--poll-interval", "0.05", "--no-wait")
+    assert res.exit_code == 0, res.output
+    # Online while every row sits in a batch still in flight: nothing is sent, the batches are
+    # left alone, and the run says who collects them.
+    online = online_args(emu, src, run_dir, "--model", "gpt-b", model="gpt-a")
+    res = invoke(*online)
+    assert res.exit_code == 3, res.output
+    assert "still in flight" in res.output
+    assert emu.stats()["calls"].get("POST /v1/chat/completions", 0) == 0
+    res = invoke(
+        "watch",
+        "--run-dir",
+        run_dir,
+        "--base-url",
+        emu.base_url,
+        "--poll-interval",
+        "0.05",
+        "--log-dir",
+        tmp_path / "logs",
+    )
+    assert res.exit_code in (0, 3), res.output
+    st = json.loads(invoke("status", "--run-dir", run_dir, "--json").output)
+    assert st["rows"]["succeeded"] == 20 and st["rows"]["pending"] == n - 20
+    # The rows the batches could not answer (gpt-a out of quota) go online, on gpt-b.
+    res = invoke(*online)
+    assert res.exit_code == 0, res.output
+    stats = executions(emu)
+    assert len(stats) == n and all(v["succeeded"] == 1 for v in stats.values())
+    rows = read_csv(run_dir / "final_output.csv")
+    assert sum(r["model"] == "gpt-a" and r["batch_id"] != "" for r in rows) == 20
+    assert sum(r["model"] == "gpt-b" and r["batch_id"] == "" for r in rows) == n - 20
+    st = json.loads(invoke("status", "--run-dir", run_dir, "--json").output)
+    assert {(m["model"], m["mode"]) for m in st["cost_by_model"] if m["ok"]} == {
+        ("gpt-a", "batch"),
+        ("gpt-b", "online"),
+    }
+
+
+def test_mixed_pool_hands_over_from_online_to_batch(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(model_quota={"gpt-a": 12})
+    n = 30
+    src = table(tmp_path, n)
+    config = tmp_path / "batchops.toml"
+    config.write_text(
+        '[[models]]\nname = "gpt-a"\nmode = "online"\n\n[[models]]\nname = "gpt-b"\nmode = "batch"\n',
+        encoding="utf-8",
+    )
+    run_dir = tmp_path / "run"
+    args = [a for a in online_args(emu, src, run_dir) if a not in ("--model", "gpt-4o-mini")]
+    res = invoke(*args, "--config", config, "--batch-size", "10", "--poll-interval", "0.05")
+    assert res.exit_code == 0, res.output
+    stats = executions(emu)
+    assert len(stats) == n and all(v["succeeded"] == 1 for v in stats.values())
+    rows = read_csv(run_dir / "final_output.csv")
+    online = [r for r in rows if r["model"] == "gpt-a"]
+    batch = [r for r in rows if r["model"] == "gpt-b"]
+    assert len(online) == 12 and all(r["batch_id"] == "" for r in online)
+    assert len(batch) == n - 12 and all(r["batch_id"] for r in batch)
+    log = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+    assert "handing over" in log
