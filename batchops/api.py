@@ -14,20 +14,23 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from loguru import logger
 
 from batchops import chunking, pricing, render, source, structured, validate
 from batchops import merge as merging
 from batchops import report as reporting
-from batchops.engine import DEFAULT_COMPLETION_ESTIMATE, BatchEngine, EngineResult, Progress
 from batchops.errors import InputError, RunIncomplete
-from batchops.providers import Pool, load_keys
 from batchops.render import check_template
 from batchops.rundir import RunDir, create_or_resume, default_run_dir, open_existing, start_over
 from batchops.spec import JobSpec, ModelEntry, infer_source_format
+
+if TYPE_CHECKING:  # openai and pandas take ~1 s to import; a dry run needs neither
+    import pandas as pd
+
+    from batchops.engine import BatchEngine, EngineResult, Progress
+    from batchops.providers import Pool
 
 
 @dataclass
@@ -157,13 +160,15 @@ def validate_inputs(spec: JobSpec) -> source.Source:
 def make_pool(
     spec: JobSpec, *, api_key_file: Path | None = None, base_url: str | None = None
 ) -> Pool:
+    from batchops.providers import Pool, load_keys
+
     keys = load_keys(api_key_file)
     return Pool(spec, keys, base_url=base_url or os.environ.get("OPENAI_BASE_URL"))
 
 
 def estimate(run: RunDir) -> Estimate:
     """The estimate of every chunk not yet collected (printed before the first upload)."""
-    per_row = run.spec.max_tokens or DEFAULT_COMPLETION_ESTIMATE
+    per_row = run.spec.max_tokens or pricing.DEFAULT_COMPLETION_ESTIMATE
     chunks = run.store.chunks("built", "uploading", "uploaded", "submitting", "submitted")
     return _estimate_of(
         None,
@@ -201,7 +206,7 @@ def run_job(
     try:
         if resumed:
             logger.info("resuming run {} in {}", run.run_id, run_dir)
-        engine = BatchEngine(run, pool, wait=wait, on_progress=on_progress)
+        engine = _batch_engine()(run, pool, wait=wait, on_progress=on_progress)
         engine.ensure_rows()
         pool.lane = pool.next_mode() or spec.mode
         if pool.lane == "batch":
@@ -253,9 +258,10 @@ def dry_run_job(
             out_dir=out_dir,
             first_chunk_no=1,
             estimate_tokens=pricing.estimate_text_tokens_fast,
+            fsync=False,  # throwaway files: durability buys nothing here
         )
     )
-    per_row = spec.max_tokens or DEFAULT_COMPLETION_ESTIMATE
+    per_row = spec.max_tokens or pricing.DEFAULT_COMPLETION_ESTIMATE
     overrides = pricing.overrides_from_spec(spec)
     rows = [c for c in chunks if c.row_idxs]
     est_rows = [
@@ -304,7 +310,7 @@ def _estimate_of(
     assumption = (
         f"--max-tokens {max_tokens} per row (an upper bound)"
         if max_tokens
-        else f"{DEFAULT_COMPLETION_ESTIMATE} completion tokens per row (no --max-tokens given)"
+        else f"{pricing.DEFAULT_COMPLETION_ESTIMATE} completion tokens per row (no --max-tokens given)"
     )
     by_model: dict[str, dict[str, Any]] = {}
     for i, (tokens, n, c) in enumerate(chunks):
@@ -421,7 +427,7 @@ def retry_missing(
         pool = make_pool(spec, api_key_file=api_key_file, base_url=base_url)
         n = run.store.reset_rows(("failed", "skipped"))
         logger.info("{} failed/skipped row(s) put back in the queue", n)
-        engine = BatchEngine(run, pool, wait=wait, on_progress=on_progress)
+        engine = _batch_engine()(run, pool, wait=wait, on_progress=on_progress)
         result = _drive(run, pool, engine, on_progress=on_progress)
         final = merge_run(run) if result.stopped_because != "no-wait" else None
         return RunReport(
@@ -442,7 +448,7 @@ def cancel(run_dir: Path, *, api_key_file: Path | None = None, base_url: str | N
     run = open_existing(Path(run_dir))
     try:
         pool = make_pool(run.spec, api_key_file=api_key_file, base_url=base_url)
-        return BatchEngine(run, pool).cancel_all()
+        return _batch_engine()(run, pool).cancel_all()
     finally:
         run.close()
 
@@ -557,9 +563,9 @@ def watch(
         if poll_interval is not None:  # for this invocation only; the saved job is unchanged
             run.spec = run.spec.model_copy(update={"poll_interval": poll_interval})
         pool = make_pool(run.spec, api_key_file=api_key_file, base_url=base_url)
-        engine = BatchEngine(run, pool, on_progress=on_progress, sleep=sleep)
-        if retry:
-            result = engine.execute()
+        engine = _batch_engine()(run, pool, on_progress=on_progress, sleep=sleep)
+        if retry:  # the same loop as `run`: batch or online lane, whichever the pool is on
+            result = _drive(run, pool, engine, on_progress=on_progress)
             stopped = result.stopped_because
         else:
             engine.reconcile()  # creates nothing: re-attaches what a crash left half-done
@@ -777,3 +783,9 @@ def _drive(
             "`batchops watch` collects them"
         )
     return result
+
+
+def _batch_engine() -> type[BatchEngine]:
+    from batchops.engine import BatchEngine
+
+    return BatchEngine
