@@ -95,8 +95,10 @@ class BatchEngine:
         self.sleep = sleep
         self.src = source.open_source(self.spec)
         self.budget_hit = False
-        # Learned from token_limit_exceeded: the enqueued tokens a model accepted at most.
+        # Learned from token_limit_exceeded (see learn_token_limit): the limit paced at, and the
+        # smallest in-flight total a model refused.
         self.learned_limit: dict[str, int] = {}
+        self.refused_tokens: dict[str, int] = {}
 
     # ------------------------------------------------------------------ planning
     @_in_run
@@ -275,6 +277,19 @@ class BatchEngine:
         # A chunk larger than the limit on its own still goes when nothing else is in flight.
         return in_flight == 0 or in_flight + chunk.est_tokens <= limit
 
+    def learn_token_limit(self, model: str, accepted: int, refused: int) -> None:
+        """A token_limit_exceeded refusal bounds the model's enqueued-token limit: the `accepted`
+        tokens in flight were taken, `refused` (them + the refused chunk) was too much. Pace at the
+        midpoint. Pacing at the lower bound made a chunk a few tokens larger than the one that
+        finished wait a whole batch duration (bench_drain: 5 waves instead of 4, drain 1.30x the
+        ideal); a midpoint that is too high costs one more refusal, which narrows the bounds."""
+        accepted = max(0, accepted)
+        hi = self.refused_tokens.get(model)
+        # A refusal below what was accepted before: the limit (or others' use of it) changed.
+        hi = refused if hi is None or hi <= accepted else min(hi, refused)
+        self.refused_tokens[model] = hi
+        self.learned_limit[model] = max(1, (accepted + hi) // 2)
+
     def fits_budget(self, chunk: ChunkRow) -> bool:
         cap = self.spec.max_cost
         if cap is None:
@@ -324,7 +339,8 @@ class BatchEngine:
                     continue
                 if exc.cls == "token_limit":
                     # Some providers (Azure fail-fast) refuse at create time: same as a failed batch.
-                    self.learned_limit[chunk.model] = self.in_flight_tokens(chunk.model)
+                    others = self.in_flight_tokens(chunk.model)
+                    self.learn_token_limit(chunk.model, others, others + chunk.est_tokens)
                     continue
                 logger.warning("chunk {}: {}; will try again", chunk.chunk_id, exc)
                 return
@@ -631,7 +647,7 @@ class BatchEngine:
         if "token_limit" in classes:
             # Not the chunk's fault: wait for in-flight batches of this model, then send the same file again.
             others = self.in_flight_tokens(chunk.model) - chunk.est_tokens
-            self.learned_limit[chunk.model] = max(0, others)
+            self.learn_token_limit(chunk.model, others, others + chunk.est_tokens)
             self.store.set_chunk(
                 chunk.chunk_id,
                 state="uploaded",
