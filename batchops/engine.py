@@ -99,6 +99,9 @@ class BatchEngine:
         # smallest in-flight total a model refused.
         self.learned_limit: dict[str, int] = {}
         self.refused_tokens: dict[str, int] = {}
+        # Chunks whose batch a poll just saw completed, while they wait to be collected: the
+        # remote no longer counts them against the enqueued limit (see poll(refill=True)).
+        self.done_remote: set[int] = set()
 
     # ------------------------------------------------------------------ planning
     @_in_run
@@ -193,7 +196,7 @@ class BatchEngine:
                 break
             self.report_progress()
             self.sleep(self.spec.poll_interval)
-            self.poll()
+            self.poll(refill=True)
             if self.store.counts()["pending"] and self.pool.current():
                 self.build_pending()
         self.report_progress()
@@ -266,7 +269,9 @@ class BatchEngine:
 
     def in_flight_tokens(self, model: str) -> int:
         return sum(
-            c.est_tokens for c in self.store.chunks("submitting", "submitted") if c.model == model
+            c.est_tokens
+            for c in self.store.chunks("submitting", "submitted")
+            if c.model == model and c.chunk_id not in self.done_remote
         )
 
     def fits_token_limit(self, chunk: ChunkRow) -> bool:
@@ -534,7 +539,15 @@ class BatchEngine:
 
     # ------------------------------------------------------------------ polling and collecting
     @_in_run
-    def poll(self) -> None:
+    def poll(self, *, refill: bool = False) -> None:
+        """Poll every in-flight batch and collect the finished ones.
+
+        With `refill` (the run loop), batches that completed without an error file are collected
+        last: chunks waiting for the token limit are submitted first, because a finished batch no
+        longer counts against the remote enqueued limit and downloading and recording a big
+        result file takes seconds. (Batches with failed requests are collected first: their
+        errors may exhaust a model or key, which decides where the next chunk goes.)"""
+        deferred: list[tuple[ChunkRow, Any]] = []
         for chunk in self.store.chunks("submitted"):
             with logger.contextualize(chunk=chunk.chunk_id, batch=chunk.batch_id):
                 client = self.pool.client(chunk.model, chunk.key_id)
@@ -559,11 +572,25 @@ class BatchEngine:
                     b.status,
                     b.request_counts.model_dump() if b.request_counts else "",
                 )
-                if b.status in ("completed", "failed", "expired", "cancelled"):
-                    try:
-                        self.collect(chunk, b)
-                    except ApiCallError as exc:
-                        logger.warning("collecting batch {} failed: {}; will try again", b.id, exc)
+                if refill and b.status == "completed" and not b.error_file_id:
+                    deferred.append((chunk, b))
+                elif b.status in ("completed", "failed", "expired", "cancelled"):
+                    self._collect_or_retry(chunk, b)
+        if not deferred:
+            return
+        self.done_remote = {chunk.chunk_id for chunk, _ in deferred}
+        try:
+            self.submit_ready()
+        finally:
+            self.done_remote = set()
+        for chunk, b in deferred:
+            self._collect_or_retry(chunk, b)
+
+    def _collect_or_retry(self, chunk: ChunkRow, b) -> None:
+        try:
+            self.collect(chunk, b)
+        except ApiCallError as exc:  # the chunk stays submitted: the next poll collects it
+            logger.warning("collecting batch {} failed: {}; will try again", b.id, exc)
 
     @_on_chunk
     def collect(self, chunk: ChunkRow, b) -> None:
