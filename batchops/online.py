@@ -44,7 +44,7 @@ from batchops import pricing, render, results, source
 from batchops.classify import EXHAUSTING, is_retryable
 from batchops.engine import EngineResult, Progress
 from batchops.providers import CALL_ATTEMPTS, Pool, call, describe_exception
-from batchops.records import RowOutcome, Skipped
+from batchops.records import RowOutcome, Skipped, Usage
 from batchops.render import ImageProblem
 from batchops.rundir import RunDir
 from batchops.spec import JobSpec, ModelEntry
@@ -191,6 +191,7 @@ class OnlineEngine:
         self.group_rows = group_rows
         self.src = source.open_source(self.spec)
         self.overrides = pricing.overrides_from_spec(self.spec)
+        self._prices: dict[str, tuple[pricing.ModelPrice | None, float]] = {}
         self.path = request_path(self.spec.endpoint)
         self.image_dir = Path(self.spec.image_dir) if self.spec.image_dir else self.src.path.parent
         self.count = _Counters()
@@ -502,11 +503,7 @@ class OnlineEngine:
             raw, exc = await self._send(entry, key, body, job.row_id, est)
             if exc is None:
                 outcome = self._parse(job, raw)
-                cost = None
-                if outcome.usage is not None:
-                    cost = pricing.cost_or_none(
-                        outcome.usage, entry.name, batch=False, overrides=self.overrides
-                    )
+                cost = None if outcome.usage is None else self._cost(outcome.usage, entry.name)
                 self._record(job, outcome, cost, True)
                 return
             cls, status, code, message, retry_after = describe_exception(exc)
@@ -646,6 +643,16 @@ class OnlineEngine:
         self.store.event(
             "switch", f"online request: {cls} ({code}) on model {model} key {key.label}"
         )
+
+    def _cost(self, usage: Usage, model: str) -> float | None:
+        """The answer's cost at synchronous prices (None when the model has no known price)."""
+        now = time.monotonic()
+        cached = self._prices.get(model)
+        if cached is None or cached[1] < now:
+            # The lookup costs more than the sum: once a minute per model (prices are dated).
+            cached = (pricing.price_for(model, batch=False, overrides=self.overrides), now + 60)
+            self._prices[model] = cached
+        return None if cached[0] is None else pricing.cost_of(usage, cached[0])
 
     # ------------------------------------------------------------------ limits and budget
     def _tokens(self, entry: ModelEntry, body: dict) -> int:

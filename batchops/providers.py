@@ -7,6 +7,7 @@ classifies the error by code (classify.py) and retries only what can improve.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable
@@ -36,9 +37,10 @@ class Key:
 
     value: str = field(repr=False)
 
-    @property
+    @functools.cached_property
     def key_id(self) -> str:
-        # A one-way fingerprint, so the run database can say which key owns a batch.
+        # A one-way fingerprint, so the run database can say which key owns a batch. Cached:
+        # online mode asks for it on every request.
         return hashlib.sha256(self.value.encode()).hexdigest()[:12]
 
     @property
