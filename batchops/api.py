@@ -755,6 +755,10 @@ def _drive(
     in one mode is never sent in the other."""
     from batchops.online import OnlineEngine
 
+    # Rows a killed online run left queued in its groups: pending again, whichever engine runs.
+    released = run.store.release_online_chunks()
+    if released:
+        logger.info("{} row(s) queued by an interrupted online run back to pending", released)
     result = None
     # A handover happens only when a pair is exhausted, so this ends; the bound is a safety net.
     for _ in range(len(pool.pairs) + 2):

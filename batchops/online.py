@@ -232,11 +232,11 @@ class OnlineEngine:
         t.start()
         try:
             while t.is_alive():
-                t.join(0.1)
-        except KeyboardInterrupt:
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._on_sigint)
-            t.join()
+                try:
+                    t.join(0.1)
+                except KeyboardInterrupt:  # forwarded: the first stops, the second abandons
+                    if self._loop is not None:
+                        self._loop.call_soon_threadsafe(self._on_sigint)
         finally:
             self.store = main_store
         if "error" in box:
@@ -453,13 +453,13 @@ class OnlineEngine:
                     return
                 if self.stop_reason is None:
                     await self._handle(job)
+                self._settled(job.chunk_id)
             except Exception as exc:  # a bug or a broken database: stop the run, report it
+                # (the worker keeps draining the queue, so nothing waits on it forever)
                 if self._crash is None:
                     self._crash = exc
                 self._stop(STOP_ERROR)
             finally:
-                if job is not None:
-                    self._settled(job.chunk_id)
                 self.queue.task_done()
 
     def _settled(self, chunk_id: int) -> None:

@@ -7,6 +7,7 @@ flight, Ctrl+C stops cleanly, limits are kept, quota fails over exactly as in ba
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import os
@@ -17,10 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from cli_helpers import awkward_table, executions, invoke, read_csv, subprocess_run
 
+import batchops
 from batchops import pricing
 from batchops.emulator.answers import expected_answer
+from batchops.emulator.testing import DEFAULT_KEY
+from batchops.store import Store
 
 PROMPT = "Describe {name}: {text}"
 FAST_RETRY = ["--retry-delay", "0.01", "--retry-max-delay", "0.05"]
@@ -436,3 +441,45 @@ def test_mixed_pool_hands_over_from_online_to_batch(emulator_factory, tmp_path: 
     assert len(batch) == n - 12 and all(r["batch_id"] for r in batch)
     log = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
     assert "handing over" in log
+
+
+def test_rows_a_killed_online_run_left_queued_are_sent_by_a_batch_run(emulator, tmp_path: Path):
+    src = table(tmp_path, 30)
+    run_dir = tmp_path / "run"
+    res = invoke(*online_args(emulator, src, run_dir, "--max-tokens", 30, "--max-cost", 0.00002))
+    assert res.exit_code == 3, res.output  # budget: some rows answered, the rest pending
+    # What a kill leaves: pending rows queued in an open online group (as a SIGKILL would).
+    store = Store.open(run_dir)
+    try:
+        pending = store.pending_row_idxs()
+        store.add_online_chunk("gpt-4o-mini", pending[:10])
+    finally:
+        store.close()
+    batch = [a for a in online_args(emulator, src, run_dir) if a not in ("--mode", "online")]
+    res = invoke(*batch, "--max-tokens", 30, "--batch-size", "10", "--poll-interval", "0.05")
+    assert res.exit_code == 0, res.output
+    stats = executions(emulator)
+    assert len(stats) == 30 and all(v == {"executed": 1, "succeeded": 1} for v in stats.values())
+
+
+def test_python_api_online_inside_a_running_event_loop(emulator, tmp_path: Path, monkeypatch):
+    # A notebook has an event loop running: the engine runs its own in a helper thread.
+    monkeypatch.setenv("OPENAI_API_KEY", DEFAULT_KEY)
+    df = pd.DataFrame({"id": ["007", "0042", "x"], "name": ["a", "b", "c"], "text": ["", "y", "z"]})
+
+    async def notebook_cell() -> pd.DataFrame:
+        return batchops.run(
+            df,
+            prompt=PROMPT,
+            model="gpt-4o-mini",
+            run_dir=tmp_path / "run",
+            id_column="id",
+            mode="online",
+            workers=2,
+            base_url=emulator.base_url,
+        )
+
+    out = asyncio.run(notebook_cell())
+    assert list(out["id"]) == ["007", "0042", "x"]
+    assert list(out["status"]) == ["succeeded"] * 3
+    assert set(executions(emulator)) == {"007", "0042", "x"}
