@@ -1,0 +1,253 @@
+"""How fast is a whole `batchops run --dry-run` process, and how much memory does it take?
+
+    python benchmarks/bench_run.py                        # 1,000,000 text rows, 10,000 image rows
+    python benchmarks/bench_run.py --rows 200000 --naive-rows 20000 --image-rows 2000   # quicker
+
+The real CLI runs in a subprocess (`python -m batchops.cli run ... --dry-run`): wall clock from
+spawn to exit (interpreter start, imports, validation pass, build, the dry run's file check) and
+the child's own peak RSS (`ru_maxrss` from `wait4`; this process stays small because a child's
+ru_maxrss includes the memory of the process that spawned it). Beside it, in the same run, the
+baselines of bench_build.py (its functions): the floor (copy the CSV), the naive per-row builder
+(pandas iterrows + json.dumps, measured on fewer rows and extrapolated) and the library build
+alone (open_source + build_chunks). Data: bench_build's seeded tables under benchmarks/_data/.
+
+Targets (issue 9): ≥ 250,000 rows/s whole process on 2 cores, ≥ 5× the naive builder, peak RSS
+≤ 300 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+# Only stdlib modules at import time: this process must stay small (see the docstring).
+import bench_build  # noqa: E402
+from run_all import Figure, cores, markdown_table, write_json  # noqa: E402
+
+TARGET_ROWS_S = 250_000
+TARGET_VS_NAIVE = 5.0
+TARGET_RSS_MIB = 300.0
+CLI_TIMEOUT = 300.0
+QUICK: dict[str, int] = {"rows": 200_000, "naive_rows": 20_000, "image_rows": 2_000}
+
+
+def run_measured(cmd: list[str], timeout: float = CLI_TIMEOUT) -> dict[str, Any]:
+    """Run cmd; its wall seconds, exit code, output and own peak RSS (MiB, from wait4)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
+        watchdog = threading.Timer(timeout, proc.kill)  # a benchmark must stop by itself
+        watchdog.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            watchdog.cancel()
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
+        out.seek(0)
+        err.seek(0)
+        return {
+            "seconds": seconds,
+            "exit_code": proc.returncode,
+            "peak_rss_mib": usage.ru_maxrss / 1024,
+            "stdout": out.read().decode("utf-8", "replace"),
+            "stderr": err.read().decode("utf-8", "replace"),
+        }
+
+
+def dry_run(csv_path: Path, work: Path, prompt: str, *extra: str) -> dict[str, Any]:
+    """`batchops run --dry-run` as a user would type it; the chunk files stay in work/dry-run."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "batchops.cli",
+        "run",
+        "--csv",
+        str(csv_path),
+        "--id-column",
+        "id",
+        "--prompt",
+        prompt,
+        "--model",
+        bench_build.MODEL,
+        "--batch-size",
+        "50000",
+        "--dry-run",
+        "--run-dir",
+        str(work),
+        "-q",
+        "--log-dir",
+        str(work / "logs"),
+        *extra,
+    ]
+    result = run_measured(cmd)
+    if result["exit_code"]:
+        raise RuntimeError(f"dry run failed ({result['exit_code']}): {result['stderr'][-2000:]}")
+    return result
+
+
+def time_check_files(folder: Path) -> float | None:
+    """Seconds of the dry run's own file check (batchops.validate) on its files, in a child."""
+    code = (
+        "import json, sys, time, pathlib\n"
+        "try:\n    from batchops import validate\n"
+        "except ImportError:\n    print('null'); sys.exit()\n"
+        "paths = sorted(pathlib.Path(sys.argv[1]).glob('*.jsonl'))\n"
+        "t = time.perf_counter(); validate.check_files(paths, '/v1/chat/completions')\n"
+        "print(json.dumps(time.perf_counter() - t))\n"
+    )
+    result = run_measured([sys.executable, "-c", code, str(folder)])
+    if result["exit_code"]:
+        return None
+    return json.loads(result["stdout"].strip().splitlines()[-1])
+
+
+def import_seconds() -> float:
+    """Interpreter start + `import batchops.cli`: paid by every command."""
+    best = min(
+        run_measured([sys.executable, "-c", "import batchops.cli"])["seconds"] for _ in range(2)
+    )
+    return best
+
+
+def _rate(rows: int, seconds: float) -> str:
+    return f"{rows / seconds:,.0f} rows/s ({seconds:.2f} s)"
+
+
+def figures(
+    rows: int = 1_000_000, naive_rows: int = 100_000, image_rows: int = 10_000
+) -> list[Figure]:
+    path = bench_build.text_csv(rows)
+    img_path, img_dir = bench_build.image_csv(image_rows)
+    out: list[Figure] = []
+    with tempfile.TemporaryDirectory(prefix="bench_run_") as tmp_s:
+        tmp = Path(tmp_s)
+        # The CLI first, while this process is at its smallest.
+        text = dry_run(path, tmp / "text", bench_build.PROMPT)
+        check_s = time_check_files(tmp / "text" / "dry-run")
+        shutil.rmtree(tmp / "text")
+        image = dry_run(
+            img_path,
+            tmp / "image",
+            "What is in the picture of {name}?",
+            "--image-column",
+            "image",
+            "--image-dir",
+            str(img_dir),
+        )
+        shutil.rmtree(tmp / "image")
+    start_s = import_seconds()
+    floor = bench_build.measure_floor(path, rows)
+    naive = bench_build.run_isolated("naive", path=str(path), n_rows=naive_rows)
+    lib = bench_build.run_isolated("build", path=str(path), fsync=False)
+    lib_img = bench_build.run_isolated(
+        "build",
+        path=str(img_path),
+        prompt="What is in the picture of {name}?",
+        image_column="image",
+        image_dir=str(img_dir),
+        fsync=False,
+    )
+    parent_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    naive_rate = naive["rows"] / naive["seconds"]
+    whole_rate = rows / text["seconds"]
+    lib_s = lib["open_seconds"] + lib["seconds"]
+    naive_s = f"naive {naive_rate:,.0f} rows/s ({naive['rows']:,} rows, extrapolated)"
+    breakdown = (
+        f"of its {text['seconds']:.1f} s: interpreter + imports {start_s:.1f} s, "
+        f"open_source + build_chunks {lib_s:.1f} s (library alone)"
+        + (f", dry-run file check {check_s:.1f} s" if check_s is not None else "")
+    )
+    out += [
+        Figure(
+            "build",
+            f"whole process `run --dry-run`, {rows:,} text rows",
+            _rate(rows, text["seconds"]),
+            f"floor {_rate(rows, floor['seconds'])}",
+            f"≥ {TARGET_ROWS_S:,} rows/s",
+            whole_rate >= TARGET_ROWS_S,
+            breakdown,
+        ),
+        Figure(
+            "build",
+            "whole process vs naive",
+            f"{whole_rate / naive_rate:.1f}×",
+            naive_s,
+            f"≥ {TARGET_VS_NAIVE:.0f}×",
+            whole_rate / naive_rate >= TARGET_VS_NAIVE,
+        ),
+        Figure(
+            "build",
+            "whole process peak RSS (text)",
+            f"{text['peak_rss_mib']:,.0f} MiB",
+            f"naive {naive['peak_rss_mib']:,.0f} MiB on {naive['rows']:,} rows; "
+            f"library build {lib['peak_rss_mib']:,.0f} MiB",
+            f"≤ {TARGET_RSS_MIB:.0f} MiB",
+            text["peak_rss_mib"] <= TARGET_RSS_MIB,
+            f"ru_maxrss of the child; this process peaked at {parent_mib:,.0f} MiB",
+        ),
+        Figure(
+            "build",
+            f"library open_source + build_chunks, {rows:,} text rows",
+            _rate(rows, lib_s),
+            f"floor {_rate(rows, floor['seconds'])}",
+            "",
+            None,
+            f"fsync off (as the dry run); peak RSS {lib['peak_rss_mib']:,.0f} MiB; "
+            f"{lib['files']} files, {lib['bytes'] / 1e6:,.0f} MB",
+        ),
+        Figure(
+            "build",
+            f"whole process `run --dry-run`, {image_rows:,} rows with a ~3 KB PNG each",
+            _rate(image_rows, image["seconds"]),
+            f"library build {_rate(image_rows, lib_img['open_seconds'] + lib_img['seconds'])}",
+            "",
+            None,
+            "images are base64 of files: I/O-bound, per row by design",
+        ),
+        Figure(
+            "build",
+            "whole process peak RSS (images)",
+            f"{image['peak_rss_mib']:,.0f} MiB",
+            f"library build {lib_img['peak_rss_mib']:,.0f} MiB",
+            f"≤ {TARGET_RSS_MIB:.0f} MiB",
+            image["peak_rss_mib"] <= TARGET_RSS_MIB,
+        ),
+    ]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--naive-rows", type=int, default=100_000)
+    ap.add_argument("--image-rows", type=int, default=10_000)
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+    figs = figures(args.rows, args.naive_rows, args.image_rows)
+    print(f"cores: {cores()}\n")
+    print(markdown_table(figs, with_part=False))
+    write_json(figs, args.json)
+
+
+if __name__ == "__main__":
+    main()
