@@ -118,12 +118,12 @@ def test_online_run_answers_every_row_exactly_once(emulator_factory, tmp_path: P
 
 def test_kill_9_mid_run_loses_at_most_the_requests_in_flight(emulator_factory, tmp_path: Path):
     emu = emulator_factory(sync_latency_seconds=0.01)
-    n = 300
+    n = 200
     src = table(tmp_path, n)
     run_dir = tmp_path / "run"
     args = online_args(emu, src, run_dir, "--workers", WORKERS)
     proc = subprocess_run(args)
-    wait_until(lambda: succeeded_total(emu) >= 80 or proc.poll() is not None)
+    wait_until(lambda: succeeded_total(emu) >= 60 or proc.poll() is not None)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(0.1)  # requests the dead client had in flight finish on the server
@@ -141,8 +141,10 @@ def test_kill_9_mid_run_loses_at_most_the_requests_in_flight(emulator_factory, t
     assert res.exit_code == 0, res.output
     stats = executions(emu)
     assert len(stats) == n and all(v["succeeded"] >= 1 for v in stats.values())
+    # Answered twice: only requests in flight at the kill (the server may finish one after the
+    # sample above), at most one per worker, and never a row whose answer was committed.
     twice = {cid for cid, v in stats.items() if v["succeeded"] > 1}
-    assert twice == lost, "only the requests in flight at the kill may be answered twice"
+    assert lost <= twice and len(twice) <= WORKERS and not twice & recorded
     assert all(v["succeeded"] <= 2 for v in stats.values())
     # The re-run sent only rows without a committed answer.
     assert all(stats[cid]["executed"] == 1 for cid in recorded)
@@ -154,8 +156,8 @@ def test_kill_9_mid_run_loses_at_most_the_requests_in_flight(emulator_factory, t
 
 
 def test_ctrl_c_stops_cleanly_with_exit_130_and_resumes(emulator_factory, tmp_path: Path):
-    emu = emulator_factory(sync_latency_seconds=0.05)
-    n = 200
+    emu = emulator_factory(sync_latency_seconds=0.04)
+    n = 150
     src = table(tmp_path, n)
     run_dir = tmp_path / "run"
     args = online_args(emu, src, run_dir, "--workers", WORKERS)
