@@ -43,7 +43,7 @@ from loguru import logger
 from batchops import pricing, render, results, source
 from batchops.classify import EXHAUSTING, is_retryable
 from batchops.engine import EngineResult, Progress
-from batchops.providers import CALL_ATTEMPTS, Pool, call, describe_exception
+from batchops.providers import CALL_ATTEMPTS, Pool, call, describe_exception, post_raw
 from batchops.records import RowOutcome, Skipped, Usage
 from batchops.render import ImageProblem
 from batchops.rundir import RunDir
@@ -544,18 +544,15 @@ class OnlineEngine:
     async def _send(
         self, entry: ModelEntry, key: Any, body: dict, row_id: str, est: float
     ) -> tuple[bytes, openai.OpenAIError | None]:
-        """One HTTP request; the raw answer, or the SDK's error (never retried by the SDK).
-
-        The body goes out exactly as rendered (the same body a batch line carries) through the
-        client's generic `post`: one path for every endpoint, no pydantic round trip."""
+        """One request; the raw answer, or the SDK's error (the SDK never retries)."""
         self.reserved += est
         self.in_flight += 1
         try:
-            raw = await self.pool.async_client(entry.name, key.key_id).post(
+            raw = await post_raw(
+                self.pool.async_client(entry.name, key.key_id),
                 self.path,
-                cast_to=bytes,
-                body=body,
-                options={"headers": {CUSTOM_ID_HEADER: header_value(row_id)}},
+                body,
+                {CUSTOM_ID_HEADER: header_value(row_id)},
             )
             return raw, None
         except openai.OpenAIError as exc:

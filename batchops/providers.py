@@ -384,5 +384,17 @@ def call(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+async def post_raw(
+    client: openai.AsyncOpenAI, path: str, body: dict[str, Any], headers: dict[str, str]
+) -> bytes:
+    """One synchronous request (online mode): the answer's raw bytes, or the SDK's exception.
+
+    The body goes out exactly as rendered through the client's generic `post` — one path for
+    every endpoint, no typed-parameter transform, no pydantic response objects. The caller owns
+    the retry policy (the client has max_retries=0) and classifies errors with
+    describe_exception."""
+    return await client.post(path, cast_to=bytes, body=body, options={"headers": headers})
+
+
 def is_exhausting(exc: ApiCallError) -> bool:
     return exc.cls in EXHAUSTING
