@@ -40,7 +40,7 @@ import polars as pl
 from aiolimiter import AsyncLimiter
 from loguru import logger
 
-from batchops import pricing, render, results, source
+from batchops import pricing, render, results, source, structured
 from batchops.classify import EXHAUSTING, is_retryable
 from batchops.engine import EngineResult, Progress
 from batchops.providers import CALL_ATTEMPTS, Pool, call, describe_exception, post_raw
@@ -582,6 +582,7 @@ class OnlineEngine:
                 retryable=is_retryable("format_error", self.spec.retry.retry_on),
             )
         outcome = results.parse_sync_response(body, self.spec.endpoint, job.row_id)
+        outcome = structured.check_outcome(outcome, self.spec)  # schema answers: validated
         if outcome.error_class:  # the user's retry_on decides (as for batch results)
             outcome.retryable = outcome.retryable and is_retryable(
                 outcome.error_class, self.spec.retry.retry_on

@@ -139,6 +139,20 @@ def test_schema_violations_are_retried_then_succeed(emulator_factory, tmp_path: 
     assert all(json.loads(r["response"])["count"] == int(r["count"]) for r in out)
 
 
+def test_schema_violations_are_retried_in_online_mode_too(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(invalid_json_fraction=0.5, seed=3)
+    src = awkward_table(tmp_path, n_plain=13, images=False)
+    run_dir = tmp_path / "run"
+    args = run_args(emu, src, run_dir, "--schema", schema_file(tmp_path), "--mode", "online")
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    stats = executions(emu)
+    assert any(v["executed"] == 2 for v in stats.values())
+    assert all(v["succeeded"] <= 2 and v["executed"] <= 2 for v in stats.values())
+    out = read_csv(run_dir / "final_output.csv")
+    assert all(json.loads(r["response"])["count"] == int(r["count"]) for r in out)
+
+
 @pytest.mark.parametrize(
     ("retries", "exit_code", "status"), [("0", 3, "failed"), ("2", 0, "succeeded")]
 )
