@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -665,7 +666,12 @@ def demo(data_dir: Path, run_dir: Path, log_dir: Path, verbose: int, quiet: int)
     sys.exit(report.exit_code)
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # a scheduler's SIGTERM stops as cleanly as Ctrl+C (exit 130)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="batchops")
 
 

@@ -251,7 +251,8 @@ def test_dropped_connections_after_processing_never_duplicate_a_batch(
     assert s["files"]["uploaded"] - s["files"]["deleted"] == 5
 
 
-def test_ctrl_c_stops_cleanly_with_130_and_resumes(emulator_factory, tmp_path: Path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_cleanly_with_130_and_resumes(emulator_factory, tmp_path: Path, sig):
     emu = emulator_factory(in_progress_seconds=1.5)
     src = awkward_table(tmp_path, n_plain=13, images=False)
     run_dir = tmp_path / "run"
@@ -260,7 +261,7 @@ def test_ctrl_c_stops_cleanly_with_130_and_resumes(emulator_factory, tmp_path: P
     deadline = time.time() + 20
     while emu.stats()["batches"]["created"] < 2 and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err.decode()
     assert "interrupted" in err.decode() and "Traceback" not in err.decode()
