@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -250,36 +251,35 @@ def dry_run_job(
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     model = spec.models[0].name
-    chunks = list(
-        chunking.build_chunks(
-            src,
-            spec,
-            model=model,
-            out_dir=out_dir,
-            first_chunk_no=1,
-            estimate_tokens=pricing.estimate_text_tokens_fast,
-            fsync=False,  # throwaway files: durability buys nothing here
-        )
-    )
     per_row = spec.max_tokens or pricing.DEFAULT_COMPLETION_ESTIMATE
     overrides = pricing.overrides_from_spec(spec)
-    rows = [c for c in chunks if c.row_idxs]
-    est_rows = [
-        (
-            c.est_prompt_tokens,
-            len(c.row_idxs),
-            pricing.estimate_cost(
-                model,
-                c.est_prompt_tokens,
-                per_row * len(c.row_idxs),
-                batch=True,
-                overrides=overrides,
-            ),
-        )
-        for c in rows
-    ]
+    # Keep a summary per chunk, not the chunk: its row lists would grow with the table.
+    est_rows: list[tuple[int, int, float | None]] = []
+    skipped = 0
+    # Each finished file is checked in a thread while the next one is built (both halves run
+    # in polars, which releases the GIL).
+    checker = ThreadPoolExecutor(max_workers=1)
+    pending_checks = []
+    for c in chunking.build_chunks(
+        src,
+        spec,
+        model=model,
+        out_dir=out_dir,
+        first_chunk_no=1,
+        estimate_tokens=pricing.estimate_text_tokens_fast,
+        fsync=False,  # throwaway files: durability buys nothing here
+    ):
+        skipped += len(c.skipped)
+        if c.row_idxs:
+            n = len(c.row_idxs)
+            cost = pricing.estimate_cost(
+                model, c.est_prompt_tokens, per_row * n, batch=True, overrides=overrides
+            )
+            est_rows.append((c.est_prompt_tokens, n, cost))
+            pending_checks.append(checker.submit(validate.check_files, [c.path], spec.endpoint))
     est = _estimate_of(model, est_rows, per_row, spec.max_tokens)
-    checks = validate.check_files([c.path for c in rows], spec.endpoint)
+    checks = [check for f in pending_checks for check in f.result()]
+    checker.shutdown()
     bad = validate.problems(checks)
     if bad:
         more = f" (and {len(bad) - 1} more problem(s))" if len(bad) > 1 else ""
@@ -292,7 +292,7 @@ def dry_run_job(
         "queued": est.rows,
         "succeeded": 0,
         "failed": 0,
-        "skipped": sum(len(c.skipped) for c in chunks),
+        "skipped": skipped,
     }
     return RunReport(
         run_dir, counts, 0.0, "dry run", None, est, False, spec.max_cost, checks=checks

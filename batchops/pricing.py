@@ -449,8 +449,8 @@ def estimate_text_tokens_series(s: pl.Series) -> pl.Series:
 
 # Above this many rows a frame is estimated from a sample: the regex counts cost ~5 µs a row,
 # the byte count almost nothing, and chunk totals (what limits and budgets use) stay accurate.
-SAMPLE_ABOVE_ROWS = 8192
-SAMPLE_ROWS = 2048
+SAMPLE_ABOVE_ROWS = 4096
+SAMPLE_ROWS = 512
 
 
 def estimate_text_tokens_fast(s: pl.Series) -> pl.Series:
