@@ -154,14 +154,14 @@ def test_dry_run_validates_uploads_nothing_and_matches_cost_estimate(emulator, t
 def test_dry_run_refuses_a_chunk_file_the_api_would_fail(emulator, tmp_path: Path, monkeypatch):
     from batchops import validate
 
-    real = validate.check_file
+    real = validate.check_files
 
-    def with_stream(path, endpoint, **kw):  # as if the builder had written `stream: true`
-        p = Path(path)
-        p.write_text(p.read_text().replace('"model":', '"stream":true,"model":', 1))
-        return real(p, endpoint, **kw)
+    def with_stream(paths, endpoint):  # as if the builder had written `stream: true`
+        for p in map(Path, paths):
+            p.write_text(p.read_text().replace('"model":', '"stream":true,"model":', 1))
+        return real(paths, endpoint)
 
-    monkeypatch.setattr(validate, "check_file", with_stream)
+    monkeypatch.setattr(validate, "check_files", with_stream)
     src = awkward_table(tmp_path, images=False)
     res = invoke(*run_args(emulator, src, tmp_path / "run", "--dry-run"))
     assert res.exit_code == 2

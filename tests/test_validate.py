@@ -3,6 +3,7 @@ the emulator's own input validation is the reference it is checked against."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,36 @@ def test_a_broken_big_file_lists_a_bounded_number_of_problems(tmp_path: Path):
     assert str(check.problems[0]) == (
         "chunk.jsonl line 1: invalid_json_line: this line is not parseable as a JSON object"
     )
+
+
+def test_columnar_and_per_line_checks_agree(tmp_path):
+    from batchops.validate import check_file, check_files
+
+    good = tmp_path / "good.jsonl"
+    lines = [
+        json.dumps(
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "m", "messages": [{"role": "user", "content": 'hi\n "x"'}]},
+            },
+            separators=(",", ":"),
+        )
+        for i in range(50)
+    ]
+    good.write_text("\n".join(lines) + "\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines[:3] + [lines[1]]) + "\n")  # a duplicate custom_id
+    numeric = tmp_path / "numeric.jsonl"
+    numeric.write_text(lines[0].replace('"r0"', "5") + "\n")  # polars would coerce 5 to "5"
+    for path in (good, bad, numeric):
+        (fast,) = check_files([path], "/v1/chat/completions")
+        slow = check_file(path, "/v1/chat/completions")
+        assert (fast.requests, fast.model, [str(p) for p in fast.problems]) == (
+            slow.requests,
+            slow.model,
+            [str(p) for p in slow.problems],
+        )
+    assert check_files([bad], "/v1/chat/completions")[0].problems[0].code == "duplicate_custom_id"
+    assert not check_files([numeric], "/v1/chat/completions")[0].ok
