@@ -26,6 +26,8 @@ from batchops.records import RowOutcome
 from batchops.rundir import RunDir
 from batchops.store import ChunkRow
 
+# From this many batches in flight on one account, one list call polls them all.
+LIST_POLL_MIN = 3
 # How far back (seconds before the run was created) reconcile looks in the remote batch list.
 RECONCILE_SLACK = 3600
 
@@ -548,11 +550,14 @@ class BatchEngine:
         result file takes seconds. (Batches with failed requests are collected first: their
         errors may exhaust a model or key, which decides where the next chunk goes.)"""
         deferred: list[tuple[ChunkRow, Any]] = []
-        for chunk in self.store.chunks("submitted"):
+        in_flight = self.store.chunks("submitted")
+        listed = self._list_in_flight(in_flight)
+        for chunk in in_flight:
             with logger.contextualize(chunk=chunk.chunk_id, batch=chunk.batch_id):
                 client = self.pool.client(chunk.model, chunk.key_id)
+                b = listed.get(chunk.batch_id or "")
                 try:
-                    b = call(
+                    b = b or call(
                         client.batches.retrieve,
                         chunk.batch_id,
                         what=f"poll batch {chunk.batch_id}",
@@ -585,6 +590,32 @@ class BatchEngine:
             self.done_remote = set()
         for chunk, b in deferred:
             self._collect_or_retry(chunk, b)
+
+    def _list_in_flight(self, chunks: list[ChunkRow]) -> dict[str, Any]:
+        """With several batches in flight on one account, one `batches.list` page (newest
+        first, up to 100) answers for all of them: one call instead of one per batch. A batch
+        it does not show (older than the page) is retrieved on its own."""
+        groups: dict[int, tuple[Any, int]] = {}  # one account (client): its batches in flight
+        for c in chunks:
+            client = self.pool.client(c.model, c.key_id)
+            groups[id(client)] = (client, groups.get(id(client), (client, 0))[1] + 1)
+        seen: dict[str, Any] = {}
+        for client, n in groups.values():
+            if n < LIST_POLL_MIN:
+                continue
+            try:
+                page = call(
+                    client.batches.list,
+                    limit=100,
+                    what=f"poll {n} batches (one list page)",
+                    policy=self.spec.retry,
+                    scrub=self.pool.scrub,
+                )
+            except ApiCallError as exc:
+                logger.debug("list poll failed ({}); polling batches one by one", exc)
+                continue
+            seen.update((b.id, b) for b in page.data)
+        return seen
 
     def _collect_or_retry(self, chunk: ChunkRow, b) -> None:
         try:

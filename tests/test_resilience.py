@@ -271,3 +271,19 @@ def test_ctrl_c_stops_cleanly_with_130_and_resumes(emulator_factory, tmp_path: P
     assert final.returncode == 0, err.decode()
     assert emu.stats()["batches"]["created"] == 2
     all_succeeded_once(emu)
+
+
+def test_many_batches_in_flight_are_polled_with_one_list_call(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(in_progress_seconds=1.0)
+    src = awkward_table(tmp_path, n_plain=53, images=False)
+    run_dir = tmp_path / "run"
+    assert (
+        invoke(
+            *run_args(emu, src, run_dir, "--batch-size", "10", "--poll-interval", "0.1")
+        ).exit_code
+        == 0
+    )
+    lists, gets = calls(emu, "GET /v1/batches"), calls(emu, "GET /v1/batches/{id}")
+    assert lists >= 5  # ~1 s of polling at 0.1 s with 6 batches in flight
+    assert gets < lists  # not one GET per batch per poll
+    all_succeeded_once(emu)
