@@ -37,7 +37,6 @@ SCALE = 0.01
 REAL_BATCH_SECONDS = 600.0
 REAL_POLL_SECONDS = 30.0
 ROWS_PER_BATCH = 50
-LIST_PAGE = 100  # batches.list limit
 ROUTES = {
     "uploads": "POST /v1/files",
     "creates": "POST /v1/batches",
