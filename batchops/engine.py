@@ -101,6 +101,8 @@ class BatchEngine:
         # smallest in-flight total a model refused.
         self.learned_limit: dict[str, int] = {}
         self.refused_tokens: dict[str, int] = {}
+        # Rows per chunk for a model whose chunks were over its token limit on their own.
+        self.row_cap: dict[str, int] = {}
         # Chunks whose batch a poll just saw completed, while they wait to be collected: the
         # remote no longer counts them against the enqueued limit (see poll(refill=True)).
         self.done_remote: set[int] = set()
@@ -126,9 +128,12 @@ class BatchEngine:
         self.run.inputs.mkdir(parents=True, exist_ok=True)
         built = 0
         est_completion = self.spec.max_tokens or pricing.DEFAULT_COMPLETION_ESTIMATE
+        spec = self.spec
+        if model in self.row_cap:
+            spec = spec.model_copy(update={"batch_size": min(spec.batch_size, self.row_cap[model])})
         for chunk in chunking.build_chunks(
             self.src,
-            self.spec,
+            spec,
             model=model,
             out_dir=self.run.inputs,
             first_chunk_no=self.store.next_chunk_no(),
@@ -283,6 +288,27 @@ class BatchEngine:
         in_flight = self.in_flight_tokens(chunk.model)
         # A chunk larger than the limit on its own still goes when nothing else is in flight.
         return in_flight == 0 or in_flight + chunk.est_tokens <= limit
+
+    def _split_or_fail(self, chunk: ChunkRow, batch_id: str, text: str) -> None:
+        """A chunk over the enqueued-token limit on its own: its rows are re-packed into chunks
+        of half the size; a single request over the limit fails, saying so."""
+        if chunk.n_rows > 1:
+            cap = max(1, chunk.n_rows // 2)
+            self.row_cap[chunk.model] = min(cap, self.row_cap.get(chunk.model, cap))
+            reason = (
+                f"batch {batch_id} failed: {text}; chunk of {chunk.n_rows} rows is over the "
+                f"limit on its own: re-packed in chunks of {self.row_cap[chunk.model]}"
+            )
+            logger.warning(reason)
+            self.store.abandon_chunk(chunk.chunk_id, reason)
+            return
+        self.store.requeue_chunk_rows(
+            chunk.chunk_id,
+            f"the request alone is over {chunk.model}'s enqueued-token limit ({text})",
+            "token_limit",
+            counts=True,
+            max_retries=0,
+        )
 
     def learn_token_limit(self, model: str, accepted: int, refused: int) -> None:
         """A token_limit_exceeded refusal bounds the model's enqueued-token limit: the `accepted`
@@ -705,6 +731,9 @@ class BatchEngine:
         if "token_limit" in classes:
             # Not the chunk's fault: wait for in-flight batches of this model, then send the same file again.
             others = self.in_flight_tokens(chunk.model) - chunk.est_tokens
+            if others <= 0:  # refused with nothing else in flight: it can never fit as it is
+                self._split_or_fail(chunk, b.id, text)
+                return
             self.learn_token_limit(chunk.model, others, others + chunk.est_tokens)
             self.store.set_chunk(
                 chunk.chunk_id,

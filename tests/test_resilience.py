@@ -287,3 +287,20 @@ def test_many_batches_in_flight_are_polled_with_one_list_call(emulator_factory, 
     assert lists >= 5  # ~1 s of polling at 0.1 s with 6 batches in flight
     assert gets < lists  # not one GET per batch per poll
     all_succeeded_once(emu)
+
+
+def test_chunk_over_the_token_limit_on_its_own_is_split(emulator_factory, tmp_path: Path):
+    src = awkward_table(tmp_path, n_plain=17, images=False)
+    dry = tmp_path / "dry"
+    fake = type("E", (), {"base_url": "http://127.0.0.1:9/v1"})()
+    assert invoke(*run_args(fake, src, dry, "--batch-size", "1", "--dry-run")).exit_code == 0
+    per_row = max(
+        prompt_tokens(b, "/v1/chat/completions") for b in sent_bodies(dry, "dry-run").values()
+    )
+    # Room for about three rows: a chunk of 10 never fits, even with nothing else in flight.
+    emu = emulator_factory(enqueued_token_limit={"gpt-4o-mini": per_row * 3})
+    run_dir = tmp_path / "run"
+    res = invoke(*run_args(emu, src, run_dir, "--batch-size", "10"))
+    assert res.exit_code == 0, res.output
+    all_succeeded_once(emu)
+    assert "re-packed in chunks of" in next((tmp_path / "logs").glob("*.log")).read_text()
