@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,7 @@ class Estimate:
     cost_usd: float | None  # None when a model has no known price
     completion_assumption: str
     by_model: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prices: str = "batch"  # "batch" or "synchronous" (online mode)
 
 
 @dataclass
@@ -213,8 +215,8 @@ def run_job(
         if pool.lane == "batch":
             engine.reconcile()
             engine.build_pending()
-        est = estimate(run)
-        if on_estimate and pool.lane == "batch":
+        est = estimate(run) if pool.lane == "batch" else online_estimate(run, src)
+        if on_estimate:
             on_estimate(est)
         result = _drive(run, pool, engine, on_progress=on_progress)
         final = None
@@ -232,6 +234,38 @@ def run_job(
         )
     finally:
         run.close()
+
+
+def online_estimate(run: RunDir, src: source.Source) -> Estimate:
+    """What the rows without an answer should cost through synchronous calls: their requests
+    are built (in a scratch folder, no files kept) and estimated like batch chunks."""
+    spec = run.spec
+    model = spec.models[0].name
+    per_row = spec.max_tokens or pricing.DEFAULT_COMPLETION_ESTIMATE
+    overrides = pricing.overrides_from_spec(spec)
+    pending = run.store.pending_row_idxs()
+    rows: list[tuple[int, int, float | None]] = []
+    if pending:
+        with tempfile.TemporaryDirectory(dir=run.path, prefix="estimate-") as tmp:
+            for c in chunking.build_chunks(
+                src,
+                spec.model_copy(update={"batch_size": 50_000}),
+                model=model,
+                out_dir=Path(tmp),
+                first_chunk_no=1,
+                only_rows=pending,
+                estimate_tokens=pricing.estimate_text_tokens_fast,
+                fsync=False,
+            ):
+                n = len(c.row_idxs)
+                if n:
+                    cost = pricing.estimate_cost(
+                        model, c.est_prompt_tokens, per_row * n, batch=False, overrides=overrides
+                    )
+                    rows.append((c.est_prompt_tokens, n, cost))
+    est = _estimate_of(model, rows, per_row, spec.max_tokens)
+    est.prices = "synchronous"
+    return est
 
 
 def dry_run_job(

@@ -358,7 +358,7 @@ def _print_estimate(est: api.Estimate) -> None:
     cost = fmt_usd(est.cost_usd) if est.cost_usd is not None else "unknown (no price for a model)"
     click.echo(
         f"estimate: {est.rows} rows in {est.chunks} chunk(s), ~{est.prompt_tokens} prompt tokens, "
-        f"≤{est.completion_tokens} completion tokens ({est.completion_assumption}); cost ≈ {cost} at batch prices"
+        f"≤{est.completion_tokens} completion tokens ({est.completion_assumption}); cost ≈ {cost} at {est.prices} prices"
     )
 
 

@@ -114,3 +114,19 @@ def test_budget_summary_says_spent_and_left(emulator, tmp_path: Path):
     st = json.loads(invoke("status", "--run-dir", run_dir, "--json").output)
     assert st["spent_usd"] <= 0.0002
     assert 0 < st["rows"]["succeeded"] < 47  # some chunks ran, then submitting stopped
+
+
+def test_online_mode_is_priced_at_synchronous_prices(emulator, tmp_path: Path):
+    src = awkward_table(tmp_path, n_plain=10, images=False)
+    run_dir = tmp_path / "run"
+    res = invoke(*run_args(emulator, src, run_dir, "--mode", "online"))
+    assert res.exit_code == 0, res.output
+    assert "estimate: 17 rows" in res.output and "at synchronous prices" in res.output
+    sync = price_for("gpt-4o-mini", batch=False)
+    rows = row_usage(run_dir)
+    for o in read_csv(run_dir / "final_output.csv"):
+        r = rows[o["sku"]]
+        want = expected_cost(sync, r["prompt_tokens"], r["cached_tokens"], r["completion_tokens"])
+        assert abs(float(o["cost_usd"]) - want) < 1e-9
+    (m,) = json.loads(invoke("cost", "--run-dir", run_dir, "--json").output)["by_model"]
+    assert m["mode"] == "online" and m["calls"] == 17
