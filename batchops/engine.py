@@ -473,20 +473,7 @@ class BatchEngine:
         )
 
     def _delete_file(self, model: str, key_id: str | None, file_id: str | None) -> None:
-        if not file_id:
-            return
-        try:
-            call(
-                self.pool.client(model, key_id).files.delete,
-                file_id,
-                what=f"delete unused file {file_id}",
-                policy=self.spec.retry,
-                scrub=self.pool.scrub,
-                attempts=2,
-            )
-            logger.debug("deleted unused file {}", file_id)
-        except ApiCallError as exc:
-            logger.debug("could not delete unused file {}: {}", file_id, exc)
+        self.pool.delete_file(model, key_id, file_id, self.spec.retry)
 
     # ------------------------------------------------------------------ crash recovery
     @_in_run

@@ -43,7 +43,7 @@ from loguru import logger
 from batchops import pricing, render, results, source, structured
 from batchops.classify import EXHAUSTING, is_retryable
 from batchops.engine import EngineResult, Progress
-from batchops.providers import CALL_ATTEMPTS, Pool, call, describe_exception, post_raw
+from batchops.providers import CALL_ATTEMPTS, Pool, describe_exception, post_raw
 from batchops.records import RowOutcome, Skipped, Usage
 from batchops.render import ImageProblem
 from batchops.rundir import RunDir
@@ -372,17 +372,7 @@ class OnlineEngine:
             )
 
     def _delete_file(self, model: str, key_id: str | None, file_id: str) -> None:
-        try:
-            call(
-                self.pool.client(model, key_id).files.delete,
-                file_id,
-                what=f"delete unused file {file_id}",
-                policy=self.spec.retry,
-                scrub=self.pool.scrub,
-                attempts=2,
-            )
-        except Exception as exc:  # best effort: an unused file costs nothing but storage
-            logger.debug("could not delete unused file {}: {}", file_id, self.pool.scrub(str(exc)))
+        self.pool.delete_file(model, key_id, file_id, self.spec.retry)
 
     # ------------------------------------------------------------------ producing
     async def _produce(self) -> None:

@@ -239,6 +239,25 @@ class Pool:
             raise ConfigError(f"no API key available for model {model}")
         return entry, key
 
+    def delete_file(
+        self, model: str, key_id: str | None, file_id: str | None, policy: RetryPolicy
+    ) -> None:
+        """Best effort: delete an uploaded file no batch will use (it only costs storage)."""
+        if not file_id:
+            return
+        try:
+            call(
+                self.client(model, key_id).files.delete,
+                file_id,
+                what=f"delete unused file {file_id}",
+                policy=policy,
+                scrub=self.scrub,
+                attempts=2,
+            )
+            logger.debug("deleted unused file {}", file_id)
+        except ApiCallError as exc:
+            logger.debug("could not delete unused file {}: {}", file_id, exc)
+
     def scrub(self, text: str) -> str:
         """Replace any key that slipped into a message by its masked label."""
         for k in self.all_keys.values():

@@ -216,21 +216,32 @@ def _success(custom_id: str, body: Any, kind: str, request_id: str | None) -> Ro
     return _completions_success(custom_id, body, model, request_id)
 
 
+def _first_choice(body: dict) -> dict | None:
+    choices = body.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    return choice if isinstance(choice, dict) else None
+
+
+def _no_choices(
+    custom_id: str, usage: Usage | None, model: str | None, request_id: str | None
+) -> RowOutcome:
+    return _format_failure(
+        custom_id,
+        "empty_response",
+        "response has no choices",
+        usage=usage,
+        model=model,
+        request_id=request_id,
+    )
+
+
 def _chat_success(
     custom_id: str, body: dict, model: str | None, request_id: str | None
 ) -> RowOutcome:
     usage = _chat_usage(body.get("usage"))
-    choices = body.get("choices")
-    choice = choices[0] if isinstance(choices, list) and choices else None
-    if not isinstance(choice, dict):
-        return _format_failure(
-            custom_id,
-            "empty_response",
-            "response has no choices",
-            usage=usage,
-            model=model,
-            request_id=request_id,
-        )
+    choice = _first_choice(body)
+    if choice is None:
+        return _no_choices(custom_id, usage, model, request_id)
     finish = choice.get("finish_reason")
     finish = finish if isinstance(finish, str) else None
     message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
@@ -254,17 +265,9 @@ def _completions_success(
     custom_id: str, body: dict, model: str | None, request_id: str | None
 ) -> RowOutcome:
     usage = _chat_usage(body.get("usage"))
-    choices = body.get("choices")
-    choice = choices[0] if isinstance(choices, list) and choices else None
-    if not isinstance(choice, dict):
-        return _format_failure(
-            custom_id,
-            "empty_response",
-            "response has no choices",
-            usage=usage,
-            model=model,
-            request_id=request_id,
-        )
+    choice = _first_choice(body)
+    if choice is None:
+        return _no_choices(custom_id, usage, model, request_id)
     finish = choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str) else None
     text = choice.get("text") if isinstance(choice.get("text"), str) else None
     return _finish(custom_id, text, None, finish, usage, model, request_id)
