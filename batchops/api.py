@@ -209,7 +209,7 @@ def run_job(
     try:
         if resumed:
             logger.info("resuming run {} in {}", run.run_id, run_dir)
-        engine = _batch_engine()(run, pool, wait=wait, on_progress=on_progress)
+        engine = _batch_engine()(run, pool, wait=wait, on_progress=on_progress, src=src)
         engine.ensure_rows()
         pool.lane = pool.next_mode() or spec.mode
         if pool.lane == "batch":
@@ -221,7 +221,7 @@ def run_job(
         result = _drive(run, pool, engine, on_progress=on_progress)
         final = None
         if result.stopped_because != "no-wait":
-            final = merge_run(run)
+            final = merge_run(run, src=src)
         return RunReport(
             run_dir,
             result.counts,
@@ -370,9 +370,9 @@ def _estimate_of(
     )
 
 
-def merge_run(run: RunDir, out: Path | None = None) -> Path:
+def merge_run(run: RunDir, out: Path | None = None, src: source.Source | None = None) -> Path:
     spec = run.spec
-    src = source.open_source(spec)
+    src = src or source.open_source(spec)  # a full validation pass: reuse the run's when given
     out = Path(out or run.final_output)
     # Output in the source's own format: Parquet keeps the column types, JSONL each object.
     native = merging.format_of(out) == src.format != "csv"
@@ -457,13 +457,13 @@ def retry_missing(
     spec = spec.model_copy(update=updates)
     run.save_spec(spec)
     try:
-        validate_inputs(spec)
+        src = validate_inputs(spec)
         pool = make_pool(spec, api_key_file=api_key_file, base_url=base_url)
         n = run.store.reset_rows(("failed", "skipped"))
         logger.info("{} failed/skipped row(s) put back in the queue", n)
-        engine = _batch_engine()(run, pool, wait=wait, on_progress=on_progress)
+        engine = _batch_engine()(run, pool, wait=wait, on_progress=on_progress, src=src)
         result = _drive(run, pool, engine, on_progress=on_progress)
-        final = merge_run(run) if result.stopped_because != "no-wait" else None
+        final = merge_run(run, src=src) if result.stopped_because != "no-wait" else None
         return RunReport(
             Path(run_dir),
             result.counts,
@@ -798,7 +798,7 @@ def _drive(
     for _ in range(len(pool.pairs) + 2):
         lane = pool.lane = pool.next_mode() or pool.lane or run.spec.mode
         if lane == "online":
-            result = OnlineEngine(run, pool, on_progress=on_progress).execute()
+            result = OnlineEngine(run, pool, on_progress=on_progress, src=batch._src).execute()
         else:
             result = batch.execute()
         after = pool.next_mode()

@@ -87,6 +87,7 @@ class BatchEngine:
         wait: bool = True,
         on_progress: Callable[[Progress], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        src: source.Source | None = None,
     ) -> None:
         self.run = run
         self.store = run.store
@@ -95,7 +96,7 @@ class BatchEngine:
         self.wait = wait
         self.on_progress = on_progress
         self.sleep = sleep
-        self.src = source.open_source(self.spec)
+        self._src = src  # opened on first use: cancel and watch never read the table
         self.budget_hit = False
         # Learned from token_limit_exceeded (see learn_token_limit): the limit paced at, and the
         # smallest in-flight total a model refused.
@@ -106,6 +107,12 @@ class BatchEngine:
         # Chunks whose batch a poll just saw completed, while they wait to be collected: the
         # remote no longer counts them against the enqueued limit (see poll(refill=True)).
         self.done_remote: set[int] = set()
+
+    @property
+    def src(self) -> source.Source:
+        if self._src is None:
+            self._src = source.open_source(self.spec)  # a full validation pass over the file
+        return self._src
 
     # ------------------------------------------------------------------ planning
     @_in_run

@@ -181,6 +181,7 @@ class OnlineEngine:
         workers: int | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         group_rows: int = GROUP_ROWS,
+        src: source.Source | None = None,
     ) -> None:
         self.run = run
         self.spec = run.spec
@@ -189,7 +190,7 @@ class OnlineEngine:
         self.workers = workers or self.spec.workers
         self.on_progress = on_progress
         self.group_rows = group_rows
-        self.src = source.open_source(self.spec)
+        self.src = src or source.open_source(self.spec)
         self.overrides = pricing.overrides_from_spec(self.spec)
         self._prices: dict[str, tuple[pricing.ModelPrice | None, float]] = {}
         self.path = request_path(self.spec.endpoint)
