@@ -446,7 +446,7 @@ class BatchEngine:
             b = call(
                 client.batches.create,
                 input_file_id=chunk.file_id,
-                endpoint=self.spec.endpoint,
+                endpoint=self.spec.batch_endpoint(chunk.model),
                 completion_window=self.spec.completion_window,
                 metadata=self.metadata(chunk),
                 what=f"create batch for chunk {chunk.chunk_id}",

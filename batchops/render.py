@@ -222,7 +222,7 @@ def request_line(
     return {
         "custom_id": custom_id,
         "method": "POST",
-        "url": spec.endpoint,
+        "url": spec.batch_endpoint(model),
         "body": request_body(spec, model, text, image_data_url),
     }
 

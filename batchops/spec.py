@@ -127,6 +127,18 @@ class JobSpec(BaseModel):
     def model_names(self) -> list[str]:
         return [m.name for m in self.models]
 
+    def batch_endpoint(self, model: str) -> str:
+        """The batch `endpoint` (and each line's `url`) for a model's provider: Azure's classic
+        API (an `api_version`, not the `/openai/v1` base) names it without `/v1`."""
+        entry = next((m for m in self.models if m.name == model), None)
+        if (
+            entry is not None
+            and entry.provider == "azure"
+            and not (entry.azure_endpoint or "").rstrip("/").endswith("/openai/v1")
+        ):
+            return self.endpoint.removeprefix("/v1")
+        return self.endpoint
+
     def model_entry(self, name: str) -> ModelEntry:
         for m in self.models:
             if m.name == name:

@@ -168,6 +168,13 @@ def test_azure_example_deployments_batch_and_online(emulator_factory, tmp_path: 
     assert all(float(r["cost_usd"]) > 0 for rs in models.values() for r in rs)
     log = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
     assert key not in log
+    # Azure's classic API names the batch endpoint (and each line's url) without /v1.
+    urls = {
+        json.loads(line)["url"]
+        for f in (run_dir / "inputs").glob("*.jsonl")
+        for line in f.read_text().splitlines()
+    }
+    assert urls == {"/chat/completions"}
 
 
 def test_openai_example_two_batch_models_then_online(emulator_factory, tmp_path: Path):
