@@ -310,7 +310,9 @@ def dry_run_job(
                 model, c.est_prompt_tokens, per_row * n, batch=True, overrides=overrides
             )
             est_rows.append((c.est_prompt_tokens, n, cost))
-            pending_checks.append(checker.submit(validate.check_files, [c.path], spec.batch_endpoint(model)))
+            pending_checks.append(
+                checker.submit(validate.check_files, [c.path], spec.batch_endpoint(model))
+            )
     est = _estimate_of(model, est_rows, per_row, spec.max_tokens)
     checks = [check for f in pending_checks for check in f.result()]
     checker.shutdown()
