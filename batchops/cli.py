@@ -325,9 +325,7 @@ def run(
         _print_dry_run(report)
         click.echo(f"dry run: chunk files in {report.run_dir / 'dry-run'}; nothing uploaded")
         return
-    click.echo(report.summary())
-    if report.final_output:
-        click.echo(f"merged output: {report.final_output}")
+    _summarize(report)
     if report.stopped_because == "no-wait":
         click.echo(f"submitted; follow with: batchops status --run-dir {report.run_dir}")
         return
@@ -344,6 +342,18 @@ def _json_object(option: str, text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InputError(f"{option}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def _summarize(report: api.RunReport) -> None:
+    click.echo(report.summary())
+    if report.final_output:
+        click.echo(f"merged output: {report.final_output}")
+
+
+def _finish(report: api.RunReport) -> None:
+    """The end of every command that drives a run: summary, where the table is, exit code."""
+    _summarize(report)
+    sys.exit(report.exit_code)
 
 
 def _config(path: Path | None) -> dict[str, Any]:
@@ -451,10 +461,7 @@ def retry_missing(
             base_url=base_url,
             on_progress=display,
         )
-    click.echo(report.summary())
-    if report.final_output:
-        click.echo(f"merged output: {report.final_output}")
-    sys.exit(report.exit_code)
+    _finish(report)
 
 
 @cli.command(
@@ -562,10 +569,7 @@ def watch(
             base_url=base_url,
             on_progress=display,
         )
-    click.echo(report.summary())
-    if report.final_output:
-        click.echo(f"merged output: {report.final_output}")
-    sys.exit(report.exit_code)
+    _finish(report)
 
 
 @cli.command(
@@ -661,9 +665,7 @@ def demo(data_dir: Path, run_dir: Path, log_dir: Path, verbose: int, quiet: int)
                 on_estimate=_print_estimate,
                 on_progress=display,
             )
-    click.echo(report.summary())
-    click.echo(f"merged output: {report.final_output}")
-    sys.exit(report.exit_code)
+    _finish(report)
 
 
 def _terminate(signum: int, frame: Any) -> None:
