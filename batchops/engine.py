@@ -24,7 +24,7 @@ from batchops.classify import EXHAUSTING, classify_batch_error, is_retryable
 from batchops.providers import ApiCallError, Pool, call
 from batchops.records import RowOutcome
 from batchops.rundir import RunDir
-from batchops.store import ChunkRow
+from batchops.store import ChunkRow, Store
 
 # From this many batches in flight on one account, one list call polls them all.
 LIST_POLL_MIN = 3
@@ -181,7 +181,7 @@ class BatchEngine:
     # ------------------------------------------------------------------ the loop
     @_in_run
     def execute(self) -> EngineResult:
-        self.save_pool_state()
+        save_pool_state(self.store, self.pool)
         self.ensure_rows()
         self.reconcile()
         self.build_pending()
@@ -234,31 +234,17 @@ class BatchEngine:
         *,
         whole_key: bool = False,
     ) -> None:
-        """Take a model/key out of the pool; every such switch is an event and updates the
-        pool state `batchops status` shows (the pool itself lives only in this invocation)."""
-        before = self.pool.current()
-        self.pool.exhaust(chunk.model, key_id, reason, whole_key=whole_key)
-        after = self.pool.current()
-        label = self.pool.all_keys[key_id].label if key_id in self.pool.all_keys else "?"
-        what = f"key {label}" if whole_key else f"model {chunk.model} on key {label}"
-        if after is None:
-            then = "no model/key left in the pool"
-        elif after != before:
-            then = f"switching to model {after[0].name} on key {after[1].label}"
-        else:
-            then = f"still using model {after[0].name} on key {after[1].label}"
-        self.store.event(
-            "switch",
-            self.pool.scrub(f"{what} exhausted ({reason}); {then}"),
+        """Take a model/key out of the pool (see `record_exhaustion`)."""
+        record_exhaustion(
+            self.store,
+            self.pool,
+            chunk.model,
+            key_id,
+            reason,
+            whole_key=whole_key,
             chunk_id=chunk.chunk_id,
             batch_id=batch_id,
         )
-        self.save_pool_state()
-
-    def save_pool_state(self) -> None:
-        """The pool as this invocation sees it (keys masked), for `batchops status`."""
-        state = {"ts": time.time(), "pairs": self.pool.summary()}
-        self.store.set_meta("pool_state", self.pool.scrub(json.dumps(state)))
 
     def report_progress(self) -> None:
         if self.on_progress is None:
@@ -794,3 +780,42 @@ class BatchEngine:
 def _refused(exc: ApiCallError) -> bool:
     """The server answered with a 4xx: it created nothing, so the written intent can be undone."""
     return exc.status is not None and 400 <= exc.status < 500
+
+
+def record_exhaustion(
+    store: Store,
+    pool: Pool,
+    model: str,
+    key_id: str | None,
+    reason: str,
+    *,
+    whole_key: bool = False,
+    chunk_id: int | None = None,
+    batch_id: str | None = None,
+) -> None:
+    """Take a model/key out of the pool, for both lanes: every switch is an event, and the pool
+    state `batchops status` shows is saved (the pool itself lives only in this invocation)."""
+    before = pool.current()
+    pool.exhaust(model, key_id, reason, whole_key=whole_key)
+    after = pool.current()
+    label = pool.all_keys[key_id].label if key_id in pool.all_keys else "?"
+    what = f"key {label}" if whole_key else f"model {model} on key {label}"
+    if after is None:
+        then = "no model/key left in the pool"
+    elif after != before:
+        then = f"switching to model {after[0].name} on key {after[1].label}"
+    else:
+        then = f"still using model {after[0].name} on key {after[1].label}"
+    store.event(
+        "switch",
+        pool.scrub(f"{what} exhausted ({reason}); {then}"),
+        chunk_id=chunk_id,
+        batch_id=batch_id,
+    )
+    save_pool_state(store, pool)
+
+
+def save_pool_state(store: Store, pool: Pool) -> None:
+    """The pool as this invocation sees it (keys masked), for `batchops status`."""
+    state = {"ts": time.time(), "pairs": pool.summary()}
+    store.set_meta("pool_state", pool.scrub(json.dumps(state)))

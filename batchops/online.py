@@ -42,7 +42,7 @@ from loguru import logger
 
 from batchops import pricing, render, results, source, structured
 from batchops.classify import EXHAUSTING, is_retryable
-from batchops.engine import EngineResult, Progress
+from batchops.engine import EngineResult, Progress, record_exhaustion
 from batchops.providers import CALL_ATTEMPTS, Pool, describe_exception, post_raw
 from batchops.records import RowOutcome, Skipped, Usage
 from batchops.render import ImageProblem
@@ -628,9 +628,13 @@ class OnlineEngine:
     def _exhaust(self, model: str, key: Any, cls: str, code: str | None, message: str) -> None:
         if (model, key.key_id) in self.pool.exhausted:
             return  # another worker's answer already switched
-        self.pool.exhaust(model, key.key_id, f"{code or cls}: {message}", whole_key=cls == "auth")
-        self.store.event(
-            "switch", f"online request: {cls} ({code}) on model {model} key {key.label}"
+        record_exhaustion(
+            self.store,
+            self.pool,
+            model,
+            key.key_id,
+            f"{code or cls}: {message}",
+            whole_key=cls == "auth",
         )
 
     def _cost(self, usage: Usage, model: str) -> float | None:

@@ -309,6 +309,10 @@ def test_quota_fails_over_to_the_next_model_like_batch_mode(emulator_factory, tm
     assert st["rows"]["failed"] == 0  # the refused requests did not use a retry
     log = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
     assert "switching to model gpt-b" in log
+    # status shows the pool as the online run left it, like a batch run's
+    pool = {p["model"]: p["state"] for p in st["pool"]}
+    assert pool["gpt-a"].startswith("exhausted") and pool["gpt-b"] == "in use"
+    assert any("switching to model gpt-b" in e["message"] for e in st["events"])
 
 
 def test_bad_key_exhausts_the_key_and_never_logs_it(emulator_factory, tmp_path: Path):
