@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -148,6 +148,8 @@ def _api(
                 response = error_response(err)
             except HTTPException as exc:  # e.g. a malformed multipart body
                 response = error_response(ApiError(exc.status_code, str(exc.detail)))
+            except ClientDisconnect:  # the client is gone (killed mid-upload): nobody to answer
+                return Response(status_code=499)
             except Exception:  # a bug: still answer with the envelope, never a bare 500
                 log.exception("emulator handler failed on %s", template)
                 response = error_response(E.server_error(500))
