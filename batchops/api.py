@@ -146,9 +146,9 @@ def _one_line_validation(exc: Exception) -> str:
 def validate_inputs(spec: JobSpec) -> source.Source:
     """Everything that can be checked before anything is built or uploaded."""
     src = source.open_source(spec)
-    check_template(spec.prompt, src.columns, what="--prompt")
+    check_template(spec.prompt, src.columns, what="--prompt", source_name=src.path)
     if spec.system:
-        check_template(spec.system, src.columns, what="--system")
+        check_template(spec.system, src.columns, what="--system", source_name=src.path)
     if spec.image_column and not spec.image_dir:
         raise InputError(
             "--image-column needs --image-dir (the folder the image paths are relative to)"
