@@ -51,7 +51,7 @@ def test_log_file_has_ids_on_every_remote_call_and_no_key(emulator, tmp_path: Pa
         .fetchone()
     )
     calls = [ln for ln in lines if "| DEBUG   |" in ln and "remote call: " in ln]
-    for what in ("upload chunk", "create batch for chunk", "poll batch", "download file-"):
+    for what in ("upload chunk", "create batch for chunk", "download file-"):
         hits = [ln for ln in calls if f"remote call: {what}" in ln]
         assert hits, f"no DEBUG line for {what}"
         for ln in hits:
@@ -59,8 +59,17 @@ def test_log_file_has_ids_on_every_remote_call_and_no_key(emulator, tmp_path: Pa
             assert m and m.group(2), f"no run/chunk ids in: {ln}"
             if run_id:
                 assert m.group(1) == run_id[0]
-            if what in ("poll batch", "download file-"):
+            if what == "download file-":
                 assert m.group(3), f"no batch id in: {ln}"
+    # Polls: one GET per batch, or one list page for 3+ in flight; either way the call carries
+    # the run id and every batch's polled status is logged with its chunk and batch ids.
+    polls = [ln for ln in calls if "remote call: poll " in ln]
+    assert polls, "no DEBUG line for a poll"
+    assert all((m := IDS.search(ln)) and (not run_id or m.group(1) == run_id[0]) for ln in polls)
+    statuses = [
+        ln for ln in lines if "| DEBUG   |" in ln and re.search(r"batch \S+ \(chunk \d+\): ", ln)
+    ]
+    assert statuses and all((m := IDS.search(ln)) and m.group(2) and m.group(3) for ln in statuses)
     # state changes, collection and cost lines carry the ids too
     for marker in ("built → uploading", "uploaded → submitting", "submitted as batch", "cost: "):
         hit = next((ln for ln in lines if marker in ln), None)
