@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchops.errors import InputError, StateError
+from batchops.store import OUTCOME_TYPES
 from batchops.structured import SchemaColumns
 
 __all__ = [
@@ -63,17 +64,6 @@ MERGED_COLUMNS: list[str] = [
 STATUSES = ("succeeded", "failed", "skipped", "missing")
 MISSING_ERROR = "no result recorded"
 
-# Types of the added columns, in the outcomes table and in Parquet output.
-_OUTCOME_TYPES: dict[str, pl.DataType] = {
-    "response": pl.String(),
-    "status": pl.String(),
-    "error": pl.String(),
-    "model": pl.String(),
-    "prompt_tokens": pl.Int64(),
-    "completion_tokens": pl.Int64(),
-    "cost_usd": pl.Float64(),
-    "batch_id": pl.String(),
-}
 _ARROW_TYPES: dict[str, pa.DataType] = {
     "prompt_tokens": pa.int64(),
     "completion_tokens": pa.int64(),
@@ -245,7 +235,7 @@ class _OutcomeIndex:
         if "row_idx" not in outcomes.columns:
             raise StateError("outcomes table has no row_idx column")
         cols = [pl.col("row_idx").cast(pl.Int64).alias(_IDX), pl.lit(True).alias(_HIT)]
-        for name, dtype in _OUTCOME_TYPES.items():
+        for name, dtype in OUTCOME_TYPES.items():
             expr = pl.col(name).cast(dtype) if name in outcomes.columns else pl.lit(None, dtype)
             cols.append(expr.alias(names[name]))
         # select/cast/rename share the caller's buffers: no copy of the response text.
@@ -489,7 +479,7 @@ class _JsonlSink:
 def _empty_schema(source_columns: list[str], names: dict[str, str]) -> dict[str, pl.DataType]:
     schema: dict[str, pl.DataType] = dict.fromkeys(source_columns, pl.String())
     for name, final in names.items():
-        schema[final] = _OUTCOME_TYPES[name]
+        schema[final] = OUTCOME_TYPES[name]
     return schema
 
 

@@ -507,15 +507,19 @@ def _int(d: Any, key: str) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
-def _chat_usage(u: Any) -> Usage | None:
-    if not isinstance(u, dict):
-        return None
+def _usage(u: dict, prompt: str, completion: str) -> Usage:
+    """Usage from one endpoint's field names: `<prompt>_tokens` (+ `_details.cached_tokens`) and
+    `<completion>_tokens` (+ `_details.reasoning_tokens`)."""
     return Usage(
-        prompt_tokens=_int(u, "prompt_tokens"),
-        cached_tokens=_int(u.get("prompt_tokens_details"), "cached_tokens"),
-        completion_tokens=_int(u, "completion_tokens"),
-        reasoning_tokens=_int(u.get("completion_tokens_details"), "reasoning_tokens"),
+        prompt_tokens=_int(u, f"{prompt}_tokens"),
+        cached_tokens=_int(u.get(f"{prompt}_tokens_details"), "cached_tokens"),
+        completion_tokens=_int(u, f"{completion}_tokens"),
+        reasoning_tokens=_int(u.get(f"{completion}_tokens_details"), "reasoning_tokens"),
     )
+
+
+def _chat_usage(u: Any) -> Usage | None:
+    return _usage(u, "prompt", "completion") if isinstance(u, dict) else None
 
 
 def _responses_usage(u: Any) -> Usage | None:
@@ -523,12 +527,7 @@ def _responses_usage(u: Any) -> Usage | None:
         return None
     if "input_tokens" not in u and "prompt_tokens" in u:
         return _chat_usage(u)  # compatible servers that answer /v1/responses with chat usage
-    return Usage(
-        prompt_tokens=_int(u, "input_tokens"),
-        cached_tokens=_int(u.get("input_tokens_details"), "cached_tokens"),
-        completion_tokens=_int(u, "output_tokens"),
-        reasoning_tokens=_int(u.get("output_tokens_details"), "reasoning_tokens"),
-    )
+    return _usage(u, "input", "output")
 
 
 def _embeddings_usage(u: Any) -> Usage | None:

@@ -120,6 +120,18 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
+# The merged columns of a row's outcome, as `outcomes_frame` hands them to the merge.
+OUTCOME_TYPES: dict[str, pl.DataType] = {
+    "response": pl.String(),
+    "status": pl.String(),
+    "error": pl.String(),
+    "model": pl.String(),
+    "prompt_tokens": pl.Int64(),
+    "completion_tokens": pl.Int64(),
+    "cost_usd": pl.Float64(),
+    "batch_id": pl.String(),
+}
+
 IN_FLIGHT_STATES = ("uploading", "uploaded", "submitting", "submitted")
 TERMINAL_BATCH = ("completed", "failed", "expired", "cancelled")
 
@@ -643,17 +655,7 @@ class Store:
             "SELECT row_idx, response, status, error, model, prompt_tokens, completion_tokens, cost_usd, batch_id"
             " FROM rows ORDER BY row_idx"
         )
-        schema = {
-            "row_idx": pl.Int64,
-            "response": pl.String,
-            "status": pl.String,
-            "error": pl.String,
-            "model": pl.String,
-            "prompt_tokens": pl.Int64,
-            "completion_tokens": pl.Int64,
-            "cost_usd": pl.Float64,
-            "batch_id": pl.String,
-        }
+        schema = {"row_idx": pl.Int64(), **OUTCOME_TYPES}
         frame = pl.DataFrame(cur.fetchall(), schema=schema, orient="row")
         # Rows still pending/queued when the run stopped have no answer yet: "missing".
         return frame.with_columns(
