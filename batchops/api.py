@@ -27,6 +27,7 @@ from batchops.errors import InputError, RunIncomplete
 from batchops.render import check_template
 from batchops.rundir import RunDir, create_or_resume, default_run_dir, open_existing, start_over
 from batchops.spec import JobSpec, ModelEntry, infer_source_format
+from batchops.states import INTENT_CHUNKS, ChunkState, StopReason
 
 if TYPE_CHECKING:  # openai and pandas take ~1 s to import; a dry run needs neither
     import pandas as pd
@@ -54,7 +55,7 @@ class RunReport:
     run_dir: Path
     counts: dict[str, int]
     spent: float
-    stopped_because: str | None
+    stopped_because: StopReason | None
     final_output: Path | None
     estimate: Estimate | None = None
     resumed: bool = False
@@ -220,7 +221,7 @@ def run_job(
             on_estimate(est)
         result = _drive(run, pool, engine, on_progress=on_progress)
         final = None
-        if result.stopped_because != "no-wait":
+        if result.stopped_because != StopReason.NO_WAIT:
             final = merge_run(run, src=src)
         return RunReport(
             run_dir,
@@ -465,7 +466,7 @@ def retry_missing(
         logger.info("{} failed/skipped row(s) put back in the queue", n)
         engine = _batch_engine()(run, pool, wait=wait, on_progress=on_progress, src=src)
         result = _drive(run, pool, engine, on_progress=on_progress)
-        final = merge_run(run, src=src) if result.stopped_because != "no-wait" else None
+        final = merge_run(run, src=src) if result.stopped_because != StopReason.NO_WAIT else None
         return RunReport(
             Path(run_dir),
             result.counts,
@@ -807,7 +808,7 @@ def _drive(
         if (
             after is None
             or after == lane
-            or result.stopped_because in ("no-wait", "budget reached")
+            or result.stopped_because in (StopReason.NO_WAIT, StopReason.BUDGET)
         ):
             break
         logger.info(
@@ -816,12 +817,9 @@ def _drive(
             after,
         )
     assert result is not None
-    waiting = run.store.chunks("uploading", "submitting", "submitted")
+    waiting = run.store.chunks(*INTENT_CHUNKS, ChunkState.SUBMITTED)
     if pool.lane == "online" and waiting and result.stopped_because is None:
-        result.stopped_because = (
-            f"{len(waiting)} batch(es) of an earlier batch run still in flight: "
-            "`batchops watch` collects them"
-        )
+        result.stopped_because = StopReason.BATCHES_IN_FLIGHT
     return result
 
 

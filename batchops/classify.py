@@ -1,17 +1,13 @@
-"""Error classes decided by error code, not only HTTP status — the one place that decides.
+"""OpenAI's error dialect → error classes, decided by error code, not only HTTP status.
 
-Used for synchronous API errors (exceptions from the openai SDK), for per-request lines of a
-batch error file, and for a failed batch's `errors.data`.
+Used by the OpenAI-dialect backends for synchronous API errors, for per-request lines of a batch
+error file, and for a failed batch's `errors.data`. What a class means (retry, pace, fail over,
+give up) is decided in `batchops.policy`.
 """
 
 from __future__ import annotations
 
 from batchops.records import ErrorClass
-
-# Classes that never improve by retrying the same request on the same model/key.
-PERMANENT: frozenset[ErrorClass] = frozenset({"invalid_request", "input"})
-# Classes that mean "this model or key is used up for this invocation": switch, don't retry.
-EXHAUSTING: frozenset[ErrorClass] = frozenset({"quota", "auth", "model_not_found"})
 
 
 def classify_http(status: int | None, code: str | None, type_: str | None = None) -> ErrorClass:
@@ -67,21 +63,6 @@ def classify_batch_error(code: str | None) -> ErrorClass:
     # invalid_json_line, missing_required_parameter, invalid_url, duplicate_custom_id ... mean
     # batchops built a bad file: a bug, not the row's fault, so the rows go back to pending.
     return "api_error"
-
-
-def is_retryable(cls: ErrorClass, retry_on: list[str] | None = None) -> bool:
-    """Whether a row failure of this class goes back to pending (within its retry budget).
-
-    `retry_on` is the user's RetryPolicy.retry_on; exhausting classes and token limits always
-    retry (on another model/key, or later) — they are not the row's fault.
-    """
-    if cls in PERMANENT:
-        return False
-    if cls in EXHAUSTING or cls == "token_limit":
-        return True
-    if retry_on is None:
-        return True
-    return cls in retry_on or (cls == "api_error" and "api_error" in retry_on)
 
 
 def mask_key(key: str | None) -> str:

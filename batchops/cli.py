@@ -23,6 +23,7 @@ from batchops import logs as logsetup
 from batchops.errors import BatchopsError, InputError
 from batchops.progress import ProgressDisplay, fmt_usd, make_console, status_view
 from batchops.spec import load_toml
+from batchops.states import StopReason
 
 EXAMPLE_RUN = """\b
 Example:
@@ -326,7 +327,7 @@ def run(
         click.echo(f"dry run: chunk files in {report.run_dir / 'dry-run'}; nothing uploaded")
         return
     _summarize(report)
-    if report.stopped_because == "no-wait":
+    if report.stopped_because == StopReason.NO_WAIT:
         click.echo(f"submitted; follow with: batchops status --run-dir {report.run_dir}")
         return
     if report.exit_code:

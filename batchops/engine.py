@@ -9,29 +9,42 @@ creating them again, so a crash at any point never submits a chunk twice.
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
 
+import polars as pl
 from loguru import logger
 
-from batchops import chunking, pricing, results, source, structured
-from batchops.classify import EXHAUSTING, classify_batch_error, is_retryable
-from batchops.providers import ApiCallError, Pool, call
-from batchops.records import RowOutcome
+from batchops import chunking, pricing, source, structured
+from batchops.backends import Backend, RemoteBatch, RemoteError, SubmitRequest
+from batchops.policy import EXHAUSTING, Action, Scope, counts_as_attempt, decide, row_retryable
+from batchops.providers import Pool
+from batchops.records import BadLine, RowOutcome
 from batchops.rundir import RunDir
+from batchops.states import (
+    INTENT_CHUNKS,
+    UNSENT_CHUNKS,
+    BatchState,
+    ChunkState,
+    RowState,
+    StopReason,
+)
 from batchops.store import ChunkRow, Store
 
-# From this many batches in flight on one account, one list call polls them all.
-LIST_POLL_MIN = 3
 # How far back (seconds before the run was created) reconcile looks in the remote batch list.
 RECONCILE_SLACK = 3600
+# A result file with fewer lines than the batch reports done is downloaded this often in all.
+DOWNLOAD_TRIES = 3
+# Tries of one upload or create that fails transiently (each failure looked up before the
+# next try: the call may have been carried out) before the model/key pair is set aside.
+SUBMIT_TRIES = 3
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def _in_run(fn: F) -> F:
@@ -51,7 +64,7 @@ def _on_chunk(fn: F) -> F:
 
     @wraps(fn)
     def wrapper(self: BatchEngine, chunk: ChunkRow, *args: Any, **kwargs: Any) -> Any:
-        batch = getattr(args[0], "id", None) if args else None
+        batch = args[0].id if args and isinstance(args[0], RemoteBatch) else None
         with logger.contextualize(
             run=self.run.run_id, chunk=chunk.chunk_id, batch=batch or chunk.batch_id
         ):
@@ -73,9 +86,17 @@ class Progress:
 @dataclass
 class EngineResult:
     counts: dict[str, int]
-    stopped_because: str | None = None  # "pool exhausted", "budget reached", "no-wait", ...
+    stopped_because: StopReason | None = None  # None: nothing was left to do
     spent: float = 0.0
     notes: list[str] = field(default_factory=list)
+
+
+class _GaveUp(Exception):
+    """A creating call failed transiently SUBMIT_TRIES times; nothing was created."""
+
+    def __init__(self, exc: RemoteError) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
 
 
 class BatchEngine:
@@ -121,7 +142,7 @@ class BatchEngine:
             n = self.store.add_rows(self.src_frames(columns=[]))
             logger.info("run {}: {} source row(s) registered", self.run.run_id, n)
 
-    def src_frames(self, columns: list[str] | None = None):
+    def src_frames(self, columns: list[str] | None = None) -> Iterator[pl.DataFrame]:
         return source.iter_frames(self.src, columns=columns)
 
     @_in_run
@@ -175,7 +196,7 @@ class BatchEngine:
             )
         return built
 
-    def overrides(self):
+    def overrides(self) -> dict[str, pricing.PriceOverride]:
         return pricing.overrides_from_spec(self.spec)
 
     # ------------------------------------------------------------------ the loop
@@ -185,10 +206,10 @@ class BatchEngine:
         self.ensure_rows()
         self.reconcile()
         self.build_pending()
-        stopped: str | None = None
+        stopped: StopReason | None = None
         while True:
             self.submit_ready()
-            in_flight = self.store.chunks("submitted")
+            in_flight = self.store.chunks(ChunkState.SUBMITTED)
             if not in_flight:
                 if (
                     self.store.counts()["pending"]
@@ -197,16 +218,17 @@ class BatchEngine:
                     and self.build_pending()
                 ):
                     continue
-                ready = self.store.chunks("built", "uploaded")
-                if ready and self.pool.current() and not self.budget_hit:
-                    # Nothing in flight but a chunk could not be sent (a transient error or a token
-                    # limit learned at zero): wait and try again rather than give up on it.
+                waiting = self.store.chunks(*UNSENT_CHUNKS, *INTENT_CHUNKS)
+                if waiting and self.pool.current() and not self.budget_hit:
+                    # Nothing in flight but a chunk could not be sent (a transient error, an
+                    # ambiguous create to reconcile, a token limit learned at zero): wait and
+                    # try again rather than give up on it.
                     self.sleep(self.spec.poll_interval)
                     continue
                 stopped = self._why_stopped()
                 break
             if not self.wait:
-                stopped = "no-wait"
+                stopped = StopReason.NO_WAIT
                 break
             self.report_progress()
             self.sleep(self.spec.poll_interval)
@@ -216,13 +238,13 @@ class BatchEngine:
         self.report_progress()
         return EngineResult(self.store.counts(), stopped, self.store.spent())
 
-    def _why_stopped(self) -> str | None:
+    def _why_stopped(self) -> StopReason | None:
         counts = self.store.counts()
         if counts["pending"] or counts["queued"]:
             if self.pool.current() is None:
-                return "every model and key in the pool is exhausted"
+                return StopReason.POOL_EXHAUSTED
             if self.budget_hit:
-                return "budget reached"
+                return StopReason.BUDGET
         return None
 
     def exhaust(
@@ -232,16 +254,16 @@ class BatchEngine:
         reason: str,
         batch_id: str | None = None,
         *,
-        whole_key: bool = False,
+        scope: Scope = Scope.MODEL,
     ) -> None:
-        """Take a model/key out of the pool (see `record_exhaustion`)."""
+        """Take a model/key (or what `scope` names) out of the pool (see `record_exhaustion`)."""
         record_exhaustion(
             self.store,
             self.pool,
             chunk.model,
             key_id,
             reason,
-            whole_key=whole_key,
+            scope=scope,
             chunk_id=chunk.chunk_id,
             batch_id=batch_id,
         )
@@ -255,7 +277,10 @@ class BatchEngine:
                 remote[b["status"]] = remote.get(b["status"], 0) + 1
         self.on_progress(
             Progress(
-                self.store.counts(), len(self.store.chunks("submitted")), remote, self.store.spent()
+                self.store.counts(),
+                len(self.store.chunks(ChunkState.SUBMITTED)),
+                remote,
+                self.store.spent(),
             )
         )
 
@@ -270,7 +295,7 @@ class BatchEngine:
     def in_flight_tokens(self, model: str) -> int:
         return sum(
             c.est_tokens
-            for c in self.store.chunks("submitting", "submitted")
+            for c in self.store.chunks(ChunkState.SUBMITTING, ChunkState.SUBMITTED)
             if c.model == model and c.chunk_id not in self.done_remote
         )
 
@@ -320,14 +345,17 @@ class BatchEngine:
         cap = self.spec.max_cost
         if cap is None:
             return True
-        in_flight = sum(c.est_cost or 0.0 for c in self.store.chunks("submitting", "submitted"))
+        in_flight = sum(
+            c.est_cost or 0.0
+            for c in self.store.chunks(ChunkState.SUBMITTING, ChunkState.SUBMITTED)
+        )
         return self.store.spent() + in_flight + (chunk.est_cost or 0.0) <= cap + 1e-12
 
     @_in_run
     def submit_ready(self) -> None:
-        if self.store.chunks("uploading", "submitting"):
+        if self.store.chunks(*INTENT_CHUNKS):
             self.reconcile()  # a call failed ambiguously earlier in this invocation
-        for chunk in self.store.chunks("built", "uploaded"):
+        for chunk in self.store.chunks(*UNSENT_CHUNKS):
             current = self.pool.current()
             if current is None:
                 return
@@ -337,6 +365,11 @@ class BatchEngine:
                 self._drop_unsent(
                     chunk, f"model {chunk.model} exhausted; rows re-packed for {entry.name}"
                 )
+                continue
+            if not Path(chunk.path).is_file():
+                # The chunk file was deleted (e.g. someone cleaned inputs/): its rows are
+                # rebuilt from the source, which renders the same requests.
+                self._drop_unsent(chunk, f"chunk file {chunk.path} is missing; rows re-packed")
                 continue
             if not self.fits_token_limit(chunk):
                 continue
@@ -353,14 +386,14 @@ class BatchEngine:
                 self.budget_hit = True
                 return
             try:
-                self._submit(chunk, key)
-            except ApiCallError as exc:
+                self._submit(chunk, key.key_id, key.label)
+            except RemoteError as exc:
                 if exc.cls in EXHAUSTING:
                     self.exhaust(
                         chunk,
                         key.key_id,
                         f"{exc.what}: {exc.cls} ({exc.code}): {exc.message}",
-                        whole_key=exc.cls == "auth",
+                        scope=exc.scope,
                     )
                     continue
                 if exc.cls == "token_limit":
@@ -387,73 +420,116 @@ class BatchEngine:
             "batchops_attempt": str(chunk.attempt),
         }
 
-    @_on_chunk
-    def _submit(self, chunk: ChunkRow, key) -> None:
-        client = self.pool.client(chunk.model, key.key_id)
-        policy = self.spec.retry
-        if chunk.state == "uploaded" and chunk.key_id != key.key_id:
-            # The file belongs to another key's account: upload it again under this key.
-            self._delete_file(chunk.model, chunk.key_id, chunk.file_id)
-            self.store.set_chunk(chunk.chunk_id, state="built", file_id=None)
-            chunk = self.store.chunk(chunk.chunk_id)
-        if chunk.state == "built":
-            logger.debug("chunk {}: built → uploading (key {})", chunk.chunk_id, key.label)
-            self.store.set_chunk(
-                chunk.chunk_id,
-                state="uploading",
-                key_id=key.key_id,
-                event=f"uploading {Path(chunk.path).name} with key {key.label}",
-            )
-            try:
-                with open(chunk.path, "rb") as fh:
-                    f = call(
-                        client.files.create,
-                        file=(self.remote_file_name(chunk), fh),
-                        purpose="batch",
-                        what=f"upload chunk {chunk.chunk_id}",
-                        policy=policy,
-                        scrub=self.pool.scrub,
-                        # Never retried blindly: an upload that timed out may exist; reconcile
-                        # looks it up by name before anything is sent again.
-                        attempts=1,
-                    )
-            except ApiCallError as exc:
-                if _refused(exc):  # nothing was created: the intent is void
-                    self.store.set_chunk(chunk.chunk_id, state="built")
-                raise
-            self.store.set_chunk(
-                chunk.chunk_id, state="uploaded", file_id=f.id, event=f"uploaded as {f.id}"
-            )
-            logger.debug("chunk {} uploaded as {}", chunk.chunk_id, f.id)
-            chunk = self.store.chunk(chunk.chunk_id)
-        logger.debug("chunk {}: uploaded → submitting (key {})", chunk.chunk_id, key.label)
-        self.store.set_chunk(chunk.chunk_id, state="submitting", key_id=key.key_id)
-        try:
-            b = call(
-                client.batches.create,
-                input_file_id=chunk.file_id,
-                endpoint=self.spec.batch_endpoint(chunk.model),
-                completion_window=self.spec.completion_window,
-                metadata=self.metadata(chunk),
-                what=f"create batch for chunk {chunk.chunk_id}",
-                policy=policy,
-                scrub=self.pool.scrub,
-                attempts=1,  # a retried create could start a second, paid batch: reconcile first
-            )
-        except ApiCallError as exc:
-            if _refused(exc):
-                self.store.set_chunk(chunk.chunk_id, state="uploaded")
-            # Otherwise (timeout, dropped connection, 5xx) the batch may exist: reconcile decides.
-            raise
-        self._attach(chunk, b)
+    def submit_request(self, chunk: ChunkRow) -> SubmitRequest:
+        return SubmitRequest(
+            chunk_path=Path(chunk.path),
+            file_ref=chunk.file_id,
+            model=chunk.model,
+            endpoint=self.spec.batch_endpoint(chunk.model),
+            completion_window=self.spec.completion_window,
+            tag=self.metadata(chunk),
+            display_name=self.remote_file_name(chunk).removesuffix(".jsonl"),
+        )
 
     @_on_chunk
-    def _attach(self, chunk: ChunkRow, b) -> None:
+    def _submit(self, chunk: ChunkRow, key_id: str, key_label: str) -> None:
+        backend = self.pool.backend(chunk.model, key_id)
+        if chunk.state == ChunkState.UPLOADED and chunk.key_id != key_id:
+            # The file belongs to another key's account: upload it again under this key.
+            self._delete_file(chunk.model, chunk.key_id, chunk.file_id)
+            chunk = self.store.move_chunk(chunk.chunk_id, ChunkState.BUILT, file_id=None)
+        if chunk.state == ChunkState.BUILT and backend.uploads_files:
+            logger.debug("chunk {}: built → uploading (key {})", chunk.chunk_id, key_label)
+            name = self.remote_file_name(chunk)
+            chunk = self.store.move_chunk(
+                chunk.chunk_id,
+                ChunkState.UPLOADING,
+                key_id=key_id,
+                event=f"uploading {Path(chunk.path).name} with key {key_label}",
+            )
+            try:
+                file_id = self._creating(
+                    chunk,
+                    key_id,
+                    lambda: backend.upload(Path(chunk.path), name),
+                    lambda: self._found_upload(backend, chunk, name),
+                )
+            except RemoteError as exc:
+                if exc.refused:  # nothing was created: the intent is void
+                    self.store.move_chunk(chunk.chunk_id, ChunkState.BUILT)
+                raise
+            except _GaveUp as gave_up:
+                self.store.move_chunk(chunk.chunk_id, ChunkState.BUILT)
+                raise gave_up.exc from None
+            chunk = self.store.move_chunk(
+                chunk.chunk_id, ChunkState.UPLOADED, file_id=file_id, event=f"uploaded as {file_id}"
+            )
+            logger.debug("chunk {} uploaded as {}", chunk.chunk_id, file_id)
+        back = chunk.state  # where a refused create leaves the chunk
+        logger.debug("chunk {}: {} → submitting (key {})", chunk.chunk_id, back, key_label)
+        chunk = self.store.move_chunk(chunk.chunk_id, ChunkState.SUBMITTING, key_id=key_id)
+        req = self.submit_request(chunk)
+        since = float(self.store.get_meta("created_at") or 0) - RECONCILE_SLACK
+        try:
+            b = self._creating(
+                chunk, key_id, lambda: backend.create(req), lambda: backend.find_batch(req, since)
+            )
+        except RemoteError as exc:
+            if exc.refused:
+                self.store.move_chunk(chunk.chunk_id, back)
+            # Otherwise (a lookup failed too) the batch may exist: reconcile decides later.
+            raise
+        except _GaveUp as gave_up:
+            self.store.move_chunk(chunk.chunk_id, back)
+            raise gave_up.exc from None
+        self._attach(chunk, b)
+
+    def _creating(
+        self, chunk: ChunkRow, key_id: str, create: Callable[[], T], lookup: Callable[[], T | None]
+    ) -> T:
+        """Run a call that creates something (upload, create). It is never retried blindly: a
+        call that failed in transit may have been carried out, so it is looked up first and
+        tried again only when nothing was created. After SUBMIT_TRIES transient failures in a
+        row the model/key pair is set aside (a server that always fails is not hammered for
+        as long as the run lasts) and _GaveUp is raised."""
+        for n in range(1, SUBMIT_TRIES + 1):
+            try:
+                return create()
+            except RemoteError as exc:
+                if exc.refused or decide(exc.cls) != Action.RETRY:
+                    raise
+                found = lookup()  # may raise: the intent stays, reconcile looks again later
+                if found is not None:
+                    return found
+                logger.info(
+                    "{} failed ({}); nothing was created; try {} of {}",
+                    exc.what,
+                    exc,
+                    n,
+                    SUBMIT_TRIES,
+                )
+                last = exc
+        self.exhaust(
+            chunk,
+            key_id,
+            f"{SUBMIT_TRIES} tries in a row failed; last: {last.what}: {last.cls} "
+            f"(HTTP {last.status}): {last.message}",
+        )
+        raise _GaveUp(last)
+
+    def _found_upload(self, backend: Backend, chunk: ChunkRow, name: str) -> str | None:
+        matches = backend.find_uploads(name)
+        for extra in matches[1:]:
+            self._delete_file(chunk.model, chunk.key_id, extra.id)
+        return matches[0].id if matches else None
+
+    @_on_chunk
+    def _attach(self, chunk: ChunkRow, b: RemoteBatch) -> None:
         chunk = self.store.chunk(chunk.chunk_id)
         self.store.upsert_batch(chunk, b)
-        self.store.set_chunk(
+        self.store.move_chunk(
             chunk.chunk_id,
-            state="submitted",
+            ChunkState.SUBMITTED,
             batch_id=b.id,
             event=f"batch {b.id} submitted ({chunk.n_rows} rows, model {chunk.model})",
         )
@@ -466,84 +542,54 @@ class BatchEngine:
         )
 
     def _delete_file(self, model: str, key_id: str | None, file_id: str | None) -> None:
-        self.pool.delete_file(model, key_id, file_id, self.spec.retry)
+        self.pool.delete_file(model, key_id, file_id)
 
     # ------------------------------------------------------------------ crash recovery
     @_in_run
     def reconcile(self) -> None:
         """Re-attach to remote objects created just before a crash, instead of creating them again."""
-        for chunk in self.store.chunks("uploading", "submitting"):
-            self._reconcile_one(chunk)
+        for chunk in self.store.chunks(*INTENT_CHUNKS):
+            try:
+                self._reconcile_one(chunk)
+            except RemoteError as exc:  # stays in its intent state: looked up again later
+                logger.warning(
+                    "chunk {}: reconcile failed ({}); will try again", chunk.chunk_id, exc
+                )
 
     @_on_chunk
     def _reconcile_one(self, chunk: ChunkRow) -> None:
-        client = self.pool.client(chunk.model, chunk.key_id)
-        policy = self.spec.retry
-        if chunk.state == "uploading":
-            name = self.remote_file_name(chunk)
-            files = call(
-                lambda c=client: list(c.files.list(purpose="batch")),
-                what="list files",
-                policy=policy,
-                scrub=self.pool.scrub,
-            )
-            matches = sorted((f for f in files if f.filename == name), key=lambda f: f.created_at)
-            if matches:
-                for extra in matches[1:]:
-                    self._delete_file(chunk.model, chunk.key_id, extra.id)
-                self.store.set_chunk(
+        backend = self.pool.backend(chunk.model, chunk.key_id)
+        if chunk.state == ChunkState.UPLOADING:
+            found = self._found_upload(backend, chunk, self.remote_file_name(chunk))
+            if found:
+                self.store.move_chunk(
                     chunk.chunk_id,
-                    state="uploaded",
-                    file_id=matches[0].id,
-                    event=f"reconciled: upload found as {matches[0].id}",
+                    ChunkState.UPLOADED,
+                    file_id=found,
+                    event=f"reconciled: upload found as {found}",
                 )
-                logger.info(
-                    "chunk {}: reconciled, upload found as {}", chunk.chunk_id, matches[0].id
-                )
+                logger.info("chunk {}: reconciled, upload found as {}", chunk.chunk_id, found)
             else:
-                self.store.set_chunk(
-                    chunk.chunk_id, state="built", event="reconciled: upload never arrived"
+                self.store.move_chunk(
+                    chunk.chunk_id, ChunkState.BUILT, event="reconciled: upload never arrived"
                 )
                 logger.info("chunk {}: reconciled, upload never arrived", chunk.chunk_id)
-        else:
-            found = self._find_remote_batch(client, chunk)
-            if found is not None:
-                self._attach(chunk, found)
-                self.store.event(
-                    "reconciled",
-                    f"re-attached to batch {found.id}",
-                    chunk_id=chunk.chunk_id,
-                    batch_id=found.id,
-                )
-                logger.info(
-                    "chunk {}: reconciled, re-attached to batch {}", chunk.chunk_id, found.id
-                )
-            else:
-                self.store.set_chunk(
-                    chunk.chunk_id,
-                    state="uploaded",
-                    event="reconciled: batch was never created",
-                )
-                logger.info("chunk {}: reconciled, batch was never created", chunk.chunk_id)
-
-    def _find_remote_batch(self, client, chunk: ChunkRow):
-        want = self.metadata(chunk)
+            return
         since = float(self.store.get_meta("created_at") or 0) - RECONCILE_SLACK
-        page = call(
-            client.batches.list,
-            limit=100,
-            what="list batches",
-            policy=self.spec.retry,
-            scrub=self.pool.scrub,
-        )
-        for b in page:  # auto-paginates; newest first, so stop once older than this run
-            if (b.metadata or {}) == want or all(
-                (b.metadata or {}).get(k) == v for k, v in want.items()
-            ):
-                return b
-            if b.created_at and b.created_at < since:
-                break
-        return None
+        found = backend.find_batch(self.submit_request(chunk), since)
+        if found is not None:
+            self._attach(chunk, found)
+            self.store.event(
+                "reconciled",
+                f"re-attached to batch {found.id}",
+                chunk_id=chunk.chunk_id,
+                batch_id=found.id,
+            )
+            logger.info("chunk {}: reconciled, re-attached to batch {}", chunk.chunk_id, found.id)
+        else:
+            back = ChunkState.UPLOADED if chunk.file_id else ChunkState.BUILT
+            self.store.move_chunk(chunk.chunk_id, back, event="reconciled: batch was never created")
+            logger.info("chunk {}: reconciled, batch was never created", chunk.chunk_id)
 
     # ------------------------------------------------------------------ polling and collecting
     @_in_run
@@ -555,38 +601,39 @@ class BatchEngine:
         longer counts against the remote enqueued limit and downloading and recording a big
         result file takes seconds. (Batches with failed requests are collected first: their
         errors may exhaust a model or key, which decides where the next chunk goes.)"""
-        deferred: list[tuple[ChunkRow, Any]] = []
-        in_flight = self.store.chunks("submitted")
-        listed = self._list_in_flight(in_flight)
+        deferred: list[tuple[ChunkRow, RemoteBatch]] = []
+        in_flight = self.store.chunks(ChunkState.SUBMITTED)
+        # One poll per backend (account): it may answer for all its batches with one call.
+        groups: dict[int, tuple[Backend, list[ChunkRow]]] = {}
         for chunk in in_flight:
-            with logger.contextualize(chunk=chunk.chunk_id, batch=chunk.batch_id):
-                client = self.pool.client(chunk.model, chunk.key_id)
-                b = listed.get(chunk.batch_id or "")
-                try:
-                    b = b or call(
-                        client.batches.retrieve,
-                        chunk.batch_id,
-                        what=f"poll batch {chunk.batch_id}",
-                        policy=self.spec.retry,
-                        scrub=self.pool.scrub,
+            backend = self.pool.backend(chunk.model, chunk.key_id)
+            groups.setdefault(id(backend), (backend, []))[1].append(chunk)
+        for backend, chunks in groups.values():
+            seen = backend.poll([c.batch_id for c in chunks if c.batch_id])
+            for chunk in chunks:
+                b = seen.get(chunk.batch_id or "")
+                if b is None:
+                    continue  # polled again next time
+                with logger.contextualize(chunk=chunk.chunk_id, batch=b.id):
+                    self.store.upsert_batch(chunk, b)
+                    logger.debug(
+                        "batch {} (chunk {}): {} total={} completed={} failed={}",
+                        b.id,
+                        chunk.chunk_id,
+                        b.raw_status,
+                        b.total,
+                        b.completed,
+                        b.failed,
                     )
-                except ApiCallError as exc:
-                    logger.warning(
-                        "poll of batch {} failed: {}; will poll again", chunk.batch_id, exc
-                    )
-                    continue
-                self.store.upsert_batch(chunk, b)
-                logger.debug(
-                    "batch {} (chunk {}): {} {}",
-                    b.id,
-                    chunk.chunk_id,
-                    b.status,
-                    b.request_counts.model_dump() if b.request_counts else "",
-                )
-                if refill and b.status == "completed" and not b.error_file_id:
-                    deferred.append((chunk, b))
-                elif b.status in ("completed", "failed", "expired", "cancelled"):
-                    self._collect_or_retry(chunk, b)
+                    if refill and b.state == BatchState.COMPLETED and not b.error_ref:
+                        deferred.append((chunk, b))
+                    elif b.state in (
+                        BatchState.COMPLETED,
+                        BatchState.FAILED,
+                        BatchState.EXPIRED,
+                        BatchState.CANCELLED,
+                    ):
+                        self._collect_or_retry(chunk, b)
         if not deferred:
             return
         self.done_remote = {chunk.chunk_id for chunk, _ in deferred}
@@ -597,78 +644,81 @@ class BatchEngine:
         for chunk, b in deferred:
             self._collect_or_retry(chunk, b)
 
-    def _list_in_flight(self, chunks: list[ChunkRow]) -> dict[str, Any]:
-        """With several batches in flight on one account, one `batches.list` page (newest
-        first, up to 100) answers for all of them: one call instead of one per batch. A batch
-        it does not show (older than the page) is retrieved on its own."""
-        groups: dict[int, tuple[Any, int]] = {}  # one account (client): its batches in flight
-        for c in chunks:
-            client = self.pool.client(c.model, c.key_id)
-            groups[id(client)] = (client, groups.get(id(client), (client, 0))[1] + 1)
-        seen: dict[str, Any] = {}
-        for client, n in groups.values():
-            if n < LIST_POLL_MIN:
-                continue
-            try:
-                page = call(
-                    client.batches.list,
-                    limit=100,
-                    what=f"poll {n} batches (one list page)",
-                    policy=self.spec.retry,
-                    scrub=self.pool.scrub,
-                )
-            except ApiCallError as exc:
-                logger.debug("list poll failed ({}); polling batches one by one", exc)
-                continue
-            seen.update((b.id, b) for b in page.data)
-        return seen
-
-    def _collect_or_retry(self, chunk: ChunkRow, b) -> None:
+    def _collect_or_retry(self, chunk: ChunkRow, b: RemoteBatch) -> None:
         try:
             self.collect(chunk, b)
-        except ApiCallError as exc:  # the chunk stays submitted: the next poll collects it
+        except RemoteError as exc:  # the chunk stays submitted: the next poll collects it
             logger.warning("collecting batch {} failed: {}; will try again", b.id, exc)
 
     @_on_chunk
-    def collect(self, chunk: ChunkRow, b) -> None:
-        if b.status == "failed":
+    def collect(self, chunk: ChunkRow, b: RemoteBatch) -> None:
+        if b.state == BatchState.FAILED:
             self._collect_failed(chunk, b)
             return
-        outcomes: list[tuple[RowOutcome, float | None, bool]] = []
-        exhausted = False
-        for file_id, folder in (
-            (b.output_file_id, self.run.outputs),
-            (b.error_file_id, self.run.errors),
-        ):
-            if not file_id:
-                continue
-            path = self._download(chunk, b.id, file_id, folder)
-            for o in results.parse_file(path, self.spec.endpoint):
-                o = structured.check_outcome(o, self.spec)  # schema answers: validated
-                o.retryable = (
-                    o.retryable and is_retryable(o.error_class, self.spec.retry.retry_on)
-                    if o.error_class
-                    else o.retryable
-                )
-                exhausted |= o.error_class in EXHAUSTING
-                cost = None
-                if o.usage is not None:
-                    cost = pricing.cost_or_none(
-                        o.usage, chunk.model, batch=True, overrides=self.overrides()
-                    )
-                # Exhausted model/key is not the row's fault: it does not use up a retry.
-                outcomes.append((o, cost, o.error_class not in EXHAUSTING))
-        if exhausted:
-            self.exhaust(
-                chunk, chunk.key_id, "requests refused with insufficient quota / no access", b.id
+        backend = self.pool.backend(chunk.model, chunk.key_id)
+        reported = (b.completed or 0) + (b.failed or 0)
+        for tries in range(1, DOWNLOAD_TRIES + 1):
+            lines, bad = self._read_results(backend, chunk, b)
+            if len(lines) >= reported:
+                break
+            logger.warning(
+                "batch {}: result files hold {} line(s) for {} request(s) the batch reports "
+                "done{} (download {} of {})",
+                b.id,
+                len(lines),
+                reported,
+                f"; unreadable: {'; '.join(bad[:3])}" if bad else "",
+                tries,
+                DOWNLOAD_TRIES,
             )
+        short = len(lines) < reported
+        outcomes: list[tuple[RowOutcome, float | None, bool]] = []
+        exhausted: RowOutcome | None = None
+        for o in lines.values():
+            o = structured.check_outcome(o, self.spec)  # schema answers: validated
+            if o.error_class:
+                o.retryable = o.retryable and row_retryable(o.error_class, self.spec.retry.retry_on)
+                if o.model is None:
+                    o.model = chunk.model  # a failed line is attributed to the model it was sent to
+            if o.error_class in EXHAUSTING:
+                exhausted = exhausted or o
+            cost = None
+            if o.usage is not None:
+                cost = pricing.cost_or_none(
+                    o.usage, chunk.model, batch=True, overrides=self.overrides()
+                )
+            # Exhausted model/key is not the row's fault: it does not use up a retry.
+            outcomes.append((o, cost, counts_as_attempt(o.error_class)))
+        if exhausted is not None:
+            self.exhaust(
+                chunk,
+                chunk.key_id,
+                f"requests refused: {exhausted.error_code or exhausted.error_class}: "
+                f"{exhausted.error_message or ''}".rstrip(": "),
+                b.id,
+            )
+        # Rows without a line: re-sent only when the remote says they were not executed (an
+        # expired or cancelled batch whose files are complete). An answer merely absent from
+        # the files of requests the batch reports done is never re-sent: that could pay twice.
+        not_run = b.state in (BatchState.EXPIRED, BatchState.CANCELLED) and not short
         applied = self.store.record_outcomes(
-            chunk.chunk_id, b.id, outcomes, max_retries=self.spec.retry.max_retries
+            chunk.chunk_id,
+            b.id,
+            outcomes,
+            max_retries=self.spec.retry.max_retries,
+            unanswered=RowState.PENDING if not_run else RowState.FAILED,
+            lost_reason=(
+                f"not executed: batch {b.id} {b.raw_status} before this row ran"
+                if not_run
+                else f"no answer in the result files of batch {b.id} although it reports "
+                f"{reported} request(s) done (files hold {len(lines)}{'; ' + bad[0] if bad else ''}); "
+                "not re-sent to avoid paying twice: `batchops retry-missing` sends it again"
+            ),
         )
         logger.info(
             "batch {} {}: {} succeeded, {} re-queued, {} failed",
             b.id,
-            b.status,
+            b.raw_status,
             applied.succeeded,
             applied.requeued,
             applied.failed,
@@ -684,28 +734,41 @@ class BatchEngine:
             self.store.spent(),
         )
 
-    def _download(self, chunk: ChunkRow, batch_id: str, file_id: str, folder: Path) -> Path:
-        client = self.pool.client(chunk.model, chunk.key_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{batch_id}.jsonl"
-        content = call(
-            client.files.content,
-            file_id,
-            what=f"download {file_id}",
-            policy=self.spec.retry,
-            scrub=self.pool.scrub,
-        )
-        tmp = path.with_suffix(".jsonl.tmp")
-        content.write_to_file(tmp)
-        os.replace(tmp, path)
-        return path
+    def _read_results(
+        self, backend: Backend, chunk: ChunkRow, b: RemoteBatch
+    ) -> tuple[dict[str, RowOutcome], list[str]]:
+        """Download and read a batch's output and error files: one outcome per custom id (a
+        success always wins over a failure line for the same id: that answer was paid for)
+        and the unreadable lines, named."""
+        lines: dict[str, RowOutcome] = {}
+        bad: list[str] = []
+        for ref, folder in ((b.output_ref, self.run.outputs), (b.error_ref, self.run.errors)):
+            if not ref:
+                continue
+            path = backend.download(ref, folder / f"{b.id}.jsonl")
+            for item in backend.read_results(path, Path(chunk.path), self.spec.endpoint):
+                if isinstance(item, BadLine):
+                    bad.append(f"{item.path.name} line {item.line_no}: {item.reason}")
+                    logger.warning(
+                        "batch {}: {} line {} unreadable: {}",
+                        b.id,
+                        item.path,
+                        item.line_no,
+                        item.reason,
+                    )
+                    continue
+                old = lines.get(item.custom_id)
+                if old is None or (item.ok and not old.ok):
+                    lines[item.custom_id] = item
+        return lines, bad
 
     @_on_chunk
-    def _collect_failed(self, chunk: ChunkRow, b) -> None:
-        errors = list(b.errors.data) if b.errors and b.errors.data else []
-        classes = {classify_batch_error(e.code) for e in errors}
+    def _collect_failed(self, chunk: ChunkRow, b: RemoteBatch) -> None:
+        problems = b.problems
+        classes = {p.cls for p in problems}
         text = (
-            "; ".join(f"{e.code}: {e.message}" for e in errors[:3]) or "batch failed without errors"
+            "; ".join(f"{p.code}: {p.message}" for p in problems[:3])
+            or "batch failed without errors"
         )
         text = self.pool.scrub(text)
         if "token_limit" in classes:
@@ -715,9 +778,9 @@ class BatchEngine:
                 self._split_or_fail(chunk, b.id, text)
                 return
             self.learn_token_limit(chunk.model, others, others + chunk.est_tokens)
-            self.store.set_chunk(
+            self.store.move_chunk(
                 chunk.chunk_id,
-                state="uploaded",
+                ChunkState.UPLOADED if chunk.file_id else ChunkState.BUILT,
                 attempt=chunk.attempt + 1,
                 batch_id=None,
                 event=f"batch {b.id} failed: {text}; will resubmit when in-flight batches finish",
@@ -729,13 +792,13 @@ class BatchEngine:
                 chunk.chunk_id,
             )
             return
-        exhausting = classes & EXHAUSTING
+        exhausting = sorted(classes & EXHAUSTING)
         if exhausting:
             self.exhaust(chunk, chunk.key_id, text, b.id)
         self.store.requeue_chunk_rows(
             chunk.chunk_id,
             f"batch {b.id} failed: {text}",
-            next(iter(exhausting)) if exhausting else "api_error",
+            exhausting[0] if exhausting else "api_error",
             counts=not exhausting,
             max_retries=self.spec.retry.max_retries,
         )
@@ -745,26 +808,19 @@ class BatchEngine:
     @_in_run
     def cancel_all(self) -> int:
         """Cancel every in-flight batch, wait for them to stop, and record their partial results."""
-        chunks = self.store.chunks("submitted")
+        chunks = self.store.chunks(ChunkState.SUBMITTED)
         for chunk in chunks:
             self._cancel_one(chunk)
-        while self.store.chunks("submitted"):
+        while self.store.chunks(ChunkState.SUBMITTED):
             self.poll()
-            if self.store.chunks("submitted"):
+            if self.store.chunks(ChunkState.SUBMITTED):
                 self.sleep(min(self.spec.poll_interval, 2.0))
         return len(chunks)
 
     @_on_chunk
     def _cancel_one(self, chunk: ChunkRow) -> None:
-        client = self.pool.client(chunk.model, chunk.key_id)
         try:
-            call(
-                client.batches.cancel,
-                chunk.batch_id,
-                what=f"cancel batch {chunk.batch_id}",
-                policy=self.spec.retry,
-                scrub=self.pool.scrub,
-            )
+            self.pool.backend(chunk.model, chunk.key_id).cancel(chunk.batch_id or "")
             self.store.event(
                 "cancel",
                 f"cancel requested for batch {chunk.batch_id}",
@@ -772,14 +828,9 @@ class BatchEngine:
                 batch_id=chunk.batch_id,
             )
             logger.info("cancel requested for batch {}", chunk.batch_id)
-        except ApiCallError as exc:
+        except RemoteError as exc:
             if exc.status != 409:  # 409: already finished; it is collected below
                 logger.warning("cancel of batch {} failed: {}", chunk.batch_id, exc)
-
-
-def _refused(exc: ApiCallError) -> bool:
-    """The server answered with a 4xx: it created nothing, so the written intent can be undone."""
-    return exc.status is not None and 400 <= exc.status < 500
 
 
 def record_exhaustion(
@@ -789,13 +840,14 @@ def record_exhaustion(
     key_id: str | None,
     reason: str,
     *,
-    whole_key: bool = False,
+    scope: Scope = Scope.MODEL,
     chunk_id: int | None = None,
     batch_id: str | None = None,
 ) -> None:
     """Take a model/key out of the pool, for both lanes: every switch is an event, and the pool
     state `batchops status` shows is saved (the pool itself lives only in this invocation)."""
     before = pool.current()
+    whole_key = scope in (Scope.KEY, Scope.ACCOUNT)
     pool.exhaust(model, key_id, reason, whole_key=whole_key)
     after = pool.current()
     label = pool.all_keys[key_id].label if key_id in pool.all_keys else "?"

@@ -10,11 +10,11 @@ and send one request each. Durability follows the store's row life cycle:
 * a group is closed when all its rows are settled; on start, rows still queued in `online`
   chunks (a killed run) go back to pending, and a re-run sends only rows without an answer.
 
-Errors are classified like everywhere else (`providers.describe_exception` → classify.py):
-quota / no access / bad key exhaust the (model, key) pair with `Pool.exhaust` — the batch
-engine's failover — and the row goes back to pending without using a retry; a 429 rate limit
-pauses every worker for its `retry-after`; 5xx, timeouts and dropped connections retry with the
-job's backoff; any other 4xx fails the row for good. Client-side pacing (`rpm`, `tpm`, per model
+Errors come classified from the backend and are decided by `batchops.policy`, as in batch
+mode: quota / no access / bad key fail over (the pair or key leaves the pool) and the row goes
+back to pending without using a retry; a 429 rate limit pauses every worker for its
+`retry-after`; 5xx, timeouts and dropped connections retry with the job's backoff; any other
+4xx fails the row for good. Client-side pacing (`rpm`, `tpm`, per model
 entry or run-wide) uses leaky buckets from aiolimiter.
 
 Ctrl+C stops taking rows, lets the requests in flight finish and records them (a second Ctrl+C
@@ -32,40 +32,40 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-import openai
-import orjson
 import polars as pl
 from aiolimiter import AsyncLimiter
 from loguru import logger
 
-from batchops import pricing, render, results, source, structured
-from batchops.classify import EXHAUSTING, is_retryable
+from batchops import pricing, render, source, structured
+from batchops.backends import RemoteError
 from batchops.engine import EngineResult, Progress, record_exhaustion
-from batchops.providers import CALL_ATTEMPTS, Pool, describe_exception, post_raw
+from batchops.policy import (
+    CALL_ATTEMPTS,
+    RATE_LIMIT_ATTEMPTS,
+    Action,
+    counts_as_attempt,
+    decide,
+    row_retryable,
+)
+from batchops.providers import Key, Pool
 from batchops.records import RowOutcome, Skipped, Usage
 from batchops.render import ImageProblem
 from batchops.rundir import RunDir
 from batchops.spec import JobSpec, ModelEntry
+from batchops.states import ChunkState, StopReason
 from batchops.store import Store
 
-CUSTOM_ID_HEADER = "X-Batchops-Custom-Id"
 # Rows per online chunk: small enough that a group is settled quickly, large enough that the
 # source is read in few passes and the chunks table stays small (1M rows → ~4,000 chunks).
 GROUP_ROWS = 256
-# A rate limit is the client's pacing, not the request's fault: it is retried this often (each
-# wait honouring retry-after, backoff capped by the retry policy's max_delay) before the row is
-# recorded as a retryable failure.
-RATE_LIMIT_ATTEMPTS = 30
 PROGRESS_EVERY = 2.0  # seconds between progress callbacks
 
-TRANSIENT = frozenset({"api_error", "timeout", "token_limit"})
-
-STOP_INTERRUPTED = "interrupted"
-STOP_POOL = "pool"  # no usable pair for this lane: exhausted, or the next pair is of the other mode
-STOP_BUDGET = "budget reached"
-STOP_ERROR = "error"
+STOP_INTERRUPTED = StopReason.INTERRUPTED
+# No usable pair for this lane: exhausted, or the next pair is of the other mode.
+STOP_POOL = StopReason.POOL_EXHAUSTED
+STOP_BUDGET = StopReason.BUDGET
+STOP_ERROR = StopReason.ERROR
 
 
 @dataclass(slots=True)
@@ -89,19 +89,6 @@ class _Counters:
     retries: int = 0
     rate_limited: int = 0
     by_class: dict[str, int] = field(default_factory=dict)
-
-
-def request_path(endpoint: str) -> str:
-    """The SDK-relative path of an endpoint ("/v1/chat/completions" → "/chat/completions")."""
-    return endpoint.removeprefix("/v1")
-
-
-def header_value(row_id: str) -> str:
-    """The custom-id header value: the id itself, percent-encoded if it is not printable ASCII
-    (HTTP headers cannot carry it raw, and a newline would split the header)."""
-    if row_id.isascii() and row_id.isprintable():
-        return row_id
-    return quote(row_id, safe="")
 
 
 class Pacer:
@@ -193,10 +180,9 @@ class OnlineEngine:
         self.src = src or source.open_source(self.spec)
         self.overrides = pricing.overrides_from_spec(self.spec)
         self._prices: dict[str, tuple[pricing.ModelPrice | None, float]] = {}
-        self.path = request_path(self.spec.endpoint)
         self.image_dir = Path(self.spec.image_dir) if self.spec.image_dir else self.src.path.parent
         self.count = _Counters()
-        self.stop_reason: str | None = None
+        self.stop_reason: StopReason | None = None
         self.in_flight = 0
         self.spent = 0.0
         self.reserved = 0.0  # estimated cost of requests in flight (for --max-cost)
@@ -307,16 +293,14 @@ class OnlineEngine:
         self._report()
         return EngineResult(self.store.counts(), self._why_stopped(), self.store.spent())
 
-    def _why_stopped(self) -> str | None:
+    def _why_stopped(self) -> StopReason | None:
         counts = self.store.counts()
         if not (counts["pending"] or counts["queued"]):
             return None
-        if self.stop_reason == STOP_BUDGET:
-            return STOP_BUDGET
-        if self.stop_reason == STOP_INTERRUPTED:
-            return STOP_INTERRUPTED
+        if self.stop_reason in (STOP_BUDGET, STOP_INTERRUPTED):
+            return self.stop_reason
         if self.pool.current() is None:
-            return "every model and key in the pool is exhausted"
+            return StopReason.POOL_EXHAUSTED
         return None
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
@@ -344,7 +328,7 @@ class OnlineEngine:
             for t in self._tasks:
                 t.cancel()
 
-    def _stop(self, reason: str) -> None:
+    def _stop(self, reason: StopReason) -> None:
         if self.stop_reason is None or reason == STOP_INTERRUPTED:
             self.stop_reason = reason
         self._stop_event.set()
@@ -358,22 +342,20 @@ class OnlineEngine:
         released = self.store.release_online_chunks()
         if released:
             logger.info("{} row(s) queued by an interrupted online run back to pending", released)
-        for chunk in self.store.chunks("built", "uploaded"):
-            if chunk.file_id:
-                self._delete_file(chunk.model, chunk.key_id, chunk.file_id)
+        for chunk in self.store.chunks(ChunkState.BUILT, ChunkState.UPLOADED):
+            self.pool.delete_file(chunk.model, chunk.key_id, chunk.file_id)
             self.store.abandon_chunk(
                 chunk.chunk_id, "never submitted; its rows are answered in online mode"
             )
         self.spent = self.store.spent()
-        waiting = self.store.chunks("uploading", "submitting", "submitted")
+        waiting = self.store.chunks(
+            ChunkState.UPLOADING, ChunkState.SUBMITTING, ChunkState.SUBMITTED
+        )
         if waiting:
             logger.info(
                 "{} batch chunk(s) in flight are left alone (a batch run or `watch` collects them)",
                 len(waiting),
             )
-
-    def _delete_file(self, model: str, key_id: str | None, file_id: str) -> None:
-        self.pool.delete_file(model, key_id, file_id, self.spec.retry)
 
     # ------------------------------------------------------------------ producing
     async def _produce(self) -> None:
@@ -491,63 +473,58 @@ class OnlineEngine:
             await self.pacer.wait(entry, tokens)
             if self.stop_reason is not None:
                 return  # stopped while waiting: not sent, the row goes back to pending
-            raw, exc = await self._send(entry, key, body, job.row_id, est)
-            if exc is None:
-                outcome = self._parse(job, raw)
+            try:
+                outcome = await self._send(entry, key, body, job.row_id, est)
+            except RemoteError as exc:
+                err = exc
+            else:
+                outcome = self._checked(outcome)
                 cost = None if outcome.usage is None else self._cost(outcome.usage, entry.name)
                 self._record(job, outcome, cost, True)
                 return
-            cls, status, code, message, retry_after = describe_exception(exc)
-            message = self.pool.scrub(message)
-            if cls in EXHAUSTING:
-                self._exhaust(entry.name, key, cls, code, message)
+            cls, action = err.cls, decide(err.cls)
+            if action == Action.FAIL_OVER:
+                self._exhaust(entry.name, key, err)
                 # Not the row's fault: back to pending without using a retry.
-                failure = self._failure(job, entry, cls, status, code, message)
-                self._record(job, failure, None, False)
+                failure = self._failure(job, entry, err)
+                self._record(job, failure, None, counts_as_attempt(cls))
                 return
             if cls == "rate_limit" and rate_tries < RATE_LIMIT_ATTEMPTS:
                 rate_tries += 1
                 self.count.rate_limited += 1
-                delay = max(retry_after or 0.0, self.spec.retry.delay(rate_tries))
+                delay = max(err.retry_after or 0.0, self.spec.retry.delay(rate_tries))
                 self.pacer.pause(delay)  # everyone slows down, not only this worker
                 logger.debug("row {}: rate limited; workers pause {:.2f}s", job.row_id, delay)
                 await self._sleep(delay)
                 continue
-            if cls in TRANSIENT and transient_tries < CALL_ATTEMPTS - 1:
+            if action in (Action.RETRY, Action.PACE) and transient_tries < CALL_ATTEMPTS - 1:
                 transient_tries += 1
                 self.count.retries += 1
-                delay = max(retry_after or 0.0, self.spec.retry.delay(transient_tries))
+                delay = max(err.retry_after or 0.0, self.spec.retry.delay(transient_tries))
                 logger.debug(
                     "row {}: {} (HTTP {} {}: {}); retry {} in {:.2f}s",
                     job.row_id,
                     cls,
-                    status,
-                    code,
-                    message,
+                    err.status,
+                    err.code,
+                    err.message,
                     transient_tries,
                     delay,
                 )
                 await self._sleep(delay)
                 continue
-            self._record(job, self._failure(job, entry, cls, status, code, message), None, True)
+            self._record(job, self._failure(job, entry, err), None, True)
             return
 
     async def _send(
-        self, entry: ModelEntry, key: Any, body: dict, row_id: str, est: float
-    ) -> tuple[bytes, openai.OpenAIError | None]:
-        """One request; the raw answer, or the SDK's error (the SDK never retries)."""
+        self, entry: ModelEntry, key: Key, body: dict[str, Any], row_id: str, est: float
+    ) -> RowOutcome:
+        """One request through the pair's backend (which never retries on its own)."""
         self.reserved += est
         self.in_flight += 1
         try:
-            raw = await post_raw(
-                self.pool.async_client(entry.name, key.key_id),
-                self.path,
-                body,
-                {CUSTOM_ID_HEADER: header_value(row_id)},
-            )
-            return raw, None
-        except openai.OpenAIError as exc:
-            return b"", exc
+            backend = self.pool.backend(entry.name, key.key_id)
+            return await backend.call_online(self.spec.endpoint, body, row_id)
         finally:
             self.in_flight -= 1
             self.reserved -= est
@@ -557,47 +534,24 @@ class OnlineEngine:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop_event.wait(), timeout=seconds)
 
-    def _parse(self, job: Job, raw: bytes) -> RowOutcome:
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            body = None
-        if not isinstance(body, dict):
-            return RowOutcome(
-                job.row_id,
-                ok=False,
-                status_code=200,
-                error_code="invalid_response",
-                error_message="the answer is not a JSON object",
-                error_class="format_error",
-                retryable=is_retryable("format_error", self.spec.retry.retry_on),
-            )
-        outcome = results.parse_sync_response(body, self.spec.endpoint, job.row_id)
+    def _checked(self, outcome: RowOutcome) -> RowOutcome:
         outcome = structured.check_outcome(outcome, self.spec)  # schema answers: validated
         if outcome.error_class:  # the user's retry_on decides (as for batch results)
-            outcome.retryable = outcome.retryable and is_retryable(
+            outcome.retryable = outcome.retryable and row_retryable(
                 outcome.error_class, self.spec.retry.retry_on
             )
         return outcome
 
-    def _failure(
-        self,
-        job: Job,
-        entry: ModelEntry,
-        cls: Any,
-        status: int | None,
-        code: str | None,
-        message: str,
-    ) -> RowOutcome:
+    def _failure(self, job: Job, entry: ModelEntry, err: RemoteError) -> RowOutcome:
         return RowOutcome(
             job.row_id,
             ok=False,
             model=entry.name,
-            status_code=status,
-            error_code=code,
-            error_message=message,
-            error_class=cls,
-            retryable=is_retryable(cls, self.spec.retry.retry_on),
+            status_code=err.status,
+            error_code=err.code,
+            error_message=err.message,
+            error_class=err.cls,
+            retryable=row_retryable(err.cls, self.spec.retry.retry_on),
         )
 
     def _record(self, job: Job, outcome: RowOutcome, cost: float | None, counts: bool) -> None:
@@ -625,7 +579,7 @@ class OnlineEngine:
                 " — failed for good" if applied.failed else "",
             )
 
-    def _exhaust(self, model: str, key: Any, cls: str, code: str | None, message: str) -> None:
+    def _exhaust(self, model: str, key: Key, err: RemoteError) -> None:
         if (model, key.key_id) in self.pool.exhausted:
             return  # another worker's answer already switched
         record_exhaustion(
@@ -633,8 +587,8 @@ class OnlineEngine:
             self.pool,
             model,
             key.key_id,
-            f"{code or cls}: {message}",
-            whole_key=cls == "auth",
+            f"{err.code or err.cls}: {err.message}",
+            scope=err.scope,
         )
 
     def _cost(self, usage: Usage, model: str) -> float | None:

@@ -1,8 +1,7 @@
-"""The only module that talks to the network: clients, the key/model pool, and remote calls.
+"""The model/key pool: failover order, what is exhausted, and the backend serving each pair.
 
-The SDK's own retries are switched off (`max_retries=0`): it would retry a 429
-`insufficient_quota` that can never succeed. Instead every call goes through `call()`, which
-classifies the error by code (classify.py) and retries only what can improve.
+The network itself lives behind `batchops.backends`; this module only decides which (model, key)
+pair is used now and hands out the backend (one per endpoint and key, cached).
 """
 
 from __future__ import annotations
@@ -10,25 +9,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import openai
 from loguru import logger
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
-from batchops.classify import EXHAUSTING, classify_http, mask_key
-from batchops.errors import BatchopsError, ConfigError
-from batchops.records import ErrorClass
-from batchops.spec import JobSpec, Mode, ModelEntry, RetryPolicy
-
-T = TypeVar("T")
-
-# Remote calls (upload, create, poll, download) are retried this many times on transient errors.
-CALL_ATTEMPTS = 6
+from batchops.backends import Backend, BackendFactory, RemoteError, make_backend
+from batchops.classify import mask_key
+from batchops.errors import ConfigError
+from batchops.spec import JobSpec, Mode, ModelEntry
 
 
 @dataclass(frozen=True)
@@ -49,29 +39,6 @@ class Key:
 
     def __str__(self) -> str:
         return self.label
-
-
-class ApiCallError(BatchopsError):
-    """A remote call failed for good (or with an error class the caller must act on)."""
-
-    def __init__(
-        self,
-        what: str,
-        cls: ErrorClass,
-        status: int | None,
-        code: str | None,
-        message: str,
-        retry_after: float | None = None,
-    ) -> None:
-        self.what, self.cls, self.status, self.code, self.retry_after = (
-            what,
-            cls,
-            status,
-            code,
-            retry_after,
-        )
-        self.message = message
-        super().__init__(f"{what}: {cls} (HTTP {status}, {code}): {message}")
 
 
 def load_keys(api_key_file: Path | None = None, env: dict[str, str] | None = None) -> list[Key]:
@@ -109,13 +76,13 @@ class Pool:
         keys: list[Key],
         env: dict[str, str] | None = None,
         base_url: str | None = None,
+        backend_factory: BackendFactory | None = None,
     ) -> None:
         self.spec = spec
         self.env = dict(os.environ) if env is None else env
         self.base_url = base_url
-        self._clients: dict[tuple[str, str], openai.OpenAI] = {}
-        # Async clients belong to one event loop: made per online run, closed by aclose().
-        self._async_clients: dict[tuple[str, str], openai.AsyncOpenAI] = {}
+        self._factory = backend_factory
+        self._backends: dict[tuple[str, str], Backend] = {}
         # The engine's mode ("batch"/"online"): current() offers only pairs of that mode.
         self.lane: Mode | None = None
         for m in spec.models:
@@ -206,27 +173,29 @@ class Pool:
             for m, k in self.pairs
         ]
 
-    def client(self, model: str, key_id: str | None) -> openai.OpenAI:
-        """The client for a model's endpoint with a given key (e.g. to poll a batch it owns)."""
+    def backend(self, model: str, key_id: str | None) -> Backend:
+        """The backend for a model's endpoint with a given key (e.g. to poll a batch it owns).
+        One per endpoint and key: batches of one account are polled together."""
         entry, key = self._entry_and_key(model, key_id)
         cache_key = (entry.name if (entry.base_url or entry.azure_endpoint) else "", key.key_id)
-        if cache_key not in self._clients:
-            self._clients[cache_key] = make_client(entry, key, self.base_url)
-        return self._clients[cache_key]
-
-    def async_client(self, model: str, key_id: str | None) -> openai.AsyncOpenAI:
-        """The async twin of `client()` (online mode), for the running event loop."""
-        entry, key = self._entry_and_key(model, key_id)
-        cache_key = (entry.name if (entry.base_url or entry.azure_endpoint) else "", key.key_id)
-        if cache_key not in self._async_clients:
-            self._async_clients[cache_key] = make_async_client(entry, key, self.base_url)
-        return self._async_clients[cache_key]
+        if cache_key not in self._backends:
+            if self._factory is not None:
+                self._backends[cache_key] = self._factory(entry, key.value, self.base_url)
+            else:
+                self._backends[cache_key] = make_backend(
+                    entry,
+                    key.value,
+                    self.base_url,
+                    policy=self.spec.retry,
+                    scrub=self.scrub,
+                    timeout=self.spec.timeout,
+                )
+        return self._backends[cache_key]
 
     async def aclose(self) -> None:
-        """Close the async clients (their connections belong to the loop that is ending)."""
-        clients, self._async_clients = list(self._async_clients.values()), {}
-        for c in clients:
-            await c.close()
+        """Close what the backends hold for the running event loop (online connections)."""
+        for b in list(self._backends.values()):
+            await b.aclose()
 
     def _entry_and_key(self, model: str, key_id: str | None) -> tuple[ModelEntry, Key]:
         entry = (
@@ -239,23 +208,14 @@ class Pool:
             raise ConfigError(f"no API key available for model {model}")
         return entry, key
 
-    def delete_file(
-        self, model: str, key_id: str | None, file_id: str | None, policy: RetryPolicy
-    ) -> None:
+    def delete_file(self, model: str, key_id: str | None, file_id: str | None) -> None:
         """Best effort: delete an uploaded file no batch will use (it only costs storage)."""
         if not file_id:
             return
         try:
-            call(
-                self.client(model, key_id).files.delete,
-                file_id,
-                what=f"delete unused file {file_id}",
-                policy=policy,
-                scrub=self.scrub,
-                attempts=2,
-            )
+            self.backend(model, key_id).delete_file(file_id)
             logger.debug("deleted unused file {}", file_id)
-        except ApiCallError as exc:
+        except RemoteError as exc:
             logger.debug("could not delete unused file {}: {}", file_id, exc)
 
     def scrub(self, text: str) -> str:
@@ -264,34 +224,6 @@ class Pool:
             if k.value and k.value in text:
                 text = text.replace(k.value, k.label)
         return text
-
-
-def make_client(entry: ModelEntry, key: Key, base_url: str | None = None) -> openai.OpenAI:
-    azure, kwargs = _client_kwargs(entry, key, base_url)
-    return openai.AzureOpenAI(**kwargs) if azure else openai.OpenAI(**kwargs)
-
-
-def make_async_client(
-    entry: ModelEntry, key: Key, base_url: str | None = None
-) -> openai.AsyncOpenAI:
-    azure, kwargs = _client_kwargs(entry, key, base_url)
-    return openai.AsyncAzureOpenAI(**kwargs) if azure else openai.AsyncOpenAI(**kwargs)
-
-
-def _client_kwargs(
-    entry: ModelEntry, key: Key, base_url: str | None
-) -> tuple[bool, dict[str, Any]]:
-    """(azure?, constructor arguments): the same settings for the sync and the async client."""
-    common: dict[str, Any] = {"api_key": key.value, "max_retries": 0, "timeout": 600.0}
-    if entry.provider == "azure":
-        if not entry.azure_endpoint:
-            raise ConfigError(f"model {entry.name}: provider azure needs azure_endpoint")
-        return True, {
-            "azure_endpoint": entry.azure_endpoint,
-            "api_version": entry.api_version or "2024-10-21",
-            **common,
-        }
-    return False, {"base_url": entry.base_url or base_url, **common}
 
 
 def _check_url(entry: ModelEntry) -> None:
@@ -305,115 +237,3 @@ def _check_url(entry: ModelEntry) -> None:
                 f"model {entry.name}: {name} {value!r} is not an http(s) URL "
                 "(e.g. http://localhost:8000/v1)"
             )
-
-
-def describe_exception(
-    exc: BaseException,
-) -> tuple[ErrorClass, int | None, str | None, str, float | None]:
-    """(class, status, code, message, retry_after) of an SDK exception."""
-    if isinstance(exc, openai.APITimeoutError):
-        return "timeout", None, None, "request timed out", None
-    if isinstance(exc, openai.APIConnectionError):
-        return "api_error", None, None, "connection error", None
-    if isinstance(exc, openai.APIStatusError):
-        body = exc.body if isinstance(exc.body, dict) else {}
-        code = body.get("code") or getattr(exc, "code", None)
-        type_ = body.get("type") or getattr(exc, "type", None)
-        message = str(body.get("message") or exc.message)
-        retry_after = _retry_after(exc.response.headers if exc.response is not None else {})
-        return (
-            classify_http(exc.status_code, code, type_),
-            exc.status_code,
-            code,
-            message,
-            retry_after,
-        )
-    return "api_error", None, None, f"{type(exc).__name__}: {exc}", None
-
-
-def _retry_after(headers: Any) -> float | None:
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name) if headers else None
-        if value:
-            try:
-                return float(value) * scale
-            except ValueError:
-                return None
-    return None
-
-
-def _transient(exc: BaseException) -> bool:
-    if not isinstance(exc, openai.OpenAIError):
-        return False
-    cls = describe_exception(exc)[0]
-    return cls in ("api_error", "timeout", "rate_limit")
-
-
-def call(
-    fn: Callable[..., T],
-    *args: Any,
-    what: str,
-    policy: RetryPolicy,
-    scrub: Callable[[str], str] = str,
-    attempts: int = CALL_ATTEMPTS,
-    **kwargs: Any,
-) -> T:
-    """Run one SDK call, retrying transient failures (5xx, timeouts, connection, rate limit) with backoff.
-
-    Anything else, or a transient failure that outlasts the attempts, raises ApiCallError with a
-    classified, key-free message.
-    """
-
-    def wait(state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        after = describe_exception(exc)[4] if exc else None
-        delay = policy.delay(state.attempt_number)
-        return max(delay, after or 0.0)
-
-    def before_sleep(state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        cls, status, code, message, _ = (
-            describe_exception(exc) if exc else ("api_error", None, None, "", None)
-        )
-        logger.debug(
-            "{} failed ({} HTTP {} {}: {}); retry {} of {}",
-            what,
-            cls,
-            status,
-            code,
-            scrub(message),
-            state.attempt_number,
-            attempts - 1,
-        )
-
-    try:
-        for attempt in Retrying(
-            retry=retry_if_exception(_transient),
-            wait=wait,
-            stop=stop_after_attempt(attempts),
-            before_sleep=before_sleep,
-            reraise=True,
-        ):
-            with attempt:
-                logger.debug("remote call: {}", what)
-                return fn(*args, **kwargs)
-    except openai.OpenAIError as exc:
-        cls, status, code, message, retry_after = describe_exception(exc)
-        raise ApiCallError(what, cls, status, code, scrub(message), retry_after) from None
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-async def post_raw(
-    client: openai.AsyncOpenAI, path: str, body: dict[str, Any], headers: dict[str, str]
-) -> bytes:
-    """One synchronous request (online mode): the answer's raw bytes, or the SDK's exception.
-
-    The body goes out exactly as rendered through the client's generic `post` — one path for
-    every endpoint, no typed-parameter transform, no pydantic response objects. The caller owns
-    the retry policy (the client has max_retries=0) and classifies errors with
-    describe_exception."""
-    return await client.post(path, cast_to=bytes, body=body, options={"headers": headers})
-
-
-def is_exhausting(exc: ApiCallError) -> bool:
-    return exc.cls in EXHAUSTING

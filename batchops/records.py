@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-# Why a row or request failed, decided by error code (not only HTTP status) in providers.py.
+# Why a row or request failed: backends classify by error code, batchops.policy decides.
 ErrorClass = Literal[
     "quota",  # insufficient_quota: this model/key is exhausted for this invocation
     "rate_limit",  # rate_limit_exceeded: wait and retry
@@ -20,6 +20,7 @@ ErrorClass = Literal[
     "format_error",  # an answer that does not parse / violates the schema / is truncated
     "invalid_request",  # per-request 4xx: permanent failure of that row
     "input",  # our own input problem (missing image ...): row skipped, never sent
+    "lost",  # the remote reports the row done but no result line says how: never re-sent
 ]
 
 
@@ -57,6 +58,15 @@ class RowOutcome:
     error_class: ErrorClass | None = None  # None when ok
     retryable: bool = False
     request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BadLine:
+    """A result-file line that is not a result line at all (truncated, not JSON, no custom_id)."""
+
+    path: Path
+    line_no: int
+    reason: str
 
 
 @dataclass(slots=True)

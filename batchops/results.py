@@ -41,9 +41,10 @@ from typing import Any
 
 import orjson
 
-from batchops.classify import classify_http, classify_line_error, is_retryable
+from batchops.classify import classify_http, classify_line_error
 from batchops.errors import BatchopsError, InputError
-from batchops.records import ErrorClass, RowOutcome, Usage
+from batchops.policy import row_retryable as is_retryable
+from batchops.records import BadLine, ErrorClass, RowOutcome, Usage
 
 __all__ = [
     "ResultFormatError",
@@ -146,6 +147,24 @@ def parse_file(path: Path | str, endpoint: str = DEFAULT_ENDPOINT) -> Iterator[R
             yield from parse_lines(fh, endpoint)
         except ResultFormatError as exc:
             raise ResultFormatError(exc.line_no, exc.reason, path) from None
+
+
+def read_file(path: Path | str, endpoint: str = DEFAULT_ENDPOINT) -> Iterator[RowOutcome | BadLine]:
+    """Stream a downloaded result file for collection: a malformed line is yielded as a
+    `BadLine` (named in the run's log) instead of stopping the file, so one broken line never
+    keeps the other answers from being recorded."""
+    path = Path(path)
+    _endpoint_kind(endpoint)
+    with path.open("rb") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            if line_no == 1:
+                line = _strip_bom(line)
+            try:
+                yield parse_line(line, endpoint, line_no=line_no)
+            except ResultFormatError as exc:
+                yield BadLine(path, line_no, exc.reason)
 
 
 def parse_sync_response(

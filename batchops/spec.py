@@ -121,6 +121,7 @@ class JobSpec(BaseModel):
         None, ge=1, description="default enqueued-token limit per model"
     )
     completion_window: str = "24h"
+    timeout: float = Field(600.0, gt=0, description="seconds before one remote call times out")
     prices: dict[str, PriceOverride] = Field(default_factory=dict)
 
     @property

@@ -21,8 +21,16 @@ from typing import Any
 
 import polars as pl
 
+from batchops.backends.base import RemoteBatch
 from batchops.errors import StateError
+from batchops.policy import next_row_state
 from batchops.records import BuiltChunk, RowOutcome, Skipped
+from batchops.states import (
+    ROW_TRANSITIONS,
+    ChunkState,
+    RowState,
+    check_chunk,
+)
 
 SCHEMA_VERSION = 1
 DB_NAME = "state.db"
@@ -132,8 +140,16 @@ OUTCOME_TYPES: dict[str, pl.DataType] = {
     "batch_id": pl.String(),
 }
 
-IN_FLIGHT_STATES = ("uploading", "uploaded", "submitting", "submitted")
-TERMINAL_BATCH = ("completed", "failed", "expired", "cancelled")
+
+def _from(table: dict, target: object) -> str:  # type: ignore[type-arg]
+    """SQL list of the states that may move to `target` (guards every UPDATE of a state)."""
+    return ", ".join(f"'{s}'" for s in table if target in table[s])
+
+
+# Row guards: an UPDATE moves only rows whose current state allows the move.
+TO_QUEUED = _from(ROW_TRANSITIONS, RowState.QUEUED)
+TO_PENDING = _from(ROW_TRANSITIONS, RowState.PENDING)
+TO_SKIPPED = _from(ROW_TRANSITIONS, RowState.SKIPPED)
 
 
 @dataclass(slots=True)
@@ -171,6 +187,8 @@ class Store:
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self.conn = conn
         self.path = path
+        # Every chunk transition this store performed (tests check them against states.py).
+        self.transitions: set[tuple[str, str, str]] = set()
 
     # ------------------------------------------------------------------ opening / meta
     @classmethod
@@ -349,25 +367,46 @@ class Store:
             raise StateError(f"{self.path}: chunk {chunk_id} not found")
         return _chunk(row)
 
-    def set_chunk(self, chunk_id: int, *, event: str | None = None, **fields: Any) -> None:
-        """Move a chunk to a new state / record remote ids (intent before the remote call)."""
-        fields["updated_at"] = time.time()
-        cols = ", ".join(f"{k} = ?" for k in fields)
+    def move_chunk(
+        self,
+        chunk_id: int,
+        to: ChunkState,
+        *,
+        event: str | None = None,
+        **fields: Any,
+    ) -> ChunkRow:
+        """Move a chunk to a new state (intent before a remote call, or its result), recording
+        remote ids. Guarded: an illegal move, or a chunk another process moved meanwhile,
+        raises StateError. Returns the chunk as stored now."""
         with self.tx():
-            self.conn.execute(
-                f"UPDATE chunks SET {cols} WHERE chunk_id = ?", (*fields.values(), chunk_id)
-            )
+            self._move_chunk(chunk_id, to, **fields)
             if event:
-                self._event(fields.get("state", "chunk"), event, chunk_id, fields.get("batch_id"))
+                self._event(str(to), event, chunk_id, fields.get("batch_id"))
+        return self.chunk(chunk_id)
+
+    def _move_chunk(self, chunk_id: int, to: ChunkState, **fields: Any) -> None:
+        row = self.conn.execute(
+            "SELECT state FROM chunks WHERE chunk_id = ?", (chunk_id,)
+        ).fetchone()
+        if row is None:
+            raise StateError(f"{self.path}: chunk {chunk_id} not found")
+        old = ChunkState(row[0])
+        check_chunk(old, to)
+        self.transitions.add(("chunk", old, to))
+        fields.update(state=str(to), updated_at=time.time())
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        cur = self.conn.execute(
+            f"UPDATE chunks SET {cols} WHERE chunk_id = ? AND state = ?",
+            (*fields.values(), chunk_id, str(old)),
+        )
+        if cur.rowcount != 1:
+            raise StateError(f"{self.path}: chunk {chunk_id} changed under us ({old} → {to})")
 
     def abandon_chunk(self, chunk_id: int, reason: str) -> int:
         """Drop a not-yet-submitted chunk (e.g. its model is exhausted): its rows go back to pending."""
         now = time.time()
         with self.tx():
-            self.conn.execute(
-                "UPDATE chunks SET state = 'abandoned', note = ?, updated_at = ? WHERE chunk_id = ?",
-                (reason, now, chunk_id),
-            )
+            self._move_chunk(chunk_id, ChunkState.ABANDONED, note=reason)
             cur = self.conn.execute(
                 "UPDATE rows SET status = 'pending', updated_at = ? WHERE chunk_id = ? AND status = 'queued'",
                 (now, chunk_id),
@@ -428,10 +467,7 @@ class Store:
                 " WHERE chunk_id = ? AND status = 'queued'",
                 (now, chunk_id),
             )
-            self.conn.execute(
-                "UPDATE chunks SET state = 'collected', updated_at = ? WHERE chunk_id = ?",
-                (now, chunk_id),
-            )
+            self._move_chunk(chunk_id, ChunkState.COLLECTED)
             if cur.rowcount:
                 self._event(
                     "released", f"{cur.rowcount} unsent online row(s) back to pending", chunk_id
@@ -446,20 +482,10 @@ class Store:
         return sum(self.close_online_chunk(c) for c in ids)
 
     # ------------------------------------------------------------------ batches
-    def upsert_batch(self, chunk: ChunkRow, batch: Any) -> None:
-        """Store the latest view of a remote batch object (openai Batch or dict-like)."""
-        b = batch if isinstance(batch, dict) else batch.model_dump()
-        rc = b.get("request_counts") or {}
+    def upsert_batch(self, chunk: ChunkRow, b: RemoteBatch) -> None:
+        """Store the latest view of a remote batch."""
         now = time.time()
-        ended = next(
-            (
-                b.get(k)
-                for k in ("completed_at", "failed_at", "expired_at", "cancelled_at")
-                if b.get(k)
-            ),
-            None,
-        )
-        errors = b.get("errors")
+        errors = [{"code": p.code, "message": p.message} for p in b.problems]
         with self.tx():
             self.conn.execute(
                 """INSERT INTO batches(batch_id, chunk_id, attempt, model, key_id, status, input_file_id,
@@ -472,22 +498,22 @@ class Store:
                        request_failed = excluded.request_failed, errors = excluded.errors,
                        updated_at = excluded.updated_at, ended_at = excluded.ended_at""",
                 (
-                    b["id"],
+                    b.id,
                     chunk.chunk_id,
                     chunk.attempt,
                     chunk.model,
                     chunk.key_id,
-                    b.get("status"),
-                    b.get("input_file_id"),
-                    b.get("output_file_id"),
-                    b.get("error_file_id"),
-                    rc.get("total"),
-                    rc.get("completed"),
-                    rc.get("failed"),
-                    json.dumps(errors) if errors else None,
-                    b.get("created_at") or now,
+                    b.raw_status or str(b.state),
+                    b.input_ref,
+                    b.output_ref,
+                    b.error_ref,
+                    b.total,
+                    b.completed,
+                    b.failed,
+                    json.dumps({"object": "list", "data": errors}) if errors else None,
+                    b.created_at or now,
                     now,
-                    ended,
+                    b.ended_at,
                 ),
             )
 
@@ -504,14 +530,17 @@ class Store:
         mode: str = "batch",
         max_retries: int,
         close_chunk: bool = True,
+        unanswered: RowState = RowState.PENDING,
         lost_reason: str = "no result for this row in the batch's output or error file",
     ) -> Applied:
         """Apply one batch's (or one online request's) outcomes to its rows, in one transaction.
 
         `outcomes` yields (outcome, cost_usd, counts_as_attempt). A row is only touched while it is
         still queued in this chunk, so recording the same files twice changes nothing. With
-        `close_chunk`, rows of the chunk that got no line at all go back to pending (or fail when
-        out of retries) and the chunk becomes `collected`.
+        `close_chunk`, rows of the chunk that got no line at all become `unanswered`: pending
+        (the remote says they were not executed: expired, cancelled; within the retry budget)
+        or failed (their answer is missing although the remote reports them done: sending them
+        again could pay twice) — and the chunk becomes `collected`.
         """
         now = time.time()
         applied = Applied()
@@ -551,16 +580,13 @@ class Store:
                         ),
                     )
                 if outcome.ok:
-                    status, attempts = "succeeded", row["attempts"]
+                    status, attempts = RowState.SUCCEEDED, row["attempts"]
                     applied.succeeded += 1
                 else:
                     attempts = row["attempts"] + (1 if counts else 0)
-                    if outcome.retryable and attempts <= max_retries:
-                        status = "pending"
-                        applied.requeued += 1
-                    else:
-                        status = "failed"
-                        applied.failed += 1
+                    status = next_row_state(outcome.retryable, attempts, max_retries)
+                    applied.requeued += status == RowState.PENDING
+                    applied.failed += status == RowState.FAILED
                 self.conn.execute(
                     """UPDATE rows SET status = ?, attempts = ?, response = COALESCE(?, response),
                            finish_reason = ?, error = ?, error_class = ?, model = COALESCE(?, model),
@@ -573,7 +599,7 @@ class Store:
                            updated_at = ?
                        WHERE row_idx = ?""",
                     (
-                        status,
+                        str(status),
                         attempts,
                         outcome.response if outcome.ok else None,
                         outcome.finish_reason,
@@ -594,20 +620,25 @@ class Store:
                     "SELECT row_idx, attempts FROM rows WHERE chunk_id = ? AND status = 'queued'",
                     (chunk_id,),
                 ).fetchall()
+                retryable = unanswered == RowState.PENDING
                 for r in lost:
                     attempts = r["attempts"] + 1
-                    status = "pending" if attempts <= max_retries else "failed"
-                    applied.requeued += status == "pending"
-                    applied.failed += status == "failed"
+                    status = next_row_state(retryable, attempts, max_retries)
+                    applied.requeued += status == RowState.PENDING
+                    applied.failed += status == RowState.FAILED
                     self.conn.execute(
-                        "UPDATE rows SET status = ?, attempts = ?, error = ?, error_class = 'api_error',"
+                        "UPDATE rows SET status = ?, attempts = ?, error = ?, error_class = ?,"
                         " updated_at = ? WHERE row_idx = ?",
-                        (status, attempts, lost_reason, now, r["row_idx"]),
+                        (
+                            str(status),
+                            attempts,
+                            lost_reason,
+                            "expired" if retryable else "lost",
+                            now,
+                            r["row_idx"],
+                        ),
                     )
-                self.conn.execute(
-                    "UPDATE chunks SET state = 'collected', updated_at = ? WHERE chunk_id = ?",
-                    (now, chunk_id),
-                )
+                self._move_chunk(chunk_id, ChunkState.COLLECTED)
                 if batch_id:
                     self.conn.execute(
                         "UPDATE batches SET collected_at = ? WHERE batch_id = ?", (now, batch_id)
@@ -641,10 +672,7 @@ class Store:
                 " WHERE chunk_id = ? AND status = 'queued'",
                 (error, error_class, now, chunk_id),
             )
-            self.conn.execute(
-                "UPDATE chunks SET state = 'collected', note = ?, updated_at = ? WHERE chunk_id = ?",
-                (error, now, chunk_id),
-            )
+            self._move_chunk(chunk_id, ChunkState.COLLECTED, note=error)
             self._event("requeued", f"{cur.rowcount} row(s): {error}", chunk_id)
         return cur.rowcount
 

@@ -27,8 +27,8 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from batchops.classify import is_retryable
 from batchops.errors import InputError
+from batchops.policy import row_retryable as is_retryable
 from batchops.records import RowOutcome
 from batchops.spec import JobSpec
 

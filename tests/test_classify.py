@@ -2,7 +2,6 @@ from batchops.classify import (
     classify_batch_error,
     classify_http,
     classify_line_error,
-    is_retryable,
     mask_key,
 )
 
@@ -33,13 +32,6 @@ def test_line_and_batch_errors():
     assert classify_batch_error("token_limit_exceeded") == "token_limit"
     assert classify_batch_error("model_not_found") == "model_not_found"
     assert classify_batch_error("invalid_json_line") == "api_error"
-
-
-def test_retryable():
-    assert not is_retryable("invalid_request")
-    assert is_retryable("expired", ["expired"])
-    assert not is_retryable("expired", ["timeout"])
-    assert is_retryable("quota", [])  # exhausting classes always go to the next model/key
 
 
 def test_mask_key_never_shows_the_middle():

@@ -3,10 +3,9 @@ slot freed by a finished batch before that batch's results are downloaded."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
-from typing import Any
 
-import pytest
 from cli_helpers import awkward_table, executions, invoke, run_args
 
 from batchops.engine import BatchEngine
@@ -44,28 +43,21 @@ def test_refusals_narrow_the_bounds_and_a_changed_limit_resets_them() -> None:
     assert eng.learned_limit["m"] == 13_750  # per model
 
 
-def record_order(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
-    """Record submissions and collections (chunk ids), in the order the engine makes them."""
-    order: list[tuple[str, int]] = []
-    submit, collect = BatchEngine._submit, BatchEngine.collect
-
-    def _submit(self: BatchEngine, chunk: Any, key: Any) -> None:
-        order.append(("submit", chunk.chunk_id))
-        submit(self, chunk, key)
-
-    def _collect(self: BatchEngine, chunk: Any, b: Any) -> None:
-        collect(self, chunk, b)
-        order.append(("collected", chunk.chunk_id))
-
-    monkeypatch.setattr(BatchEngine, "_submit", _submit)
-    monkeypatch.setattr(BatchEngine, "collect", _collect)
-    return order
+def event_order(run_dir: Path) -> list[tuple[str, int]]:
+    """Submissions and collections (chunk ids), in the order the run's events recorded them."""
+    conn = sqlite3.connect(run_dir / "state.db")
+    try:
+        rows = conn.execute(
+            "SELECT kind, chunk_id FROM events WHERE kind IN ('submitted', 'collected') ORDER BY id"
+        ).fetchall()
+    finally:
+        conn.close()
+    return [("submit" if k == "submitted" else "collected", c) for k, c in rows]
 
 
 def test_a_freed_slot_is_refilled_before_the_finished_batch_is_downloaded(
-    emulator_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    emulator_factory, tmp_path: Path
 ) -> None:
-    order = record_order(monkeypatch)
     emu = emulator_factory()
     src = awkward_table(tmp_path, n_plain=23, images=False)  # 30 rows: 3 chunks of 10
     run_dir = tmp_path / "run"
@@ -73,7 +65,7 @@ def test_a_freed_slot_is_refilled_before_the_finished_batch_is_downloaded(
     res = invoke(*run_args(emu, src, run_dir, "--batch-size", "10", "--token-limit", "1"))
     assert res.exit_code == 0, res.output
     assert all(v["succeeded"] == 1 for v in executions(emu).values())
-    assert order == [
+    assert event_order(run_dir) == [
         ("submit", 1),
         ("submit", 2),
         ("collected", 1),
@@ -84,10 +76,9 @@ def test_a_freed_slot_is_refilled_before_the_finished_batch_is_downloaded(
 
 
 def test_a_batch_with_failed_requests_is_collected_before_the_next_submission(
-    emulator_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    emulator_factory, tmp_path: Path
 ) -> None:
     # Its errors may exhaust the model or key, which decides where the next chunk goes.
-    order = record_order(monkeypatch)
     emu = emulator_factory(reject_fraction=0.5, seed=1)
     src = awkward_table(tmp_path, n_plain=23, images=False)
     run_dir = tmp_path / "run"
@@ -98,7 +89,7 @@ def test_a_batch_with_failed_requests_is_collected_before_the_next_submission(
     )
     assert res.exit_code == 3, res.output  # the rejected rows failed
     assert emu.stats()["calls"]["GET /v1/files/{id}/content"] == 6  # an error file per batch
-    assert order == [
+    assert event_order(run_dir) == [
         ("submit", 1),
         ("collected", 1),
         ("submit", 2),

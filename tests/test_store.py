@@ -6,6 +6,7 @@ import pytest
 
 from batchops.errors import StateError
 from batchops.records import BuiltChunk, RowOutcome, Skipped, Usage
+from batchops.states import ChunkState
 from batchops.store import SCHEMA_VERSION, Store
 
 
@@ -44,6 +45,15 @@ def fail(i: int, cls="api_error", retryable=True) -> RowOutcome:
     )
 
 
+def submitted(store: Store, chunk: BuiltChunk, model: str = "m", cost: float | None = None) -> int:
+    """A chunk as the engine leaves it once its batch runs (outcomes are recorded from there)."""
+    store.add_chunk(chunk, model, cost)
+    for state in (ChunkState.UPLOADING, ChunkState.UPLOADED, ChunkState.SUBMITTING):
+        store.move_chunk(chunk.chunk_no, state)
+    store.move_chunk(chunk.chunk_no, ChunkState.SUBMITTED, batch_id=f"batch_{chunk.chunk_no}")
+    return chunk.chunk_no
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     s = Store.open(tmp_path)
@@ -77,7 +87,7 @@ def test_chunk_queues_rows_and_records_skips(store: Store):
 
 
 def test_outcomes_are_applied_once(store: Store):
-    store.add_chunk(built(1, [0, 1, 2]), "m", None)
+    submitted(store, built(1, [0, 1, 2]), "m", None)
     outcomes = [(ok(0), 0.5, True), (fail(1), None, True)]
     a = store.record_outcomes(1, "batch_1", outcomes, max_retries=3)
     assert (a.succeeded, a.requeued) == (1, 2)  # row 2 had no line: lost → re-queued
@@ -90,7 +100,7 @@ def test_outcomes_are_applied_once(store: Store):
 
 def test_retry_budget_then_failed(store: Store):
     for attempt in range(1, 4):
-        store.add_chunk(built(attempt, [0]), "m", None)
+        submitted(store, built(attempt, [0]), "m", None)
         store.record_outcomes(attempt, f"b{attempt}", [(fail(0), None, True)], max_retries=2)
     row = store.conn.execute(
         "SELECT status, attempts, error FROM rows WHERE row_idx = 0"
@@ -99,7 +109,7 @@ def test_retry_budget_then_failed(store: Store):
 
 
 def test_permanent_failure_and_exhausting_errors(store: Store):
-    store.add_chunk(built(1, [0, 1]), "m", None)
+    submitted(store, built(1, [0, 1]), "m", None)
     quota = RowOutcome(
         "id1",
         False,
@@ -120,16 +130,16 @@ def test_permanent_failure_and_exhausting_errors(store: Store):
 
 
 def test_abandon_and_requeue(store: Store):
-    store.add_chunk(built(1, [0, 1]), "m", None)
+    submitted(store, built(1, [0, 1]), "m", None)
     assert store.abandon_chunk(1, "model exhausted") == 2
     assert store.counts()["pending"] == 5
-    store.add_chunk(built(2, [0, 1]), "m", None)
+    submitted(store, built(2, [0, 1]), "m", None)
     store.requeue_chunk_rows(2, "batch failed", "api_error", counts=True, max_retries=3)
     assert store.counts()["pending"] == 5
 
 
 def test_outcomes_frame_marks_unfinished_rows_missing(store: Store):
-    store.add_chunk(built(1, [0]), "m", None)
+    submitted(store, built(1, [0]), "m", None)
     store.record_outcomes(1, "b", [(ok(0), 0.25, True)], max_retries=3)
     f = store.outcomes_frame()
     assert f["status"].to_list() == ["succeeded", "missing", "missing", "missing", "missing"]
@@ -137,7 +147,7 @@ def test_outcomes_frame_marks_unfinished_rows_missing(store: Store):
 
 
 def test_cost_by_model_counts_every_attempt_once(store: Store):
-    store.add_chunk(built(1, [0, 1]), "m", None)
+    submitted(store, built(1, [0, 1]), "m", None)
     store.record_outcomes(1, "b", [(ok(0), 0.1, True), (ok(1), 0.2, True)], max_retries=3)
     store.record_outcomes(
         1, "b", [(ok(0), 0.1, True)], max_retries=3

@@ -1,0 +1,60 @@
+"""Remote APIs behind one seam: the engine speaks `Backend`, never a provider SDK.
+
+A new provider is its own module here, one line in `make_backend`, its emulator dialect and
+its tests. SDK modules are imported lazily: `import batchops` stays light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from batchops.backends.base import (
+    Backend,
+    BatchProblem,
+    RemoteBatch,
+    RemoteError,
+    RemoteFile,
+    SubmitRequest,
+)
+from batchops.errors import ConfigError
+from batchops.spec import ModelEntry, RetryPolicy
+
+__all__ = [
+    "Backend",
+    "BackendFactory",
+    "BatchProblem",
+    "RemoteBatch",
+    "RemoteError",
+    "RemoteFile",
+    "SubmitRequest",
+    "make_backend",
+]
+
+# (model entry, api key, default base URL) → a backend for that endpoint and key.
+BackendFactory = Callable[[ModelEntry, str, "str | None"], Backend]
+
+OPENAI_DIALECT = ("openai", "azure", "dashscope", "vllm")
+
+
+def make_backend(
+    entry: ModelEntry,
+    api_key: str,
+    base_url: str | None,
+    *,
+    policy: RetryPolicy,
+    scrub: Callable[[str], str] = str,
+    timeout: float | None = None,
+) -> Backend:
+    """The backend that speaks a model entry's provider dialect."""
+    if entry.provider in OPENAI_DIALECT:
+        from batchops.backends.openai import DEFAULT_TIMEOUT, OpenAIBackend
+
+        return OpenAIBackend(
+            entry,
+            api_key,
+            base_url=base_url,
+            policy=policy,
+            scrub=scrub,
+            timeout=timeout or DEFAULT_TIMEOUT,
+        )
+    raise ConfigError(f"model {entry.name}: provider {entry.provider!r} has no backend")

@@ -1,0 +1,332 @@
+"""OpenAI's dialect: api.openai.com, Azure OpenAI (classic and v1) and any compatible server
+(DashScope, vLLM …). The only module that imports the `openai` SDK.
+
+The SDK's own retries are off (`max_retries=0`): it would retry a 429 `insufficient_quota` that
+can never succeed. Every call goes through `_call`, which classifies the error by code and
+retries only what `policy` says can improve. Calls that create something are tried once: an
+ambiguous failure is reconciled (`find_uploads`, `find_batch`) before anything is sent again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import openai
+import orjson
+from loguru import logger
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+
+from batchops import results
+from batchops.backends.base import RemoteBatch, RemoteError, RemoteFile, SubmitRequest
+from batchops.backends.openai_wire import remote_batch
+from batchops.classify import classify_http
+from batchops.errors import ConfigError
+from batchops.policy import CALL_ATTEMPTS, call_is_retried, row_retryable
+from batchops.records import BadLine, ErrorClass, RowOutcome
+from batchops.spec import ModelEntry, RetryPolicy
+
+T = TypeVar("T")
+
+# From this many batches in flight, one `batches.list` page polls them all.
+LIST_POLL_MIN = 3
+# A batch whose listed view has not changed for this many list polls is retrieved on its own:
+# some servers (and caches) serve a stale list while the batch itself moves on.
+STALE_LIST_POLLS = 3
+CUSTOM_ID_HEADER = "X-Batchops-Custom-Id"
+DEFAULT_TIMEOUT = 600.0
+
+
+class OpenAIBackend:
+    """One OpenAI-compatible endpoint with one key."""
+
+    name = "openai"
+    uploads_files = True
+
+    def __init__(
+        self,
+        entry: ModelEntry,
+        api_key: str,
+        *,
+        base_url: str | None = None,
+        policy: RetryPolicy,
+        scrub: Callable[[str], str] = str,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self._azure, self._kwargs = _client_kwargs(entry, api_key, base_url, timeout)
+        self.url = self._kwargs.get("azure_endpoint") or self._kwargs.get("base_url") or ""
+        self.policy = policy
+        self.scrub = scrub
+        self._client: openai.OpenAI | None = None
+        self._aclient: openai.AsyncOpenAI | None = None
+        self._listed: dict[str, tuple[tuple[Any, ...], int]] = {}  # id → (view, unchanged polls)
+
+    # ------------------------------------------------------------------ clients
+    @property
+    def client(self) -> openai.OpenAI:
+        if self._client is None:
+            cls = openai.AzureOpenAI if self._azure else openai.OpenAI
+            self._client = cls(**self._kwargs)
+        return self._client
+
+    @property
+    def aclient(self) -> openai.AsyncOpenAI:
+        # Async clients belong to one event loop: made per online run, closed by aclose().
+        if self._aclient is None:
+            cls = openai.AsyncAzureOpenAI if self._azure else openai.AsyncOpenAI
+            self._aclient = cls(**self._kwargs)
+        return self._aclient
+
+    async def aclose(self) -> None:
+        client, self._aclient = self._aclient, None
+        if client is not None:
+            await client.close()
+
+    # ------------------------------------------------------------------ files
+    def upload(self, path: Path, name: str) -> str:
+        with open(path, "rb") as fh:
+            f = self._call(
+                self.client.files.create,
+                file=(name, fh),
+                purpose="batch",
+                what=f"upload chunk file {name}",
+                attempts=1,
+            )
+        return str(f.id)
+
+    def find_uploads(self, name: str) -> list[RemoteFile]:
+        files = self._call(lambda: list(self.client.files.list(purpose="batch")), what="list files")
+        found = [RemoteFile(f.id, f.filename, float(f.created_at)) for f in files]
+        return sorted((f for f in found if f.name == name), key=lambda f: f.created_at)
+
+    def delete_file(self, file_id: str) -> None:
+        self._call(self.client.files.delete, file_id, what=f"delete file {file_id}", attempts=2)
+
+    def download(self, ref: str, dest: Path) -> Path:
+        content = self._call(self.client.files.content, ref, what=f"download {ref}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        content.write_to_file(tmp)
+        os.replace(tmp, dest)
+        return dest
+
+    def read_results(
+        self, path: Path, chunk_path: Path, endpoint: str
+    ) -> Iterator[RowOutcome | BadLine]:
+        return results.read_file(path, endpoint)
+
+    # ------------------------------------------------------------------ batches
+    def create(self, req: SubmitRequest) -> RemoteBatch:
+        b = self._call(
+            self.client.batches.create,
+            input_file_id=req.file_ref,
+            endpoint=req.endpoint,
+            completion_window=req.completion_window,
+            metadata=req.tag,
+            what=f"create batch for chunk {req.display_name}",
+            attempts=1,  # a retried create could start a second, paid batch: reconcile first
+        )
+        return _remote(b)
+
+    def find_batch(self, req: SubmitRequest, since: float) -> RemoteBatch | None:
+        page = self._call(self.client.batches.list, limit=100, what="list batches")
+        for b in page:  # auto-paginates; newest first, so stop once older than the run
+            meta = b.metadata or {}
+            if all(meta.get(k) == v for k, v in req.tag.items()):
+                return _remote(b)
+            if b.created_at and b.created_at < since:
+                break
+        return None
+
+    def retrieve(self, batch_id: str) -> RemoteBatch:
+        return _remote(
+            self._call(self.client.batches.retrieve, batch_id, what=f"poll batch {batch_id}")
+        )
+
+    def poll(self, batch_ids: list[str]) -> dict[str, RemoteBatch]:
+        """With several batches in flight, one `batches.list` page (newest first, up to 100)
+        answers for all of them; a batch it does not show, or shows unchanged for a while, is
+        retrieved on its own."""
+        seen: dict[str, RemoteBatch] = {}
+        if len(batch_ids) >= LIST_POLL_MIN:
+            try:
+                page = self._call(
+                    self.client.batches.list,
+                    limit=100,
+                    what=f"poll {len(batch_ids)} batches (one list page)",
+                )
+                wanted = set(batch_ids)
+                for b in page.data:
+                    if b.id in wanted and not self._stale(_remote(b)):
+                        seen[b.id] = _remote(b)
+            except RemoteError as exc:
+                logger.debug("list poll failed ({}); polling batches one by one", exc)
+        for batch_id in batch_ids:
+            if batch_id in seen:
+                continue
+            try:
+                seen[batch_id] = self.retrieve(batch_id)
+            except RemoteError as exc:
+                logger.warning("poll of batch {} failed: {}; will poll again", batch_id, exc)
+        return seen
+
+    def _stale(self, b: RemoteBatch) -> bool:
+        view = (b.raw_status, b.total, b.completed, b.failed)
+        old = self._listed.get(b.id)
+        unchanged = old[1] + 1 if old is not None and old[0] == view else 0
+        self._listed[b.id] = (view, unchanged)
+        if unchanged >= STALE_LIST_POLLS:
+            self._listed[b.id] = (view, 0)
+            return True
+        return False
+
+    def cancel(self, batch_id: str) -> None:
+        self._call(self.client.batches.cancel, batch_id, what=f"cancel batch {batch_id}")
+
+    # ------------------------------------------------------------------ online
+    async def call_online(self, endpoint: str, body: dict[str, Any], custom_id: str) -> RowOutcome:
+        """One request through the client's generic `post`: the body goes out exactly as
+        rendered (no typed-parameter transform) and the answer is parsed from raw bytes."""
+        try:
+            raw = await self.aclient.post(
+                endpoint.removeprefix("/v1"),
+                cast_to=bytes,
+                body=body,
+                options={"headers": {CUSTOM_ID_HEADER: header_value(custom_id)}},
+            )
+        except openai.OpenAIError as exc:
+            raise self._error(exc, "online request") from None
+        try:
+            answer = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            answer = None
+        if not isinstance(answer, dict):
+            return RowOutcome(
+                custom_id,
+                ok=False,
+                status_code=200,
+                error_code="invalid_response",
+                error_message="the answer is not a JSON object",
+                error_class="format_error",
+                retryable=row_retryable("format_error"),
+            )
+        return results.parse_sync_response(answer, endpoint, custom_id)
+
+    # ------------------------------------------------------------------ calls and errors
+    def _call(
+        self, fn: Callable[..., T], *args: Any, what: str, attempts: int = CALL_ATTEMPTS, **kw: Any
+    ) -> T:
+        """Run one SDK call, retrying transient failures with the job's backoff; anything else,
+        or a transient failure that outlasts the attempts, raises a classified RemoteError."""
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            after = _retry_after_of(exc)
+            return max(self.policy.delay(state.attempt_number), after or 0.0)
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, openai.OpenAIError):
+                err = self._error(exc, what)
+                logger.debug(
+                    "{} failed ({} HTTP {} {}: {}); retry {} of {}",
+                    what,
+                    err.cls,
+                    err.status,
+                    err.code,
+                    err.message,
+                    state.attempt_number,
+                    attempts - 1,
+                )
+
+        def transient(exc: BaseException) -> bool:
+            return isinstance(exc, openai.OpenAIError) and call_is_retried(_class_of(exc))
+
+        try:
+            for attempt in Retrying(
+                retry=retry_if_exception(transient),
+                wait=wait,
+                stop=stop_after_attempt(attempts),
+                before_sleep=before_sleep,
+                reraise=True,
+            ):
+                with attempt:
+                    logger.debug("remote call: {}", what)
+                    return fn(*args, **kw)
+        except openai.OpenAIError as exc:
+            raise self._error(exc, what) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _error(self, exc: openai.OpenAIError, what: str) -> RemoteError:
+        cls, status, code, message = _describe(exc)
+        if status is None and cls in ("api_error", "timeout"):
+            message = f"{message} ({self.url or self.client.base_url})"  # say where
+        return RemoteError(what, cls, status, code, self.scrub(message), _retry_after_of(exc))
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def header_value(row_id: str) -> str:
+    """The custom-id header value: the id itself, percent-encoded if it is not printable ASCII
+    (HTTP headers cannot carry it raw, and a newline would split the header)."""
+    if row_id.isascii() and row_id.isprintable():
+        return row_id
+    return quote(row_id, safe="")
+
+
+def _remote(b: Any) -> RemoteBatch:
+    """An SDK Batch → RemoteBatch."""
+    return remote_batch(b.model_dump())
+
+
+def _class_of(exc: BaseException) -> ErrorClass:
+    return _describe(exc)[0] if isinstance(exc, openai.OpenAIError) else "api_error"
+
+
+def _describe(exc: openai.OpenAIError) -> tuple[ErrorClass, int | None, str | None, str]:
+    """(class, status, code, message) of an SDK exception."""
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout", None, None, "request timed out"
+    if isinstance(exc, openai.APIConnectionError):
+        return "api_error", None, None, "connection error"
+    if isinstance(exc, openai.APIStatusError):
+        body = exc.body if isinstance(exc.body, dict) else {}
+        code = body.get("code") or getattr(exc, "code", None)
+        type_ = body.get("type") or getattr(exc, "type", None)
+        message = str(body.get("message") or exc.message)
+        return classify_http(exc.status_code, code, type_), exc.status_code, code, message
+    return "api_error", None, None, f"{type(exc).__name__}: {exc}"
+
+
+def _retry_after_of(exc: BaseException | None) -> float | None:
+    if not isinstance(exc, openai.APIStatusError) or exc.response is None:
+        return None
+    headers = exc.response.headers
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value:
+            try:
+                return float(value) * scale
+            except ValueError:
+                return None
+    return None
+
+
+def _client_kwargs(
+    entry: ModelEntry, api_key: str, base_url: str | None, timeout: float
+) -> tuple[bool, dict[str, Any]]:
+    """(azure?, constructor arguments): the same settings for the sync and the async client."""
+    common: dict[str, Any] = {"api_key": api_key, "max_retries": 0, "timeout": timeout}
+    if entry.provider == "azure":
+        if not entry.azure_endpoint:
+            raise ConfigError(f"model {entry.name}: provider azure needs azure_endpoint")
+        return True, {
+            "azure_endpoint": entry.azure_endpoint,
+            "api_version": entry.api_version or "2024-10-21",
+            **common,
+        }
+    return False, {"base_url": entry.base_url or base_url, **common}
