@@ -499,6 +499,28 @@ def status(run_dir: Path) -> dict[str, Any]:
         run.close()
 
 
+def pool_status(run_dir: Path) -> list[dict[str, Any]]:
+    """`batchops pool status`: every (model, key) pair with its state and usage."""
+    from batchops.pool_admin import pool_status as of
+
+    run = open_existing(Path(run_dir))
+    try:
+        return of(run)
+    finally:
+        run.close()
+
+
+def pool_reset(run_dir: Path, model: str | None = None, key: str | None = None) -> int:
+    """`batchops pool reset`: forget exhausted pairs so the next invocation tries them again."""
+    from batchops.pool_admin import pool_reset as reset
+
+    run = open_existing(Path(run_dir))
+    try:
+        return reset(run, model, key)
+    finally:
+        run.close()
+
+
 def status_of(run: RunDir) -> dict[str, Any]:
     st = run.store
     now = time.time()

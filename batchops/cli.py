@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -485,6 +486,50 @@ def merge(run_dir: Path | None, output: Path | None) -> None:
     """Join every answer onto the source table (source columns unchanged, then the result columns)."""
     path = api.merge(resolve_run_dir(run_dir), output)
     click.echo(f"merged output: {path}")
+
+
+@cli.group()
+def pool() -> None:
+    """The remembered model/key pool of a run: what is exhausted, and starting it over."""
+
+
+@pool.command("status", epilog=_examples("batchops pool status --run-dir runs/products"))
+@run_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the same data as JSON.")
+@handle_errors
+def pool_status(run_dir: Path | None, as_json: bool) -> None:
+    """Every model/key pair: state, reason, since, calls, tokens, cost, failures."""
+    pairs = api.pool_status(resolve_run_dir(run_dir))
+    if as_json:
+        click.echo(json.dumps(pairs, indent=2))
+        return
+    if not pairs:
+        click.echo("no model/key pair has been used or exhausted in this run yet")
+        return
+    for p in pairs:
+        since = time.strftime("%Y-%m-%d %H:%M", time.localtime(p["since"])) if p["since"] else ""
+        cost = "unknown" if p["cost_usd"] is None and p["tokens"] else fmt_usd(p["cost_usd"] or 0)
+        click.echo(
+            f"{p['model']:<28} {p['key']:<10} {p['state']:<10} calls {p['calls']:>7} "
+            f"failures {p['failures']:>6} tokens {p['tokens']:>10} cost {cost}"
+            + (f"\n    exhausted since {since}: {p['reason']}" if p["state"] == "exhausted" else "")
+        )
+
+
+@pool.command(
+    "reset",
+    epilog=_examples("batchops pool reset --model qwen-plus", "batchops pool reset --key …abcd"),
+)
+@run_dir_option
+@click.option("--model", default=None, help="Only this model [default: every model].")
+@click.option(
+    "--key", default=None, help="Only this key, by its masked label or last 4 characters."
+)
+@handle_errors
+def pool_reset(run_dir: Path | None, model: str | None, key: str | None) -> None:
+    """Forget exhausted pairs: the next run / retry-missing tries them again."""
+    n = api.pool_reset(resolve_run_dir(run_dir), model, key)
+    click.echo(f"{n} exhausted model/key pair(s) forgotten; the next run tries them again")
 
 
 @cli.command(epilog=_examples("batchops cancel --run-dir runs/products"))

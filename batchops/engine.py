@@ -21,7 +21,15 @@ from loguru import logger
 
 from batchops import chunking, pricing, source, structured
 from batchops.backends import Backend, RemoteBatch, RemoteError, SubmitRequest
-from batchops.policy import EXHAUSTING, Action, Scope, counts_as_attempt, decide, row_retryable
+from batchops.policy import (
+    EXHAUSTING,
+    Action,
+    Scope,
+    classify,
+    counts_as_attempt,
+    decide,
+    row_retryable,
+)
 from batchops.providers import Pool
 from batchops.records import BadLine, RowOutcome
 from batchops.rundir import RunDir
@@ -202,6 +210,7 @@ class BatchEngine:
     # ------------------------------------------------------------------ the loop
     @_in_run
     def execute(self) -> EngineResult:
+        restore_pool(self.store, self.pool)
         save_pool_state(self.store, self.pool)
         self.ensure_rows()
         self.reconcile()
@@ -257,16 +266,20 @@ class BatchEngine:
         scope: Scope = Scope.MODEL,
     ) -> None:
         """Take a model/key (or what `scope` names) out of the pool (see `record_exhaustion`)."""
-        record_exhaustion(
-            self.store,
-            self.pool,
-            chunk.model,
-            key_id,
-            reason,
-            scope=scope,
-            chunk_id=chunk.chunk_id,
-            batch_id=batch_id,
-        )
+        if (
+            record_exhaustion(
+                self.store,
+                self.pool,
+                chunk.model,
+                key_id,
+                reason,
+                scope=scope,
+                chunk_id=chunk.chunk_id,
+                batch_id=batch_id,
+            )
+            and self.spec.wait_after_switch
+        ):
+            self.sleep(self.spec.wait_after_switch)
 
     def report_progress(self) -> None:
         if self.on_progress is None:
@@ -492,7 +505,8 @@ class BatchEngine:
         tried again only when nothing was created. After SUBMIT_TRIES transient failures in a
         row the model/key pair is set aside (a server that always fails is not hammered for
         as long as the run lasts) and _GaveUp is raised."""
-        for n in range(1, SUBMIT_TRIES + 1):
+        tries = max(1, self.spec.failure_overrides().get("*", SUBMIT_TRIES))
+        for n in range(1, tries + 1):
             try:
                 return create()
             except RemoteError as exc:
@@ -501,19 +515,14 @@ class BatchEngine:
                 found = lookup()  # may raise: the intent stays, reconcile looks again later
                 if found is not None:
                     return found
-                logger.info(
-                    "{} failed ({}); nothing was created; try {} of {}",
-                    exc.what,
-                    exc,
-                    n,
-                    SUBMIT_TRIES,
-                )
+                logger.info("{} failed; nothing was created; try {} of {}", exc, n, tries)
                 last = exc
         self.exhaust(
             chunk,
             key_id,
-            f"{SUBMIT_TRIES} tries in a row failed; last: {last.what}: {last.cls} "
+            f"{tries} tries in a row failed; last: {last.what}: {last.cls} "
             f"(HTTP {last.status}): {last.message}",
+            scope=last.scope if last.scope == Scope.ENDPOINT else Scope.MODEL,
         )
         raise _GaveUp(last)
 
@@ -673,15 +682,30 @@ class BatchEngine:
             )
         short = len(lines) < reported
         outcomes: list[tuple[RowOutcome, float | None, bool]] = []
-        exhausted: RowOutcome | None = None
+        exhausted: tuple[RowOutcome, Scope] | None = None
+        entry = self.spec.model_entry(chunk.model) if chunk.model in self.spec.model_names else None
+        rules = self.spec.rules()
         for o in lines.values():
             o = structured.check_outcome(o, self.spec)  # schema answers: validated
+            scope = Scope.REQUEST
             if o.error_class:
+                if o.status_code and o.status_code != 200:
+                    # The provider's error dialect (presets and the user's rules) decides.
+                    o.error_class, scope = classify(
+                        o.status_code,
+                        o.error_code,
+                        None,
+                        o.error_message,
+                        provider=entry.provider if entry else "openai",
+                        rules=rules,
+                        fallback=o.error_class,
+                    )
+                    o.retryable = row_retryable(o.error_class)
                 o.retryable = o.retryable and row_retryable(o.error_class, self.spec.retry.retry_on)
                 if o.model is None:
                     o.model = chunk.model  # a failed line is attributed to the model it was sent to
-            if o.error_class in EXHAUSTING:
-                exhausted = exhausted or o
+            if o.error_class in EXHAUSTING and exhausted is None:
+                exhausted = (o, scope)
             cost = None
             if o.usage is not None:
                 cost = pricing.cost_or_none(
@@ -690,12 +714,15 @@ class BatchEngine:
             # Exhausted model/key is not the row's fault: it does not use up a retry.
             outcomes.append((o, cost, counts_as_attempt(o.error_class)))
         if exhausted is not None:
+            o, scope = exhausted
             self.exhaust(
                 chunk,
                 chunk.key_id,
-                f"requests refused: {exhausted.error_code or exhausted.error_class}: "
-                f"{exhausted.error_message or ''}".rstrip(": "),
+                f"requests refused: {o.error_code or o.error_class}: {o.error_message or ''}".rstrip(
+                    ": "
+                ),
                 b.id,
+                scope=scope,
             )
         # Rows without a line: re-sent only when the remote says they were not executed (an
         # expired or cancelled batch whose files are complete). An answer merely absent from
@@ -705,6 +732,7 @@ class BatchEngine:
             chunk.chunk_id,
             b.id,
             outcomes,
+            key_id=chunk.key_id,
             max_retries=self.spec.retry.max_retries,
             unanswered=RowState.PENDING if not_run else RowState.FAILED,
             lost_reason=(
@@ -843,21 +871,22 @@ def record_exhaustion(
     scope: Scope = Scope.MODEL,
     chunk_id: int | None = None,
     batch_id: str | None = None,
-) -> None:
-    """Take a model/key out of the pool, for both lanes: every switch is an event, and the pool
-    state `batchops status` shows is saved (the pool itself lives only in this invocation)."""
+) -> bool:
+    """Take a model/key (or what `scope` names) out of the pool, for both lanes: every switch is
+    an event, and what is exhausted is saved in the run, so later invocations skip it too.
+    Returns whether anything was newly taken out (the caller waits `wait_after_switch`)."""
     before = pool.current()
-    whole_key = scope in (Scope.KEY, Scope.ACCOUNT)
-    pool.exhaust(model, key_id, reason, whole_key=whole_key)
+    taken = pool.exhaust(model, key_id, reason, scope=scope)
+    if not taken:
+        return False
     after = pool.current()
-    label = pool.all_keys[key_id].label if key_id in pool.all_keys else "?"
-    what = f"key {label}" if whole_key else f"model {model} on key {label}"
+    what = pool.describe_scope(model, key_id, scope)
     if after is None:
         then = "no model/key left in the pool"
     elif after != before:
-        then = f"switching to model {after[0].name} on key {after[1].label}"
+        then = f"switching to {pool.describe_pair(after)}"
     else:
-        then = f"still using model {after[0].name} on key {after[1].label}"
+        then = f"still using {pool.describe_pair(after)}"
     store.event(
         "switch",
         pool.scrub(f"{what} exhausted ({reason}); {then}"),
@@ -865,9 +894,31 @@ def record_exhaustion(
         batch_id=batch_id,
     )
     save_pool_state(store, pool)
+    return True
 
 
 def save_pool_state(store: Store, pool: Pool) -> None:
-    """The pool as this invocation sees it (keys masked), for `batchops status`."""
+    """The pool as this invocation sees it (keys masked), for `batchops status`, and what is
+    exhausted (key fingerprints, never keys), which later invocations skip."""
     state = {"ts": time.time(), "pairs": pool.summary()}
     store.set_meta("pool_state", pool.scrub(json.dumps(state)))
+    store.set_meta("pool_exhausted", pool.scrub(json.dumps(pool.remembered())))
+    known = json.loads(store.get_meta("pool_keys") or "{}")
+    known.update({k.key_id: k.label for k in pool.all_keys.values()})
+    store.set_meta("pool_keys", json.dumps(known))
+
+
+def restore_pool(store: Store, pool: Pool) -> int:
+    """Skip what earlier invocations of this run exhausted (until `batchops pool reset` or the
+    `exhausted_cooldown` has passed). Returns how many pairs stay out."""
+    saved = json.loads(store.get_meta("pool_exhausted") or "[]")
+    n = pool.remember(saved, pool.spec.cooldown_seconds())
+    if n:
+        left = pool.first_available()
+        logger.info(
+            "{} model/key pair(s) exhausted by an earlier run are skipped{} "
+            "(`batchops pool reset` tries them again)",
+            n,
+            f"; starting with {pool.describe_pair(left)}" if left else "; none is left",
+        )
+    return n

@@ -39,17 +39,19 @@ from loguru import logger
 
 from batchops import pricing, render, source, structured
 from batchops.backends import RemoteError
-from batchops.engine import EngineResult, Progress, record_exhaustion
+from batchops.engine import EngineResult, Progress, record_exhaustion, restore_pool
 from batchops.policy import (
     CALL_ATTEMPTS,
     RATE_LIMIT_ATTEMPTS,
     Action,
+    Scope,
     counts_as_attempt,
     decide,
+    failures_before_switch,
     row_retryable,
 )
 from batchops.providers import Key, Pool
-from batchops.records import RowOutcome, Skipped, Usage
+from batchops.records import ErrorClass, RowOutcome, Skipped, Usage
 from batchops.render import ImageProblem
 from batchops.rundir import RunDir
 from batchops.spec import JobSpec, ModelEntry
@@ -182,6 +184,8 @@ class OnlineEngine:
         self._prices: dict[str, tuple[pricing.ModelPrice | None, float]] = {}
         self.image_dir = Path(self.spec.image_dir) if self.spec.image_dir else self.src.path.parent
         self.count = _Counters()
+        # Consecutive failures per (model, key, class) or ("endpoint", url), reset by a success.
+        self.failures: dict[tuple[str, ...], int] = {}
         self.stop_reason: StopReason | None = None
         self.in_flight = 0
         self.spent = 0.0
@@ -342,6 +346,7 @@ class OnlineEngine:
         released = self.store.release_online_chunks()
         if released:
             logger.info("{} row(s) queued by an interrupted online run back to pending", released)
+        restore_pool(self.store, self.pool)
         for chunk in self.store.chunks(ChunkState.BUILT, ChunkState.UPLOADED):
             self.pool.delete_file(chunk.model, chunk.key_id, chunk.file_id)
             self.store.abandon_chunk(
@@ -478,16 +483,30 @@ class OnlineEngine:
             except RemoteError as exc:
                 err = exc
             else:
+                self.failures.pop(("endpoint", self.pool.endpoint_of(entry)), None)
+                if self.failures:  # a success ends the model's run of failures
+                    self.failures = {
+                        k: v for k, v in self.failures.items() if k[:2] != (entry.name, key.key_id)
+                    }
                 outcome = self._checked(outcome)
                 cost = None if outcome.usage is None else self._cost(outcome.usage, entry.name)
-                self._record(job, outcome, cost, True)
+                self._record(job, outcome, cost, True, key)
                 return
             cls, action = err.cls, decide(err.cls)
             if action == Action.FAIL_OVER:
-                self._exhaust(entry.name, key, err)
+                if self._failures_reach_threshold((entry.name, key.key_id, cls), cls):
+                    await self._exhaust(entry.name, key, err)
                 # Not the row's fault: back to pending without using a retry.
                 failure = self._failure(job, entry, err)
-                self._record(job, failure, None, counts_as_attempt(cls))
+                self._record(job, failure, None, counts_as_attempt(cls), key)
+                return
+            if err.scope == Scope.ENDPOINT and self._failures_reach_threshold(
+                ("endpoint", self.pool.endpoint_of(entry)), cls, per_call=True
+            ):
+                # A dead or failing server: every model it serves is set aside, and the row
+                # goes to the next endpoint without being charged a retry.
+                await self._exhaust(entry.name, key, err)
+                self._record(job, self._failure(job, entry, err), None, False, key)
                 return
             if cls == "rate_limit" and rate_tries < RATE_LIMIT_ATTEMPTS:
                 rate_tries += 1
@@ -513,8 +532,23 @@ class OnlineEngine:
                 )
                 await self._sleep(delay)
                 continue
-            self._record(job, self._failure(job, entry, err), None, True)
+            self._record(job, self._failure(job, entry, err), None, True, key)
             return
+
+    def _failures_reach_threshold(
+        self, what: tuple[str, ...], cls: ErrorClass, *, per_call: bool = False
+    ) -> bool:
+        """Count a failure of a model (or an endpoint) with no success in between; True when
+        `max_failures_before_switch` is reached. Endpoint failures count calls, and every row
+        retries a transient failure up to CALL_ATTEMPTS times: the threshold is that many
+        times larger, so passing trouble (a 503 now and then) never adds up to a switch."""
+        n = self.failures.get(what, 0) + 1
+        self.failures[what] = n
+        limit = failures_before_switch(cls, self.spec.failure_overrides())
+        if n < limit * (CALL_ATTEMPTS if per_call else 1):
+            return False
+        self.failures.pop(what, None)
+        return True
 
     async def _send(
         self, entry: ModelEntry, key: Key, body: dict[str, Any], row_id: str, est: float
@@ -554,12 +588,20 @@ class OnlineEngine:
             retryable=row_retryable(err.cls, self.spec.retry.retry_on),
         )
 
-    def _record(self, job: Job, outcome: RowOutcome, cost: float | None, counts: bool) -> None:
+    def _record(
+        self,
+        job: Job,
+        outcome: RowOutcome,
+        cost: float | None,
+        counts: bool,
+        key: Key | None = None,
+    ) -> None:
         self.count.sent += 1
         applied = self.store.record_outcomes(
             job.chunk_id,
             None,
             [(outcome, cost, counts)],
+            key_id=key.key_id if key else None,
             mode="online",
             max_retries=self.spec.retry.max_retries,
             close_chunk=False,
@@ -579,17 +621,21 @@ class OnlineEngine:
                 " — failed for good" if applied.failed else "",
             )
 
-    def _exhaust(self, model: str, key: Key, err: RemoteError) -> None:
+    async def _exhaust(self, model: str, key: Key, err: RemoteError) -> None:
         if (model, key.key_id) in self.pool.exhausted:
             return  # another worker's answer already switched
-        record_exhaustion(
-            self.store,
-            self.pool,
-            model,
-            key.key_id,
-            f"{err.code or err.cls}: {err.message}",
-            scope=err.scope,
-        )
+        if (
+            record_exhaustion(
+                self.store,
+                self.pool,
+                model,
+                key.key_id,
+                f"{err.code or err.cls}: {err.message}",
+                scope=err.scope,
+            )
+            and self.spec.wait_after_switch
+        ):
+            await self._sleep(self.spec.wait_after_switch)
 
     def _cost(self, usage: Usage, model: str) -> float | None:
         """The answer's cost at synchronous prices (None when the model has no known price)."""

@@ -7,10 +7,15 @@ only persists what is decided here, and the batch and online lanes use the same 
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import get_args
 
 from batchops.records import ErrorClass
 from batchops.states import RowState
+
+ERROR_CLASSES: tuple[str, ...] = get_args(ErrorClass)
 
 
 class Scope(StrEnum):
@@ -95,3 +100,114 @@ def next_row_state(retryable: bool, attempts: int, max_retries: int) -> RowState
     """A failed row's next state after `attempts` counted attempts: pending while retries are
     left (`max_retries` retries = max_retries + 1 executions), failed after."""
     return RowState.PENDING if retryable and attempts <= max_retries else RowState.FAILED
+
+
+# ---------------------------------------------------------------------- error rules
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One line of an error-rules table: what it matches (every given field must match) and
+    what it means. `code`, `type` and `message` are case-insensitive regular expressions
+    searched in the error's fields; `status` is an exact HTTP status (None: any, incl. a
+    connection error's missing status)."""
+
+    cls: ErrorClass
+    scope: Scope
+    status: int | None = None
+    code: str | None = None
+    type: str | None = None
+    message: str | None = None
+
+    def matches(self, status: int | None, code: str, type_: str, message: str) -> bool:
+        return (
+            (self.status is None or self.status == status)
+            and _search(self.code, code)
+            and _search(self.type, type_)
+            and _search(self.message, message)
+        )
+
+
+def _search(pattern: str | None, text: str) -> bool:
+    return pattern is None or re.search(pattern, text, re.IGNORECASE) is not None
+
+
+def _r(cls: ErrorClass, scope: Scope, status: int | None = None, **kw: str) -> Rule:
+    return Rule(cls, scope, status, **kw)
+
+
+# Built-in rules per provider dialect, tried after the user's `[[error_rules]]` and before the
+# OpenAI code table. Sources: docs/failover.md (DashScope's error-code page, vLLM's server).
+PRESETS: dict[str, tuple[Rule, ...]] = {
+    "openai": (
+        _r("auth", Scope.ACCOUNT, code="^account_deactivated$"),
+        _r("quota", Scope.ACCOUNT, code="^billing_hard_limit_reached$"),
+    ),
+    "azure": (
+        _r("model_not_found", Scope.MODEL, code="^DeploymentNotFound$"),
+        _r("model_not_found", Scope.MODEL, status=404, message="deployment"),
+    ),
+    "dashscope": (
+        _r("auth", Scope.KEY, code="^InvalidApiKey$|^invalid_api_key$"),
+        _r("quota", Scope.MODEL, code=r"^AllocationQuota\.FreeTierOnly$"),
+        _r("quota", Scope.MODEL, type=r"^AllocationQuota\.FreeTierOnly$"),
+        _r("quota", Scope.ACCOUNT, code="^Arrearage$"),
+        _r("model_not_found", Scope.MODEL, code="^AccessDenied$|^access_denied$"),
+        _r("model_not_found", Scope.MODEL, code="^ModelNotFound$|^model_not_found$"),
+        _r("rate_limit", Scope.REQUEST, code=r"^Throttling\.RateQuota$"),
+        _r("quota", Scope.MODEL, code=r"^Throttling\.AllocationQuota$|^insufficient_quota$"),
+        _r("invalid_request", Scope.REQUEST, code="^InvalidParameter$|^DataInspectionFailed$"),
+    ),
+    "vllm": (
+        _r("model_not_found", Scope.MODEL, status=404, message="does not exist"),
+        _r("auth", Scope.KEY, status=401),
+    ),
+}
+# Compatible servers (anything but OpenAI's own API): the seed scripts' rules. An unrecognised
+# 403 means this model, not the key; messages about quota, permission or rate limits say so.
+COMPATIBLE = (
+    _r("quota", Scope.MODEL, message="quota"),
+    _r("model_not_found", Scope.MODEL, message="permission denied"),
+    _r("rate_limit", Scope.REQUEST, message="rate limit"),
+    _r("model_not_found", Scope.MODEL, status=403),
+)
+
+
+def classify(
+    status: int | None,
+    code: str | None,
+    type_: str | None,
+    message: str | None,
+    *,
+    provider: str = "openai",
+    rules: tuple[Rule, ...] | list[Rule] = (),
+    fallback: ErrorClass,
+) -> tuple[ErrorClass, Scope]:
+    """(class, scope) of one error: the user's rules, then the provider's preset, then (for
+    compatible servers) the seeds' rules; `fallback` is the class OpenAI's code table gives."""
+    fields = (status, code or "", type_ or "", message or "")
+    table = [*rules, *PRESETS.get(provider, ())]
+    if provider not in ("openai", "azure"):
+        table += COMPATIBLE
+    for rule in table:
+        if rule.matches(*fields):
+            return rule.cls, rule.scope
+    return fallback, default_scope(fallback)
+
+
+# ---------------------------------------------------------------------- failure thresholds
+
+# Consecutive failures of one model (on one key) before the pool moves on, per class. Quota
+# switches at once; other classes as the seed scripts' config (2).
+DEFAULT_FAILURES_BEFORE_SWITCH: dict[str, int] = {"quota": 1, "auth": 1, "model_not_found": 1}
+FAILURES_BEFORE_SWITCH = 2
+
+
+def failures_before_switch(cls: ErrorClass, overrides: dict[str, int] | None = None) -> int:
+    """How many consecutive failures of this class set a model (or endpoint) aside."""
+    overrides = overrides or {}
+    if cls in overrides:
+        return overrides[cls]
+    if "*" in overrides:
+        return overrides["*"]
+    return DEFAULT_FAILURES_BEFORE_SWITCH.get(cls, FAILURES_BEFORE_SWITCH)

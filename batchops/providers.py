@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -18,6 +19,7 @@ from loguru import logger
 from batchops.backends import Backend, BackendFactory, RemoteError, make_backend
 from batchops.classify import mask_key
 from batchops.errors import ConfigError
+from batchops.policy import Scope
 from batchops.spec import JobSpec, Mode, ModelEntry
 
 
@@ -64,10 +66,12 @@ def load_keys(api_key_file: Path | None = None, env: dict[str, str] | None = Non
 
 
 class Pool:
-    """The (key, model) pairs in failover order and the clients that serve them.
+    """The (model, key) pairs in failover order and the backends that serve them.
 
-    Order: every model on the first key, then every model on the next key, ... An exhausted
-    pair is not used again in this invocation; a new invocation starts from the top.
+    Order: every model on the first key, then every model on the next key (`pool_order =
+    "keys-then-models"`: every key for the first model, then the next model). An exhausted pair
+    is not used again; the engine persists what is exhausted (`remember`), so later invocations
+    skip it too until `batchops pool reset` or the `exhausted_cooldown` has passed.
     """
 
     def __init__(
@@ -94,12 +98,17 @@ class Pool:
             raise ConfigError(
                 "no API key: set OPENAI_API_KEY (or OPENAI_API_KEYS, or --api-key-file); for a local server any value works"
             )
-        for key in keys or [None]:
-            for m in spec.models:
-                k = entry_keys[m.name] or key
-                if k is not None and (m, k) not in self.pairs:
-                    self.pairs.append((m, k))
+        order: list[tuple[ModelEntry, Key | None]] = (
+            [(m, key) for m in spec.models for key in keys or [None]]
+            if spec.pool_order == "keys-then-models"
+            else [(m, key) for key in keys or [None] for m in spec.models]
+        )
+        for m, key in order:
+            k = entry_keys[m.name] or key
+            if k is not None and (m, k) not in self.pairs:
+                self.pairs.append((m, k))
         self.exhausted: dict[tuple[str, str], str] = {}
+        self.since: dict[tuple[str, str], float] = {}
         self.all_keys = {k.key_id: k for _, k in self.pairs}
 
     def _entry_key(self, m: ModelEntry) -> Key | None:
@@ -136,30 +145,69 @@ class Pool:
         pair = self.first_available()
         return None if pair is None else self.mode_of(pair[0])
 
+    def endpoint_of(self, entry: ModelEntry) -> str:
+        """Where a model is served (models on one endpoint go down together)."""
+        return entry.azure_endpoint or entry.base_url or self.base_url or "default"
+
     def exhaust(
-        self, model: str, key_id: str | None, reason: str, *, whole_key: bool = False
-    ) -> None:
-        """Take a pair (or every pair of a key) out of the pool for this invocation."""
+        self,
+        model: str,
+        key_id: str | None,
+        reason: str,
+        *,
+        scope: Scope = Scope.MODEL,
+        whole_key: bool = False,
+        since: float | None = None,
+    ) -> list[tuple[str, str]]:
+        """Take pairs out of the pool: the model on this key (`Scope.MODEL`; every key when
+        `key_id` is None), every model of the key (`KEY`, `ACCOUNT`), or every model served by
+        the model's endpoint on any key (`ENDPOINT`). Returns the pairs newly taken out."""
+        if whole_key:
+            scope = Scope.KEY
         before = self.first_available()
+        entry = self.spec.model_entry(model) if model in self.spec.model_names else None
+        where = self.endpoint_of(entry) if entry is not None else None
+        taken: list[tuple[str, str]] = []
         for m, k in self.pairs:
-            if (whole_key and k.key_id == key_id) or (
-                m.name == model and (key_id is None or k.key_id == key_id)
-            ):
-                self.exhausted.setdefault((m.name, k.key_id), reason)
+            if scope in (Scope.KEY, Scope.ACCOUNT):
+                hit = k.key_id == key_id
+            elif scope == Scope.ENDPOINT:
+                hit = where is not None and self.endpoint_of(m) == where
+            else:
+                hit = m.name == model and (key_id is None or k.key_id == key_id)
+            if hit and (m.name, k.key_id) not in self.exhausted:
+                self.exhausted[(m.name, k.key_id)] = reason
+                self.since[(m.name, k.key_id)] = since or time.time()
+                taken.append((m.name, k.key_id))
         after = self.first_available()
+        if taken and since is None:
+            what = self.describe_scope(model, key_id, scope)
+            if after is None:
+                logger.warning("{} exhausted ({}); no model/key left in the pool", what, reason)
+            elif before != after:
+                logger.warning(
+                    "{} exhausted ({}); switching to {}{}",
+                    what,
+                    reason,
+                    self.describe_pair(after),
+                    f" ({self.mode_of(after[0])} mode)" if self.lane is not None else "",
+                )
+        return taken
+
+    def describe_scope(self, model: str, key_id: str | None, scope: Scope) -> str:
         label = self.all_keys[key_id].label if key_id in self.all_keys else "?"
-        what = f"key {label}" if whole_key else f"model {model} on key {label}"
-        if after is None:
-            logger.warning("{} exhausted ({}); no model/key left in the pool", what, reason)
-        elif before != after:
-            logger.warning(
-                "{} exhausted ({}); switching to model {} on key {}{}",
-                what,
-                reason,
-                after[0].name,
-                after[1].label,
-                f" ({self.mode_of(after[0])} mode)" if self.lane is not None else "",
-            )
+        if scope in (Scope.KEY, Scope.ACCOUNT):
+            return f"key {label}" + (" (the whole account)" if scope == Scope.ACCOUNT else "")
+        if scope == Scope.ENDPOINT:
+            entry = self.spec.model_entry(model) if model in self.spec.model_names else None
+            return f"endpoint {self.endpoint_of(entry) if entry else '?'} (model {model})"
+        return f"model {model} on key {label}"
+
+    def describe_pair(self, pair: tuple[ModelEntry, Key]) -> str:
+        """'qwen-plus on key sk-…abcd; 13 of 15 models left' for switch messages."""
+        left = {m.name for m, k in self.pairs if (m.name, k.key_id) not in self.exhausted}
+        total = len({m.name for m, _ in self.pairs})
+        return f"model {pair[0].name} on key {pair[1].label}; {len(left)} of {total} models left"
 
     def summary(self) -> list[dict[str, str]]:
         return [
@@ -172,6 +220,33 @@ class Pool:
             }
             for m, k in self.pairs
         ]
+
+    # ------------------------------------------------------------------ remembered pool
+    def remembered(self) -> list[dict[str, object]]:
+        """What is exhausted, to persist in the run (keys as fingerprints and masked labels)."""
+        return [
+            {
+                "model": m,
+                "key_id": k,
+                "key": self.all_keys[k].label if k in self.all_keys else "?",
+                "reason": reason,
+                "since": self.since.get((m, k), 0.0),
+            }
+            for (m, k), reason in self.exhausted.items()
+        ]
+
+    def remember(self, saved: list[dict[str, object]], cooldown: float | None) -> int:
+        """Take out again what an earlier invocation exhausted (until `cooldown` seconds have
+        passed since, when one is set). Returns how many pairs were restored."""
+        now = time.time()
+        n = 0
+        for item in saved:
+            model, key_id, since = str(item["model"]), str(item["key_id"]), float(item["since"])  # type: ignore[arg-type]
+            if cooldown is not None and now - since >= cooldown:
+                continue
+            if any(m.name == model and k.key_id == key_id for m, k in self.pairs):
+                n += len(self.exhaust(model, key_id, str(item["reason"]), since=since))
+        return n
 
     def backend(self, model: str, key_id: str | None) -> Backend:
         """The backend for a model's endpoint with a given key (e.g. to poll a batch it owns).
@@ -189,6 +264,7 @@ class Pool:
                     policy=self.spec.retry,
                     scrub=self.scrub,
                     timeout=self.spec.timeout,
+                    rules=self.spec.rules(),
                 )
         return self._backends[cache_key]
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from batchops.errors import ConfigError
+
+if TYPE_CHECKING:
+    from batchops.policy import Rule
 
 Endpoint = Literal["/v1/chat/completions", "/v1/responses", "/v1/embeddings"]
 Mode = Literal["batch", "online"]
@@ -61,6 +64,33 @@ class PriceOverride(BaseModel):
     batch_discount: float = Field(0.5, ge=0, le=1, description="fraction taken off in batch mode")
 
 
+Provider = Literal["openai", "azure", "dashscope", "vllm", "anthropic", "gemini"]
+Scope = Literal["request", "model", "key", "endpoint", "account"]
+
+
+class ErrorRule(BaseModel):
+    """One `[[error_rules]]` entry: errors it matches (every given field must match; code,
+    type and message are case-insensitive regular expressions) → class and scope."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    status: int | None = Field(None, ge=100, le=599)
+    code: str | None = None
+    type: str | None = None
+    message: str | None = None
+    class_: str = Field(alias="class")
+    scope: Scope = "model"
+
+    @field_validator("class_")
+    @classmethod
+    def _known_class(cls, v: str) -> str:
+        from batchops.policy import ERROR_CLASSES
+
+        if v not in ERROR_CLASSES:
+            raise ValueError(f"unknown error class {v!r}; known: {list(ERROR_CLASSES)}")
+        return v
+
+
 class ModelEntry(BaseModel):
     """One model of the pool; optionally with its own endpoint, key variable and limits."""
 
@@ -70,7 +100,7 @@ class ModelEntry(BaseModel):
     base_url: str | None = None
     api_key_env: str | None = Field(None, description="name of the env variable holding the key")
     mode: Mode | None = None
-    provider: Literal["openai", "azure"] = "openai"
+    provider: Provider = "openai"
     azure_endpoint: str | None = None
     api_version: str | None = None
     price: PriceOverride | None = None
@@ -122,6 +152,25 @@ class JobSpec(BaseModel):
     )
     completion_window: str = "24h"
     timeout: float = Field(600.0, gt=0, description="seconds before one remote call times out")
+    # Failover (docs/failover.md)
+    error_rules: list[ErrorRule] = Field(default_factory=list)
+    max_failures_before_switch: int | dict[str, int] | None = Field(
+        None, description="consecutive failures before the pool moves on (global or per class)"
+    )
+    exhausted_cooldown: str | None = Field(
+        None, description="how long an exhausted model/key is skipped by later runs (e.g. 24h)"
+    )
+
+    @field_validator("exhausted_cooldown")
+    @classmethod
+    def _duration(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_duration(v)
+        return v
+
+    key_cycle: bool = Field(False, description="after the last key, return to the first")
+    wait_after_switch: float = Field(0.0, ge=0, description="seconds to wait after a switch")
+    pool_order: Literal["models-then-keys", "keys-then-models"] = "models-then-keys"
     prices: dict[str, PriceOverride] = Field(default_factory=dict)
 
     @property
@@ -140,11 +189,45 @@ class JobSpec(BaseModel):
             return self.endpoint.removeprefix("/v1")
         return self.endpoint
 
+    def rules(self) -> list[Rule]:
+        """The user's `[[error_rules]]` as the policy's rules (tried before any preset)."""
+        from batchops.policy import Rule, Scope
+
+        return [
+            Rule(r.class_, Scope(r.scope), r.status, r.code, r.type, r.message)  # type: ignore[arg-type]
+            for r in self.error_rules
+        ]
+
+    def failure_overrides(self) -> dict[str, int]:
+        """`max_failures_before_switch` as {class or "*": n}."""
+        m = self.max_failures_before_switch
+        if m is None:
+            return {}
+        return {"*": m} if isinstance(m, int) else dict(m)
+
+    def cooldown_seconds(self) -> float | None:
+        return None if self.exhausted_cooldown is None else parse_duration(self.exhausted_cooldown)
+
     def model_entry(self, name: str) -> ModelEntry:
         for m in self.models:
             if m.name == name:
                 return m
         raise KeyError(name)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '6h', '1d' or plain seconds → seconds (ConfigError otherwise)."""
+    t = str(text).strip().lower()
+    try:
+        value = float(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else float(t)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a duration (e.g. 90s, 30m, 6h, 1d)") from None
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"{text!r} is not a duration (e.g. 90s, 30m, 6h, 1d)")
+    return value
 
 
 SOURCE_FORMATS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}

@@ -32,7 +32,7 @@ from batchops.states import (
     check_chunk,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "state.db"
 
 # Each migration brings the schema from version i to i+1; never edit a released one.
@@ -125,6 +125,11 @@ MIGRATIONS: list[str] = [
         batch_id TEXT,
         message TEXT NOT NULL
     );
+    """,
+    # 2: which key paid for each attempt (per-key calls, tokens and cost in `pool status`).
+    """
+    ALTER TABLE attempts ADD COLUMN key_id TEXT;
+    CREATE INDEX attempts_model_key ON attempts(model, key_id);
     """,
 ]
 
@@ -532,6 +537,7 @@ class Store:
         close_chunk: bool = True,
         unanswered: RowState = RowState.PENDING,
         lost_reason: str = "no result for this row in the batch's output or error file",
+        key_id: str | None = None,
     ) -> Applied:
         """Apply one batch's (or one online request's) outcomes to its rows, in one transaction.
 
@@ -563,8 +569,8 @@ class Store:
                 if u is not None or not outcome.ok:
                     self.conn.execute(
                         "INSERT INTO attempts(row_idx, chunk_id, batch_id, mode, ok, error_class, error, model,"
-                        " prompt_tokens, cached_tokens, completion_tokens, reasoning_tokens, cost_usd, ts)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        " prompt_tokens, cached_tokens, completion_tokens, reasoning_tokens, cost_usd, ts,"
+                        " key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             row["row_idx"],
                             chunk_id,
@@ -577,6 +583,7 @@ class Store:
                             *tokens,
                             cost,
                             now,
+                            key_id,
                         ),
                     )
                 if outcome.ok:
@@ -713,6 +720,19 @@ class Store:
                       b.created_at, b.ended_at
                FROM batches b JOIN chunks c ON c.chunk_id = b.chunk_id ORDER BY b.created_at"""
         ).fetchall()
+
+    def usage_by_pair(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """Per (model, key fingerprint): calls, failures, tokens and cost of every attempt."""
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in self.conn.execute(
+            """SELECT model, COALESCE(key_id, '') AS key_id, COUNT(*) AS calls,
+                      COUNT(*) - SUM(ok) AS failures,
+                      SUM(COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0)) AS tokens,
+                      SUM(cost_usd) AS cost_usd
+               FROM attempts GROUP BY model, key_id"""
+        ):
+            out[(r["model"] or "", r["key_id"])] = dict(r)
+        return out
 
     def spent(self) -> float:
         return self.conn.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM attempts").fetchone()[0]

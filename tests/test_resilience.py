@@ -151,8 +151,16 @@ def test_every_model_and_key_exhausted_exits_3_then_retry_missing(emulator_facto
     log = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
     assert k1 not in log and k2 not in log and "sk-…1111" in log
     assert k1 not in (run_dir / "state.db").read_bytes().decode("latin-1")
-    # The quota resets; retry-missing starts the pool from the top and completes the run.
+    # The pool is remembered: retry-missing sends nothing to the exhausted pairs ...
+    calls = dict(emu.stats()["calls"])
+    args = ("--run-dir", run_dir, "--base-url", emu.base_url, "--poll-interval", "0.05")
+    res = invoke("retry-missing", *args, "--log-dir", tmp_path / "logs", env=env)
+    assert res.exit_code == 3, res.output
+    assert emu.stats()["calls"] == calls
+    # ... until the quota resets and the pool is reset; then the run completes.
     emu.update_scenario(key_quota={})
+    res = invoke("pool", "reset", "--run-dir", run_dir)
+    assert res.exit_code == 0 and "4 exhausted model/key pair(s) forgotten" in res.output
     res = invoke(
         "retry-missing",
         "--run-dir",

@@ -17,6 +17,7 @@ from batchops.backends.base import (
     SubmitRequest,
 )
 from batchops.errors import ConfigError
+from batchops.policy import Rule
 from batchops.spec import ModelEntry, RetryPolicy
 
 __all__ = [
@@ -44,6 +45,7 @@ def make_backend(
     policy: RetryPolicy,
     scrub: Callable[[str], str] = str,
     timeout: float | None = None,
+    rules: list[Rule] | None = None,
 ) -> Backend:
     """The backend that speaks a model entry's provider dialect."""
     if entry.provider in OPENAI_DIALECT:
@@ -56,5 +58,6 @@ def make_backend(
             policy=policy,
             scrub=scrub,
             timeout=timeout or DEFAULT_TIMEOUT,
+            rules=rules or [],
         )
     raise ConfigError(f"model {entry.name}: provider {entry.provider!r} has no backend")

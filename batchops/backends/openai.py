@@ -25,7 +25,7 @@ from batchops.backends.base import RemoteBatch, RemoteError, RemoteFile, SubmitR
 from batchops.backends.openai_wire import remote_batch
 from batchops.classify import classify_http
 from batchops.errors import ConfigError
-from batchops.policy import CALL_ATTEMPTS, call_is_retried, row_retryable
+from batchops.policy import CALL_ATTEMPTS, Rule, Scope, call_is_retried, classify, row_retryable
 from batchops.records import BadLine, ErrorClass, RowOutcome
 from batchops.spec import ModelEntry, RetryPolicy
 
@@ -55,8 +55,11 @@ class OpenAIBackend:
         policy: RetryPolicy,
         scrub: Callable[[str], str] = str,
         timeout: float = DEFAULT_TIMEOUT,
+        rules: list[Rule] | None = None,
     ) -> None:
         self._azure, self._kwargs = _client_kwargs(entry, api_key, base_url, timeout)
+        self.provider = entry.provider
+        self.rules = list(rules or [])
         self.url = self._kwargs.get("azure_endpoint") or self._kwargs.get("base_url") or ""
         self.policy = policy
         self.scrub = scrub
@@ -261,10 +264,28 @@ class OpenAIBackend:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _error(self, exc: openai.OpenAIError, what: str) -> RemoteError:
-        cls, status, code, message = _describe(exc)
+        fallback, status, code, message = _describe(exc)
+        type_ = (
+            exc.body.get("type")
+            if isinstance(exc, openai.APIStatusError) and isinstance(exc.body, dict)
+            else None
+        )
+        cls, scope = classify(
+            status,
+            code,
+            type_,
+            message,
+            provider=self.provider,
+            rules=self.rules,
+            fallback=fallback,
+        )
         if status is None and cls in ("api_error", "timeout"):
             message = f"{message} ({self.url or self.client.base_url})"  # say where
-        return RemoteError(what, cls, status, code, self.scrub(message), _retry_after_of(exc))
+        if cls in ("api_error", "timeout") and (status is None or status >= 500):
+            scope = Scope.ENDPOINT  # the server is down or failing: every model it serves
+        return RemoteError(
+            what, cls, status, code, self.scrub(message), _retry_after_of(exc), scope=scope
+        )
 
 
 # ---------------------------------------------------------------------- helpers
