@@ -96,6 +96,7 @@ class Batch:
     created_at: int
     phase_started: float  # monotonic time the current status was entered
     created_mono: float = 0.0  # monotonic creation time: phase deadlines count from here
+    dialect: str = "openai"  # "anthropic"/"gemini": no OpenAI files, shown by their own routes
     status: str = "validating"
     stamps: dict[str, int | None] = field(default_factory=dict)
     model: str | None = None
@@ -188,6 +189,7 @@ class Emulator:
         self.counters = Counters()
         self.rpm_windows: dict[str, deque[float]] = {}
         self._file_models: dict[str, str | None] = {}
+        self.dialects: dict[str, Any] = {}  # per-dialect registries (anthropic_dialect, …)
 
     # ------------------------------------------------------------------ admin
     def reset(self) -> None:
@@ -200,6 +202,7 @@ class Emulator:
         self.counters = Counters()
         self.rpm_windows.clear()
         self._file_models.clear()
+        self.dialects.clear()
 
     def update_scenario(self, changes: dict[str, Any]) -> Scenario:
         self.scenario = self.scenario.updated(**changes)
