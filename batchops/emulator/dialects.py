@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from batchops.emulator import errors as E
+from batchops.emulator.answers import ImageError, prompt_tokens
 from batchops.emulator.errors import ApiError
 from batchops.emulator.ids import hex_id
 from batchops.emulator.state import Batch, Emulator
@@ -158,7 +159,14 @@ def registry(emu: Emulator, dialect: str) -> dict[str, Any]:
 
 
 def start_batch(
-    emu: Emulator, dialect: str, key: str, model: str, requests: list[BatchRequest], prefix: str
+    emu: Emulator,
+    dialect: str,
+    key: str,
+    model: str,
+    requests: list[BatchRequest],
+    prefix: str,
+    *,
+    enqueued_limit: bool = False,
 ) -> Batch:
     """A runner batch over already-validated chat requests (optionally stuck pending)."""
     reg = registry(emu, dialect)
@@ -181,6 +189,9 @@ def start_batch(
     b.requests = requests  # also what a cancel during "validating" reports as canceled
     b.total = len(requests)
     check = InputCheck(requests=requests, model=model)
+    if enqueued_limit and model in emu.scenario.enqueued_token_limit:
+        # the runner fails the batch (like OpenAI's token_limit_exceeded) when over the limit
+        check.prompt_tokens = sum(_prompt_tokens(r.body) for r in requests)
     fut: Future[InputCheck] = Future()
     sc = emu.scenario
     if seq < sc.stuck_first_n and sc.stuck_seconds > 0:
@@ -195,6 +206,13 @@ def start_batch(
     b.check = fut
     emu.live[b.id] = b
     return b
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    try:
+        return prompt_tokens(body, CHAT)
+    except (ImageError, ValueError):
+        return 0
 
 
 def cancel(b: Batch) -> None:

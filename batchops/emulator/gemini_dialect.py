@@ -527,7 +527,7 @@ async def _create_batch(call: Call, model: str) -> Response:
     if not emu.quota_left(model, call.key):
         raise quota_error(emu, model, D.quota_scope(emu, model))
     requests = [BatchRequest(k, to_chat(model, r), None) for k, r, _ in items]
-    b = D.start_batch(emu, NAME, call.key, model, requests, "")
+    b = D.start_batch(emu, NAME, call.key, model, requests, "", enqueued_limit=True)
     e = {
         "batch": b,
         "key": call.key,
@@ -561,6 +561,8 @@ def _output(emu: Emulator, e: dict[str, Any], base: str) -> dict[str, Any] | Non
         return None
     if e["output"] is None:
         done = [x for x in _final(emu, e) or [] if x.kind in ("succeeded", "errored")]
+        if not done:
+            return None  # nothing ran (e.g. cancelled while pending): no results at all
         if e["inline"]:
             items = []
             for x in done:
