@@ -446,8 +446,11 @@ def _entry(call: Call, batch_id: str) -> dict[str, Any]:
     return e
 
 
-def _lines_from_file(data: bytes, name: str) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
-    out = []
+Item = tuple[str, dict[str, Any], dict[str, Any]]  # (key, request, metadata)
+
+
+def _lines_from_file(data: bytes, name: str) -> list[Item]:
+    out: list[Item] = []
     for n, raw in enumerate(data.splitlines(), 1):
         if not raw.strip():
             continue
@@ -464,16 +467,16 @@ def _lines_from_file(data: bytes, name: str) -> list[tuple[str, dict[str, Any], 
     return out
 
 
-def _inline_lines(reqs: Any) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+def _inline_lines(reqs: Any) -> list[Item]:
     if isinstance(reqs, dict):
         reqs = reqs.get("requests")
     if not isinstance(reqs, list):
         raise error(400, "inputConfig.requests.requests must be a list.")
-    out = []
+    out: list[Item] = []
     for i, item in enumerate(reqs):
         if not isinstance(item, dict) or not isinstance(item.get("request"), dict):
             raise error(400, f"inputConfig.requests.requests[{i}].request is required.")
-        meta = item.get("metadata") if isinstance(item.get("metadata"), dict) else {}
+        meta: dict[str, Any] = item["metadata"] if isinstance(item.get("metadata"), dict) else {}
         key = str(meta.get("key") or f"inline-{i}")
         out.append((key, item["request"], meta))
     return out
