@@ -99,6 +99,7 @@ def test_batch_round_trip_with_system_image_and_usage(emulator_factory: Factory)
     assert by_id["img"].message.usage.input_tokens > by_id["r0"].message.usage.input_tokens
     stats = emu.stats()["requests"]
     assert all(stats[r["custom_id"]] == {"executed": 1, "succeeded": 1} for r in requests)
+    assert emu.stats()["dialects"] == {"anthropic": {"created": 1, "listed": 1}}
 
 
 def test_results_are_shuffled_by_the_seed_or_in_order(emulator_factory: Factory) -> None:

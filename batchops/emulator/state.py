@@ -225,6 +225,11 @@ class Emulator:
             },
             "models": {m: {"executed": v[0], "succeeded": v[1]} for m, v in c.models.items()},
             "keys": self._masked_key_stats(),
+            # Anthropic / Gemini batches: created since the reset, and still listed
+            "dialects": {
+                name: {"created": reg.get("seq", 0), "listed": len(reg.get("batches", {}))}
+                for name, reg in sorted(self.dialects.items())
+            },
         }
 
     def _masked_key_stats(self) -> dict[str, dict[str, int]]:
