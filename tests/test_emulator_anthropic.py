@@ -393,3 +393,13 @@ def test_online_message_counts_in_stats(emulator: EmulatorServer) -> None:
     stats = emulator.stats()
     assert stats["requests"]["row-7"] == {"executed": 1, "succeeded": 1}
     assert stats["calls"]["POST /v1/messages"] == 2
+
+
+def test_dropped_connection_is_a_connection_error(emulator_factory: Factory) -> None:
+    emu = emulator_factory(drop_connection_every=2, drop_after_processing=True)
+    c = client(emu)
+    c.messages.batches.list()
+    with pytest.raises(anthropic.APIConnectionError):
+        c.messages.batches.create(requests=reqs(2))
+    # processed before the drop: the batch exists (what a crash-safe client must reconcile)
+    assert len(c.messages.batches.list().data) == 1

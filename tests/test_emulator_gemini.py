@@ -338,3 +338,42 @@ def test_files_list_get_and_delete(emulator: EmulatorServer) -> None:
     with pytest.raises(errors.ClientError):
         c.files.get(name=f.name)
     assert emulator.stats()["files"]["uploaded"] == 1
+
+
+def test_resumable_upload_in_chunks_checks_offsets(emulator: EmulatorServer) -> None:
+    root = emulator.root_url
+    start = httpx2.post(
+        f"{root}/upload/v1beta/files",
+        json={"file": {"displayName": "chunks"}},
+        headers={
+            "x-goog-api-key": KEY,
+            "x-goog-upload-protocol": "resumable",
+            "x-goog-upload-command": "start",
+            "x-goog-upload-header-content-length": "10",
+            "x-goog-upload-header-content-type": "application/jsonl",
+        },
+    )
+    assert start.headers["x-goog-upload-status"] == "active"
+    url = start.headers["x-goog-upload-url"]
+    assert url.startswith(f"{root}/upload/v1beta/files?upload_id=")
+
+    def send(data: bytes, offset: int, command: str) -> Any:
+        headers = {"x-goog-upload-command": command, "x-goog-upload-offset": str(offset)}
+        return httpx2.post(url, content=data, headers=headers)  # the upload URL authorizes
+
+    assert send(b"01234", 0, "upload").headers["x-goog-upload-status"] == "active"
+    assert send(b"xx", 3, "upload").status_code == 400  # wrong offset
+    final = send(b"56789", 5, "upload, finalize")
+    assert final.headers["x-goog-upload-status"] == "final"
+    f = final.json()["file"]
+    assert f["displayName"] == "chunks" and f["sizeBytes"] == "10"
+    c = client(emulator, version="v1beta")
+    assert c.files.download(file=f["name"]) == b"0123456789"
+
+
+def test_dropped_connections_and_slow_responses(emulator_factory: Factory) -> None:
+    c = client(emulator_factory(drop_connection_every=2, slow_response_seconds=0.01))
+    c.models.generate_content(model=MODEL, contents="one")
+    with pytest.raises(httpx2.TransportError):
+        c.models.generate_content(model=MODEL, contents="two")
+    assert c.models.generate_content(model=MODEL, contents="three").text.endswith("three")

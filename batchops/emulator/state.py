@@ -211,7 +211,7 @@ class Emulator:
     def stats(self) -> dict[str, Any]:
         c = self.counters
         by_status = Counter(b.status for b in self.batches.values())
-        return {
+        out: dict[str, Any] = {
             "requests": {k: {"executed": v[0], "succeeded": v[1]} for k, v in c.requests.items()},
             "calls": dict(sorted(c.calls.items())),
             "batches": {
@@ -225,12 +225,13 @@ class Emulator:
             },
             "models": {m: {"executed": v[0], "succeeded": v[1]} for m, v in c.models.items()},
             "keys": self._masked_key_stats(),
-            # Anthropic / Gemini batches: created since the reset, and still listed
-            "dialects": {
+        }
+        if self.dialects:  # Anthropic / Gemini batches: created since the reset, still listed
+            out["dialects"] = {
                 name: {"created": reg.get("seq", 0), "listed": len(reg.get("batches", {}))}
                 for name, reg in sorted(self.dialects.items())
-            },
-        }
+            }
+        return out
 
     def _masked_key_stats(self) -> dict[str, dict[str, int]]:
         """Executions per key, keys masked (two keys with the same mask are added up)."""
