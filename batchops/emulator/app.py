@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from batchops.emulator import anthropic_dialect, gemini_dialect
 from batchops.emulator import errors as E
 from batchops.emulator.errors import ApiError
 from batchops.emulator.executor import execute
@@ -391,6 +392,8 @@ def _routes() -> list[Route]:
         Route("/_emulator/scenario", admin_scenario, methods=["GET", "POST"]),
         Route("/_emulator/reset", admin_reset, methods=["POST"]),
     ]
+    # Other dialects first: Gemini routes match only Gemini requests on shared /v1 paths.
+    routes += anthropic_dialect.routes() + gemini_dialect.routes()
     for path, template, handler in AZURE_DEPLOYMENT_ROUTES:
         routes.append(
             Route(

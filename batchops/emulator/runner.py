@@ -178,7 +178,7 @@ def _run_requests(emu: Emulator, b: Batch, target: int, deadline: float) -> bool
             out = execute(
                 emu,
                 custom_id=r.custom_id,
-                model=model,
+                model=r.body.get("model") or model,  # an Anthropic batch may mix models
                 body=r.body,
                 endpoint=endpoint,
                 api_key=b.api_key,
@@ -225,8 +225,9 @@ def _close(emu: Emulator, b: Batch, status: str, wall: int, mono: float) -> None
     if b.check is not None:
         b.check.cancel()  # cancelled before validation finished: no requests, no files
         b.check = None
-    b.output_file_id = _write(emu, b, b.ok_lines, "output")
-    b.error_file_id = _write(emu, b, b.err_lines, "error")
+    if b.dialect == "openai":  # other dialects render results from the lines themselves
+        b.output_file_id = _write(emu, b, b.ok_lines, "output")
+        b.error_file_id = _write(emu, b, b.err_lines, "error")
     b.requests = []  # parsed bodies are not needed any more (50k of them weigh ~100 MB)
     b.enter(status, wall, mono)
 

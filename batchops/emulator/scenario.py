@@ -72,6 +72,14 @@ class Scenario(BaseModel):
     expire_first_n: int = Field(0, ge=0, description="first N batches to run expire part-way")
     expire_done_fraction: float = Field(0.5, ge=0, le=1)
 
+    # Anthropic and Gemini dialects
+    stuck_first_n: int = Field(
+        0, ge=0, description="first N Anthropic/Gemini batches stay pending for stuck_seconds"
+    )
+    stuck_seconds: float = Field(3600.0, ge=0, description="how long a stuck batch stays pending")
+    omit_retry_after: bool = Field(False, description="Anthropic/Gemini 429s without retry-after")
+    anthropic_max_requests: int = Field(100_000, ge=1, description="requests per Message Batch")
+
     @classmethod
     def from_file(cls, path: str | Path) -> Scenario:
         """Read a scenario from a .toml or .json file (same keys as the model)."""

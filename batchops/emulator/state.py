@@ -96,6 +96,7 @@ class Batch:
     created_at: int
     phase_started: float  # monotonic time the current status was entered
     created_mono: float = 0.0  # monotonic creation time: phase deadlines count from here
+    dialect: str = "openai"  # "anthropic"/"gemini": no OpenAI files, shown by their own routes
     status: str = "validating"
     stamps: dict[str, int | None] = field(default_factory=dict)
     model: str | None = None
@@ -188,6 +189,7 @@ class Emulator:
         self.counters = Counters()
         self.rpm_windows: dict[str, deque[float]] = {}
         self._file_models: dict[str, str | None] = {}
+        self.dialects: dict[str, Any] = {}  # per-dialect registries (anthropic_dialect, …)
 
     # ------------------------------------------------------------------ admin
     def reset(self) -> None:
@@ -200,6 +202,7 @@ class Emulator:
         self.counters = Counters()
         self.rpm_windows.clear()
         self._file_models.clear()
+        self.dialects.clear()
 
     def update_scenario(self, changes: dict[str, Any]) -> Scenario:
         self.scenario = self.scenario.updated(**changes)
@@ -208,7 +211,7 @@ class Emulator:
     def stats(self) -> dict[str, Any]:
         c = self.counters
         by_status = Counter(b.status for b in self.batches.values())
-        return {
+        out: dict[str, Any] = {
             "requests": {k: {"executed": v[0], "succeeded": v[1]} for k, v in c.requests.items()},
             "calls": dict(sorted(c.calls.items())),
             "batches": {
@@ -223,6 +226,12 @@ class Emulator:
             "models": {m: {"executed": v[0], "succeeded": v[1]} for m, v in c.models.items()},
             "keys": self._masked_key_stats(),
         }
+        if self.dialects:  # Anthropic / Gemini batches: created since the reset, still listed
+            out["dialects"] = {
+                name: {"created": reg.get("seq", 0), "listed": len(reg.get("batches", {}))}
+                for name, reg in sorted(self.dialects.items())
+            }
+        return out
 
     def _masked_key_stats(self) -> dict[str, dict[str, int]]:
         """Executions per key, keys masked (two keys with the same mask are added up)."""
