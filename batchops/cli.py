@@ -488,7 +488,11 @@ def merge(run_dir: Path | None, output: Path | None) -> None:
     click.echo(f"merged output: {path}")
 
 
-@cli.group()
+@cli.group(
+    epilog=_examples(
+        "batchops pool status --run-dir runs/products", "batchops pool reset --model qwen-plus"
+    )
+)
 def pool() -> None:
     """The remembered model/key pool of a run: what is exhausted, and starting it over."""
 

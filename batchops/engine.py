@@ -466,6 +466,7 @@ class BatchEngine:
                     key_id,
                     lambda: backend.upload(Path(chunk.path), name),
                     lambda: self._found_upload(backend, chunk, name),
+                    harmless=True,  # an extra uploaded file is never paid for
                 )
             except RemoteError as exc:
                 if exc.refused:  # nothing was created: the intent is void
@@ -498,7 +499,13 @@ class BatchEngine:
         self._attach(chunk, b)
 
     def _creating(
-        self, chunk: ChunkRow, key_id: str, create: Callable[[], T], lookup: Callable[[], T | None]
+        self,
+        chunk: ChunkRow,
+        key_id: str,
+        create: Callable[[], T],
+        lookup: Callable[[], T | None],
+        *,
+        harmless: bool = False,
     ) -> T:
         """Run a call that creates something (upload, create). It is never retried blindly: a
         call that failed in transit may have been carried out, so it is looked up first and
@@ -512,7 +519,12 @@ class BatchEngine:
             except RemoteError as exc:
                 if exc.refused or decide(exc.cls) != Action.RETRY:
                     raise
-                found = lookup()  # may raise: the intent stays, reconcile looks again later
+                try:
+                    found = lookup()
+                except RemoteError:
+                    if not harmless:
+                        raise  # the intent stays: reconcile looks again before any new create
+                    found = None  # a second upload costs nothing; reconcile deletes extras
                 if found is not None:
                     return found
                 logger.info("{} failed; nothing was created; try {} of {}", exc, n, tries)

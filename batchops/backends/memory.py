@@ -27,7 +27,7 @@ from batchops.emulator.runner import start_validation, tick
 from batchops.emulator.scenario import Scenario
 from batchops.emulator.state import Emulator
 from batchops.emulator.validation import validate_create
-from batchops.policy import CALL_ATTEMPTS, call_is_retried
+from batchops.policy import CALL_ATTEMPTS, Rule, Scope, call_is_retried, classify
 from batchops.records import BadLine, RowOutcome
 
 # Scenario timings for a memory emulator: a batch ends at its first poll.
@@ -48,10 +48,18 @@ class MemoryBackend:
     uploads_files = True
 
     def __init__(
-        self, emu: Emulator, api_key: str, *, crash_after: dict[str, int] | None = None
+        self,
+        emu: Emulator,
+        api_key: str,
+        *,
+        crash_after: dict[str, int] | None = None,
+        provider: str = "openai",
+        rules: list[Rule] | None = None,
     ) -> None:
         self.emu = emu
         self.api_key = api_key
+        self.provider = provider
+        self.rules = list(rules or [])
         # Crash knob for recovery tests: {"create": 2} dies right after the 2nd batch was
         # created (kinds: upload, create, poll, download, cancel). The remote effect stays,
         # exactly as when a process is killed between a call and its bookkeeping.
@@ -96,16 +104,21 @@ class MemoryBackend:
             raise RemoteError(what, "api_error", None, None, "connection error")
         return out
 
-    @staticmethod
-    def _error(what: str, err: ApiError) -> RemoteError:
+    def _error(self, what: str, err: ApiError) -> RemoteError:
         after = err.headers.get("retry-after")
-        return RemoteError(
-            what,
-            classify_http(err.status, err.code, err.type),
+        cls, scope = classify(
             err.status,
             err.code,
+            err.type,
             err.message,
-            float(after) if after else None,
+            provider=self.provider,
+            rules=self.rules,
+            fallback=classify_http(err.status, err.code, err.type),
+        )
+        if cls == "api_error" and err.status >= 500:
+            scope = Scope.ENDPOINT
+        return RemoteError(
+            what, cls, err.status, err.code, err.message, float(after) if after else None, scope
         )
 
     # ------------------------------------------------------------------ files
@@ -166,6 +179,9 @@ class MemoryBackend:
             )
             f = emu.files.get(params.input_file_id)
             model = emu.file_model(f) if f is not None else None
+            inject = emu.scenario.injected("create", model, self.api_key)
+            if inject is not None:
+                raise E.injected(inject)
             if not emu.quota_left(model, self.api_key):
                 raise E.insufficient_quota(emu.scenario.retry_after_seconds)
             b = emu.add_batch(params, self.api_key)

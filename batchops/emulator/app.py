@@ -235,6 +235,9 @@ async def create_batch(call: Call) -> Response:
     params = validate_create(await call.json(), azure=call.azure)
     f = emu.files.get(params.input_file_id)
     model = emu.file_model(f) if f is not None else None
+    inject = emu.scenario.injected("create", model, call.key)
+    if inject is not None:
+        raise E.injected(inject)
     if not emu.quota_left(model, call.key):
         raise E.insufficient_quota(emu.scenario.retry_after_seconds)
     b = emu.add_batch(params, call.key)

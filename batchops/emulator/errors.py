@@ -197,3 +197,9 @@ def invalid_url(method: str, path: str) -> ApiError:
 
 def _secs(seconds: float) -> str:
     return f"{seconds:g}"
+
+
+def injected(e: Any) -> ApiError:
+    """An `InjectedError` knob as the error answer (OpenAI's envelope, the knob's words)."""
+    headers = {"retry-after": f"{e.retry_after:g}"} if e.retry_after is not None else {}
+    return ApiError(e.status, e.message, type=e.type, code=e.code, headers=headers)

@@ -87,11 +87,15 @@ def execute(
     api_key: str,
     n_prompt: int | None = None,
     image_error: bool = False,
+    lane: str = "online",
 ) -> Outcome:
     """Run one request. Denied models and exhausted quotas are refused before the model runs
     (not counted as executed); everything after that counts as one execution."""
     sc = emu.scenario
     c = emu.counters
+    inject = sc.injected(lane, model, api_key) if sc.inject_errors else None
+    if inject is not None:  # refused before the model runs, like a denied model
+        return _fail(E.injected(inject))
     if model in sc.denied_models:
         return _fail(E.model_denied(model))
     if not emu.quota_left(model, api_key):

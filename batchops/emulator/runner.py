@@ -184,6 +184,7 @@ def _run_requests(emu: Emulator, b: Batch, target: int, deadline: float) -> bool
                 api_key=b.api_key,
                 n_prompt=r.prompt_tokens,
                 image_error=r.image_error,
+                lane="line",
             )
         except Exception:  # an emulator bug on one odd request: a 500 line, not a stuck batch
             log.exception("emulator failed on request %s", r.custom_id)

@@ -9,9 +9,25 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+class InjectedError(BaseModel):
+    """An error answered in any provider's words, for a model and/or key, at one place: when a
+    batch is created, for each batch line, or for each online call (failover tests)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    at: Literal["create", "line", "online", "any"] = "any"
+    model: str | None = Field(None, description="only requests for this model (None: any)")
+    key: str | None = Field(None, description="only requests paid by this key (None: any)")
+    status: int = Field(ge=400, le=599)
+    code: str | None = None
+    type: str = "invalid_request_error"
+    message: str = "injected error"
+    retry_after: float | None = Field(None, ge=0)
 
 
 class Scenario(BaseModel):
@@ -79,6 +95,19 @@ class Scenario(BaseModel):
     stuck_seconds: float = Field(3600.0, ge=0, description="how long a stuck batch stays pending")
     omit_retry_after: bool = Field(False, description="Anthropic/Gemini 429s without retry-after")
     anthropic_max_requests: int = Field(100_000, ge=1, description="requests per Message Batch")
+
+    # Provider error dialects (failover tests)
+    inject_errors: list[InjectedError] = Field(
+        default_factory=list,
+        description="errors with any status/code/type/message per model and key (first match)",
+    )
+
+    def injected(self, at: str, model: str | None, key: str | None) -> InjectedError | None:
+        """The first injected error that applies here (at create / line / online)."""
+        for e in self.inject_errors:
+            if e.at in (at, "any") and e.model in (None, model) and e.key in (None, key):
+                return e
+        return None
 
     @classmethod
     def from_file(cls, path: str | Path) -> Scenario:
