@@ -567,6 +567,11 @@ def status_of(run: RunDir) -> dict[str, Any]:
     ]
     retries = st.retry_summary()
     retries["failed_attempts_by_class"] = st.failed_attempts_by_class()
+    # Rows put back in the queue (a cancel, an expiry, a failed batch) and not sent again yet:
+    # re-queued, not retried.
+    retries["requeued"] = st.conn.execute(
+        "SELECT COUNT(*) FROM rows WHERE attempts > 0 AND status = 'pending'"
+    ).fetchone()[0]
     return {
         "run_id": run.run_id,
         "run_dir": str(run.path),

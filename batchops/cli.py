@@ -590,8 +590,9 @@ def cost(run_dir: Path | None, as_json: bool) -> None:
         )
     total = fmt_usd(data["total_usd"])
     if data["unpriced_requests"]:  # unknown, not $0: say what is known and what is not
+        known = data["spent_known_usd"]
         total += (
-            f" ({fmt_usd(data['spent_known_usd'])} known; {data['unpriced_requests']} "
+            f" ({fmt_usd(known) + ' known, plus ' if known else ''}{data['unpriced_requests']} "
             "request(s) by a model without a price: add one to batchops.toml [prices])"
         )
     click.echo(f"total: {total}")

@@ -209,18 +209,19 @@ class ProgressDisplay:
 # ---------------------------------------------------------------------------------- status
 
 
-def _retry_text(r: dict[str, Any]) -> Text:
-    """Rows sent more than once. Rows whose batch was cancelled (`batchops cancel`) were put
-    back in the queue, not retried: they are counted apart."""
-    by_class = dict(r.get("by_class") or {})
-    requeued = by_class.pop("cancelled", 0)
+def _retry_text(r: dict[str, Any], cancelled: bool = False) -> Text:
+    """Rows sent more than once. Rows put back in the queue and not sent again yet (after a
+    cancel, say) are re-queued, not retried: they are counted apart."""
+    requeued = r.get("requeued", 0)
     retried = r.get("rows", 0) - requeued
     text = Text.assemble(("retries ", "bold"), f"{retried} row(s) retried")
-    if by_class:
-        text.append(" (" + ", ".join(f"{k} {v}" for k, v in sorted(by_class.items())) + ")")
     if requeued:
-        text.append(f", {requeued} row(s) re-queued after a cancel")
-    text.append(f"; {r.get('attempts', 0)} extra attempt(s)")
+        text.append(f", {requeued} row(s) re-queued")
+        text.append(" after a cancel" if cancelled else "")
+        text.append(" (not sent again yet)")
+    if r.get("by_class"):
+        last = ", ".join(f"{k} {v}" for k, v in sorted(r["by_class"].items()))
+        text.append(f"; last error by class: {last}")
     return text
 
 
@@ -306,7 +307,7 @@ def status_view(st: dict[str, Any], now: float | None = None) -> RenderableType:
             text.append(f"  {e['when']}  {e['message']}\n", style="")
         parts.append(text)
 
-    parts.append(_retry_text(st.get("retries", {})))
+    parts.append(_retry_text(st.get("retries", {}), "cancelled" in st.get("batches_by_status", {})))
 
     cost = Table(title="cost so far", title_justify="left", show_edge=False)
     for col in ("model", "mode", "calls", "prompt", "cached", "completion", "cost"):
