@@ -63,6 +63,13 @@ def fmt_usd(value: float | None) -> str:
     return "$" + f"{value:.12f}".rstrip("0")
 
 
+def _queued_label(p: Progress) -> str:
+    """Queued rows are in flight only once something was sent: rows packed into chunks that
+    never got uploaded (a rejected key, an unreachable server) are not."""
+    sent = p.in_flight > 0 or any(v for k, v in p.remote.items() if "in flight" in k)
+    return "in flight" if sent else "queued (not sent)"
+
+
 class ProgressDisplay:
     """`on_progress` callback for the engine: a live display on a terminal, log lines otherwise.
 
@@ -164,7 +171,7 @@ class ProgressDisplay:
         batches = ", ".join(f"{k} {v}" for k, v in sorted(p.remote.items())) or "none"
         return (
             f"rows {done}/{total} done ({c.get('succeeded', 0)} succeeded, {c.get('failed', 0)} "
-            f"failed, {c.get('skipped', 0)} skipped), {c.get('queued', 0)} in flight, "
+            f"failed, {c.get('skipped', 0)} skipped), {c.get('queued', 0)} {_queued_label(p)}, "
             f"{c.get('pending', 0)} pending | batches: {batches} | spent {fmt_usd(p.spent)} "
             f"| ETA {fmt_duration(self.eta())}"
         )
@@ -188,7 +195,7 @@ class ProgressDisplay:
             ("succeeded", c.get("succeeded", 0), "green"),
             ("failed", c.get("failed", 0), "red"),
             ("skipped", c.get("skipped", 0), "yellow"),
-            ("in flight", c.get("queued", 0), "cyan"),
+            (_queued_label(p), c.get("queued", 0), "cyan"),
             ("pending", c.get("pending", 0), "dim"),
         ):
             rows.append(f"{n} {label}", style=style if n else "dim")
