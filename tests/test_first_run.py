@@ -173,6 +173,31 @@ def test_request_body_takes_the_rendered_system_text():
     assert body["messages"][0] == {"role": "system", "content": "Role: judge {ok}"}
 
 
+@pytest.mark.xfail(strict=True, reason="lead: online.py must pass the row's system text")
+def test_online_mode_renders_system_placeholders_too(emulator, tmp_path: Path):
+    """The same rows through synchronous calls get the same rendered system message as the
+    batch files (seen through the prompt tokens the emulator counted for each row)."""
+    from batchops.emulator.answers import prompt_tokens
+
+    src = system_table(tmp_path)
+    system = ["--system", "Sort {category} goods, long category names: {category} {category}"]
+    args = run_args(emulator, src, tmp_path / "dry", "--dry-run")
+    args[args.index("--prompt") + 1] = "Describe {name}"
+    assert invoke(*args, *system).exit_code == 0
+    want = {
+        cid: prompt_tokens(b, "/v1/chat/completions")
+        for cid, b in sent_bodies(tmp_path / "dry", "dry-run").items()
+    }
+    args = run_args(emulator, src, tmp_path / "run", "--mode", "online")
+    args[args.index("--prompt") + 1] = "Describe {name}"
+    res = invoke(*args, *system)
+    assert res.exit_code == 0, res.output
+    got = {
+        o["sku"]: int(o["prompt_tokens"]) for o in read_csv(tmp_path / "run" / "final_output.csv")
+    }
+    assert got == want
+
+
 # ------------------------------------------------------------------- 4: --csv and --input
 
 
