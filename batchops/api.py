@@ -764,8 +764,10 @@ def run(
     created: list[Path] = []  # what this call wrote before the job could be checked
     if isinstance(data, pd.DataFrame):
         frame = data
-        if not run_dir.exists():
-            created.append(run_dir)
+        folder = run_dir
+        while not folder.exists():  # every folder _save_frame is about to create, innermost first
+            created.append(folder)
+            folder = folder.parent
         saved = run_dir / FRAME_SOURCE
         existed = saved.exists()
         source_path = str(_save_frame(data, run_dir))

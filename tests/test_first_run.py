@@ -229,7 +229,7 @@ def test_python_api_errors_name_keywords_and_leave_nothing_behind(tmp_path: Path
     text = str(err.value)
     assert "--" not in text and "prompt=" in text and "{name}" in text
     assert "the DataFrame" in text and "source.parquet" not in text
-    assert not (run_dir / "source.parquet").exists() and not run_dir.exists()
+    assert not (run_dir / "source.parquet").exists() and not (tmp_path / "runs").exists()
     with pytest.raises(batchops.InputError, match=r"^batch_size=… must be ≥ 1$"):
         batchops.run(
             small_frame(), prompt="{name}", model="gpt-4o-mini", run_dir=run_dir, batch_size=0
