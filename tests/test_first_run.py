@@ -323,6 +323,18 @@ def test_unknown_model_warns_once_and_hints_retry_missing_model(emulator_factory
     assert f"batchops retry-missing --run-dir {run_dir} --model" in res.stderr
 
 
+@pytest.mark.xfail(strict=True, reason="lead: engine fix pending (batch errors deduplicated)")
+def test_a_failed_batch_names_its_error_once(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(models=["gpt-4o-mini"])
+    src = awkward_table(tmp_path, n_plain=3, images=False)
+    run_dir = tmp_path / "run"
+    res = invoke(*run_args(emu, src, run_dir, model="gpt-nope-15b"))
+    assert res.exit_code == 3
+    cells = {o["error"] for o in read_csv(run_dir / "final_output.csv")}
+    assert cells and all(c.count("model_not_found") == 1 for c in cells), cells
+    assert all(line.count("model_not_found") <= 1 for line in res.output.splitlines())
+
+
 # ------------------------------------------------------------------- 10: the emulator command
 
 
