@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,11 +58,18 @@ def test_demo_sample_is_package_data_found_from_any_directory(tmp_path: Path, mo
 
 def test_a_non_editable_build_ships_the_sample(tmp_path: Path):
     """What `pip install .` puts in the wheel: setuptools' build_py output (packages plus
-    package data) holds the sample, so `batchops demo` works from an installed copy."""
+    package data) holds the sample, so `batchops demo` works from an installed copy. Built from
+    a copy of the project, so the test writes nothing into the repository."""
+    project = tmp_path / "project"
+    shutil.copytree(
+        REPO / "batchops", project / "batchops", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, project / name)
     res = subprocess.run(
         [sys.executable, "-c", "import setuptools; setuptools.setup()"]
         + ["-q", "build_py", "--build-lib", str(tmp_path / "lib")],
-        cwd=REPO,
+        cwd=project,
         capture_output=True,
         text=True,
         timeout=120,
@@ -69,11 +77,8 @@ def test_a_non_editable_build_ships_the_sample(tmp_path: Path):
     assert res.returncode == 0, res.stderr
     built = tmp_path / "lib" / "batchops" / "sample"
     sample = REPO / "batchops" / "sample"
-    for name in (
-        "products.csv",
-        "prompt.txt",
-        *(f"images/{p.name}" for p in (sample / "images").iterdir()),
-    ):
+    images = [f"images/{p.name}" for p in (sample / "images").iterdir()]
+    for name in ("products.csv", "prompt.txt", *images):
         assert (built / name).read_bytes() == (sample / name).read_bytes(), name
 
 
@@ -204,7 +209,19 @@ def test_online_mode_renders_system_placeholders_too(emulator, tmp_path: Path):
 def test_csv_and_input_together_are_refused(tmp_path: Path):
     src = awkward_table(tmp_path, images=False)
     err = one_line_error(
-        invoke("run", "--csv", src, "--input", src, "--prompt", "{name}", "--model", "m")
+        invoke(
+            "run",
+            "--csv",
+            src,
+            "--input",
+            src,
+            "--prompt",
+            "{name}",
+            "--model",
+            "m",
+            "--log-dir",
+            tmp_path / "logs",
+        )
     )
     assert "--csv" in err and "--input" in err
 
@@ -400,7 +417,19 @@ def test_run_dir_and_data_dir_have_help():
 def test_batch_size_0_is_plain_words(tmp_path: Path):
     src = awkward_table(tmp_path, images=False)
     err = one_line_error(
-        invoke("run", "--csv", src, "--prompt", "{name}", "--model", "m", "--batch-size", "0")
+        invoke(
+            "run",
+            "--csv",
+            src,
+            "--prompt",
+            "{name}",
+            "--model",
+            "m",
+            "--batch-size",
+            "0",
+            "--log-dir",
+            tmp_path / "logs",
+        )
     )
     assert err == "batchops: error: --batch-size must be ≥ 1\n"
 
@@ -428,7 +457,9 @@ def test_cancel_status_and_resume_wording(emulator_factory, tmp_path: Path):
     assert again.exit_code == 0, again.output
     assert "estimate:" not in again.stdout
     # cancel on a finished run: nothing was in flight
-    res = invoke("cancel", "--run-dir", run_dir, "--base-url", emu.base_url)
+    res = invoke(
+        "cancel", "--run-dir", run_dir, "--base-url", emu.base_url, "--log-dir", tmp_path / "logs"
+    )
     assert res.exit_code == 0 and "nothing was in flight" in res.stdout, res.output
     assert "partial results" not in res.stdout
 
@@ -438,7 +469,9 @@ def test_after_a_cancel_status_says_requeued_not_retried(emulator_factory, tmp_p
     src = awkward_table(tmp_path, n_plain=13, images=False)
     run_dir = tmp_path / "run"
     assert invoke(*run_args(emu, src, run_dir, "--no-wait")).exit_code == 0
-    res = invoke("cancel", "--run-dir", run_dir, "--base-url", emu.base_url)
+    res = invoke(
+        "cancel", "--run-dir", run_dir, "--base-url", emu.base_url, "--log-dir", tmp_path / "logs"
+    )
     assert res.exit_code == 0 and "cancelled" in res.stdout, res.output
     text = invoke("status", "--run-dir", run_dir).stdout
     assert "20 row(s) re-queued after a cancel" in text, text
@@ -463,11 +496,34 @@ def test_bad_config_value_is_one_line_naming_file_key_and_choices(tmp_path: Path
     cfg = tmp_path / "batchops.toml"
     cfg.write_text('[[models]]\nname = "gpt-4o-mini"\nprovider = "openia"\n', encoding="utf-8")
     err = one_line_error(
-        invoke("run", "--csv", src, "--prompt", "{name}", "--config", cfg, "--dry-run")
+        invoke(
+            "run",
+            "--csv",
+            src,
+            "--prompt",
+            "{name}",
+            "--config",
+            cfg,
+            "--dry-run",
+            "--log-dir",
+            tmp_path / "logs",
+        )
     )
     assert str(cfg) in err and "provider = 'openia'" in err and "'openai' or 'azure'" in err
     cfg.write_text('mode = "fast"\nbatch_size = 0\n', encoding="utf-8")
-    err = one_line_error(invoke("run", "--csv", src, "--prompt", "{name}", "--config", cfg))
+    err = one_line_error(
+        invoke(
+            "run",
+            "--csv",
+            src,
+            "--prompt",
+            "{name}",
+            "--config",
+            cfg,
+            "--log-dir",
+            tmp_path / "logs",
+        )
+    )
     assert str(cfg) in err and "mode = 'fast'" in err and "'batch' or 'online'" in err
 
 
