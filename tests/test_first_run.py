@@ -41,6 +41,29 @@ def one_line_error(res) -> str:
     return res.stderr
 
 
+# ------------------------------------------------------------------- 1: file order in tests
+
+
+def test_no_test_picks_a_file_by_its_place_in_a_directory_listing():
+    """glob/iterdir order is arbitrary: a test takes every file (all_logs) or sorts them."""
+    listing = re.compile(r"\.(?:r?glob|iterdir)\(")
+
+    def picks_one(line: str) -> bool:
+        if not listing.search(line):
+            return False
+        return (
+            "next(" in line or re.search(r"(?:r?glob|iterdir)\([^)]*\)\)?\[0\]", line) is not None
+        )
+
+    offenders = [
+        f"{path.name}:{n}"
+        for path in sorted((REPO / "tests").glob("*.py"))
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if picks_one(line)
+    ]
+    assert not offenders, offenders
+
+
 # ------------------------------------------------------------------- 2: the demo's sample
 
 
