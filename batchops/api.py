@@ -12,8 +12,9 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,7 @@ class RunReport:
     resumed: bool = False
     max_cost: float | None = None
     checks: list[validate.FileCheck] | None = None  # dry run: the chunk files' validation
+    unpriced: int = 0  # requests answered by a model without a known price: spend not known
 
     @property
     def complete(self) -> bool:
@@ -71,18 +73,28 @@ class RunReport:
         return 0 if self.complete else 3
 
     def summary(self) -> str:
+        from batchops.progress import fmt_usd
+
         c = self.counts
         text = (
             f"{c.get('succeeded', 0)} succeeded, {c.get('failed', 0)} failed, {c.get('skipped', 0)} skipped, "
-            f"{c.get('pending', 0) + c.get('queued', 0)} missing; spent ${self.spent:.6f}"
+            f"{c.get('pending', 0) + c.get('queued', 0)} missing; spent {self.spent_text()}"
         )
         if self.stopped_because:
             text += f"; stopped: {self.stopped_because}"
         if self.max_cost is not None:
-            text += (
-                f"; budget ${self.max_cost:.6f}: ${max(0.0, self.max_cost - self.spent):.6f} left"
-            )
+            left = max(0.0, self.max_cost - self.spent)
+            text += f"; budget {fmt_usd(self.max_cost)}: {fmt_usd(left)} left"
         return text
+
+    def spent_text(self) -> str:
+        """The spend, or 'unknown' for the part answered by a model without a price (not $0)."""
+        from batchops.progress import fmt_usd
+
+        if not self.unpriced:
+            return fmt_usd(self.spent)
+        unknown = f"unknown ({self.unpriced} request(s) by a model without a known price)"
+        return unknown if not self.spent else f"{fmt_usd(self.spent)} + {unknown}"
 
 
 def build_spec(
@@ -134,14 +146,25 @@ def build_spec(
 
 
 def _one_line_validation(exc: Exception) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        parts = []
-        for e in errors()[:3]:
-            loc = ".".join(str(x) for x in e.get("loc", ())) or "option"
-            parts.append(f"--{loc.replace('_', '-')}: {e.get('msg')}")
-        return "; ".join(parts)
+    from pydantic import ValidationError
+
+    from batchops.config import describe_errors
+
+    if isinstance(exc, ValidationError):  # "--batch-size must be ≥ 1", not pydantic's wording
+        return describe_errors(exc, _option_name)
     return str(exc)
+
+
+# JobSpec locations whose option name is not the field name.
+_OPTION_OF = {"retry.initial_delay": "retry-delay", "retry.backoff": "retry-backoff"}
+_OPTION_OF |= {"retry.max_delay": "retry-max-delay", "retry.max_retries": "max-retries"}
+_OPTION_OF |= {"retry.retry_on": "retry-on", "source": "csv", "models": "model"}
+
+
+def _option_name(loc: tuple[Any, ...]) -> str:
+    dotted = ".".join(str(x) for x in loc) or "option"
+    name = _OPTION_OF.get(dotted) or _OPTION_OF.get(str(loc[0]) if loc else "") or dotted
+    return "--" + name.replace("_", "-")
 
 
 def validate_inputs(spec: JobSpec) -> source.Source:
@@ -217,8 +240,11 @@ def run_job(
             engine.reconcile()
             engine.build_pending()
         est = estimate(run) if pool.lane == "batch" else online_estimate(run, src)
-        if on_estimate:
+        new = run.store.chunks("built") if pool.lane == "batch" else est.rows
+        if on_estimate and (new or not resumed):
             on_estimate(est)
+        elif resumed:  # everything was estimated (and shown) when it was first submitted
+            logger.info("resuming: nothing new to submit ({} row(s) in flight)", est.rows)
         result = _drive(run, pool, engine, on_progress=on_progress)
         final = None
         if result.stopped_because != StopReason.NO_WAIT:
@@ -232,21 +258,27 @@ def run_job(
             est,
             resumed,
             spec.max_cost,
+            unpriced=_unpriced(run),
         )
     finally:
         run.close()
 
 
-def online_estimate(run: RunDir, src: source.Source) -> Estimate:
-    """What the rows without an answer should cost through synchronous calls: their requests
-    are built (in a scratch folder, no files kept) and estimated like batch chunks."""
+def _unpriced(run: RunDir) -> int:
+    return sum(r["unpriced"] or 0 for r in run.store.cost_by_model())
+
+
+def online_estimate(run: RunDir, src: source.Source, *, every_row: bool = False) -> Estimate:
+    """What the rows without an answer (`every_row`: all of the run's rows) should cost through
+    synchronous calls: their requests are built (in a scratch folder, no files kept) and
+    estimated like batch chunks."""
     spec = run.spec
     model = spec.models[0].name
     per_row = spec.max_tokens or pricing.DEFAULT_COMPLETION_ESTIMATE
     overrides = pricing.overrides_from_spec(spec)
-    pending = run.store.pending_row_idxs()
+    pending = None if every_row else run.store.pending_row_idxs()
     rows: list[tuple[int, int, float | None]] = []
-    if pending:
+    if pending is None or pending:
         with tempfile.TemporaryDirectory(dir=run.path, prefix="estimate-") as tmp:
             for c in chunking.build_chunks(
                 src,
@@ -558,6 +590,11 @@ def status_of(run: RunDir) -> dict[str, Any]:
     ]
     retries = st.retry_summary()
     retries["failed_attempts_by_class"] = st.failed_attempts_by_class()
+    # Rows put back in the queue (a cancel, an expiry, a failed batch) and not sent again yet:
+    # re-queued, not retried.
+    retries["requeued"] = st.conn.execute(
+        "SELECT COUNT(*) FROM rows WHERE attempts > 0 AND status = 'pending'"
+    ).fetchone()[0]
     return {
         "run_id": run.run_id,
         "run_dir": str(run.path),
@@ -667,16 +704,43 @@ def report(run_dir: Path, out: Path | None = None) -> tuple[Path, Path]:
 def cost(run_dir: Path) -> dict[str, Any]:
     run = open_existing(Path(run_dir))
     try:
-        est = estimate(run)
         by_batch = [dict(r) for r in run.store.cost_by_batch()]
+        by_model = [dict(r) for r in run.store.cost_by_model()]
+        unpriced = sum(m["unpriced"] or 0 for m in by_model)
+        estimate_usd: float | None
+        if by_batch:  # what each batch was estimated at when it was built
+            costs = [b["est_cost"] for b in by_batch]
+            estimate_usd = None if None in costs else sum(costs)
+        elif run.spec.mode == "online" or any(m["mode"] == "online" for m in by_model):
+            estimate_usd = _online_estimate_or_none(run)
+        else:
+            estimate_usd = estimate(run).cost_usd
         return {
-            "by_model": [dict(r) for r in run.store.cost_by_model()],
+            "by_model": by_model,
             "by_batch": by_batch,
-            "total_usd": run.store.spent(),
-            "estimate_usd": sum(b["est_cost"] or 0 for b in by_batch) if by_batch else est.cost_usd,
+            # None = unknown: some answers came from a model without a price (never $0)
+            "total_usd": None if unpriced else run.store.spent(),
+            "spent_known_usd": run.store.spent(),
+            "unpriced_requests": unpriced,
+            "estimate_usd": estimate_usd,
         }
     finally:
         run.close()
+
+
+def _online_estimate_or_none(run: RunDir) -> float | None:
+    """The synchronous-price estimate of every row of an online run (the figure `run` printed
+    before its first request); None when the source is no longer readable."""
+    try:
+        src = source.open_source(run.spec)
+    except (InputError, OSError):
+        return None
+    return online_estimate(run, src, every_row=True).cost_usd
+
+
+# The Python API polls more often than the CLI (30 s): a notebook job is usually small, and a
+# cell that says nothing for half a minute looks hung.
+API_POLL_INTERVAL = 5.0
 
 
 def run(
@@ -687,6 +751,7 @@ def run(
     run_dir: str | Path,
     id_column: str | None = None,
     schema: Any = None,
+    progress: bool | None = None,
     **options: Any,
 ) -> pd.DataFrame:
     """Run a table through the model(s); return it with the merged columns.
@@ -695,7 +760,11 @@ def run(
     pydantic model class (or a JSON Schema dict) for structured outputs: each answer is
     validated and its fields come back as typed columns. Other keywords mirror the `run`
     options in snake_case (mode, system, batch_size, poll_interval, max_retries, endpoint,
-    body_extra, schema_prefix, base_url, cleanup, wait, …).
+    body_extra, schema_prefix, base_url, cleanup, wait, …); poll_interval defaults to 5 s here.
+
+    `progress`: show the estimate and a progress display (a live one in Jupyter with
+    ipywidgets, else a line on stderr when something changed) [default: in a notebook or on a
+    terminal]. Errors name the keyword arguments (`prompt=`), not the CLI's flags.
 
     A DataFrame comes back as itself (same index, same dtypes) with the merged columns added;
     it is saved as <run_dir>/source.parquet, so values and types round-trip. The run directory
@@ -707,33 +776,143 @@ def run(
     run_dir = Path(run_dir)
     run_keys = {"dry_run", "wait", "api_key_file", "base_url"}
     cleanup, keep_latest = options.pop("cleanup", False), options.pop("keep_latest", False)
+    if options.get("poll_interval") is None:
+        options["poll_interval"] = API_POLL_INTERVAL
     if cleanup or keep_latest:
         # Before the frame is written: starting over moves the whole run dir aside.
         backup = start_over(run_dir, keep_backup=bool(keep_latest))
         if backup:
             logger.info("previous run kept as {}", backup)
     frame: pd.DataFrame | None = None
+    created: list[Path] = []  # what this call wrote before the job could be checked
     if isinstance(data, pd.DataFrame):
         frame = data
+        folder = run_dir
+        while not folder.exists():  # every folder _save_frame is about to create, innermost first
+            created.append(folder)
+            folder = folder.parent
+        saved = run_dir / FRAME_SOURCE
+        existed = saved.exists()
         source_path = str(_save_frame(data, run_dir))
+        if not existed:
+            created.insert(0, saved)
     else:
         source_path = str(data)
     models = [model] if isinstance(model, str) else list(model)
-    spec = build_spec(
-        source_path=source_path,
-        prompt=prompt,
-        models=models,
-        id_column=id_column,
-        schema=schema,
-        **{k: v for k, v in options.items() if k not in run_keys},
-    )
-    report = run_job(spec, run_dir, **{k: v for k, v in options.items() if k in run_keys})
+    try:
+        spec = build_spec(
+            source_path=source_path,
+            prompt=prompt,
+            models=models,
+            id_column=id_column,
+            schema=schema,
+            **{k: v for k, v in options.items() if k not in run_keys},
+        )
+        with _api_progress(progress) as (on_estimate, on_progress):
+            report = run_job(
+                spec,
+                run_dir,
+                on_estimate=on_estimate,
+                on_progress=on_progress,
+                **{k: v for k, v in options.items() if k in run_keys},
+            )
+    except InputError as exc:
+        if not (run_dir / "state.db").exists():  # no run started: leave nothing behind
+            for path in created:
+                if path.is_dir():
+                    shutil.rmtree(path / "dry-run", ignore_errors=True)
+                    _rmdir_if_empty(path)
+                else:
+                    path.unlink(missing_ok=True)
+        shown = "the DataFrame" if frame is not None else None
+        raise type(exc)(_as_keywords(str(exc), source_path, shown)) from None
     if report.final_output is None:
         raise RunIncomplete(f"{run_dir}: run not finished ({report.summary()})")
     out = report.final_output
     if merging.format_of(out) != "parquet":  # typed merged columns for the returned frame
         out = merge(run_dir, run_dir / "final_output.parquet")
     return _result_frame(out, frame)
+
+
+def _rmdir_if_empty(path: Path) -> None:
+    with suppress(OSError):
+        path.rmdir()
+
+
+_KEYWORDS = {"model", "schema", "base_url", "api_key_file", "cleanup", "keep_latest", "wait"}
+_KEYWORDS |= {"max_retries", "retry_delay", "retry_backoff", "retry_max_delay", "retry_on"}
+
+
+def _as_keywords(message: str, source_path: str, shown_source: str | None) -> str:
+    """An error written for the CLI, in the Python API's words: `--batch-size` → `batch_size=`,
+    `--csv`/`--input` → `data`, and the saved frame's path → "the DataFrame"."""
+    import re
+
+    from batchops.spec import JobSpec
+
+    known = set(JobSpec.model_fields) | _KEYWORDS
+
+    def keyword(m: re.Match[str]) -> str:
+        name = m.group(1).replace("-", "_")
+        if name in ("csv", "input"):
+            return "data"
+        if name == "models":
+            name = "model"
+        return f"{name}=" if name in known else m.group(0)
+
+    text = re.sub(r"--([a-z][a-z0-9-]*)", keyword, message)
+    text = re.sub(r"(\w=)(?=[\s:;,)]|$)", "\\1…", text)  # "prompt=…: placeholder {x} …"
+    if shown_source:
+        text = text.replace(source_path, shown_source)
+    return text
+
+
+class _PrintedProgress:
+    """The Python API's progress: the estimate line, then a live display in Jupyter (with
+    ipywidgets) or plain lines on stderr; the library's logger stays off."""
+
+    def __init__(self) -> None:
+        import sys
+
+        from batchops.progress import ProgressDisplay, make_console
+
+        console = make_console()
+        live = console.is_jupyter and _has_ipywidgets()
+        self._stream = sys.stderr
+        self.display = ProgressDisplay(console, live=live, emit=self._print)
+
+    def _print(self, line: str) -> None:
+        print(f"batchops: {line}", file=self._stream, flush=True)
+
+    def estimate(self, est: Estimate) -> None:
+        from batchops.progress import fmt_usd
+
+        cost = fmt_usd(est.cost_usd) if est.cost_usd is not None else "unknown (no price)"
+        self._print(f"estimate: {est.rows} rows, ~{est.prompt_tokens} prompt tokens, cost ≈ {cost}")
+
+
+def _has_ipywidgets() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ipywidgets") is not None
+
+
+@contextmanager
+def _api_progress(
+    progress: bool | None,
+) -> Iterator[tuple[Callable[[Estimate], None] | None, Callable[[Progress], None] | None]]:
+    if progress is None:  # on where a person watches: a notebook or a terminal
+        import sys
+
+        from batchops.progress import make_console
+
+        progress = make_console().is_jupyter or sys.stderr.isatty()
+    if not progress:
+        yield None, None
+        return
+    printed = _PrintedProgress()
+    with printed.display as display:
+        yield printed.estimate, display
 
 
 FRAME_SOURCE = "source.parquet"

@@ -35,6 +35,10 @@ _FRAME_BYTES = 4 << 20  # measured: 4 MiB ≈ 246 MiB peak RSS at full speed; 6 
 _FRAME_ROWS = (500, 50_000)
 _IMAGE_FRAME_ROWS = 1_000  # image rows are written one at a time anyway
 _TEXT_COL = "__text"
+_SYSTEM_COL = "__system"
+# The frame column that fills each slot of render.line_template.
+_SLOT_COLS = {render.CUSTOM_ID: ROW_ID, render.TEXT: _TEXT_COL, render.SYSTEM: _SYSTEM_COL}
+Pieces = tuple[list[str], list[str]]  # render.line_template: literals, slots
 
 
 def default_file_name(no: int) -> str:
@@ -62,11 +66,14 @@ def build_chunks(
     fsync: flush each file to disk before yielding it (costs ~3 ms per file on slow disks).
     """
     render.check_template(spec.prompt, source.columns, source_name=source.path)
-    pieces = render.line_pieces(spec, model)  # also validates the body options before any work
+    if spec.system is not None:
+        render.check_template(spec.system, source.columns, what="--system", source_name=source.path)
+    # Also validates the body options before any work.
+    pieces = render.line_template(spec, model)
     image_col = spec.image_column
     if image_col is not None and image_col not in source.columns:
         raise InputError(f"--image-column {image_col!r}: no such column in {source.path}")
-    fields = render.template_fields(spec.prompt)
+    fields = render.template_fields(spec.prompt) + render.system_fields(spec)
     columns = list(dict.fromkeys(fields + ([image_col] if image_col else [])))
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -79,13 +86,15 @@ def build_chunks(
         fsync,
     )
     tokens = _TokenCounter(spec, estimate_tokens)
-    text = render.text_expr(spec.prompt).alias(_TEXT_COL)
+    texts = [render.text_expr(spec.prompt).alias(_TEXT_COL)]
+    if render.system_fields(spec):  # a system message per row, rendered like the prompt
+        texts.append(render.text_expr(spec.system or "").alias(_SYSTEM_COL))
 
     try:
         if image_col is None:
             rows = _text_frame_rows(source, pieces)
             for frame in iter_frames(source, columns=columns, batch_rows=rows, only_rows=only_rows):
-                frame = frame.with_columns(text)
+                frame = frame.with_columns(texts)
                 if spec.endpoint == render.EMBEDDINGS:
                     frame = yield from _skip_empty_inputs(frame, writer)
                 yield from _pack_text(frame, pieces, tokens, writer)
@@ -95,7 +104,7 @@ def build_chunks(
                 source, columns=columns, batch_rows=_IMAGE_FRAME_ROWS, only_rows=only_rows
             ):
                 yield from _pack_images(
-                    frame.with_columns(text),
+                    frame.with_columns(texts),
                     spec,
                     model,
                     image_col,
@@ -123,8 +132,8 @@ def _skip_empty_inputs(frame: pl.DataFrame, writer: _ChunkWriter):
     return frame.filter(pl.col(_TEXT_COL) != "") if empty.height else frame
 
 
-def _text_frame_rows(source: Source, pieces: tuple[str, str, str]) -> int:
-    line_bytes = source.file_size / max(1, source.total_rows) + sum(map(len, pieces))
+def _text_frame_rows(source: Source, pieces: Pieces) -> int:
+    line_bytes = source.file_size / max(1, source.total_rows) + sum(map(len, pieces[0]))
     lo, hi = _FRAME_ROWS
     return int(min(hi, max(lo, _FRAME_BYTES // line_bytes)))
 
@@ -142,18 +151,15 @@ def _json_str(expr: pl.Expr) -> pl.Expr:
 
 def _pack_text(
     frame: pl.DataFrame,
-    pieces: tuple[str, str, str],
+    pieces: Pieces,
     tokens: _TokenCounter,
     writer: _ChunkWriter,
 ) -> Iterator[BuiltChunk]:
-    before, between, after = pieces
-    line = pl.concat_str(
-        pl.lit(before),
-        _json_str(pl.col(ROW_ID)),
-        pl.lit(between),
-        _json_str(pl.col(_TEXT_COL)),
-        pl.lit(after + "\n"),
-    )
+    literals, slots = pieces
+    parts: list[pl.Expr] = []
+    for literal, slot in zip(literals, slots, strict=False):
+        parts += [pl.lit(literal), _json_str(pl.col(_SLOT_COLS[slot]))]
+    line = pl.concat_str(*parts, pl.lit(literals[-1] + "\n"))
     lines = frame.select(line).to_series().rechunk().to_arrow(compat_level=pl.CompatLevel.oldest())
     # large_string: one data buffer holding every line back to back, int64 offsets into it.
     _, off_buf, data = lines.buffers()
@@ -161,7 +167,7 @@ def _pack_text(
     data_view = memoryview(data)
     row_idx = frame[ROW_IDX].to_numpy()
     ids = frame[ROW_ID].to_list()
-    cum_tokens = np.concatenate(([0], np.cumsum(tokens.per_row(frame[_TEXT_COL]))))
+    cum_tokens = np.concatenate(([0], np.cumsum(tokens.per_row(frame[_TEXT_COL], _systems(frame)))))
 
     n, p = len(frame), 0
     while p < n:
@@ -192,17 +198,28 @@ def _pack_images(
     model: str,
     image_col: str,
     image_dir: Path,
-    pieces: tuple[str, str, str],
+    pieces: Pieces,
     tokens: _TokenCounter,
     writer: _ChunkWriter,
 ) -> Iterator[BuiltChunk]:
-    before, between, after = (piece.encode() for piece in pieces)
-    per_row = tokens.per_row(frame[_TEXT_COL])
-    for text, cell, idx, cid, est in zip(
-        frame[_TEXT_COL], frame[image_col], frame[ROW_IDX], frame[ROW_ID], per_row, strict=True
+    literals = [piece.encode() for piece in pieces[0]]
+    systems = _systems(frame)
+    per_row = tokens.per_row(frame[_TEXT_COL], systems)
+    system_cells = systems if systems is not None else [None] * frame.height
+    for text, cell, idx, cid, est, system in zip(
+        frame[_TEXT_COL],
+        frame[image_col],
+        frame[ROW_IDX],
+        frame[ROW_ID],
+        per_row,
+        system_cells,
+        strict=True,
     ):
-        if cell == "":  # no image for this row: a plain text request
+        if cell == "" and system is None:  # no image for this row: a plain text request
+            before, between, after = literals
             line = b"".join((before, render.dumps(cid), between, render.dumps(text), after, b"\n"))
+        elif cell == "":
+            line = render.dumps(render.request_line(spec, model, cid, text, None, system)) + b"\n"
         else:
             try:
                 url = render.image_data_url(image_dir, cell)
@@ -211,7 +228,7 @@ def _pack_images(
                 if writer.full:
                     yield writer.close()
                 continue
-            line = render.dumps(render.request_line(spec, model, cid, text, url)) + b"\n"
+            line = render.dumps(render.request_line(spec, model, cid, text, url, system)) + b"\n"
             est += _image_tokens(url, spec.image_detail, model)
         if len(line) > writer.max_bytes:
             writer.skip(idx, _too_big(len(line), writer.max_bytes))
@@ -221,6 +238,11 @@ def _pack_images(
             writer.add(line, [idx], [cid], int(est))
         if writer.full:
             yield writer.close()
+
+
+def _systems(frame: pl.DataFrame) -> pl.Series | None:
+    """The rendered system message per row, when it has {column} placeholders."""
+    return frame[_SYSTEM_COL] if _SYSTEM_COL in frame.columns else None
 
 
 def _image_tokens(url: str, detail: str, model: str) -> int:
@@ -240,10 +262,14 @@ class _TokenCounter:
     def __init__(self, spec: JobSpec, estimate: TokenEstimator | None) -> None:
         self.estimate = estimate
         overhead = 0
+        self.system_framing = 0
         if spec.endpoint != render.EMBEDDINGS:
             overhead = 3 + 4  # reply priming + the user message's framing
-            if spec.system is not None:
-                overhead += 4 + int(self._count(pl.Series([spec.system]))[0])
+            if render.system_fields(spec):  # counted per row (its own text each time)
+                self.system_framing = 4
+            elif spec.system is not None:
+                system = render.system_text(spec) or ""
+                overhead += 4 + int(self._count(pl.Series([system]))[0])
         self.overhead = overhead
 
     def _count(self, texts: pl.Series) -> np.ndarray:
@@ -251,8 +277,11 @@ class _TokenCounter:
             return self.estimate(texts).cast(pl.Int64).to_numpy()
         return ((texts.str.len_bytes().cast(pl.Int64) + 3) // 4).to_numpy()
 
-    def per_row(self, texts: pl.Series) -> np.ndarray:
-        return self._count(texts) + self.overhead
+    def per_row(self, texts: pl.Series, systems: pl.Series | None = None) -> np.ndarray:
+        counts = self._count(texts) + self.overhead
+        if systems is not None:
+            counts = counts + self._count(systems) + self.system_framing
+        return counts
 
 
 class _ChunkWriter:

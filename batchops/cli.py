@@ -1,7 +1,8 @@
 """The command line: parse, call batchops.api, print, exit. No job logic lives here.
 
-Exit codes: 0 every row succeeded; 2 bad input or usage (one line, nothing uploaded);
-3 the run ended with rows still missing; 130 interrupted (state saved).
+Exit codes: 0 every row succeeded (or, with --no-wait, every chunk was submitted); 2 bad input
+or usage (one line, nothing uploaded); 3 the run ended with rows still missing; 130 interrupted
+(state saved).
 """
 
 from __future__ import annotations
@@ -11,19 +12,30 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
+from contextlib import suppress
 from functools import wraps
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import click
+from loguru import logger
 from rich.console import Console
 
 from batchops import __version__, api, validate
 from batchops import logs as logsetup
+from batchops.config import load_config
 from batchops.errors import BatchopsError, InputError
-from batchops.progress import ProgressDisplay, fmt_usd, make_console, status_view
-from batchops.spec import load_toml
+from batchops.pricing import UnknownPriceWarning
+from batchops.progress import (
+    ProgressDisplay,
+    fmt_duration,
+    fmt_usd,
+    make_console,
+    status_view,
+)
 from batchops.states import StopReason
 
 EXAMPLE_RUN = """\b
@@ -43,9 +55,16 @@ def _examples(*lines: str) -> str:
     )
 
 
+_STARTED = time.monotonic()
+
+
 def _start_logging(log_dir: Path, verbosity: int) -> Console:
     """Log lines and the progress display share one rich Console (stderr), so log lines print
     above the live bar instead of tearing it."""
+    global _STARTED
+    _STARTED = time.monotonic()
+    # The price warning is a log line here; a library user gets it as a Python warning instead.
+    warnings.filterwarnings("ignore", category=UnknownPriceWarning)
     console = make_console()
     logsetup.configure(log_dir, verbosity, console=console)
     return console
@@ -137,6 +156,13 @@ def cli() -> None:
 
     Every source row ends with exactly one answer or a stated reason, no row is paid for
     twice, and a crash at any moment loses nothing: run the same command again to resume.
+
+    \b
+    Exit codes:
+      0    every row answered (run --no-wait: every chunk submitted; rows still missing)
+      2    bad input, usage or config (one line on stderr; nothing uploaded)
+      3    the run ended with rows still missing (`batchops missing` says why)
+      130  interrupted (Ctrl+C or SIGTERM); state saved, run the same command to resume
     """
 
 
@@ -197,7 +223,11 @@ def cli() -> None:
 @click.option("--max-tokens", type=int, default=None, help="max_tokens in each request body.")
 @click.option("--temperature", type=float, default=None, help="temperature in each request body.")
 @click.option(
-    "--run-dir", type=click.Path(path_type=Path), default=None, help="[default: runs/<csv stem>]"
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder of the run's state, chunk files and merged output; run again with the same "
+    "folder to resume [default: runs/<source file stem>].",
 )
 @click.option(
     "--poll-interval", type=float, default=None, help="Seconds between status polls [default: 30]."
@@ -258,7 +288,12 @@ def cli() -> None:
 @click.option(
     "--keep-latest", is_flag=True, help="Start over, keeping the previous run dir as a backup."
 )
-@click.option("--no-wait", is_flag=True, help="Submit and return; status/merge pick it up later.")
+@click.option(
+    "--no-wait",
+    is_flag=True,
+    help="Submit and return with exit code 0 although the rows are not answered yet; "
+    "status/watch/merge pick the run up later.",
+)
 @click.option(
     "--dry-run",
     is_flag=True,
@@ -288,6 +323,8 @@ def run(
 ) -> None:
     """Run a table through the model(s): build, submit, poll, collect, retry, merge."""
     console = _start_logging(log_dir, verbose - quiet)
+    if csv_path is not None and input_path is not None:
+        raise InputError("give the source table once: --csv PATH or --input PATH, not both")
     source_path = csv_path or input_path
     if source_path is None:
         raise InputError("give the source table with --csv PATH or --input PATH")
@@ -331,8 +368,7 @@ def run(
     if report.stopped_because == StopReason.NO_WAIT:
         click.echo(f"submitted; follow with: batchops status --run-dir {report.run_dir}")
         return
-    if report.exit_code:
-        click.echo(f"rows missing: see `batchops missing --run-dir {report.run_dir}`", err=True)
+    _missing_hint(report)
     sys.exit(report.exit_code)
 
 
@@ -347,22 +383,40 @@ def _json_object(option: str, text: str) -> dict[str, Any]:
 
 
 def _summarize(report: api.RunReport) -> None:
-    click.echo(report.summary())
+    summary = report.summary()
+    click.echo(summary)
     if report.final_output:
         click.echo(f"merged output: {report.final_output}")
+    # The log file's closing line: what the run ended with, whatever the console showed.
+    logger.debug("finished: {}; elapsed {}", summary, fmt_duration(time.monotonic() - _STARTED))
+
+
+def _missing_hint(report: api.RunReport) -> None:
+    if not report.exit_code:
+        return
+    d = report.run_dir
+    click.echo(f"rows missing: see `batchops missing --run-dir {d}`", err=True)
+    if report.stopped_because and "exhausted" in report.stopped_because:
+        click.echo(
+            "the pool is used up; if the model was the problem (model_not_found, quota): "
+            f"`batchops retry-missing --run-dir {d} --model OTHER-MODEL` sends the missing "
+            "rows to another model",
+            err=True,
+        )
 
 
 def _finish(report: api.RunReport) -> None:
     """The end of every command that drives a run: summary, where the table is, exit code."""
     _summarize(report)
+    _missing_hint(report)
     sys.exit(report.exit_code)
 
 
 def _config(path: Path | None) -> dict[str, Any]:
     if path is None:
         default = Path("batchops.toml")
-        return load_toml(default) if default.exists() else {}
-    return load_toml(path)
+        return load_config(default) if default.exists() else {}
+    return load_config(path)
 
 
 def _print_estimate(est: api.Estimate) -> None:
@@ -552,8 +606,12 @@ def cancel(
     """Cancel the run's in-flight batches and record their partial results."""
     _start_logging(log_dir, verbose - quiet)
     n = api.cancel(resolve_run_dir(run_dir), api_key_file=api_key_file, base_url=base_url)
+    if n == 0:
+        click.echo("nothing was in flight: no batch to cancel")
+        return
     click.echo(
-        f"{n} batch(es) cancelled; partial results recorded. Resume with `batchops run` or retry-missing."
+        f"{n} batch(es) cancelled; partial results recorded, the other rows re-queued. "
+        "Resume with `batchops run` or retry-missing."
     )
 
 
@@ -568,16 +626,25 @@ def cost(run_dir: Path | None, as_json: bool) -> None:
         click.echo(json.dumps(data, indent=2, default=str))
         return
     for m in data["by_model"]:
-        c = f"${m['cost_usd']:.6f}" if m["cost_usd"] is not None else "unknown"
         click.echo(
             f"{m['model']} ({m['mode']}): {m['calls']} calls, {m['prompt_tokens']} prompt, "
-            f"{m['cached_tokens']} cached, {m['completion_tokens']} completion tokens: {c}"
+            f"{m['cached_tokens']} cached, {m['completion_tokens']} completion tokens: "
+            f"{fmt_usd(m['cost_usd'])}"
         )
     for b in data["by_batch"]:
-        c = f"${b['cost_usd']:.6f}" if b["cost_usd"] is not None else "-"
-        e = f"${b['est_cost']:.6f}" if b["est_cost"] is not None else "unknown"
-        click.echo(f"  {b['batch_id']} chunk {b['chunk_id']} {b['status']}: {c} (estimate {e})")
-    click.echo(f"total: ${data['total_usd']:.6f}")
+        c = fmt_usd(b["cost_usd"]) if b["cost_usd"] is not None else "-"
+        click.echo(
+            f"  {b['batch_id']} chunk {b['chunk_id']} {b['status']}: {c} "
+            f"(estimate {fmt_usd(b['est_cost'])})"
+        )
+    total = fmt_usd(data["total_usd"])
+    if data["unpriced_requests"]:  # unknown, not $0: say what is known and what is not
+        known = data["spent_known_usd"]
+        total += (
+            f" ({fmt_usd(known) + ' known, plus ' if known else ''}{data['unpriced_requests']} "
+            "request(s) by a model without a price: add one to batchops.toml [prices])"
+        )
+    click.echo(f"total: {total}")
     click.echo(f"estimate: {fmt_usd(data['estimate_usd'])}")
 
 
@@ -664,18 +731,32 @@ def emulator(host: str, port: int, scenario: Path | None) -> None:
       OPENAI_BASE_URL=http://127.0.0.1:8000/v1 OPENAI_API_KEY=sk-local batchops run ...
     """
     from batchops.emulator import Scenario, serve
+    from batchops.emulator.server import bind
 
     sc = Scenario.from_file(scenario) if scenario else Scenario()
-    click.echo(f"emulator on http://{host}:{port}/v1 (Ctrl+C stops it)", err=True)
-    serve(host=host, port=port, scenario=sc)
+    sock = bind(host, port)  # before the URL is printed: a busy port is one line, exit 2
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"emulator on http://{shown}:{sock.getsockname()[1]}/v1 (Ctrl+C stops it)", err=True)
+    # Ctrl+C or SIGTERM: a server holds no run state to resume, so it just says it stopped.
+    with suppress(KeyboardInterrupt):
+        serve(host=host, port=port, scenario=sc, sock=sock)
+    click.echo("emulator stopped", err=True)
 
 
 @cli.command(epilog=_examples("batchops demo", "batchops demo -v   # debug lines on the console"))
 @click.option(
-    "--data-dir", type=click.Path(path_type=Path), default=Path("data/sample"), show_default=True
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder with products.csv, prompt.txt and images/ [default: the sample shipped with "
+    "batchops].",
 )
 @click.option(
-    "--run-dir", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    default=Path("runs/demo"),
+    show_default=True,
+    help="Folder of the demo run (started over each time).",
 )
 @common_logging
 @handle_errors
@@ -683,12 +764,13 @@ def demo(data_dir: Path, run_dir: Path, log_dir: Path, verbose: int, quiet: int)
     """Run the bundled sample (with images) end to end against the built-in emulator; no key, no network."""
     from batchops.emulator import EmulatorServer, Scenario
 
-    console = _start_logging(log_dir, verbose - quiet)
+    data_dir = data_dir if data_dir is not None else sample_dir()
     csv_path = data_dir / "products.csv"
-    if not csv_path.exists():
+    if not csv_path.exists():  # checked before logging starts: no empty log file on an error
         raise InputError(
-            f"{csv_path}: sample not found (run from the repository root or give --data-dir)"
+            f"{csv_path}: sample not found (give --data-dir a folder with products.csv)"
         )
+    console = _start_logging(log_dir, verbose - quiet)
     scenario = Scenario(
         validating_seconds=0.2, in_progress_seconds=1.0, finalizing_seconds=0.2, seed=7
     )
@@ -716,6 +798,11 @@ def demo(data_dir: Path, run_dir: Path, log_dir: Path, verbose: int, quiet: int)
                 on_progress=display,
             )
     _finish(report)
+
+
+def sample_dir() -> Path:
+    """The demo's sample, shipped inside the package (found from any working directory)."""
+    return Path(str(resources.files("batchops").joinpath("sample")))
 
 
 def _terminate(signum: int, frame: Any) -> None:

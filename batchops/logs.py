@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from loguru import logger
 from rich.console import Console
@@ -59,16 +59,24 @@ class MaskedFile:
     def __init__(self, path: Path, secrets: list[str] | None = None) -> None:
         self.path = path
         self._secrets = secrets
-        self._fh = path.open("a", encoding="utf-8")
+        # Opened on the first record: a command that fails before logging anything (bad input)
+        # leaves no empty log file (and no log folder) behind.
+        self._fh: TextIO | None = None
 
     def write(self, text: str) -> None:
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = self.path.open("a", encoding="utf-8")
         self._fh.write(mask_secrets(text, self._secrets))
 
     def flush(self) -> None:
-        self._fh.flush()
+        if self._fh is not None:
+            self._fh.flush()
 
     def stop(self) -> None:  # loguru calls this on logger.remove()
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
 
 class _MaskedStream:
@@ -144,7 +152,6 @@ def configure(
         )
     if log_dir is None:
         return None
-    log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"batch_execution_{time.strftime('%Y%m%d_%H%M%S')}.log"
     # diagnose=False: tracebacks must not show local variables (a client holds its API key).
     logger.add(

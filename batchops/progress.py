@@ -54,7 +54,20 @@ def fmt_duration(seconds: float | None) -> str:
 
 def fmt_usd(value: float | None) -> str:
     """The one way batchops prints money, so figures from different commands compare equal."""
-    return "unknown" if value is None else f"${value:.6f}"
+    if value is None:
+        return "unknown"
+    if value == 0 or abs(value) >= 5e-7:
+        return f"${value:.6f}"
+    # Tiny amounts (a --max-cost of 0.0000001) keep their first digits: never "$0.000000" for
+    # a figure that is not zero, never scientific notation.
+    return "$" + f"{value:.12f}".rstrip("0")
+
+
+def _queued_label(p: Progress) -> str:
+    """Queued rows are in flight only once something was sent: rows packed into chunks that
+    never got uploaded (a rejected key, an unreachable server) are not."""
+    sent = p.in_flight > 0 or any(v for k, v in p.remote.items() if "in flight" in k)
+    return "in flight" if sent else "queued (not sent)"
 
 
 class ProgressDisplay:
@@ -70,8 +83,11 @@ class ProgressDisplay:
         live: bool | None = None,
         heartbeat: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        emit: Callable[[str], None] | None = None,
     ) -> None:
+        """`emit`: where the plain progress lines go without a live display [an INFO log]."""
         self.console = console
+        self.emit = emit or (lambda line: logger.info("progress: {}", line))
         self.live_mode = interactive(console) if live is None else live
         self.heartbeat = heartbeat
         self.clock = clock
@@ -125,7 +141,7 @@ class ProgressDisplay:
                 logger.debug("progress: {}", self.line())
         elif changed or now - self._last_emit >= self.heartbeat:
             self._last_emit = now
-            logger.info("progress: {}", self.line())
+            self.emit(self.line())
 
     # ------------------------------------------------------------------ figures
     def totals(self) -> tuple[int, int]:
@@ -155,7 +171,7 @@ class ProgressDisplay:
         batches = ", ".join(f"{k} {v}" for k, v in sorted(p.remote.items())) or "none"
         return (
             f"rows {done}/{total} done ({c.get('succeeded', 0)} succeeded, {c.get('failed', 0)} "
-            f"failed, {c.get('skipped', 0)} skipped), {c.get('queued', 0)} in flight, "
+            f"failed, {c.get('skipped', 0)} skipped), {c.get('queued', 0)} {_queued_label(p)}, "
             f"{c.get('pending', 0)} pending | batches: {batches} | spent {fmt_usd(p.spent)} "
             f"| ETA {fmt_duration(self.eta())}"
         )
@@ -179,7 +195,7 @@ class ProgressDisplay:
             ("succeeded", c.get("succeeded", 0), "green"),
             ("failed", c.get("failed", 0), "red"),
             ("skipped", c.get("skipped", 0), "yellow"),
-            ("in flight", c.get("queued", 0), "cyan"),
+            (_queued_label(p), c.get("queued", 0), "cyan"),
             ("pending", c.get("pending", 0), "dim"),
         ):
             rows.append(f"{n} {label}", style=style if n else "dim")
@@ -200,8 +216,31 @@ class ProgressDisplay:
 # ---------------------------------------------------------------------------------- status
 
 
-def status_view(st: dict[str, Any]) -> RenderableType:
-    """`batchops status` as rich tables, from `api.status()`'s data."""
+def _retry_text(r: dict[str, Any], cancelled: bool = False) -> Text:
+    """Rows sent more than once. Rows put back in the queue and not sent again yet (after a
+    cancel, say) are re-queued, not retried: they are counted apart."""
+    requeued = r.get("requeued", 0)
+    retried = r.get("rows", 0) - requeued
+    text = Text.assemble(("retries ", "bold"), f"{retried} row(s) retried")
+    if requeued:
+        text.append(f", {requeued} row(s) re-queued")
+        text.append(" after a cancel" if cancelled else "")
+        text.append(" (not sent again yet)")
+    if r.get("by_class"):
+        last = ", ".join(f"{k} {v}" for k, v in sorted(r["by_class"].items()))
+        text.append(f"; last error by class: {last}")
+    return text
+
+
+def _polled(batch: dict[str, Any], now: float) -> str:
+    """How old the remote status shown is: the last poll of the batch (its stored view)."""
+    at = batch.get("updated_at")
+    return "-" if at is None else f"{fmt_duration(max(0.0, now - at))} ago"
+
+
+def status_view(st: dict[str, Any], now: float | None = None) -> RenderableType:
+    """`batchops status` as rich tables, from `api.status()`'s data (`now`: time.time())."""
+    now = time.time() if now is None else now
     parts: list[RenderableType] = [
         Text.assemble(
             ("run ", "bold"),
@@ -215,9 +254,6 @@ def status_view(st: dict[str, Any]) -> RenderableType:
         )
     ]
 
-    parts.append(
-        Text.assemble(("rows: ", "bold"), ", ".join(f"{k} {v}" for k, v in st["rows"].items()))
-    )
     rows = Table(title="rows", title_justify="left", show_edge=False)
     rows.add_column("status")
     rows.add_column("rows", justify="right")
@@ -242,7 +278,7 @@ def status_view(st: dict[str, Any]) -> RenderableType:
     live = [b for b in st["batches"] if b.get("collected_at") is None]
     if live:
         t = Table(title="batches not yet collected", title_justify="left", show_edge=False)
-        for col in ("batch", "chunk", "model", "status", "requests", "age"):
+        for col in ("batch", "chunk", "model", "status", "polled", "requests", "age"):
             t.add_column(col)
         for b in live[:15]:
             done = b.get("request_completed") or 0
@@ -252,11 +288,12 @@ def status_view(st: dict[str, Any]) -> RenderableType:
                 str(b["chunk_id"]),
                 str(b["model"]),
                 str(b["status"]),
+                _polled(b, now),
                 f"{done + failed}/{b.get('request_total') or '?'}",
                 fmt_duration(b.get("age_s")),
             )
         if len(live) > 15:
-            t.add_row(f"… {len(live) - 15} more", "", "", "", "", "")
+            t.add_row(f"… {len(live) - 15} more", "", "", "", "", "", "")
         parts.append(t)
 
     pool = Table(title="models and keys", title_justify="left", show_edge=False)
@@ -277,16 +314,7 @@ def status_view(st: dict[str, Any]) -> RenderableType:
             text.append(f"  {e['when']}  {e['message']}\n", style="")
         parts.append(text)
 
-    r = st.get("retries", {})
-    retry_text = Text.assemble(
-        ("retries ", "bold"),
-        f"{r.get('rows', 0)} row(s) retried, {r.get('attempts', 0)} extra attempt(s)",
-    )
-    if r.get("by_class"):
-        retry_text.append(
-            " (" + ", ".join(f"{k} {v}" for k, v in sorted(r["by_class"].items())) + ")"
-        )
-    parts.append(retry_text)
+    parts.append(_retry_text(st.get("retries", {}), "cancelled" in st.get("batches_by_status", {})))
 
     cost = Table(title="cost so far", title_justify="left", show_edge=False)
     for col in ("model", "mode", "calls", "prompt", "cached", "completion", "cost"):

@@ -153,8 +153,32 @@ def text_expr(template: str) -> pl.Expr:
 # Request bodies
 
 
-def request_body(spec: JobSpec, model: str, text: str, image_data_url: str | None = None) -> dict:
-    """The body of one request to spec.endpoint (what the synchronous endpoint would receive)."""
+def system_text(spec: JobSpec, row: Mapping[str, str | None] | None = None) -> str | None:
+    """The row's system message: spec.system rendered like the prompt ({column} placeholders,
+    {{ }} literal braces); None without --system."""
+    if spec.system is None:
+        return None
+    return render_text(spec.system, row or {})
+
+
+def system_fields(spec: JobSpec) -> list[str]:
+    """The columns the system message uses (empty: one text for every row)."""
+    return template_fields(spec.system) if spec.system is not None else []
+
+
+def request_body(
+    spec: JobSpec,
+    model: str,
+    text: str,
+    image_data_url: str | None = None,
+    system: str | None = None,
+) -> dict:
+    """The body of one request to spec.endpoint (what the synchronous endpoint would receive).
+
+    `system`: the row's rendered system message (`system_text`); without it, spec.system is
+    rendered with no row, which only holds for a template without placeholders."""
+    if system is None and spec.system is not None:
+        system = render_text(spec.system, {}) if not system_fields(spec) else spec.system
     extra = spec.body_extra or {}
     own = _OWN_KEYS[spec.endpoint]
     for key in extra:
@@ -188,7 +212,7 @@ def request_body(spec: JobSpec, model: str, text: str, image_data_url: str | Non
                     "image_url": {"url": image_data_url, "detail": spec.image_detail},
                 },
             ]
-        messages = [{"role": "system", "content": spec.system}] if spec.system is not None else []
+        messages = [{"role": "system", "content": system}] if system is not None else []
         messages.append({"role": "user", "content": content})
         body["messages"] = messages
         if spec.max_tokens is not None:
@@ -200,8 +224,8 @@ def request_body(spec: JobSpec, model: str, text: str, image_data_url: str | Non
                 {"type": "input_image", "image_url": image_data_url, "detail": spec.image_detail}
             )
         body["input"] = [{"role": "user", "content": parts}]
-        if spec.system is not None:
-            body["instructions"] = spec.system
+        if system is not None:
+            body["instructions"] = system
         if spec.max_tokens is not None:
             body["max_output_tokens"] = spec.max_tokens
     if spec.temperature is not None:
@@ -216,14 +240,19 @@ def request_body(spec: JobSpec, model: str, text: str, image_data_url: str | Non
 
 
 def request_line(
-    spec: JobSpec, model: str, custom_id: str, text: str, image_data_url: str | None = None
+    spec: JobSpec,
+    model: str,
+    custom_id: str,
+    text: str,
+    image_data_url: str | None = None,
+    system: str | None = None,
 ) -> dict:
     """One line of a batch input file, as a dict."""
     return {
         "custom_id": custom_id,
         "method": "POST",
         "url": spec.batch_endpoint(model),
-        "body": request_body(spec, model, text, image_data_url),
+        "body": request_body(spec, model, text, image_data_url, system),
     }
 
 
@@ -245,6 +274,9 @@ def dumps(obj: object) -> bytes:
 # Stand-ins spliced out of a serialised line; plain ASCII so any JSON encoder writes them verbatim.
 _ID_MARK = "@@batchops-custom-id-3f9a1c@@"
 _TEXT_MARK = "@@batchops-text-3f9a1c@@"
+_SYSTEM_MARK = "@@batchops-system-3f9a1c@@"
+# What fills each gap between line_template's literals.
+CUSTOM_ID, TEXT, SYSTEM = "custom_id", "text", "system"
 
 
 def line_pieces(spec: JobSpec, model: str) -> tuple[str, str, str]:
@@ -252,17 +284,42 @@ def line_pieces(spec: JobSpec, model: str) -> tuple[str, str, str]:
     before + json(custom_id) + between + json(text) + after == the serialised request_line.
 
     The columnar builder fills the two JSON strings per row; everything else comes from
-    request_body, so both paths share one definition of the body.
+    request_body, so both paths share one definition of the body. For a system message with
+    {column} placeholders (a third string per row), see line_template.
     """
-    line = dumps(request_line(spec, model, _ID_MARK, _TEXT_MARK)).decode()
-    id_q, text_q = f'"{_ID_MARK}"', f'"{_TEXT_MARK}"'
-    if line.count(id_q) != 1 or line.count(text_q) != 1 or line.index(id_q) > line.index(text_q):
+    literals, slots = line_template(spec, model)
+    if slots != [CUSTOM_ID, TEXT]:
+        raise ValueError("the system message varies per row: use line_template")
+    return literals[0], literals[1], literals[2]
+
+
+def line_template(spec: JobSpec, model: str) -> tuple[list[str], list[str]]:
+    """A text-only line as literals around slots: literals[0] + json(slot 0) + literals[1] + …
+    == the serialised request_line. Slots are CUSTOM_ID, TEXT and, when the system message
+    has {column} placeholders, SYSTEM (in the order the body has them)."""
+    per_row_system = bool(system_fields(spec))
+    line = dumps(
+        request_line(
+            spec, model, _ID_MARK, _TEXT_MARK, system=_SYSTEM_MARK if per_row_system else None
+        )
+    ).decode()
+    marks = {f'"{_ID_MARK}"': CUSTOM_ID, f'"{_TEXT_MARK}"': TEXT}
+    if per_row_system:
+        marks[f'"{_SYSTEM_MARK}"'] = SYSTEM
+    if any(line.count(m) != 1 for m in marks) or line.index(f'"{_ID_MARK}"') > line.index(
+        f'"{_TEXT_MARK}"'
+    ):
         raise InputError(
             "the request body repeats an internal marker; remove it from --system/body_extra"
         )
-    before, rest = line.split(id_q)
-    between, after = rest.split(text_q)
-    return before, between, after
+    order = sorted(marks, key=line.index)
+    literals: list[str] = []
+    rest = line
+    for mark in order:
+        head, rest = rest.split(mark)
+        literals.append(head)
+    literals.append(rest)
+    return literals, [marks[m] for m in order]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -126,3 +126,9 @@ def executions(emu: Any) -> dict[str, dict[str, int]]:
 
 def calls(emu: Any, route: str) -> int:
     return emu.stats()["calls"].get(route, 0)
+
+
+def all_logs(log_dir: Path) -> str:
+    """Every log file of the folder, joined: each invocation (a dry run too) may write its own,
+    and glob order is arbitrary, so no test may pick "the" log file by position."""
+    return "".join(p.read_text(encoding="utf-8") for p in sorted(log_dir.glob("*.log")))

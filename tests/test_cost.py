@@ -81,9 +81,10 @@ def test_override_table_prices_a_model_the_library_lacks(emulator, tmp_path: Pat
 def test_unknown_model_cost_is_unknown_not_zero(emulator, tmp_path: Path):
     src = awkward_table(tmp_path, n_plain=2, images=False)
     run_dir = tmp_path / "run"
-    with pytest.warns(UserWarning, match="no-such-model"):
-        res = invoke(*run_args(emulator, src, run_dir, model="no-such-model"))
+    res = invoke(*run_args(emulator, src, run_dir, model="no-such-model"))
     assert res.exit_code == 0, res.output
+    # The CLI says it once, as a log line (no raw Python warning: issue 15, item 9).
+    assert res.stderr.count("No price known for model 'no-such-model'") <= 1
     assert "unknown" in res.output  # the estimate says so before the first upload
     assert {o["cost_usd"] for o in read_csv(run_dir / "final_output.csv")} == {""}
     cost = json.loads(invoke("cost", "--run-dir", run_dir, "--json").output)

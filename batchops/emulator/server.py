@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import threading
 from collections.abc import Callable, Coroutine
@@ -16,6 +17,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from batchops.emulator.app import ABORT_SCOPE_KEY, create_app
 from batchops.emulator.scenario import Scenario
 from batchops.emulator.state import Emulator
+from batchops.errors import InputError
 
 T = TypeVar("T")
 START_TIMEOUT = 5.0
@@ -212,14 +214,38 @@ class EmulatorServer:
         self._on_loop(self.emulator.reset)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on host:port; a busy port is one InputError line (exit 2)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = "already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise InputError(
+            f"cannot listen on {host}:{port}: {reason} (give another --port)"
+        ) from None
+    return sock
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     scenario: Scenario | str | Path | dict[str, Any] | None = None,
     log_level: str = "info",
+    sock: socket.socket | None = None,
 ) -> None:
-    """Run the emulator in the foreground until interrupted (`batchops emulator`)."""
+    """Run the emulator in the foreground until interrupted (`batchops emulator`).
+
+    `sock`: already bound by `bind` (the CLI binds first, so a busy port fails before it prints
+    the URL)."""
     emu = Emulator(_as_scenario(scenario))
-    config = _config(create_app(emu), host, port, log_level)
+    sock = sock or bind(host, port)
+    config = _config(create_app(emu), host, sock.getsockname()[1], log_level)
     server = uvicorn.Server(config)
-    server.run()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
