@@ -30,6 +30,7 @@ from batchops.policy import (
     decide,
     row_retryable,
 )
+from batchops.progress import fmt_usd
 from batchops.providers import Pool
 from batchops.records import BadLine, RowOutcome
 from batchops.rundir import RunDir
@@ -146,9 +147,7 @@ class BatchEngine:
     # ------------------------------------------------------------------ planning
     @_in_run
     def ensure_rows(self) -> None:
-        if self.store.row_count() == 0:
-            n = self.store.add_rows(self.src_frames(columns=[]))
-            logger.info("run {}: {} source row(s) registered", self.run.run_id, n)
+        register_rows(self.run, self.src)
 
     def src_frames(self, columns: list[str] | None = None) -> Iterator[pl.DataFrame]:
         return source.iter_frames(self.src, columns=columns)
@@ -244,6 +243,7 @@ class BatchEngine:
             self.poll(refill=True)
             if self.store.counts()["pending"] and self.pool.current():
                 self.build_pending()
+        explain_stop(self.store, stopped)
         self.report_progress()
         return EngineResult(self.store.counts(), stopped, self.store.spent())
 
@@ -389,12 +389,12 @@ class BatchEngine:
             if not self.fits_budget(chunk):
                 if not self.budget_hit:
                     logger.warning(
-                        "budget: submitting chunk {} (est ${:.4f}) would pass --max-cost ${:.4f} "
-                        "(spent ${:.4f}); no more chunks are submitted",
+                        "budget: submitting chunk {} (est {}) would pass --max-cost {} "
+                        "(spent {}); no more chunks are submitted",
                         chunk.chunk_id,
-                        chunk.est_cost or 0.0,
-                        self.spec.max_cost,
-                        self.store.spent(),
+                        fmt_usd(chunk.est_cost or 0.0),
+                        fmt_usd(self.spec.max_cost or 0.0),
+                        fmt_usd(self.store.spent()),
                     )
                 self.budget_hit = True
                 return
@@ -807,7 +807,7 @@ class BatchEngine:
         problems = b.problems
         classes = {p.cls for p in problems}
         text = (
-            "; ".join(f"{p.code}: {p.message}" for p in problems[:3])
+            "; ".join(list(dict.fromkeys(f"{p.code}: {p.message}" for p in problems))[:3])
             or "batch failed without errors"
         )
         text = self.pool.scrub(text)
@@ -871,6 +871,27 @@ class BatchEngine:
         except RemoteError as exc:
             if exc.status != 409:  # 409: already finished; it is collected below
                 logger.warning("cancel of batch {} failed: {}", chunk.batch_id, exc)
+
+
+def register_rows(run: RunDir, src: source.Source) -> None:
+    """Register the slice's rows: once for a new run, and again when the slice was widened
+    (rows already registered keep their answers)."""
+    wanted = json.dumps([run.spec.start_row, run.spec.end_row])
+    if run.store.row_count() and run.store.get_meta("rows_slice", wanted) == wanted:
+        return
+    n = run.store.add_rows(source.iter_frames(src, columns=[]))
+    run.store.set_meta("rows_slice", wanted)
+    logger.info("run {}: {} source row(s) registered", run.run_id, n)
+
+
+def explain_stop(store: Store, stopped: StopReason | None) -> None:
+    """Rows left without an answer when a run stops get the reason (missing_rows.csv, merge)."""
+    if stopped == StopReason.POOL_EXHAUSTED:
+        last = store.events_of("switch", limit=1)
+        why = last[0]["message"] if last else "every model and key in the pool is exhausted"
+        store.explain_unsent(f"not sent: {why}", "quota")
+    elif stopped == StopReason.BUDGET:
+        store.explain_unsent("not sent: the --max-cost budget was reached", "budget")
 
 
 def record_exhaustion(

@@ -39,7 +39,14 @@ from loguru import logger
 
 from batchops import pricing, render, source, structured
 from batchops.backends import RemoteError
-from batchops.engine import EngineResult, Progress, record_exhaustion, restore_pool
+from batchops.engine import (
+    EngineResult,
+    Progress,
+    explain_stop,
+    record_exhaustion,
+    register_rows,
+    restore_pool,
+)
 from batchops.policy import (
     CALL_ATTEMPTS,
     RATE_LIMIT_ATTEMPTS,
@@ -50,6 +57,7 @@ from batchops.policy import (
     failures_before_switch,
     row_retryable,
 )
+from batchops.progress import fmt_usd
 from batchops.providers import Key, Pool
 from batchops.records import ErrorClass, RowOutcome, Skipped, Usage
 from batchops.render import ImageProblem
@@ -70,6 +78,10 @@ STOP_BUDGET = StopReason.BUDGET
 STOP_ERROR = StopReason.ERROR
 
 
+# (row_idx, row_id, rendered text, image cell, rendered system text) of one row to send.
+Group = tuple[int, str, str, str | None, str | None]
+
+
 @dataclass(slots=True)
 class Job:
     """One row to send: rendered text, its image cell (read only when sent: memory stays flat)."""
@@ -79,6 +91,7 @@ class Job:
     row_id: str
     text: str
     image: str | None
+    system: str | None = None  # the row's rendered system text (None: none, or the same for all)
 
 
 @dataclass
@@ -294,8 +307,10 @@ class OnlineEngine:
             c.rate_limited,
             f"; stopped: {self.stop_reason}" if self.stop_reason else "",
         )
+        stopped = self._why_stopped()
+        explain_stop(self.store, stopped)
         self._report()
-        return EngineResult(self.store.counts(), self._why_stopped(), self.store.spent())
+        return EngineResult(self.store.counts(), stopped, self.store.spent())
 
     def _why_stopped(self) -> StopReason | None:
         counts = self.store.counts()
@@ -340,9 +355,7 @@ class OnlineEngine:
     def _prepare(self) -> None:
         """Register the rows (first run), release what a killed run left queued, and take back
         rows of batch chunks that were never sent (they are answered online now)."""
-        if self.store.row_count() == 0:
-            n = self.store.add_rows(source.iter_frames(self.src, columns=[]))
-            logger.info("run {}: {} source row(s) registered", self.run.run_id, n)
+        register_rows(self.run, self.src)
         released = self.store.release_online_chunks()
         if released:
             logger.info("{} row(s) queued by an interrupted online run back to pending", released)
@@ -368,7 +381,11 @@ class OnlineEngine:
 
         Rows that come back to pending (retryable failure, exhausted pair) are taken by the next
         pass; the last pass ends when nothing is in flight and nothing is pending."""
-        columns = render.template_fields(self.spec.prompt)
+        columns = list(
+            dict.fromkeys(
+                [*render.template_fields(self.spec.prompt), *render.system_fields(self.spec)]
+            )
+        )
         if self.spec.image_column:
             columns = list(dict.fromkeys([*columns, self.spec.image_column]))
         while self.stop_reason is None:
@@ -394,21 +411,21 @@ class OnlineEngine:
             finally:
                 frames.close()
 
-    def _next_group(
-        self, frames: Iterator[pl.DataFrame]
-    ) -> list[tuple[int, str, str, str | None]] | None:
+    def _next_group(self, frames: Iterator[pl.DataFrame]) -> list[Group] | None:
         frame = next(frames, None)
         if frame is None:
             return None
         image_col = self.spec.image_column
-        out: list[tuple[int, str, str, str | None]] = []
+        per_row_system = bool(render.system_fields(self.spec))
+        out: list[Group] = []
         for row in frame.iter_rows(named=True):
             text = render.render_text(self.spec.prompt, row)
             cell = row[image_col] if image_col else None
-            out.append((row[source.ROW_IDX], row[source.ROW_ID], text, cell or None))
+            system = render.system_text(self.spec, row) if per_row_system else None
+            out.append((row[source.ROW_IDX], row[source.ROW_ID], text, cell or None, system))
         return out
 
-    async def _enqueue(self, group: list[tuple[int, str, str, str | None]]) -> None:
+    async def _enqueue(self, group: list[Group]) -> None:
         current = self.pool.current()
         if current is None:
             self._stop(STOP_POOL)
@@ -418,9 +435,9 @@ class OnlineEngine:
             self.store.close_online_chunk(chunk_id)
             return
         self._open[chunk_id] = len(queued)
-        for row_idx, row_id, text, image in group:
+        for row_idx, row_id, text, image, system in group:
             if row_idx in queued:
-                await self.queue.put(Job(chunk_id, row_idx, row_id, text, image))
+                await self.queue.put(Job(chunk_id, row_idx, row_id, text, image, system))
 
     # ------------------------------------------------------------------ workers
     async def _worker(self) -> None:
@@ -470,7 +487,7 @@ class OnlineEngine:
                 self._stop(STOP_POOL)
                 return
             entry, key = pair
-            body = render.request_body(self.spec, entry.name, job.text, image_url)
+            body = render.request_body(self.spec, entry.name, job.text, image_url, job.system)
             tokens = self._tokens(entry, body)
             est = self._estimate_cost(entry.name, tokens)
             if not self._fits_budget(est):
@@ -672,11 +689,11 @@ class OnlineEngine:
             return True
         if self.stop_reason is None:
             logger.warning(
-                "budget: the next request (est ${:.6f}) would pass --max-cost ${:.4f} "
-                "(spent ${:.6f}); no more rows are sent",
-                est,
-                cap,
-                self.spent,
+                "budget: the next request (est {}) would pass --max-cost {} "
+                "(spent {}); no more rows are sent",
+                fmt_usd(est),
+                fmt_usd(cap),
+                fmt_usd(self.spent),
             )
         self._stop(STOP_BUDGET)
         return False

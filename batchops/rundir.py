@@ -111,6 +111,8 @@ def create_or_resume(path: Path, spec: JobSpec) -> tuple[RunDir, bool]:
         return run, False
     old = JobSpec.model_validate_json(saved)
     changed = [f for f in IDENTITY_FIELDS if getattr(old, f) != getattr(spec, f)]
+    if _widens(old, spec):  # a trial slice extended: its answers are reused
+        changed = [f for f in changed if f not in ("start_row", "end_row")]
     if changed:
         store.close()
         raise InputError(
@@ -120,6 +122,14 @@ def create_or_resume(path: Path, spec: JobSpec) -> tuple[RunDir, bool]:
     run = RunDir(path, store, spec, store.get_meta("run_id") or "run_unknown")
     run.save_spec(spec)
     return run, True
+
+
+def _widens(old: JobSpec, new: JobSpec) -> bool:
+    """Whether the new row slice contains the old one (rows answered stay answered)."""
+    inf = float("inf")
+    return (new.start_row or 0) <= (old.start_row or 0) and (
+        inf if new.end_row is None else new.end_row
+    ) >= (inf if old.end_row is None else old.end_row)
 
 
 def open_existing(path: Path) -> RunDir:

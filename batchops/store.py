@@ -271,14 +271,28 @@ class Store:
         return self.conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
 
     def add_rows(self, frames: Iterable[pl.DataFrame]) -> int:
-        """Register the source rows (once, at the start of a run) as pending."""
+        """Register the source rows as pending; rows already registered (a widened slice) keep
+        their state. Returns how many rows are new."""
         n = 0
         with self.tx():
             for frame in frames:
                 pairs = zip(frame["__row_idx"].to_list(), frame["__row_id"].to_list(), strict=True)
-                self.conn.executemany("INSERT INTO rows(row_idx, row_id) VALUES (?, ?)", pairs)
-                n += frame.height
+                cur = self.conn.executemany(
+                    "INSERT OR IGNORE INTO rows(row_idx, row_id) VALUES (?, ?)", pairs
+                )
+                n += cur.rowcount
         return n
+
+    def explain_unsent(self, reason: str, error_class: str) -> int:
+        """Rows the run stopped without sending (or answering) get the reason: a missing row is
+        never without one. Rows that already carry an error keep theirs."""
+        with self.tx():
+            cur = self.conn.execute(
+                "UPDATE rows SET error = ?, error_class = ?, updated_at = ?"
+                " WHERE status IN ('pending', 'queued') AND error IS NULL",
+                (reason, error_class, time.time()),
+            )
+        return cur.rowcount
 
     def pending_row_idxs(self) -> list[int]:
         return [
