@@ -135,8 +135,8 @@ def build_spec(
     data.setdefault("source_format", infer_source_format(source_path))
     schema = options.get("schema", cfg.get("schema"))
     if schema is not None:  # a pydantic model class, a JSON Schema dict, or a JSON file path
-        name = options.get("schema_name") or cfg.get("schema_name")
-        data["schema_"], data["schema_name"] = structured.resolve_schema(schema, name)
+        schema_name: str | None = options.get("schema_name") or cfg.get("schema_name")
+        data["schema_"], data["schema_name"] = structured.resolve_schema(schema, schema_name)
     if not entries:
         raise InputError("no model: give --model (repeatable) or [[models]] in batchops.toml")
     try:
@@ -364,7 +364,7 @@ def dry_run_job(
         "skipped": skipped,
     }
     return RunReport(
-        run_dir, counts, 0.0, "dry run", None, est, False, spec.max_cost, checks=checks
+        run_dir, counts, 0.0, StopReason.DRY_RUN, None, est, False, spec.max_cost, checks=checks
     )
 
 
@@ -429,7 +429,8 @@ def merge_run(run: RunDir, out: Path | None = None, src: source.Source | None = 
         summary.path,
         ", ".join(f"{k} {v}" for k, v in sorted(summary.by_status.items())),
     )
-    return summary.path
+    path: Path = summary.path
+    return path
 
 
 def merge(run_dir: Path, out: Path | None = None) -> Path:
@@ -672,11 +673,7 @@ def watch(
                     break
                 engine.sleep(run.spec.poll_interval)
             c = run.store.counts()
-            stopped = (
-                "rows left to send: `batchops watch --retry` sends them"
-                if c["pending"] or c["queued"]
-                else None
-            )
+            stopped = StopReason.ROWS_LEFT if c["pending"] or c["queued"] else None
         final = merge_run(run) if run.store.counts()["succeeded"] else None
         return RunReport(
             Path(run_dir),
@@ -1012,9 +1009,10 @@ def _drive(
             or result.stopped_because in (StopReason.NO_WAIT, StopReason.BUDGET)
         ):
             break
+        nxt = pool.first_available()
         logger.info(
             "the pool moved on to model {} in {} mode: handing over",
-            pool.first_available()[0].name,
+            nxt[0].name if nxt else "?",
             after,
         )
     assert result is not None

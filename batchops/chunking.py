@@ -14,8 +14,9 @@ A chunk covers up to spec.batch_size consecutive selected rows; rows that cannot
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Generator, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import polars as pl
@@ -52,7 +53,7 @@ def build_chunks(
     model: str,
     out_dir: Path,
     first_chunk_no: int,
-    only_rows=None,
+    only_rows: Collection[int] | None = None,
     file_name: Callable[[int], str] = default_file_name,
     estimate_tokens: TokenEstimator | None = None,
     max_bytes: int = MAX_BYTES_PER_FILE,
@@ -122,7 +123,9 @@ def build_chunks(
 # ---------------------------------------------------------------------------------------------
 
 
-def _skip_empty_inputs(frame: pl.DataFrame, writer: _ChunkWriter):
+def _skip_empty_inputs(
+    frame: pl.DataFrame, writer: _ChunkWriter
+) -> Generator[BuiltChunk, None, pl.DataFrame]:
     """Embeddings refuse an empty input (400 per request): such rows are skipped, not sent."""
     empty = frame.filter(pl.col(_TEXT_COL) == "")
     for idx in empty[ROW_IDX].to_list():
@@ -298,7 +301,7 @@ class _ChunkWriter:
     ) -> None:
         self.out_dir, self.next_no, self.file_name = out_dir, first_no, file_name
         self.max_rows, self.max_bytes, self.fsync = max_rows, max_bytes, fsync
-        self.fh = None
+        self.fh: BinaryIO | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -332,7 +335,9 @@ class _ChunkWriter:
         path = self._path()
         return path.with_name(path.name + ".tmp")
 
-    def add(self, data, row_idxs: list[int], custom_ids: list[str], tokens: int) -> None:
+    def add(
+        self, data: bytes | memoryview, row_idxs: list[int], custom_ids: list[str], tokens: int
+    ) -> None:
         if self.fh is None:
             self.fh = open(self._tmp(), "wb")  # noqa: SIM115 (closed in close/abort)
         self.fh.write(data)
@@ -348,12 +353,11 @@ class _ChunkWriter:
 
     def close(self) -> BuiltChunk:
         """Publish the chunk file (an empty one if every row was skipped) and start the next."""
-        if self.fh is None:
-            self.fh = open(self._tmp(), "wb")  # noqa: SIM115
-        self.fh.flush()
+        fh = self.fh if self.fh is not None else open(self._tmp(), "wb")  # noqa: SIM115
+        fh.flush()
         if self.fsync:  # the caller records the chunk as built: its bytes must survive a crash
-            os.fsync(self.fh.fileno())
-        self.fh.close()
+            os.fsync(fh.fileno())
+        fh.close()
         self.fh = None
         path = self._path()
         os.replace(self._tmp(), path)

@@ -47,13 +47,13 @@ def plain(error: Mapping[str, Any]) -> str:
         sign, key = bounds[kind]
         return f"must be {sign} {ctx.get(key)}"
     if kind == "literal_error":
-        return f"must be one of {ctx.get('expected')}"
+        return f"must be one of {ctx.get('expected')!s}"
     if kind == "extra_forbidden":
         return "is not a known key"
     if kind == "missing":
         return "is required"
     if kind.endswith("_parsing") or kind.endswith("_type"):
-        return "must be " + _TYPES.get(kind.split("_")[0], kind.split("_")[0])
+        return "must be " + str(_TYPES.get(kind.split("_")[0], kind.split("_")[0]))
     msg = str(error.get("msg", "is not valid"))
     return msg[0].lower() + msg[1:] if msg else "is not valid"
 
@@ -98,7 +98,9 @@ def check_config(data: Mapping[str, Any], path: Path | str) -> None:
         if key in JobSpec.model_fields:
             try:  # the field's own type and bounds, without the rest of a JobSpec
                 JobSpec.__pydantic_validator__.validate_assignment(
-                    JobSpec.model_construct(), key, value
+                    JobSpec.model_construct(),  # type: ignore[call-arg]  # an empty shell on purpose
+                    key,
+                    value,
                 )
             except ValidationError as exc:
                 raise ConfigError(f"{path}: {key} = {value!r}: {plain(exc.errors()[0])}") from None

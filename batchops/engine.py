@@ -34,6 +34,7 @@ from batchops.progress import fmt_usd
 from batchops.providers import Pool
 from batchops.records import BadLine, RowOutcome
 from batchops.rundir import RunDir
+from batchops.spec import PriceOverride
 from batchops.states import (
     INTENT_CHUNKS,
     UNSENT_CHUNKS,
@@ -203,7 +204,7 @@ class BatchEngine:
             )
         return built
 
-    def overrides(self) -> dict[str, pricing.PriceOverride]:
+    def overrides(self) -> dict[str, PriceOverride]:
         return pricing.overrides_from_spec(self.spec)
 
     # ------------------------------------------------------------------ the loop
@@ -479,7 +480,7 @@ class BatchEngine:
                 chunk.chunk_id, ChunkState.UPLOADED, file_id=file_id, event=f"uploaded as {file_id}"
             )
             logger.debug("chunk {} uploaded as {}", chunk.chunk_id, file_id)
-        back = chunk.state  # where a refused create leaves the chunk
+        back = ChunkState(chunk.state)  # where a refused create leaves the chunk
         logger.debug("chunk {}: {} → submitting (key {})", chunk.chunk_id, back, key_label)
         chunk = self.store.move_chunk(chunk.chunk_id, ChunkState.SUBMITTING, key_id=key_id)
         req = self.submit_request(chunk)
@@ -597,16 +598,16 @@ class BatchEngine:
                 logger.info("chunk {}: reconciled, upload never arrived", chunk.chunk_id)
             return
         since = float(self.store.get_meta("created_at") or 0) - RECONCILE_SLACK
-        found = backend.find_batch(self.submit_request(chunk), since)
-        if found is not None:
-            self._attach(chunk, found)
+        batch = backend.find_batch(self.submit_request(chunk), since)
+        if batch is not None:
+            self._attach(chunk, batch)
             self.store.event(
                 "reconciled",
-                f"re-attached to batch {found.id}",
+                f"re-attached to batch {batch.id}",
                 chunk_id=chunk.chunk_id,
-                batch_id=found.id,
+                batch_id=batch.id,
             )
-            logger.info("chunk {}: reconciled, re-attached to batch {}", chunk.chunk_id, found.id)
+            logger.info("chunk {}: reconciled, re-attached to batch {}", chunk.chunk_id, batch.id)
         else:
             back = ChunkState.UPLOADED if chunk.file_id else ChunkState.BUILT
             self.store.move_chunk(chunk.chunk_id, back, event="reconciled: batch was never created")

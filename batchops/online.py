@@ -245,7 +245,8 @@ class OnlineEngine:
             self.store = main_store
         if "error" in box:
             raise box["error"]
-        return box["result"]
+        result: EngineResult = box["result"]
+        return result
 
     # ------------------------------------------------------------------ the loop
     async def _main(self) -> EngineResult:
@@ -409,7 +410,9 @@ class OnlineEngine:
                         break
                     await self._enqueue(group)
             finally:
-                frames.close()
+                close = getattr(frames, "close", None)  # a generator: release the reader
+                if close is not None:
+                    close()
 
     def _next_group(self, frames: Iterator[pl.DataFrame]) -> list[Group] | None:
         frame = next(frames, None)
@@ -665,7 +668,7 @@ class OnlineEngine:
         return None if cached[0] is None else pricing.cost_of(usage, cached[0])
 
     # ------------------------------------------------------------------ limits and budget
-    def _tokens(self, entry: ModelEntry, body: dict) -> int:
+    def _tokens(self, entry: ModelEntry, body: dict[str, Any]) -> int:
         if not (self.pacer.needs_tokens(entry) or self.spec.max_cost is not None):
             return 0
         # As OpenAI counts it against TPM: the prompt estimate plus the completion cap.

@@ -546,10 +546,10 @@ def image_tokens(width: int, height: int, detail: str = "auto", model: str | Non
         raise ValueError(f"image size must be positive, got {width}×{height}")
     kind, params = _image_formula(model)
     if kind == "patch":
-        return math.ceil(_patch_count(width, height) * params)
+        return int(math.ceil(_patch_count(width, height) * params))
     base, per_tile = params
     if detail == "low":
-        return base
+        return int(base)
     w, h = float(width), float(height)
     if max(w, h) > 2048:
         scale = 2048 / max(w, h)
@@ -558,7 +558,7 @@ def image_tokens(width: int, height: int, detail: str = "auto", model: str | Non
         scale = 768 / min(w, h)
         w, h = w * scale, h * scale
     tiles = math.ceil(w / 512) * math.ceil(h / 512)
-    return base + per_tile * tiles
+    return int(base + per_tile * tiles)
 
 
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}

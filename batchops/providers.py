@@ -98,10 +98,11 @@ class Pool:
             raise ConfigError(
                 "no API key: set OPENAI_API_KEY (or OPENAI_API_KEYS, or --api-key-file); for a local server any value works"
             )
+        some_keys: list[Key | None] = list(keys) or [None]
         order: list[tuple[ModelEntry, Key | None]] = (
-            [(m, key) for m in spec.models for key in keys or [None]]
+            [(m, key) for m in spec.models for key in some_keys]
             if spec.pool_order == "keys-then-models"
-            else [(m, key) for key in keys or [None] for m in spec.models]
+            else [(m, key) for key in some_keys for m in spec.models]
         )
         for m, key in order:
             k = entry_keys[m.name] or key

@@ -159,10 +159,9 @@ def read_file(path: Path | str, endpoint: str = DEFAULT_ENDPOINT) -> Iterator[Ro
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
-            if line_no == 1:
-                line = _strip_bom(line)
+            text: bytes | str = _strip_bom(line) if line_no == 1 else line
             try:
-                yield parse_line(line, endpoint, line_no=line_no)
+                yield parse_line(text, endpoint, line_no=line_no)
             except ResultFormatError as exc:
                 yield BadLine(path, line_no, exc.reason)
 
@@ -235,7 +234,7 @@ def _success(custom_id: str, body: Any, kind: str, request_id: str | None) -> Ro
     return _completions_success(custom_id, body, model, request_id)
 
 
-def _first_choice(body: dict) -> dict | None:
+def _first_choice(body: dict[str, Any]) -> dict[str, Any] | None:
     choices = body.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices else None
     return choice if isinstance(choice, dict) else None
@@ -255,7 +254,7 @@ def _no_choices(
 
 
 def _chat_success(
-    custom_id: str, body: dict, model: str | None, request_id: str | None
+    custom_id: str, body: dict[str, Any], model: str | None, request_id: str | None
 ) -> RowOutcome:
     usage = _chat_usage(body.get("usage"))
     choice = _first_choice(body)
@@ -263,7 +262,8 @@ def _chat_success(
         return _no_choices(custom_id, usage, model, request_id)
     finish = choice.get("finish_reason")
     finish = finish if isinstance(finish, str) else None
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    raw_message = choice.get("message")
+    message: dict[str, Any] = raw_message if isinstance(raw_message, dict) else {}
     content = message.get("content")
     if isinstance(content, list):
         # Some compatible servers return content parts even in answers.
@@ -281,7 +281,7 @@ def _chat_success(
 
 
 def _completions_success(
-    custom_id: str, body: dict, model: str | None, request_id: str | None
+    custom_id: str, body: dict[str, Any], model: str | None, request_id: str | None
 ) -> RowOutcome:
     usage = _chat_usage(body.get("usage"))
     choice = _first_choice(body)
@@ -293,14 +293,15 @@ def _completions_success(
 
 
 def _responses_success(
-    custom_id: str, body: dict, model: str | None, request_id: str | None
+    custom_id: str, body: dict[str, Any], model: str | None, request_id: str | None
 ) -> RowOutcome:
     usage = _responses_usage(body.get("usage"))
     status = body.get("status")
     if status == "failed" or (
         status not in ("incomplete",) and isinstance(body.get("error"), dict)
     ):
-        err = body.get("error") if isinstance(body.get("error"), dict) else {}
+        raw_err = body.get("error")
+        err: dict[str, Any] = raw_err if isinstance(raw_err, dict) else {}
         code = _str_or_none(err.get("code"))
         cls = classify_http(None, code, _str_or_none(err.get("type")))
         return RowOutcome(
@@ -351,7 +352,7 @@ def _responses_success(
 
 
 def _embeddings_success(
-    custom_id: str, body: dict, model: str | None, request_id: str | None
+    custom_id: str, body: dict[str, Any], model: str | None, request_id: str | None
 ) -> RowOutcome:
     usage = _embeddings_usage(body.get("usage"))
     data = body.get("data")
@@ -369,7 +370,7 @@ def _embeddings_success(
             model=model,
             request_id=request_id,
         )
-    items.sort(key=lambda d: d.get("index") if isinstance(d.get("index"), int) else 0)
+    items.sort(key=lambda d: d["index"] if isinstance(d.get("index"), int) else 0)
     vectors = [d["embedding"] for d in items]
     # One input per row is the normal case: a flat vector; several inputs: a list of vectors.
     # base64-encoded embeddings (encoding_format="base64") are strings and are kept as such.
@@ -526,7 +527,7 @@ def _int(d: Any, key: str) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
-def _usage(u: dict, prompt: str, completion: str) -> Usage:
+def _usage(u: dict[str, Any], prompt: str, completion: str) -> Usage:
     """Usage from one endpoint's field names: `<prompt>_tokens` (+ `_details.cached_tokens`) and
     `<completion>_tokens` (+ `_details.reasoning_tokens`)."""
     return Usage(

@@ -55,6 +55,8 @@ class StopReason(StrEnum):
         "batches of an earlier batch run are still in flight: `batchops watch` collects them"
     )
     ERROR = "error"
+    DRY_RUN = "dry run"
+    ROWS_LEFT = "rows left to send: `batchops watch --retry` sends them"
 
 
 ROW_TRANSITIONS: dict[RowState, frozenset[RowState]] = {

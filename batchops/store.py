@@ -268,7 +268,7 @@ class Store:
 
     # ------------------------------------------------------------------ rows
     def row_count(self) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+        return int(self.conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
 
     def add_rows(self, frames: Iterable[pl.DataFrame]) -> int:
         """Register the source rows as pending; rows already registered (a widened slice) keep
@@ -749,7 +749,9 @@ class Store:
         return out
 
     def spent(self) -> float:
-        return self.conn.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM attempts").fetchone()[0]
+        return float(
+            self.conn.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM attempts").fetchone()[0]
+        )
 
     def events(self, limit: int = 50) -> list[sqlite3.Row]:
         return self.conn.execute(

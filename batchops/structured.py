@@ -97,7 +97,8 @@ def strict_ready(schema: dict[str, Any]) -> dict[str, Any]:
             out = {"$ref": out["$ref"]}
         return out
 
-    return fix(schema)
+    fixed: dict[str, Any] = fix(schema)
+    return fixed
 
 
 def check_spec(spec: JobSpec) -> None:

@@ -156,7 +156,7 @@ def _fast_check(path: Path, endpoint: str, max_requests: int, max_bytes: int) ->
         if mm[:14] != b'{"custom_id":"' or mm[-1:] != b"\n" or _NOT_CANONICAL.search(mm):
             return None
     try:
-        frame = pl.read_ndjson(path, schema=_FIELDS)
+        frame = pl.read_ndjson(path, schema=_FIELDS)  # type: ignore[arg-type]
     except (pl.exceptions.PolarsError, OSError):
         return None  # not JSON, or a field of the wrong type
     if not 0 < frame.height <= max_requests:
