@@ -24,6 +24,7 @@ abandons them; their rows go back to pending), then raises KeyboardInterrupt (ex
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 import signal
 import threading
@@ -223,8 +224,11 @@ class OnlineEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         main_store = self.store
 
+        main_run = self.run
+
         def target() -> None:
             self.store = Store.open(self.run.path)
+            self.run = dataclasses.replace(main_run, store=self.store)
             try:
                 box["result"] = asyncio.run(self._main())
             except BaseException as exc:  # re-raised in the caller's thread
@@ -243,6 +247,7 @@ class OnlineEngine:
                         self._loop.call_soon_threadsafe(self._on_sigint)
         finally:
             self.store = main_store
+            self.run = main_run
         if "error" in box:
             raise box["error"]
         result: EngineResult = box["result"]
