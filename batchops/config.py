@@ -8,14 +8,22 @@ a pydantic traceback. `describe_errors` gives pydantic errors the same plain wor
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from batchops.errors import ConfigError
-from batchops.spec import JobSpec, ModelEntry, PriceOverride, RetryPolicy, load_toml
+from batchops import structured
+from batchops.errors import ConfigError, InputError
+from batchops.spec import (
+    JobSpec,
+    ModelEntry,
+    PriceOverride,
+    RetryPolicy,
+    infer_source_format,
+    load_toml,
+)
 
 # Top-level keys build_spec reads besides JobSpec's own fields.
 _EXTRA_KEYS = {"models", "retry", "prices", "schema", "schema_name"}
@@ -119,3 +127,79 @@ def _check(
         if e["type"] == "extra_forbidden":
             hint = f" (known keys: {', '.join(allowed.model_fields)})"
         raise ConfigError(f"{path}: {where}: {loc or 'value'}{shown}: {plain(e)}{hint}") from None
+
+
+def build_spec(
+    *,
+    source_path: str,
+    prompt: str,
+    models: Sequence[str | ModelEntry],
+    config: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> JobSpec:
+    """A JobSpec from keyword options (None = not given) over an optional batchops.toml mapping."""
+    data: dict[str, Any] = {}
+    cfg = dict(config or {})
+    table_models = cfg.pop("models", None)
+    data.update({k: v for k, v in cfg.items() if k in JobSpec.model_fields})
+    data.update({k: v for k, v in options.items() if v is not None and k in JobSpec.model_fields})
+    retry = dict(cfg.get("retry", {}))
+    for flag, name in (
+        ("max_retries", "max_retries"),
+        ("retry_delay", "initial_delay"),
+        ("retry_backoff", "backoff"),
+        ("retry_max_delay", "max_delay"),
+    ):
+        if options.get(flag) is not None:
+            retry[name] = options[flag]
+    if options.get("retry_on"):
+        retry["retry_on"] = [c.strip() for c in str(options["retry_on"]).split(",") if c.strip()]
+    data["retry"] = retry
+    entries: list[ModelEntry] = []
+    by_name = {m["name"]: m for m in (table_models or [])} if table_models else {}
+    for m in models or list(by_name):
+        entries.append(
+            m if isinstance(m, ModelEntry) else ModelEntry(**by_name.get(m, {"name": m}))
+        )
+    data["models"] = entries
+    data["source"] = source_path
+    data["prompt"] = prompt
+    data.setdefault("source_format", infer_source_format(source_path))
+    schema = options.get("schema", cfg.get("schema"))
+    if schema is not None:  # a pydantic model class, a JSON Schema dict, or a JSON file path
+        schema_name: str | None = options.get("schema_name") or cfg.get("schema_name")
+        data["schema_"], data["schema_name"] = structured.resolve_schema(schema, schema_name)
+    if not entries:
+        raise InputError("no model: give --model (repeatable) or [[models]] in batchops.toml")
+    try:
+        return JobSpec.model_validate(data)
+    except Exception as exc:  # pydantic ValidationError → one line naming the field
+        raise InputError(_one_line_validation(exc)) from None
+
+
+def _one_line_validation(exc: Exception) -> str:
+    from pydantic import ValidationError
+
+    from batchops.config import describe_errors
+
+    if isinstance(exc, ValidationError):  # "--batch-size must be ≥ 1", not pydantic's wording
+        return describe_errors(exc, _option_name)
+    return str(exc)
+
+
+# JobSpec locations whose option name is not the field name.
+_OPTION_OF = {
+    "retry.initial_delay": "retry-delay",
+    "retry.backoff": "retry-backoff",
+    "retry.max_delay": "retry-max-delay",
+    "retry.max_retries": "max-retries",
+    "retry.retry_on": "retry-on",
+    "source": "csv",
+    "models": "model",
+}
+
+
+def _option_name(loc: tuple[Any, ...]) -> str:
+    dotted = ".".join(str(x) for x in loc) or "option"
+    name = _OPTION_OF.get(dotted) or _OPTION_OF.get(str(loc[0]) if loc else "") or dotted
+    return "--" + name.replace("_", "-")

@@ -24,8 +24,8 @@ abandons them; their rows go back to pending), then raises KeyboardInterrupt (ex
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import contextlib
+import dataclasses
 import signal
 import threading
 import time

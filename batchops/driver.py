@@ -1,0 +1,367 @@
+"""Driving runs: start or resume, dry run, retry what is missing, watch, cancel, merge.
+
+The lane switch (batch ↔ online, when the pool moves on to a model of the other mode) lives
+in `_drive`; every command that sends work goes through it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from batchops import chunking, pricing, render, source, structured, validate
+from batchops import merge as merging
+from batchops.errors import InputError
+from batchops.estimates import estimate, estimate_of, online_estimate, unpriced_attempts
+from batchops.render import check_template
+from batchops.rundir import RunDir, create_or_resume, default_run_dir, open_existing, start_over
+from batchops.spec import JobSpec, ModelEntry
+from batchops.states import INTENT_CHUNKS, ChunkState, StopReason
+from batchops.summaries import Estimate, RunReport
+
+if TYPE_CHECKING:  # openai and pandas take ~1 s to import; a dry run needs neither
+    from batchops.engine import BatchEngine, EngineResult, Progress
+    from batchops.providers import Pool
+
+
+def validate_inputs(spec: JobSpec) -> source.Source:
+    """Everything that can be checked before anything is built or uploaded."""
+    src = source.open_source(spec)
+    check_template(spec.prompt, src.columns, what="--prompt", source_name=src.path)
+    if spec.system:
+        check_template(spec.system, src.columns, what="--system", source_name=src.path)
+    if spec.image_column and not spec.image_dir:
+        raise InputError(
+            "--image-column needs --image-dir (the folder the image paths are relative to)"
+        )
+    if spec.image_dir and not Path(spec.image_dir).is_dir():
+        raise InputError(f"--image-dir {spec.image_dir}: not a directory")
+    structured.check_spec(spec)
+    render.request_body(spec, spec.models[0].name, "")  # body options (--body-extra …) checked now
+    return src
+
+
+def make_pool(
+    spec: JobSpec, *, api_key_file: Path | None = None, base_url: str | None = None
+) -> Pool:
+    from batchops.providers import Pool, load_keys
+
+    keys = load_keys(api_key_file)
+    return Pool(spec, keys, base_url=base_url or os.environ.get("OPENAI_BASE_URL"))
+
+
+def run_job(
+    spec: JobSpec,
+    run_dir: Path | None = None,
+    *,
+    cleanup: bool = False,
+    keep_latest: bool = False,
+    dry_run: bool = False,
+    wait: bool = True,
+    api_key_file: Path | None = None,
+    base_url: str | None = None,
+    on_estimate: Callable[[Estimate], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> RunReport:
+    """`batchops run`: start or resume a run and drive it to the end (or until it can go no further)."""
+    run_dir = Path(run_dir or default_run_dir(spec.source))
+    src = validate_inputs(spec)
+    if dry_run:
+        return dry_run_job(spec, src, run_dir, on_estimate=on_estimate)
+    pool = make_pool(spec, api_key_file=api_key_file, base_url=base_url)
+    if cleanup or keep_latest:
+        backup = start_over(run_dir, keep_backup=keep_latest)
+        if backup:
+            logger.info("previous run kept as {}", backup)
+    run, resumed = create_or_resume(run_dir, spec)
+    try:
+        if resumed:
+            logger.info("resuming run {} in {}", run.run_id, run_dir)
+        engine = _batch_engine()(run, pool, wait=wait, on_progress=on_progress, src=src)
+        engine.ensure_rows()
+        pool.lane = pool.next_mode() or spec.mode
+        if pool.lane == "batch":
+            engine.reconcile()
+            engine.build_pending()
+        est = estimate(run) if pool.lane == "batch" else online_estimate(run, src)
+        new = run.store.chunks("built") if pool.lane == "batch" else est.rows
+        if on_estimate and (new or not resumed):
+            on_estimate(est)
+        elif resumed:  # everything was estimated (and shown) when it was first submitted
+            logger.info("resuming: nothing new to submit ({} row(s) in flight)", est.rows)
+        result = _drive(run, pool, engine, on_progress=on_progress)
+        final = None
+        if result.stopped_because != StopReason.NO_WAIT:
+            final = merge_run(run, src=src)
+        return RunReport(
+            run_dir,
+            result.counts,
+            result.spent,
+            result.stopped_because,
+            final,
+            est,
+            resumed,
+            spec.max_cost,
+            unpriced=unpriced_attempts(run),
+        )
+    finally:
+        run.close()
+
+
+def dry_run_job(
+    spec: JobSpec,
+    src: source.Source,
+    run_dir: Path,
+    *,
+    on_estimate: Callable[[Estimate], None] | None = None,
+) -> RunReport:
+    """Build every chunk file of the job under <run-dir>/dry-run/ and estimate it.
+
+    No network, no key, and the run's database is not touched: a dry run has no side effect
+    on a real run in the same directory (which builds its own files in seconds).
+    """
+    out_dir = run_dir / "dry-run"
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    model = spec.models[0].name
+    per_row = spec.max_tokens or pricing.DEFAULT_COMPLETION_ESTIMATE
+    overrides = pricing.overrides_from_spec(spec)
+    # Keep a summary per chunk, not the chunk: its row lists would grow with the table.
+    est_rows: list[tuple[int, int, float | None]] = []
+    skipped = 0
+    # Each finished file is checked in a thread while the next one is built (both halves run
+    # in polars, which releases the GIL).
+    checker = ThreadPoolExecutor(max_workers=1)
+    pending_checks = []
+    for c in chunking.build_chunks(
+        src,
+        spec,
+        model=model,
+        out_dir=out_dir,
+        first_chunk_no=1,
+        estimate_tokens=pricing.estimate_text_tokens_fast,
+        fsync=False,  # throwaway files: durability buys nothing here
+    ):
+        skipped += len(c.skipped)
+        if c.row_idxs:
+            n = len(c.row_idxs)
+            cost = pricing.estimate_cost(
+                model, c.est_prompt_tokens, per_row * n, batch=True, overrides=overrides
+            )
+            est_rows.append((c.est_prompt_tokens, n, cost))
+            pending_checks.append(
+                checker.submit(validate.check_files, [c.path], spec.batch_endpoint(model))
+            )
+    est = estimate_of(model, est_rows, per_row, spec.max_tokens)
+    checks = [check for f in pending_checks for check in f.result()]
+    checker.shutdown()
+    bad = validate.problems(checks)
+    if bad:
+        more = f" (and {len(bad) - 1} more problem(s))" if len(bad) > 1 else ""
+        raise InputError(f"chunk file check failed: {bad[0]}{more}")
+    logger.info(validate.summary(checks))
+    if on_estimate:
+        on_estimate(est)
+    counts = {
+        "pending": 0,
+        "queued": est.rows,
+        "succeeded": 0,
+        "failed": 0,
+        "skipped": skipped,
+    }
+    return RunReport(
+        run_dir, counts, 0.0, StopReason.DRY_RUN, None, est, False, spec.max_cost, checks=checks
+    )
+
+
+def merge_run(run: RunDir, out: Path | None = None, src: source.Source | None = None) -> Path:
+    spec = run.spec
+    src = src or source.open_source(spec)  # a full validation pass: reuse the run's when given
+    out = Path(out or run.final_output)
+    # Output in the source's own format: Parquet keeps the column types, JSONL each object.
+    native = merging.format_of(out) == src.format != "csv"
+    summary = merging.merge_frames(
+        source.iter_frames(src, native=native),
+        src.columns,
+        run.store.outcomes_frame(),
+        out,
+        source_schema=src.arrow_schema if native else None,
+        raw=native and src.format == "jsonl",
+        answer_schema=spec.schema_,
+        schema_prefix=spec.schema_prefix,
+        embeddings=spec.endpoint == "/v1/embeddings"
+        and (spec.body_extra or {}).get("encoding_format") != "base64",
+    )
+    logger.info(
+        "merged {} rows into {} ({})",
+        summary.rows,
+        summary.path,
+        ", ".join(f"{k} {v}" for k, v in sorted(summary.by_status.items())),
+    )
+    path: Path = summary.path
+    return path
+
+
+def merge(run_dir: Path, out: Path | None = None) -> Path:
+    run = open_existing(Path(run_dir))
+    try:
+        return merge_run(run, out)
+    finally:
+        run.close()
+
+
+def retry_missing(
+    run_dir: Path,
+    *,
+    models: Sequence[str] | None = None,
+    poll_interval: float | None = None,
+    api_key_file: Path | None = None,
+    base_url: str | None = None,
+    wait: bool = True,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> RunReport:
+    """Send every failed or skipped row again (fresh retry budget), on the pool given or the run's own."""
+    run = open_existing(Path(run_dir))
+    spec = run.spec
+    updates: dict[str, Any] = {}
+    if models:
+        updates["models"] = [
+            spec.model_entry(m) if m in spec.model_names else ModelEntry(name=m) for m in models
+        ]
+    if poll_interval is not None:
+        updates["poll_interval"] = poll_interval
+    spec = spec.model_copy(update=updates)
+    run.save_spec(spec)
+    try:
+        src = validate_inputs(spec)
+        pool = make_pool(spec, api_key_file=api_key_file, base_url=base_url)
+        n = run.store.reset_rows(("failed", "skipped"))
+        logger.info("{} failed/skipped row(s) put back in the queue", n)
+        engine = _batch_engine()(run, pool, wait=wait, on_progress=on_progress, src=src)
+        result = _drive(run, pool, engine, on_progress=on_progress)
+        final = merge_run(run, src=src) if result.stopped_because != StopReason.NO_WAIT else None
+        return RunReport(
+            Path(run_dir),
+            result.counts,
+            result.spent,
+            result.stopped_because,
+            final,
+            None,
+            True,
+            spec.max_cost,
+        )
+    finally:
+        run.close()
+
+
+def cancel(run_dir: Path, *, api_key_file: Path | None = None, base_url: str | None = None) -> int:
+    run = open_existing(Path(run_dir))
+    try:
+        pool = make_pool(run.spec, api_key_file=api_key_file, base_url=base_url)
+        return _batch_engine()(run, pool).cancel_all()
+    finally:
+        run.close()
+
+
+def watch(
+    run_dir: Path,
+    *,
+    retry: bool = False,
+    poll_interval: float | None = None,
+    api_key_file: Path | None = None,
+    base_url: str | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> RunReport:
+    """`batchops watch`: poll the run's remote batches, collecting each as it ends, until none
+    is in flight. With `retry`, also re-queue what failed and submit it (the whole engine loop)."""
+    run = open_existing(Path(run_dir))
+    try:
+        if poll_interval is not None:  # for this invocation only; the saved job is unchanged
+            run.spec = run.spec.model_copy(update={"poll_interval": poll_interval})
+        pool = make_pool(run.spec, api_key_file=api_key_file, base_url=base_url)
+        engine = _batch_engine()(run, pool, on_progress=on_progress, sleep=sleep)
+        if retry:  # the same loop as `run`: batch or online lane, whichever the pool is on
+            result = _drive(run, pool, engine, on_progress=on_progress)
+            stopped = result.stopped_because
+        else:
+            engine.reconcile()  # creates nothing: re-attaches what a crash left half-done
+            while True:
+                engine.poll()
+                engine.report_progress()
+                if not run.store.chunks("submitted"):
+                    break
+                engine.sleep(run.spec.poll_interval)
+            c = run.store.counts()
+            stopped = StopReason.ROWS_LEFT if c["pending"] or c["queued"] else None
+        final = merge_run(run) if run.store.counts()["succeeded"] else None
+        return RunReport(
+            Path(run_dir),
+            run.store.counts(),
+            run.store.spent(),
+            stopped,
+            final,
+            None,
+            True,
+            run.spec.max_cost,
+        )
+    finally:
+        run.close()
+
+
+def _drive(
+    run: RunDir,
+    pool: Pool,
+    batch: BatchEngine,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> EngineResult:
+    """Run the engine of the current pair's mode (batch, or online: synchronous calls); when
+    the pool moves on to a pair of the other mode (the models before it exhausted), hand over
+    to the other engine. Each engine takes only pending rows, so a row answered (or in flight)
+    in one mode is never sent in the other."""
+    from batchops.online import OnlineEngine
+
+    # Rows a killed online run left queued in its groups: pending again, whichever engine runs.
+    released = run.store.release_online_chunks()
+    if released:
+        logger.info("{} row(s) queued by an interrupted online run back to pending", released)
+    result = None
+    # A handover happens only when a pair is exhausted, so this ends; the bound is a safety net.
+    for _ in range(len(pool.pairs) + 2):
+        lane = pool.lane = pool.next_mode() or pool.lane or run.spec.mode
+        if lane == "online":
+            result = OnlineEngine(run, pool, on_progress=on_progress, src=batch._src).execute()
+        else:
+            result = batch.execute()
+        after = pool.next_mode()
+        if (
+            after is None
+            or after == lane
+            or result.stopped_because in (StopReason.NO_WAIT, StopReason.BUDGET)
+        ):
+            break
+        nxt = pool.first_available()
+        logger.info(
+            "the pool moved on to model {} in {} mode: handing over",
+            nxt[0].name if nxt else "?",
+            after,
+        )
+    assert result is not None
+    waiting = run.store.chunks(*INTENT_CHUNKS, ChunkState.SUBMITTED)
+    if pool.lane == "online" and waiting and result.stopped_because is None:
+        result.stopped_because = StopReason.BATCHES_IN_FLIGHT
+    return result
+
+
+def _batch_engine() -> type[BatchEngine]:
+    from batchops.engine import BatchEngine
+
+    return BatchEngine

@@ -1,0 +1,73 @@
+"""What a run and its estimate come to: the values commands return and print."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batchops import validate
+from batchops.states import StopReason
+
+if TYPE_CHECKING:  # openai and pandas take ~1 s to import; a dry run needs neither
+    pass
+
+
+@dataclass
+class Estimate:
+    """Before the first upload: what the queued chunks should cost."""
+
+    chunks: int
+    rows: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float | None  # None when a model has no known price
+    completion_assumption: str
+    by_model: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prices: str = "batch"  # "batch" or "synchronous" (online mode)
+
+
+@dataclass
+class RunReport:
+    run_dir: Path
+    counts: dict[str, int]
+    spent: float
+    stopped_because: StopReason | None
+    final_output: Path | None
+    estimate: Estimate | None = None
+    resumed: bool = False
+    max_cost: float | None = None
+    checks: list[validate.FileCheck] | None = None  # dry run: the chunk files' validation
+    unpriced: int = 0  # requests answered by a model without a known price: spend not known
+
+    @property
+    def complete(self) -> bool:
+        return all(v == 0 for k, v in self.counts.items() if k != "succeeded")
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.complete else 3
+
+    def summary(self) -> str:
+        from batchops.progress import fmt_usd
+
+        c = self.counts
+        text = (
+            f"{c.get('succeeded', 0)} succeeded, {c.get('failed', 0)} failed, {c.get('skipped', 0)} skipped, "
+            f"{c.get('pending', 0) + c.get('queued', 0)} missing; spent {self.spent_text()}"
+        )
+        if self.stopped_because:
+            text += f"; stopped: {self.stopped_because}"
+        if self.max_cost is not None:
+            left = max(0.0, self.max_cost - self.spent)
+            text += f"; budget {fmt_usd(self.max_cost)}: {fmt_usd(left)} left"
+        return text
+
+    def spent_text(self) -> str:
+        """The spend, or 'unknown' for the part answered by a model without a price (not $0)."""
+        from batchops.progress import fmt_usd
+
+        if not self.unpriced:
+            return fmt_usd(self.spent)
+        unknown = f"unknown ({self.unpriced} request(s) by a model without a known price)"
+        return unknown if not self.spent else f"{fmt_usd(self.spent)} + {unknown}"
