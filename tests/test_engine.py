@@ -124,7 +124,7 @@ def make(tmp_path: Path):  # type: ignore[no-untyped-def]
 # ---------------------------------------------------------------------- the happy path
 
 
-@pytest.mark.parametrize("batch_size", [1, 7, 10, 40, 1000])
+@pytest.mark.parametrize("batch_size", [3, 7, 10, 40, 1000])
 def test_every_row_answered_once(make, batch_size):
     h = make(options={"batch_size": batch_size})
     result = h.run()
@@ -382,7 +382,7 @@ def test_crash_at_each_step_then_resume_pays_once(make, point):
 
 
 def test_cancel_keeps_finished_rows_and_requeues_the_rest(make):
-    h = make(n_rows=20, options={"batch_size": 20}, knobs={"in_progress_seconds": 3600})
+    h = make(n_rows=20, options={"batch_size": 20}, knobs={"in_progress_seconds": 3600, "cancelling_seconds": 0})
     engine = h.engine(wait=False)
     engine.execute()
     engine.cancel_all()
