@@ -275,6 +275,12 @@ def cli() -> None:
     "--max-cost", type=float, default=None, help="Stop submitting before spend would pass USD."
 )
 @click.option(
+    "--completion-threshold",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Exit 0 once at least this share of rows succeeded (missing rows listed) [1.0].",
+)
+@click.option(
     "--token-limit", type=int, default=None, help="Enqueued prompt tokens in flight per model."
 )
 @click.option(
@@ -486,11 +492,28 @@ def missing(run_dir: Path | None) -> None:
     epilog=_examples(
         "batchops retry-missing --run-dir runs/products",
         "batchops retry-missing --run-dir runs/products --model gpt-4.1-mini",
+        "batchops retry-missing --class expired --from-model gpt-4o-mini --batch batch_abc",
     ),
 )
 @run_dir_option
 @click.option(
     "--model", "models", multiple=True, help="Model pool for the retry [default: the run's]."
+)
+@click.option(
+    "--class",
+    "error_class",
+    default=None,
+    help="Only rows whose last failure had this error class (see `batchops maintain`).",
+)
+@click.option(
+    "--from-model", default=None, help="Only rows whose last failure came from this model."
+)
+@click.option("--batch", "batch_id", default=None, help="Only rows of this remote batch.")
+@click.option(
+    "--completion-threshold",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Exit 0 once at least this share of rows succeeded [the run's; 1.0].",
 )
 @click.option("--poll-interval", type=float, default=None, help="Seconds between status polls.")
 @key_options
@@ -499,6 +522,10 @@ def missing(run_dir: Path | None) -> None:
 def retry_missing(
     run_dir: Path | None,
     models: tuple[str, ...],
+    error_class: str | None,
+    from_model: str | None,
+    batch_id: str | None,
+    completion_threshold: float | None,
     poll_interval: float | None,
     api_key_file: Path | None,
     base_url: str | None,
@@ -512,6 +539,10 @@ def retry_missing(
         report = api.retry_missing(
             resolve_run_dir(run_dir),
             models=list(models) or None,
+            error_class=error_class,
+            from_model=from_model,
+            batch_id=batch_id,
+            completion_threshold=completion_threshold,
             poll_interval=poll_interval,
             api_key_file=api_key_file,
             base_url=base_url,
@@ -661,6 +692,12 @@ def cost(run_dir: Path | None, as_json: bool) -> None:
     is_flag=True,
     help="Also re-queue what failed or expired and submit it again, until every row is settled.",
 )
+@click.option(
+    "--completion-threshold",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Exit 0 once at least this share of rows succeeded [the run's; 1.0].",
+)
 @click.option("--poll-interval", type=float, default=None, help="Seconds between status polls.")
 @key_options
 @common_logging
@@ -668,6 +705,7 @@ def cost(run_dir: Path | None, as_json: bool) -> None:
 def watch(
     run_dir: Path | None,
     retry: bool,
+    completion_threshold: float | None,
     poll_interval: float | None,
     api_key_file: Path | None,
     base_url: str | None,
@@ -681,6 +719,7 @@ def watch(
         report = api.watch(
             resolve_run_dir(run_dir),
             retry=retry,
+            completion_threshold=completion_threshold,
             poll_interval=poll_interval,
             api_key_file=api_key_file,
             base_url=base_url,

@@ -109,6 +109,7 @@ def run_job(
             resumed,
             spec.max_cost,
             unpriced=unpriced_attempts(run),
+            completion_threshold=spec.completion_threshold,
         )
     finally:
         run.close()
@@ -221,16 +222,24 @@ def retry_missing(
     run_dir: Path,
     *,
     models: Sequence[str] | None = None,
+    error_class: str | None = None,
+    from_model: str | None = None,
+    batch_id: str | None = None,
+    completion_threshold: float | None = None,
     poll_interval: float | None = None,
     api_key_file: Path | None = None,
     base_url: str | None = None,
     wait: bool = True,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> RunReport:
-    """Send every failed or skipped row again (fresh retry budget), on the pool given or the run's own."""
+    """Send failed or skipped rows again (fresh retry budget), on the pool given or the run's
+    own: all of them, or only those whose last failure had this error class, came from this
+    model, or belonged to this batch."""
     run = open_existing(Path(run_dir))
     spec = run.spec
     updates: dict[str, Any] = {}
+    if completion_threshold is not None:
+        updates["completion_threshold"] = completion_threshold
     if models:
         updates["models"] = [
             spec.model_entry(m) if m in spec.model_names else ModelEntry(name=m) for m in models
@@ -242,8 +251,19 @@ def retry_missing(
     try:
         src = validate_inputs(spec)
         pool = make_pool(spec, api_key_file=api_key_file, base_url=base_url)
-        n = run.store.reset_rows(("failed", "skipped"))
-        logger.info("{} failed/skipped row(s) put back in the queue", n)
+        n = run.store.reset_rows(
+            ("failed", "skipped"), error_class=error_class, model=from_model, batch_id=batch_id
+        )
+        chosen = [
+            f"{k} {v}"
+            for k, v in (("class", error_class), ("model", from_model), ("batch", batch_id))
+            if v
+        ]
+        logger.info(
+            "{} failed/skipped row(s) put back in the queue{}",
+            n,
+            f" (only {', '.join(chosen)})" if chosen else "",
+        )
         engine = _batch_engine()(run, pool, wait=wait, on_progress=on_progress, src=src)
         result = _drive(run, pool, engine, on_progress=on_progress)
         final = merge_run(run, src=src) if result.stopped_because != StopReason.NO_WAIT else None
@@ -256,6 +276,7 @@ def retry_missing(
             None,
             True,
             spec.max_cost,
+            completion_threshold=spec.completion_threshold,
         )
     finally:
         run.close()
@@ -275,6 +296,7 @@ def watch(
     *,
     retry: bool = False,
     poll_interval: float | None = None,
+    completion_threshold: float | None = None,
     api_key_file: Path | None = None,
     base_url: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
@@ -284,8 +306,11 @@ def watch(
     is in flight. With `retry`, also re-queue what failed and submit it (the whole engine loop)."""
     run = open_existing(Path(run_dir))
     try:
-        if poll_interval is not None:  # for this invocation only; the saved job is unchanged
+        # For this invocation only; the saved job is unchanged.
+        if poll_interval is not None:
             run.spec = run.spec.model_copy(update={"poll_interval": poll_interval})
+        if completion_threshold is not None:
+            run.spec = run.spec.model_copy(update={"completion_threshold": completion_threshold})
         pool = make_pool(run.spec, api_key_file=api_key_file, base_url=base_url)
         engine = _batch_engine()(run, pool, on_progress=on_progress, sleep=sleep)
         if retry:  # the same loop as `run`: batch or online lane, whichever the pool is on
@@ -296,7 +321,7 @@ def watch(
             while True:
                 engine.poll()
                 engine.report_progress()
-                if not run.store.chunks("submitted"):
+                if not run.store.chunks(ChunkState.SUBMITTED):
                     break
                 engine.sleep(run.spec.poll_interval)
             c = run.store.counts()
@@ -311,6 +336,7 @@ def watch(
             None,
             True,
             run.spec.max_cost,
+            completion_threshold=run.spec.completion_threshold,
         )
     finally:
         run.close()

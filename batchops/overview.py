@@ -22,14 +22,28 @@ def missing(run_dir: Path) -> tuple[Path, dict[str, int]]:
     run = open_existing(Path(run_dir))
     try:
         rows = run.store.rows_by_status(("pending", "queued", "failed", "skipped"))
+        last = run.store.last_attempts([r["row_idx"] for r in rows])
         tmp = run.missing_rows.with_suffix(".csv.tmp")
         by_status: dict[str, int] = {}
         with tmp.open("w", encoding="utf-8", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["row_idx", "row_id", "status", "attempts", "error_class", "error"])
+            w.writerow(
+                [
+                    "row_idx",
+                    "row_id",
+                    "status",
+                    "attempts",
+                    "error_class",
+                    "error",
+                    "model",
+                    "batch_id",
+                    "last_attempt_at",
+                ]
+            )
             for r in rows:
                 status = "missing" if r["status"] in ("pending", "queued") else r["status"]
                 by_status[status] = by_status.get(status, 0) + 1
+                at = last.get(r["row_idx"])
                 w.writerow(
                     [
                         r["row_idx"],
@@ -38,6 +52,9 @@ def missing(run_dir: Path) -> tuple[Path, dict[str, int]]:
                         r["attempts"],
                         r["error_class"] or "",
                         r["error"] or "",
+                        r["model"] or "",
+                        r["batch_id"] or "",
+                        time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(at)) if at else "",
                     ]
                 )
         os.replace(tmp, run.missing_rows)

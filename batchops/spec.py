@@ -169,6 +169,9 @@ class JobSpec(BaseModel):
         return v
 
     key_cycle: bool = Field(False, description="after the last key, return to the first")
+    completion_threshold: float = Field(
+        1.0, ge=0, le=1, description="exit 0 once at least this share of rows succeeded"
+    )
     wait_after_switch: float = Field(0.0, ge=0, description="seconds to wait after a switch")
     pool_order: Literal["models-then-keys", "keys-then-models"] = "models-then-keys"
     prices: dict[str, PriceOverride] = Field(default_factory=dict)

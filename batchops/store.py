@@ -308,13 +308,30 @@ class Store:
             out[status] = n
         return out
 
-    def reset_rows(self, statuses: tuple[str, ...]) -> int:
-        """Put rows with these statuses back to pending with a fresh retry budget (retry-missing)."""
+    def reset_rows(
+        self,
+        statuses: tuple[str, ...],
+        *,
+        error_class: str | None = None,
+        model: str | None = None,
+        batch_id: str | None = None,
+    ) -> int:
+        """Put rows with these statuses back to pending with a fresh retry budget (retry-missing);
+        optionally only those whose last failure had this class, model or batch."""
         marks = ",".join("?" * len(statuses))
+        where, args = f"status IN ({marks})", [*statuses]
+        for column, value in (
+            ("error_class", error_class),
+            ("model", model),
+            ("batch_id", batch_id),
+        ):
+            if value is not None:
+                where += f" AND {column} = ?"
+                args.append(value)
         with self.tx():
             cur = self.conn.execute(
-                f"UPDATE rows SET status = 'pending', attempts = 0, updated_at = ? WHERE status IN ({marks})",
-                (time.time(), *statuses),
+                f"UPDATE rows SET status = 'pending', attempts = 0, updated_at = ? WHERE {where}",
+                (time.time(), *args),
             )
             self._event(
                 "retry",
@@ -758,10 +775,24 @@ class Store:
             "SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,)
         ).fetchall()
 
+    def last_attempts(self, row_idxs: list[int]) -> dict[int, float]:
+        """When each of these rows was last sent (its newest attempt)."""
+        out: dict[int, float] = {}
+        for i in range(0, len(row_idxs), 500):
+            part = row_idxs[i : i + 500]
+            marks = ",".join("?" * len(part))
+            for r in self.conn.execute(
+                f"SELECT row_idx, MAX(ts) FROM attempts WHERE row_idx IN ({marks}) GROUP BY row_idx",
+                part,
+            ):
+                out[r[0]] = r[1]
+        return out
+
     def rows_by_status(self, statuses: tuple[str, ...]) -> list[sqlite3.Row]:
         marks = ",".join("?" * len(statuses))
         return self.conn.execute(
-            f"SELECT row_idx, row_id, status, attempts, error, error_class FROM rows WHERE status IN ({marks})"
+            "SELECT row_idx, row_id, status, attempts, error, error_class, model, batch_id,"
+            f" updated_at FROM rows WHERE status IN ({marks})"
             " ORDER BY row_idx",
             statuses,
         ).fetchall()

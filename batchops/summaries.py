@@ -39,14 +39,25 @@ class RunReport:
     max_cost: float | None = None
     checks: list[validate.FileCheck] | None = None  # dry run: the chunk files' validation
     unpriced: int = 0  # requests answered by a model without a known price: spend not known
+    completion_threshold: float = 1.0  # exit 0 once at least this share of rows succeeded
 
     @property
     def complete(self) -> bool:
         return all(v == 0 for k, v in self.counts.items() if k != "succeeded")
 
     @property
+    def completion(self) -> float:
+        total = sum(self.counts.values())
+        return self.counts.get("succeeded", 0) / total if total else 1.0
+
+    @property
+    def threshold_met(self) -> bool:
+        """Not every row succeeded, but at least --completion-threshold of them did."""
+        return not self.complete and self.completion >= self.completion_threshold
+
+    @property
     def exit_code(self) -> int:
-        return 0 if self.complete else 3
+        return 0 if self.complete or self.threshold_met else 3
 
     def summary(self) -> str:
         from batchops.progress import fmt_usd
@@ -61,6 +72,11 @@ class RunReport:
         if self.max_cost is not None:
             left = max(0.0, self.max_cost - self.spent)
             text += f"; budget {fmt_usd(self.max_cost)}: {fmt_usd(left)} left"
+        if self.threshold_met:
+            text += (
+                f"; completion {self.completion:.1%} meets the threshold "
+                f"{self.completion_threshold:.1%} (missing rows: `batchops missing` lists them)"
+            )
         return text
 
     def spent_text(self) -> str:

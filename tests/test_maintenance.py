@@ -1,0 +1,81 @@
+"""Unattended maintenance: completion thresholds, re-sending by choice, missing-row details."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from cli_helpers import awkward_table, executions, invoke, read_csv, run_args
+
+
+def rejected_rows(emu, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 40-row table of which the emulator rejects a seeded ~10% for good (HTTP 400)."""
+    src = awkward_table(tmp_path, n_plain=33, images=False)
+    return src, tmp_path / "run"
+
+
+@pytest.mark.parametrize(
+    ("threshold", "code"), [(None, 3), ("0.95", 3), ("0.85", 0)], ids=["none", "0.95", "0.85"]
+)
+def test_completion_threshold_decides_the_exit_code(emulator_factory, tmp_path, threshold, code):
+    emu = emulator_factory(reject_fraction=0.1, seed=4)  # exactly 4 of 40 rows
+    src, run_dir = rejected_rows(emu, tmp_path)
+    extra = ["--completion-threshold", threshold] if threshold else []
+    res = invoke(*run_args(emu, src, run_dir, "--batch-size", "20", *extra))
+    rows = read_csv(run_dir / "final_output.csv")
+    failed = sum(r["status"] == "failed" for r in rows)
+    assert failed / len(rows) == 0.1  # the scenario: 10% fail for good
+    assert res.exit_code == code, res.output
+    if code == 0:
+        assert "meets the threshold 85.0%" in res.output
+        assert "batchops missing" in res.output
+
+
+def test_retry_missing_by_class_model_and_batch_sends_only_the_chosen_rows(
+    emulator_factory, tmp_path: Path
+):
+    emu = emulator_factory(reject_fraction=0.25, seed=4)
+    src, run_dir = rejected_rows(emu, tmp_path)
+    assert invoke(*run_args(emu, src, run_dir, "--batch-size", "20")).exit_code == 3
+    with sqlite3.connect(run_dir / "state.db") as db:
+        failed = db.execute(
+            "SELECT row_id, batch_id FROM rows WHERE status = 'failed' ORDER BY row_idx"
+        ).fetchall()
+    batches = sorted({b for _, b in failed})
+    assert len(batches) == 2 and len(failed) >= 4
+    emu.update_scenario(reject_fraction=0.0)
+    before = {k: v["executed"] for k, v in executions(emu).items()}
+    args = ("--run-dir", run_dir, "--base-url", emu.base_url, "--poll-interval", "0.05")
+
+    # Nothing matches this class: nothing is sent.
+    res = invoke("retry-missing", *args, "--class", "expired")
+    assert res.exit_code == 3, res.output
+    assert {k: v["executed"] for k, v in executions(emu).items()} == before
+
+    # Only the first batch's failed rows.
+    res = invoke("retry-missing", *args, "--class", "invalid_request", "--batch", batches[0])
+    after = {k: v["executed"] for k, v in executions(emu).items()}
+    resent = {k for k in after if after[k] != before.get(k)}
+    assert resent == {r for r, b in failed if b == batches[0]}
+    assert res.exit_code == 3  # the second batch's rows are still failed
+
+    # The rest, chosen by the model they failed on.
+    res = invoke("retry-missing", *args, "--from-model", "gpt-4o-mini")
+    assert res.exit_code == 0, res.output
+    assert all(v["succeeded"] == 1 for v in executions(emu).values())
+
+
+def test_missing_rows_name_model_class_batch_and_last_attempt(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(reject_fraction=0.25, seed=4)
+    src, run_dir = rejected_rows(emu, tmp_path)
+    invoke(*run_args(emu, src, run_dir, "--batch-size", "20"))
+    assert invoke("missing", "--run-dir", run_dir).exit_code == 0
+    rows = read_csv(run_dir / "missing_rows.csv")
+    assert rows and all(
+        r["model"] == "gpt-4o-mini"
+        and r["error_class"] == "invalid_request"
+        and r["batch_id"].startswith("batch_")
+        and r["last_attempt_at"][:2] == "20"
+        for r in rows
+    )
