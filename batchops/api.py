@@ -11,10 +11,10 @@ The CLI parses flags, calls one function here, prints, exits. This module only g
 
 from __future__ import annotations
 
-from batchops.config import (  # noqa: F401 (re-exported)
+from batchops.config import (
     build_spec,
 )
-from batchops.driver import (  # noqa: F401 (re-exported)
+from batchops.driver import (
     _drive,
     cancel,
     dry_run_job,
@@ -26,16 +26,16 @@ from batchops.driver import (  # noqa: F401 (re-exported)
     validate_inputs,
     watch,
 )
-from batchops.estimates import (  # noqa: F401 (re-exported)
+from batchops.estimates import (
     estimate,
     online_estimate,
 )
-from batchops.frames import (  # noqa: F401 (re-exported)
+from batchops.frames import (
     API_POLL_INTERVAL,
     FRAME_SOURCE,
     run,
 )
-from batchops.overview import (  # noqa: F401 (re-exported)
+from batchops.overview import (
     cost,
     missing,
     pool_reset,
@@ -44,7 +44,35 @@ from batchops.overview import (  # noqa: F401 (re-exported)
     status,
     status_of,
 )
-from batchops.summaries import (  # noqa: F401 (re-exported)
+from batchops.summaries import (
     Estimate,
     RunReport,
 )
+
+__all__ = [
+    "API_POLL_INTERVAL",
+    "Estimate",
+    "FRAME_SOURCE",
+    "RunReport",
+    "_drive",
+    "build_spec",
+    "cancel",
+    "cost",
+    "dry_run_job",
+    "estimate",
+    "make_pool",
+    "merge",
+    "merge_run",
+    "missing",
+    "online_estimate",
+    "pool_reset",
+    "pool_status",
+    "report",
+    "retry_missing",
+    "run",
+    "run_job",
+    "status",
+    "status_of",
+    "validate_inputs",
+    "watch",
+]
