@@ -220,13 +220,13 @@ class BatchEngine:
             self.submit_ready()
             in_flight = self.store.chunks(ChunkState.SUBMITTED)
             if not in_flight:
-                if (
-                    self.store.counts()["pending"]
-                    and self.pool.current()
-                    and not self.budget_hit
-                    and self.build_pending()
-                ):
-                    continue
+                if self.store.counts()["pending"] and self.pool.current() and not self.budget_hit:
+                    if self.build_pending():
+                        continue
+                    wait = self.store.seconds_until_ready()
+                    if wait > 0:  # failed rows wait before they are sent again
+                        self.sleep(min(wait, self.spec.poll_interval))
+                        continue
                 waiting = self.store.chunks(*UNSENT_CHUNKS, *INTENT_CHUNKS)
                 if waiting and self.pool.current() and not self.budget_hit:
                     # Nothing in flight but a chunk could not be sent (a transient error, an
@@ -747,6 +747,7 @@ class BatchEngine:
             outcomes,
             key_id=chunk.key_id,
             max_retries=self.spec.retry.max_retries,
+            retry_wait=self.spec.retry.delay,
             unanswered=RowState.PENDING if not_run else RowState.FAILED,
             lost_reason=(
                 f"not executed: batch {b.id} {b.raw_status} before this row ran"

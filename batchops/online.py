@@ -396,9 +396,12 @@ class OnlineEngine:
             columns = list(dict.fromkeys([*columns, self.spec.image_column]))
         while self.stop_reason is None:
             pending = self.store.pending_row_idxs()
+            if not pending and (wait := self.store.seconds_until_ready()) > 0:
+                await self._sleep(wait)  # failed rows wait before they are sent again
+                continue
             if not pending:
                 await self.queue.join()  # everything sent is settled: anything back to pending?
-                if self.stop_reason is None and not self.store.pending_row_idxs():
+                if self.stop_reason is None and not self.store.pending_row_idxs(ready_only=False):
                     return
                 continue
             if self.pool.current() is None:
@@ -627,6 +630,7 @@ class OnlineEngine:
             None,
             [(outcome, cost, counts)],
             key_id=key.key_id if key else None,
+            retry_wait=self.spec.retry.delay,
             mode="online",
             max_retries=self.spec.retry.max_retries,
             close_chunk=False,

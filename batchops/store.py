@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,7 @@ from batchops.states import (
     check_chunk,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "state.db"
 
 # Each migration brings the schema from version i to i+1; never edit a released one.
@@ -130,6 +130,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE attempts ADD COLUMN key_id TEXT;
     CREATE INDEX attempts_model_key ON attempts(model, key_id);
+    """,
+    # 3: a failed row waits retry_delay × backoff^(attempt-1) before it is sent again.
+    """
+    ALTER TABLE rows ADD COLUMN not_before REAL;
     """,
 ]
 
@@ -294,13 +298,28 @@ class Store:
             )
         return cur.rowcount
 
-    def pending_row_idxs(self) -> list[int]:
-        return [
-            r[0]
-            for r in self.conn.execute(
-                "SELECT row_idx FROM rows WHERE status = 'pending' ORDER BY row_idx"
+    def pending_row_idxs(self, *, ready_only: bool = True) -> list[int]:
+        """Pending rows in source order; by default only those whose retry wait is over."""
+        if not ready_only:
+            sql, args = "SELECT row_idx FROM rows WHERE status = 'pending' ORDER BY row_idx", ()
+        else:
+            sql = (
+                "SELECT row_idx FROM rows WHERE status = 'pending'"
+                " AND (not_before IS NULL OR not_before <= ?) ORDER BY row_idx"
             )
-        ]
+            args = (time.time(),)
+        return [r[0] for r in self.conn.execute(sql, args)]
+
+    def seconds_until_ready(self) -> float:
+        """How long until the next waiting pending row may be sent (0: one is ready or none
+        is waiting)."""
+        row = self.conn.execute(
+            "SELECT MIN(not_before) FROM rows WHERE status = 'pending' AND not_before > ?",
+            (time.time(),),
+        ).fetchone()
+        if row[0] is None:
+            return 0.0
+        return max(0.0, float(row[0]) - time.time())
 
     def counts(self) -> dict[str, int]:
         out = {s: 0 for s in ("pending", "queued", "succeeded", "failed", "skipped")}
@@ -569,6 +588,7 @@ class Store:
         unanswered: RowState = RowState.PENDING,
         lost_reason: str = "no result for this row in the batch's output or error file",
         key_id: str | None = None,
+        retry_wait: Callable[[int], float] | None = None,
     ) -> Applied:
         """Apply one batch's (or one online request's) outcomes to its rows, in one transaction.
 
@@ -583,6 +603,7 @@ class Store:
         applied = Applied()
         with self.tx():
             for outcome, cost, counts in outcomes:
+                not_before: float | None = None
                 row = self.conn.execute(
                     "SELECT row_idx, status, chunk_id, attempts FROM rows WHERE row_id = ?",
                     (outcome.custom_id,),
@@ -625,6 +646,9 @@ class Store:
                     status = next_row_state(outcome.retryable, attempts, max_retries)
                     applied.requeued += status == RowState.PENDING
                     applied.failed += status == RowState.FAILED
+                    if status == RowState.PENDING and counts and retry_wait is not None:
+                        # The row's own failure: it waits before it is sent again.
+                        not_before = now + retry_wait(attempts)
                 self.conn.execute(
                     """UPDATE rows SET status = ?, attempts = ?, response = COALESCE(?, response),
                            finish_reason = ?, error = ?, error_class = ?, model = COALESCE(?, model),
@@ -634,7 +658,7 @@ class Store:
                            reasoning_tokens = COALESCE(reasoning_tokens, 0) + COALESCE(?, 0),
                            cost_usd = CASE WHEN ? IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + ? END,
                            batch_id = CASE WHEN ? = 'online' THEN NULL ELSE COALESCE(?, batch_id) END,
-                           updated_at = ?
+                           updated_at = ?, not_before = ?
                        WHERE row_idx = ?""",
                     (
                         str(status),
@@ -650,6 +674,7 @@ class Store:
                         mode,  # an answer from an online call belongs to no batch
                         batch_id,
                         now,
+                        not_before,
                         row["row_idx"],
                     ),
                 )

@@ -52,7 +52,9 @@ class Harness:
         self.run_dir = self.tmp / "run"
 
     def spec(self):  # type: ignore[no-untyped-def]
-        opts = {"batch_size": 10, "poll_interval": 0.001, **self.options}
+        # No retry waits: time does not pass on the memory backend (the wait itself is
+        # tested over HTTP in test_maintenance).
+        opts = {"batch_size": 10, "poll_interval": 0.001, "retry_delay": 0.0, **self.options}
         return build_spec(
             source_path=str(self.csv),
             prompt="Describe {name}",
@@ -382,7 +384,11 @@ def test_crash_at_each_step_then_resume_pays_once(make, point):
 
 
 def test_cancel_keeps_finished_rows_and_requeues_the_rest(make):
-    h = make(n_rows=20, options={"batch_size": 20}, knobs={"in_progress_seconds": 3600, "cancelling_seconds": 0})
+    h = make(
+        n_rows=20,
+        options={"batch_size": 20},
+        knobs={"in_progress_seconds": 3600, "cancelling_seconds": 0},
+    )
     engine = h.engine(wait=False)
     engine.execute()
     engine.cancel_all()

@@ -79,3 +79,30 @@ def test_missing_rows_name_model_class_batch_and_last_attempt(emulator_factory, 
         and r["last_attempt_at"][:2] == "20"
         for r in rows
     )
+
+
+def test_failed_rows_wait_longer_before_each_retry(emulator_factory, tmp_path: Path):
+    # Every execution fails with a retryable 500 line (the request's fault: the batch itself
+    # runs; online, a server answering 500 to everything is set aside instead).
+    mode = "batch"
+    always = {"at": "line", "status": 500, "type": "server_error"}
+    emu = emulator_factory(inject_errors=[{**always, "message": "boom"}])
+    src = awkward_table(tmp_path, n_plain=0, images=False)
+    run_dir = tmp_path / "run"
+    delay, backoff = 0.3, 2.0
+    res = invoke(
+        *run_args(emu, src, run_dir, "--batch-size", "7", "--mode", mode),
+        "--max-retries",
+        "3",
+        "--retry-delay",
+        str(delay),
+        "--retry-backoff",
+        str(backoff),
+    )
+    assert res.exit_code == 3, res.output
+    with sqlite3.connect(run_dir / "state.db") as db:
+        ts = [t for (t,) in db.execute("SELECT ts FROM attempts WHERE row_idx = 0 ORDER BY ts")]
+    # 4 executions (max_retries 3); the gaps grow: at least 0.3, 0.6, 1.2 s
+    assert len(ts) == 4
+    gaps = [b - a for a, b in zip(ts, ts[1:], strict=False)]
+    assert all(g >= delay * backoff**i for i, g in enumerate(gaps)), gaps
