@@ -1,0 +1,168 @@
+"""Never pay twice, part two (issue 14): faults that re-sent paid rows, blocked runs or let two
+writers share a run dir. Real CLI (in process or as subprocesses) against the real emulator.
+
+Tests marked xfail(strict) wait for the engine fix (the lead's files); the lead removes the marks.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_helpers import (
+    awkward_table,
+    calls,
+    executions,
+    invoke,
+    read_csv,
+    run_args,
+    subprocess_run,
+)
+
+FAST_RETRY = ["--retry-delay", "0.01", "--retry-max-delay", "0.05"]
+ENGINE = pytest.mark.xfail(strict=True, reason="lead: engine fix pending")
+# A hang guard for runs that may never finish before the fix; far above a healthy run (2–5 s).
+HANG_GUARD = 45
+
+
+def once_each(emu: Any, n: int) -> None:
+    """Every row executed exactly once, and succeeded: nothing paid twice, nothing lost."""
+    stats = executions(emu)
+    assert len(stats) == n, f"{len(stats)} rows executed, expected {n}"
+    twice = {k: v for k, v in stats.items() if v != {"executed": 1, "succeeded": 1}}
+    assert not twice, (
+        f"{len(twice)} rows not executed exactly once: {dict(list(twice.items())[:5])}"
+    )
+
+
+def all_rows_succeeded(run_dir: Path, n: int) -> None:
+    rows = read_csv(run_dir / "final_output.csv")
+    assert len(rows) == n
+    bad = [(r["sku"], r["status"], r["error"]) for r in rows if r["status"] != "succeeded"]
+    assert not bad, bad[:5]
+
+
+def run_sub(args: list[Any], env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """The CLI as its own process, killed if it outlives HANG_GUARD (a run that never ends)."""
+    proc = subprocess_run(args, env=env)
+    try:
+        out, err = proc.communicate(timeout=HANG_GUARD)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        return -1, out.decode(), "hung: " + err.decode()[-2000:]
+    return proc.returncode, out.decode(), err.decode()
+
+
+def log_text(tmp_path: Path) -> str:
+    return "\n".join(p.read_text(encoding="utf-8") for p in (tmp_path / "logs").glob("*.log"))
+
+
+# --------------------------------------------------------------------------- engine items (xfail)
+
+
+@ENGINE
+def test_item2_short_output_file_is_downloaded_again_not_resent(emulator_factory, tmp_path):
+    # The first download of each output file lacks ~30% of its lines; counts say all completed.
+    emu = emulator_factory(output_drop_fraction=0.3, seed=2)
+    src = awkward_table(tmp_path, n_plain=53, images=False)
+    run_dir = tmp_path / "run"
+    res = invoke(*run_args(emu, src, run_dir, "--batch-size", "10", *FAST_RETRY))
+    assert res.exit_code == 0, res.output
+    once_each(emu, 60)
+    all_rows_succeeded(run_dir, 60)
+
+
+@ENGINE
+def test_item4_malformed_line_is_flagged_and_the_rest_recorded(emulator_factory, tmp_path):
+    # Every download of every output file carries one line that is not JSON.
+    emu = emulator_factory(output_malformed_lines=1, result_fault_downloads=0, seed=3)
+    src = awkward_table(tmp_path, n_plain=23, images=False)
+    run_dir = tmp_path / "run"
+    res = invoke(*run_args(emu, src, run_dir, "--batch-size", "10", *FAST_RETRY))
+    assert res.exit_code == 0, res.output
+    once_each(emu, 30)
+    all_rows_succeeded(run_dir, 30)
+    assert "malformed" in log_text(tmp_path).lower()  # the bad line is said, not swallowed
+
+
+@ENGINE
+def test_item5_deleted_input_chunk_files_do_not_break_resume(emulator_factory, tmp_path):
+    emu = emulator_factory()
+    src = awkward_table(tmp_path, n_plain=23, images=False)
+    run_dir = tmp_path / "run"
+    args = run_args(emu, src, run_dir, "--batch-size", "10", *FAST_RETRY)
+    # A budget too small for any chunk: every chunk file is built, none is uploaded.
+    res = invoke(*args, "--max-cost", "0.0000001")
+    assert res.exit_code == 3, res.output
+    assert list((run_dir / "inputs").glob("*.jsonl"))
+    for f in (run_dir / "inputs").glob("*"):
+        f.unlink()  # a user cleaning "temp files"
+    res = invoke(*args)
+    assert "Traceback" not in res.output
+    # Rebuilt from the source (deterministic) and finished, or refused with one line (exit 2).
+    assert res.exit_code in (0, 2), res.output
+    if res.exit_code == 0:
+        once_each(emu, 30)
+        all_rows_succeeded(run_dir, 30)
+    else:
+        assert "inputs" in res.output and not executions(emu)
+
+
+@ENGINE
+def test_item6_success_line_wins_over_a_failure_line_before_it(emulator_factory, tmp_path):
+    # Some custom_ids have a 500 line and then their (paid) success line, on every download.
+    emu = emulator_factory(output_failure_first_fraction=0.3, result_fault_downloads=0, seed=6)
+    src = awkward_table(tmp_path, n_plain=33, images=False)
+    run_dir = tmp_path / "run"
+    res = invoke(*run_args(emu, src, run_dir, "--batch-size", "10", *FAST_RETRY))
+    assert res.exit_code == 0, res.output
+    once_each(emu, 40)
+    all_rows_succeeded(run_dir, 40)
+
+
+@ENGINE
+def test_item7_every_third_call_503_still_finishes(emulator_factory, tmp_path):
+    emu = emulator_factory(http_error_every=3, seed=7)
+    src = awkward_table(tmp_path, n_plain=53, images=False)
+    run_dir = tmp_path / "run"
+    rc, out, err = run_sub(run_args(emu, src, run_dir, "--batch-size", "10", *FAST_RETRY))
+    # Retried to the end (0), or stopped with a stated reason (3); never 3 without one.
+    assert rc == 0 or (rc == 3 and "stopped:" in out + err), (rc, out, err[-2000:])
+    if rc == 0:
+        once_each(emu, 60)
+    else:
+        assert all(v["executed"] == 1 for v in executions(emu).values())
+    st = json.loads(invoke("status", "--run-dir", run_dir, "--json").output)
+    assert "uploading" not in json.dumps(st.get("chunks", st.get("batches", [])))
+
+
+@ENGINE
+def test_item7_key_whose_uploads_always_fail_moves_to_the_next_key(emulator_factory, tmp_path):
+    bad, good = "sk-uploads-fail-00000000000000bad1", "sk-uploads-work-0000000000000good"
+    emu = emulator_factory(upload_error_keys=[bad])
+    src = awkward_table(tmp_path, n_plain=23, images=False)
+    run_dir = tmp_path / "run"
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"{bad}\n{good}\n", encoding="utf-8")
+    args = run_args(emu, src, run_dir, "--batch-size", "10", "--api-key-file", keys, *FAST_RETRY)
+    rc, out, err = run_sub(args)
+    assert rc == 0, (out, err[-2000:])
+    once_each(emu, 30)
+    # The bad key is given up after a few tries, not hammered for the whole run.
+    assert calls(emu, "POST /v1/files") <= 3 + 10, calls(emu, "POST /v1/files")
+
+
+@ENGINE
+def test_item8_a_list_that_never_moves_is_not_trusted(emulator_factory, tmp_path):
+    # Five batches in flight: the engine polls with one list call, which is frozen.
+    emu = emulator_factory(list_stale=True)
+    src = awkward_table(tmp_path, n_plain=43, images=False)
+    run_dir = tmp_path / "run"
+    rc, out, err = run_sub(run_args(emu, src, run_dir, "--batch-size", "10", *FAST_RETRY))
+    assert rc == 0, (out, err[-2000:])
+    once_each(emu, 50)
+    all_rows_succeeded(run_dir, 50)
