@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,11 @@ from typing import Any
 import click
 from rich.console import Console
 
-from batchops import __version__, api, validate
+from batchops import __version__, api, runlock, validate
 from batchops import logs as logsetup
 from batchops.errors import BatchopsError, InputError
 from batchops.progress import ProgressDisplay, fmt_usd, make_console, status_view
+from batchops.rundir import default_run_dir
 from batchops.spec import load_toml
 
 EXAMPLE_RUN = """\b
@@ -308,10 +310,13 @@ def run(
         config=config,
         **options,
     )
-    with _display(console, verbose - quiet) as display:
+    target = Path(run_dir or default_run_dir(spec.source))
+    # A dry run never touches the run's database: it may run beside the run's writer.
+    lock = nullcontext() if dry_run else runlock.hold(target, create=True)
+    with lock, _display(console, verbose - quiet) as display:
         report = api.run_job(
             spec,
-            run_dir,
+            target,
             cleanup=cleanup,
             keep_latest=keep_latest,
             dry_run=dry_run,
@@ -452,9 +457,10 @@ def retry_missing(
 ) -> None:
     """Send every failed, skipped or missing row again, then merge."""
     console = _start_logging(log_dir, verbose - quiet)
-    with _display(console, verbose - quiet) as display:
+    target = resolve_run_dir(run_dir)
+    with runlock.hold(target), _display(console, verbose - quiet) as display:
         report = api.retry_missing(
-            resolve_run_dir(run_dir),
+            target,
             models=list(models) or None,
             poll_interval=poll_interval,
             api_key_file=api_key_file,
@@ -482,7 +488,9 @@ def retry_missing(
 @handle_errors
 def merge(run_dir: Path | None, output: Path | None) -> None:
     """Join every answer onto the source table (source columns unchanged, then the result columns)."""
-    path = api.merge(resolve_run_dir(run_dir), output)
+    target = resolve_run_dir(run_dir)
+    with runlock.hold(target):
+        path = api.merge(target, output)
     click.echo(f"merged output: {path}")
 
 
@@ -501,7 +509,9 @@ def cancel(
 ) -> None:
     """Cancel the run's in-flight batches and record their partial results."""
     _start_logging(log_dir, verbose - quiet)
-    n = api.cancel(resolve_run_dir(run_dir), api_key_file=api_key_file, base_url=base_url)
+    target = resolve_run_dir(run_dir)
+    with runlock.hold(target):
+        n = api.cancel(target, api_key_file=api_key_file, base_url=base_url)
     click.echo(
         f"{n} batch(es) cancelled; partial results recorded. Resume with `batchops run` or retry-missing."
     )
@@ -560,9 +570,10 @@ def watch(
 ) -> None:
     """Follow the run's remote batches to the end, collecting results as each one finishes."""
     console = _start_logging(log_dir, verbose - quiet)
-    with _display(console, verbose - quiet) as display:
+    target = resolve_run_dir(run_dir)
+    with runlock.hold(target), _display(console, verbose - quiet) as display:
         report = api.watch(
-            resolve_run_dir(run_dir),
+            target,
             retry=retry,
             poll_interval=poll_interval,
             api_key_file=api_key_file,

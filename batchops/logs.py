@@ -1,6 +1,7 @@
 """Log sinks for the command line. The library only logs; the CLI decides where logs go.
 
-A DEBUG file per invocation (`<log-dir>/batch_execution_YYYYMMDD_HHMMSS.log`) and INFO (or the
+A DEBUG file per invocation (`<log-dir>/batch_execution_YYYYMMDD_HHMMSS.log`, `_2`, `_3` … added
+when another process started in the same second) and INFO (or the
 level -v/-q pick) on stderr, through the rich Console of the progress display when there is one.
 The file shows the run, chunk and batch ids the engine attaches to each record. Every record passes a filter that masks API keys, so a key that
 reached a message by accident still never lands in a log.
@@ -98,6 +99,21 @@ def mask_secrets(text: str, secrets: list[str] | None = None) -> str:
     return _KEY_RE.sub(lambda m: mask_key(m.group(0)), text)
 
 
+def new_log_path(log_dir: Path, stamp: str | None = None) -> Path:
+    """A log file of this invocation alone: `batch_execution_YYYYMMDD_HHMMSS.log`, or with `_2`,
+    `_3` … when another process (or invocation) took that name in the same second. Created
+    with O_EXCL, so two processes never share a file."""
+    stamp = stamp or time.strftime("%Y%m%d_%H%M%S")
+    n = 1
+    while True:
+        path = log_dir / f"batch_execution_{stamp}{'' if n == 1 else f'_{n}'}.log"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return path
+        except FileExistsError:
+            n += 1
+
+
 def configure(
     log_dir: Path | None = Path("logs"),
     verbosity: int = 0,
@@ -145,7 +161,7 @@ def configure(
     if log_dir is None:
         return None
     log_dir.mkdir(parents=True, exist_ok=True)
-    path = log_dir / f"batch_execution_{time.strftime('%Y%m%d_%H%M%S')}.log"
+    path = new_log_path(log_dir)
     # diagnose=False: tracebacks must not show local variables (a client holds its API key).
     logger.add(
         MaskedFile(path, secrets),

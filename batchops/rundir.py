@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchops.errors import InputError, StateError
+from batchops.runlock import LOCK_NAME
 from batchops.spec import JobSpec
 from batchops.store import Store
 
@@ -86,11 +87,19 @@ def start_over(path: Path, *, keep_backup: bool) -> Path | None:
     """--cleanup / --keep-latest: move the old run aside (or delete it) before a fresh start."""
     if not path.exists():
         return None
+    # The run's lock file stays: the process starting over holds it (see runlock.py).
+    entries = [p for p in path.iterdir() if p.name != LOCK_NAME]
     if keep_backup:
         backup = path.with_name(f"{path.name}.backup-{time.strftime('%Y%m%d-%H%M%S')}")
-        path.rename(backup)
+        backup.mkdir()
+        for p in entries:
+            p.rename(backup / p.name)
         return backup
-    shutil.rmtree(path)
+    for p in entries:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
     return None
 
 

@@ -7,7 +7,11 @@ Tests marked xfail(strict) wait for the engine fix (the lead's files); the lead 
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,8 @@ from cli_helpers import (
     run_args,
     subprocess_run,
 )
+
+from batchops import runlock
 
 FAST_RETRY = ["--retry-delay", "0.01", "--retry-max-delay", "0.05"]
 ENGINE = pytest.mark.xfail(strict=True, reason="lead: engine fix pending")
@@ -166,3 +172,110 @@ def test_item8_a_list_that_never_moves_is_not_trusted(emulator_factory, tmp_path
     assert rc == 0, (out, err[-2000:])
     once_each(emu, 50)
     all_rows_succeeded(run_dir, 50)
+
+
+# --------------------------------------------------------------------------- item 1: one writer per run dir
+
+
+def _wait_for_lock(run_dir: Path, proc: subprocess.Popen) -> None:
+    """Until `proc` holds the run dir's lock (its pid is in .lock) or has ended."""
+    deadline = time.monotonic() + HANG_GUARD
+    while proc.poll() is None and time.monotonic() < deadline:
+        if runlock.holder_pid(run_dir) == proc.pid:
+            return
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("mode", ["batch", "online"])
+def test_item1_second_process_on_a_run_dir_exits_2_naming_the_holder(
+    emulator_factory, tmp_path, mode
+):
+    # Long enough that the first process still runs when the second one starts.
+    emu = emulator_factory(in_progress_seconds=3.0, sync_latency_seconds=0.1)
+    src = awkward_table(tmp_path, n_plain=53, images=False)
+    run_dir = tmp_path / "run"
+    args = run_args(emu, src, run_dir, "--batch-size", "10", "--mode", mode, "--workers", "2")
+    first = subprocess_run(args)
+    _wait_for_lock(run_dir, first)
+    rc, out, err = run_sub(args)
+    first_still_running = first.poll() is None
+    out1, err1 = first.communicate(timeout=HANG_GUARD)
+    assert first.returncode == 0, err1.decode()[-2000:]
+    if first_still_running:  # it held the lock for the second one's whole life
+        assert rc == 2, (out, err)
+        assert f"pid {first.pid}" in err and "Traceback" not in err
+        assert err.count("\n") == 1, err  # one line
+    else:
+        assert rc == 0, (out, err)  # it came after: a resume that sends nothing
+    once_each(emu, 60)
+    all_rows_succeeded(run_dir, 60)
+    # Each process wrote its own log file.
+    assert len(list((tmp_path / "logs").glob("*.log"))) == 2
+
+
+def test_item1_lock_of_a_killed_process_is_taken_over(emulator_factory, tmp_path):
+    emu = emulator_factory(in_progress_seconds=1.0)
+    src = awkward_table(tmp_path, n_plain=23, images=False)
+    run_dir = tmp_path / "run"
+    args = run_args(emu, src, run_dir, "--batch-size", "10")
+    first = subprocess_run(args)
+    _wait_for_lock(run_dir, first)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    assert runlock.holder_pid(run_dir) == first.pid  # the file is left; the flock is gone
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    once_each(emu, 30)
+
+
+def test_item1_writer_commands_refuse_while_a_run_holds_the_lock(emulator, tmp_path):
+    src = awkward_table(tmp_path, n_plain=3, images=False)
+    run_dir = tmp_path / "run"
+    assert invoke(*run_args(emulator, src, run_dir)).exit_code == 0
+    with runlock.hold(run_dir):  # this test process plays the running writer
+        # flock is per open file: a CLI in another process sees the lock (in process it is ours).
+        url = ["--base-url", emulator.base_url]
+        for cmd in (["merge"], ["retry-missing", *url], ["cancel", *url], ["watch", *url]):
+            rc, out, err = run_sub([*cmd, "--run-dir", run_dir])
+            assert rc == 2 and f"pid {os.getpid()}" in err, (cmd, rc, err)
+        # Reading commands still work.
+        rc, out, err = run_sub(["status", "--run-dir", run_dir])
+        assert rc == 0, err
+    rc, out, err = run_sub(["merge", "--run-dir", run_dir])
+    assert rc == 0, err
+
+
+@pytest.mark.slow
+def test_item1_kill_9_loop_against_two_concurrent_processes(emulator_factory, tmp_path):
+    emu = emulator_factory(
+        validating_seconds=0.05,
+        in_progress_seconds=0.25,
+        finalizing_seconds=0.05,
+        fail_once_fraction=0.03,
+        seed=11,
+    )
+    src = awkward_table(tmp_path, n_plain=113, images=False)
+    run_dir = tmp_path / "run"
+    args = run_args(emu, src, run_dir, "--batch-size", "7", *FAST_RETRY)
+    rng = random.Random(9)
+    kills = 0
+    for _ in range(12):
+        pair = [subprocess_run(args)]
+        time.sleep(rng.uniform(0.0, 0.3))
+        pair.append(subprocess_run(args))
+        time.sleep(rng.uniform(0.05, 1.0))
+        for proc in pair:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                kills += 1
+            proc.wait()
+        for proc in pair:  # whoever ended on its own: done (0) or refused by the lock (2)
+            assert proc.returncode in (0, 2, -signal.SIGKILL), proc.stderr.read().decode()[-2000:]
+    assert kills >= 8
+    rc, out, err = run_sub(args)
+    assert rc == 0, err[-2000:]
+    stats = executions(emu)
+    assert len(stats) == 120 and all(v["succeeded"] == 1 for v in stats.values())
+    # fail_once rows run twice (the first answer was a 500); no row is paid twice.
+    assert all(v["executed"] <= 2 for v in stats.values())
+    all_rows_succeeded(run_dir, 120)
