@@ -6,9 +6,11 @@ Exit codes: 0 every row succeeded; 2 bad input or usage (one line, nothing uploa
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -76,8 +78,39 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(130)
         except BatchopsError as exc:
             _fail(logsetup.mask_secrets(str(exc)), exc.exit_code)
+        except (OSError, sqlite3.OperationalError) as exc:
+            environment = environment_error(exc)
+            if environment is None:
+                raise
+            _fail(logsetup.mask_secrets(environment[0]), environment[1])
 
     return wrapper
+
+
+def environment_error(exc: OSError | sqlite3.OperationalError) -> tuple[str, int] | None:
+    """A full disk or a read-only place as (one line, exit code); None for anything else.
+
+    Full disk → 3: the state is saved (every transition is a transaction) and the same command
+    resumes once there is room, like any run that ended with rows missing. Read-only → 2: a usage
+    problem to fix before running again."""
+    if isinstance(exc, sqlite3.OperationalError):
+        if "disk is full" in str(exc):
+            return (
+                "disk full while writing the run's database; state saved — free space and "
+                "run the same command again",
+                3,
+            )
+        return None
+    where = f"{exc.filename}: " if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"{where}disk full ({exc.strerror}); state saved — free space and run the same "
+            "command again",
+            3,
+        )
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{where}cannot write ({exc.strerror}); the run dir must be writable", 2
+    return None
 
 
 def common_logging(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -1,6 +1,9 @@
 """A run directory: where a run keeps its database, chunk files, downloads and merged output.
 
 <run-dir>/state.db            the run's state (store.py)
+<run-dir>/run.json            marker written once the run exists: a run dir with it (or with chunk
+                              files) and an empty database lost its database or journal: refused
+<run-dir>/.lock               held by the one process writing the run (runlock.py)
 <run-dir>/inputs/             JSONL chunk files as uploaded
 <run-dir>/outputs/, errors/   output and error files as downloaded
 <run-dir>/final_output.csv    the merged table (.parquet / .jsonl for such sources)
@@ -9,16 +12,25 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
+import sqlite3
 import time
 import uuid
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from batchops.errors import InputError, StateError
 from batchops.runlock import LOCK_NAME
 from batchops.spec import JobSpec
-from batchops.store import Store
+from batchops.store import DB_NAME, SCHEMA_VERSION, Store
+
+MARKER = "run.json"
+# What a killed atomic write leaves: .<name>.<pid>.<hex>.tmp (merge.py's _atomic_write).
+_TEMP_RE = re.compile(r"^\.(.+)\.(\d+)\.[0-9a-f]+\.tmp$")
 
 # Spec fields that define *what* is computed: a resumed run must not change them.
 IDENTITY_FIELDS = (
@@ -109,15 +121,22 @@ def create_or_resume(path: Path, spec: JobSpec) -> tuple[RunDir, bool]:
     Resuming with a different job (prompt, source, ...) is refused: it would mix answers of two
     jobs in one table. Operational settings (models, poll interval, retries, budget) may change.
     """
-    store = Store.open(path)
+    clean_stale_temps(path)
+    evidence = _run_evidence(path)
+    store = _open_store(path)
     saved = store.get_meta("spec")
     if saved is None:
+        if evidence:
+            store.close()
+            raise _lost_database(path, evidence)
         run_id = f"run_{uuid.uuid4().hex[:12]}"
         store.set_meta("run_id", run_id)
         store.set_meta("created_at", str(time.time()))
         run = RunDir(path, store, spec, run_id)
         run.save_spec(spec)
+        write_marker(path, run_id)  # after the spec: a crash before it leaves a resumable run
         return run, False
+    _check_marker(path, store)
     old = JobSpec.model_validate_json(saved)
     changed = [f for f in IDENTITY_FIELDS if getattr(old, f) != getattr(spec, f)]
     if changed:
@@ -128,17 +147,152 @@ def create_or_resume(path: Path, spec: JobSpec) -> tuple[RunDir, bool]:
         )
     run = RunDir(path, store, spec, store.get_meta("run_id") or "run_unknown")
     run.save_spec(spec)
+    if not (path / MARKER).exists():
+        write_marker(path, run.run_id)  # a run made before the marker existed
     return run, True
 
 
 def open_existing(path: Path) -> RunDir:
-    store = Store.open(path, create=False)
+    """Open a run for any command but `run`; a read-only run dir is opened read-only."""
+    evidence = _run_evidence(path)
+    if not (path / DB_NAME).exists() and evidence:
+        raise _lost_database(path, evidence)
+    with suppress(OSError):  # a read-only run dir: nothing to clean, and reading still works
+        clean_stale_temps(path)
+    try:
+        store = _open_store(path, create=False)
+    except UnwritableDatabase:
+        store = _open_read_only(path)
     saved = store.get_meta("spec")
     if saved is None:
         store.close()
+        if evidence:
+            raise _lost_database(path, evidence)
         raise StateError(
             f"{path}: the run database has no job spec; start the run again with `batchops run`"
         )
+    _check_marker(path, store)
     return RunDir(
         path, store, JobSpec.model_validate_json(saved), store.get_meta("run_id") or "run_unknown"
     )
+
+
+def write_marker(path: Path, run_id: str) -> None:
+    tmp = path / f".{MARKER}.tmp"
+    tmp.write_text(
+        json.dumps({"run_id": run_id, "created_at": time.time()}) + "\n", encoding="utf-8"
+    )
+    os.replace(tmp, path / MARKER)
+
+
+def _run_evidence(path: Path) -> list[str]:
+    """What shows that a run already lives here (so an empty database means a lost one)."""
+    found = []
+    if (path / MARKER).exists():
+        found.append(MARKER)
+    for sub in ("inputs", "outputs", "errors"):
+        d = path / sub
+        if d.is_dir() and any(d.iterdir()):
+            found.append(f"{sub}/")
+    return found
+
+
+def _lost_database(path: Path, evidence: list[str]) -> StateError:
+    db = path / DB_NAME
+    what = "is missing" if not db.exists() else "is empty"
+    return StateError(
+        f"{db}: {what} but {path} holds a run ({', '.join(evidence)}); its database or journal "
+        f"({DB_NAME}-wal) was deleted. Restore {DB_NAME} together with {DB_NAME}-wal, or start "
+        "over with --cleanup (rows already paid for would be sent again); nothing was sent"
+    )
+
+
+def _check_marker(path: Path, store: Store) -> None:
+    """The database must be the one the run was created with (not a stale copy of another)."""
+    try:
+        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no marker (an older run) or unreadable: nothing to compare with
+    run_id = store.get_meta("run_id")
+    if isinstance(marker, dict) and marker.get("run_id") not in (None, run_id):
+        store.close()
+        raise StateError(
+            f"{path / DB_NAME}: belongs to run {run_id}, but {path / MARKER} names run "
+            f"{marker.get('run_id')}; the database was replaced. Restore the run's own "
+            f"{DB_NAME} (with {DB_NAME}-wal), or start over with --cleanup; nothing was sent"
+        )
+
+
+class UnwritableDatabase(StateError):
+    """The database (or its run dir) cannot be written: exit 2; reading commands open it read-only."""
+
+
+def _open_store(path: Path, *, create: bool = True) -> Store:
+    """Store.open, with a corrupt or unusable database as one StateError naming the file."""
+    try:
+        return Store.open(path, create=create)
+    except sqlite3.DatabaseError as exc:
+        raise _db_error(path / DB_NAME, exc) from None
+
+
+def _db_error(db: Path, exc: sqlite3.DatabaseError) -> StateError:
+    text = str(exc)
+    if isinstance(exc, sqlite3.OperationalError) and (
+        "readonly" in text or "unable to open" in text
+    ):
+        return UnwritableDatabase(
+            f"{db}: cannot open the run's database for writing ({text}); the run dir must be "
+            "writable for this command (`batchops status` can still read it)"
+        )
+    return StateError(
+        f"{db}: not a usable SQLite database ({text}); it is corrupt. Restore it (with "
+        f"{DB_NAME}-wal) from a backup, or start over with --cleanup; nothing was sent"
+    )
+
+
+def _open_read_only(path: Path) -> Store:
+    """A run dir we may not write to: read its database without creating -wal/-shm files."""
+    db = path / DB_NAME
+    wal = path / f"{DB_NAME}-wal"
+    # Committed changes still in the journal: read through it; else (closed cleanly) the main
+    # file is the whole database and nothing needs to be created beside it.
+    mode = "ro" if wal.exists() and wal.stat().st_size > 0 else "ro&immutable=1"
+    try:
+        conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode={mode}", uri=True)
+        conn.row_factory = sqlite3.Row
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise StateError(
+            f"{db}: the run dir is read-only and its database cannot be read ({exc}); "
+            "make the run dir writable"
+        ) from None
+    if version != SCHEMA_VERSION:
+        conn.close()
+        raise StateError(f"{db}: read-only, with schema {version} (expected {SCHEMA_VERSION})")
+    return Store(conn, db)
+
+
+def clean_stale_temps(path: Path) -> list[Path]:
+    """Remove what killed atomic writes left (e.g. `.final_output.csv.<pid>.<hex>.tmp`, up to
+    the size of the table); a file of a process that is still alive is kept."""
+    removed = []
+    if not path.is_dir():
+        return removed
+    for p in path.glob(".*.tmp"):
+        m = _TEMP_RE.match(p.name)
+        if m and not _alive(int(m.group(2))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours from an earlier call in this process: not being written now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

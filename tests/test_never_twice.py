@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -279,3 +281,192 @@ def test_item1_kill_9_loop_against_two_concurrent_processes(emulator_factory, tm
     # fail_once rows run twice (the first answer was a 500); no row is paid twice.
     assert all(v["executed"] <= 2 for v in stats.values())
     all_rows_succeeded(run_dir, 120)
+
+
+# --------------------------------------------------------------------------- items 3 and 12: a run dir that lost its state
+
+
+def _killed_mid_run(emu: Any, tmp_path: Path, n_plain: int = 23) -> tuple[list[Any], Path]:
+    """A run killed (-9) once some batches were submitted; returns its args and run dir."""
+    src = awkward_table(tmp_path, n_plain=n_plain, images=False)
+    run_dir = tmp_path / "run"
+    args = run_args(emu, src, run_dir, "--batch-size", "10")
+    proc = subprocess_run(args)
+    deadline = time.monotonic() + HANG_GUARD
+    while calls(emu, "POST /v1/batches") < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return args, run_dir
+
+
+def _api_writes(emu: Any) -> tuple[int, int, int]:
+    return (
+        calls(emu, "POST /v1/files"),
+        calls(emu, "POST /v1/batches"),
+        calls(emu, "POST /v1/chat/completions"),
+    )
+
+
+def one_line_error(res: Any, *needles: str) -> None:
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("batchops: error:")]
+    assert len(lines) == 1, res.output
+    assert "Traceback" not in res.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_item3_deleted_journal_is_refused_before_anything_is_sent(emulator_factory, tmp_path):
+    emu = emulator_factory(in_progress_seconds=5.0)
+    args, run_dir = _killed_mid_run(emu, tmp_path)
+    assert (run_dir / "state.db-wal").exists()
+    (run_dir / "state.db-wal").unlink()  # a user cleaning "temp files"
+    (run_dir / "state.db-shm").unlink(missing_ok=True)
+    before = _api_writes(emu)
+    res = invoke(*args)
+    assert res.exit_code == 2, res.output
+    one_line_error(res, "state.db", "state.db-wal", "--cleanup")
+    assert _api_writes(emu) == before  # refused before anything was sent
+    for cmd in ("status", "merge", "retry-missing"):
+        res = invoke(cmd, "--run-dir", run_dir)
+        assert res.exit_code == 2, (cmd, res.output)
+        one_line_error(res, "state.db")
+    assert _api_writes(emu) == before
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "garbage", "emptied", "deleted"])
+def test_item12_corrupt_or_missing_database_is_one_line_exit_2(emulator_factory, tmp_path, damage):
+    emu = emulator_factory(in_progress_seconds=0.3)
+    src = awkward_table(tmp_path, n_plain=13, images=False)
+    run_dir = tmp_path / "run"
+    args = run_args(emu, src, run_dir, "--batch-size", "10")
+    assert invoke(*args).exit_code == 0
+    db = run_dir / "state.db"
+    size = db.stat().st_size
+    {
+        "zeroed": lambda: db.write_bytes(b"\0" * size),
+        "garbage": lambda: db.write_bytes(b"not a database, just text\n" * 200),
+        "emptied": lambda: db.write_bytes(b""),
+        "deleted": db.unlink,
+    }[damage]()
+    before = _api_writes(emu)
+    for cmd in (args, ["status", "--run-dir", run_dir], ["merge", "--run-dir", run_dir]):
+        res = invoke(*cmd)
+        assert res.exit_code == 2, (cmd[0], res.output)
+        one_line_error(res, "state.db")
+    assert _api_writes(emu) == before
+
+
+def test_item12_a_database_of_another_run_is_refused(emulator_factory, tmp_path):
+    emu = emulator_factory(in_progress_seconds=0.3)
+    src = awkward_table(tmp_path, n_plain=3, images=False)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert invoke(*run_args(emu, src, a)).exit_code == 0
+    assert invoke(*run_args(emu, src, b)).exit_code == 0
+    (b / "state.db").write_bytes((a / "state.db").read_bytes())
+    res = invoke(*run_args(emu, src, b))
+    assert res.exit_code == 2
+    one_line_error(res, "run.json")
+
+
+def _read_only(run_dir: Path) -> list[str] | None:
+    """A command prefix under which `run_dir` is read-only even for root (a private read-only
+    bind mount), or None when this machine cannot make one."""
+    if os.geteuid() != 0:
+        return []  # chmod is enough for everyone but root
+    probe = (
+        subprocess.run(
+            [
+                "unshare",
+                "-m",
+                "sh",
+                "-c",
+                'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" "$1"',
+                "-",
+                str(run_dir),
+            ],
+            capture_output=True,
+        )
+        if shutil.which("unshare")
+        else None
+    )
+    if probe is None or probe.returncode != 0:
+        return None
+    return [
+        "unshare",
+        "-m",
+        "sh",
+        "-c",
+        'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" "$1" && shift && exec "$@"',
+        "-",
+        str(run_dir),
+    ]
+
+
+def test_item12_read_only_run_dir_status_still_works(emulator_factory, tmp_path):
+    emu = emulator_factory(in_progress_seconds=0.3)
+    src = awkward_table(tmp_path, n_plain=3, images=False)
+    run_dir = tmp_path / "run"
+    args = run_args(emu, src, run_dir)
+    assert invoke(*args).exit_code == 0
+    prefix = _read_only(run_dir)
+    if prefix is None:
+        pytest.skip("cannot make a read-only directory here (root without mount namespaces)")
+    if not prefix:
+        for p in [run_dir, *run_dir.rglob("*")]:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+    cli = [*prefix, sys.executable, "-m", "batchops.cli"]
+    env = {**os.environ, "NO_COLOR": "1", "OPENAI_API_KEY": "sk-test-0000000000000000abcd"}
+    st = subprocess.run(
+        [*cli, "status", "--run-dir", str(run_dir), "--json"], capture_output=True, env=env
+    )
+    assert st.returncode == 0, st.stderr.decode()
+    assert json.loads(st.stdout)["rows"]["succeeded"] == 10
+    for cmd in (["merge"], ["run", *map(str, args[1:])]):
+        r = subprocess.run(
+            [*cli, *cmd, "--run-dir", str(run_dir)] if cmd == ["merge"] else [*cli, *cmd],
+            capture_output=True,
+            env=env,
+        )
+        err = r.stderr.decode()
+        assert r.returncode == 2, (cmd[0], err)
+        assert "Traceback" not in err and err.count("batchops: error:") == 1, err
+    if not prefix:
+        for p in [run_dir, *run_dir.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+def test_item12_full_disk_is_one_line_exit_3(emulator, tmp_path):
+    src = awkward_table(tmp_path, n_plain=3, images=False)
+    run_dir = tmp_path / "run"
+    assert invoke(*run_args(emulator, src, run_dir)).exit_code == 0
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this machine")
+    # `missing` writes missing_rows.csv.tmp first: every write to /dev/full fails with ENOSPC.
+    (run_dir / "missing_rows.csv.tmp").symlink_to("/dev/full")
+    res = invoke("missing", "--run-dir", run_dir)
+    assert res.exit_code == 3, res.output
+    one_line_error(res, "disk full", "run the same command again")
+
+
+def test_item12_killed_merge_temp_files_are_cleaned_on_next_start(emulator, tmp_path):
+    src = awkward_table(tmp_path, n_plain=3, images=False)
+    run_dir = tmp_path / "run"
+    args = run_args(emulator, src, run_dir)
+    assert invoke(*args).exit_code == 0
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = run_dir / f".final_output.csv.{dead.pid}.0badc0de.tmp"
+        live = run_dir / f".final_output.csv.{alive.pid}.0badc0de.tmp"
+        stale.write_bytes(b"x" * 1000)
+        live.write_bytes(b"y")
+        assert invoke("merge", "--run-dir", run_dir).exit_code == 0
+        assert not stale.exists() and live.exists()  # a live writer's file is not touched
+        stale.write_bytes(b"x")
+        assert invoke(*args).exit_code == 0
+        assert not stale.exists()
+    finally:
+        alive.kill()
+        alive.wait()
