@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -23,6 +24,7 @@ from rich.console import Console
 
 from batchops import __version__, api, runlock, validate
 from batchops import logs as logsetup
+from batchops import merge as merging
 from batchops.errors import BatchopsError, InputError
 from batchops.progress import ProgressDisplay, fmt_usd, make_console, status_view
 from batchops.rundir import default_run_dir
@@ -56,6 +58,30 @@ def _start_logging(log_dir: Path, verbosity: int) -> Console:
 def _display(console: Console, verbosity: int) -> ProgressDisplay:
     # -q: no live display; the plain progress lines are INFO logs, which -q hides as well.
     return ProgressDisplay(console, live=False if verbosity < 0 else None)
+
+
+class PositiveSeconds(click.ParamType):
+    """A finite number of seconds above 0: `inf`, `nan` and negatives are usage errors (exit 2),
+    found before anything is sent (an infinite poll interval crashed after submitting)."""
+
+    name = "seconds"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            number = value
+        else:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(number) or number <= 0:
+            self.fail(f"{value!r}: give a finite number of seconds above 0", param, ctx)
+        return number
+
+
+SECONDS = PositiveSeconds()
 
 
 def _fail(message: str, code: int) -> None:
@@ -126,6 +152,16 @@ def common_logging(fn: Callable[..., Any]) -> Callable[..., Any]:
         help="Folder for the DEBUG log file batch_execution_YYYYMMDD_HHMMSS.log.",
     )(fn)
     return fn
+
+
+def csv_escape_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--csv-escape/--no-csv-escape",
+        default=True,
+        help="CSV output: prefix ' to added cells (response, error, model …) that start with "
+        "= + - @ tab or CR, so a spreadsheet never runs them as formulas [escape]. Source "
+        "columns, Parquet and JSONL are never changed.",
+    )(fn)
 
 
 def run_dir_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -233,7 +269,10 @@ def cli() -> None:
     "--run-dir", type=click.Path(path_type=Path), default=None, help="[default: runs/<csv stem>]"
 )
 @click.option(
-    "--poll-interval", type=float, default=None, help="Seconds between status polls [default: 30]."
+    "--poll-interval",
+    type=SECONDS,
+    default=None,
+    help="Seconds between status polls [default: 30].",
 )
 @click.option(
     "--max-retries", type=int, default=None, help="Per row, for retryable failures and expiry [3]."
@@ -297,6 +336,7 @@ def cli() -> None:
     is_flag=True,
     help="Build and check the batch files, print the estimate; upload nothing.",
 )
+@csv_escape_option
 @key_options
 @common_logging
 @handle_errors
@@ -317,9 +357,11 @@ def run(
     dry_run: bool,
     api_key_file: Path | None,
     base_url: str | None,
+    csv_escape: bool,
     **options: Any,
 ) -> None:
     """Run a table through the model(s): build, submit, poll, collect, retry, merge."""
+    merging.CSV_ESCAPE.set(csv_escape)
     console = _start_logging(log_dir, verbose - quiet)
     source_path = csv_path or input_path
     if source_path is None:
@@ -413,6 +455,15 @@ def _print_estimate(est: api.Estimate) -> None:
 def _print_dry_run(report: api.RunReport) -> None:
     if report.checks is not None:
         click.echo(validate.summary(report.checks))
+    skipped = report.counts.get("skipped", 0)
+    if skipped:
+        # The first reasons, once api's dry run keeps them (RunReport.skipped_reasons).
+        reasons: list[str] = list(getattr(report, "skipped_reasons", None) or [])[:5]
+        click.echo(
+            f"skipped: {skipped:,} row(s) would not be sent"
+            + (": " + "; ".join(reasons) if reasons else "")
+            + " (the run marks them skipped; see `batchops missing` after it)"
+        )
     est = report.estimate
     if est is None:
         return
@@ -474,7 +525,7 @@ def missing(run_dir: Path | None) -> None:
 @click.option(
     "--model", "models", multiple=True, help="Model pool for the retry [default: the run's]."
 )
-@click.option("--poll-interval", type=float, default=None, help="Seconds between status polls.")
+@click.option("--poll-interval", type=SECONDS, default=None, help="Seconds between status polls.")
 @key_options
 @common_logging
 @handle_errors
@@ -518,9 +569,11 @@ def retry_missing(
     help="Output path: CSV, Parquet (.parquet) or JSONL (.jsonl) [default: "
     "<run-dir>/final_output.<the source's format>].",
 )
+@csv_escape_option
 @handle_errors
-def merge(run_dir: Path | None, output: Path | None) -> None:
+def merge(run_dir: Path | None, output: Path | None, csv_escape: bool) -> None:
     """Join every answer onto the source table (source columns unchanged, then the result columns)."""
+    merging.CSV_ESCAPE.set(csv_escape)
     target = resolve_run_dir(run_dir)
     with runlock.hold(target):
         path = api.merge(target, output)
@@ -587,7 +640,7 @@ def cost(run_dir: Path | None, as_json: bool) -> None:
     is_flag=True,
     help="Also re-queue what failed or expired and submit it again, until every row is settled.",
 )
-@click.option("--poll-interval", type=float, default=None, help="Seconds between status polls.")
+@click.option("--poll-interval", type=SECONDS, default=None, help="Seconds between status polls.")
 @key_options
 @common_logging
 @handle_errors
