@@ -19,15 +19,18 @@ import shutil
 import sqlite3
 import time
 import uuid
-from contextlib import suppress
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from batchops.errors import InputError, StateError
-from batchops.runlock import LOCK_NAME
+from batchops.runlock import LOCK_NAME, hold
 from batchops.spec import JobSpec
 from batchops.store import DB_NAME, SCHEMA_VERSION, Store
 
+T = TypeVar("T")
 MARKER = "run.json"
 # What a killed atomic write leaves: .<name>.<pid>.<hex>.tmp (merge.py's _atomic_write).
 _TEMP_RE = re.compile(r"^\.(.+)\.(\d+)\.[0-9a-f]+\.tmp$")
@@ -60,6 +63,8 @@ class RunDir:
     store: Store
     spec: JobSpec
     run_id: str
+    # The run dir's writer lock, held until close() (runlock.py); None when opened to read.
+    lock: ExitStack | None = field(default=None, repr=False)
 
     @property
     def inputs(self) -> Path:
@@ -89,6 +94,9 @@ class RunDir:
 
     def close(self) -> None:
         self.store.close()
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
 
 def default_run_dir(source: str) -> Path:
@@ -120,7 +128,27 @@ def create_or_resume(path: Path, spec: JobSpec) -> tuple[RunDir, bool]:
 
     Resuming with a different job (prompt, source, ...) is refused: it would mix answers of two
     jobs in one table. Operational settings (models, poll interval, retries, budget) may change.
+    The run dir's writer lock is held until `run.close()` (so the Python API has it too; the
+    CLI already holds it, and the lock is re-entrant within a process).
     """
+    return _locked(path, True, lambda: _create_or_resume(path, spec))
+
+
+def _locked(path: Path, create: bool, opener: Callable[[], T]) -> T:
+    lock = ExitStack()
+    lock.enter_context(hold(path, create=create))
+    try:
+        result = opener()
+    except BaseException:
+        lock.close()
+        raise
+    run = result[0] if isinstance(result, tuple) else result
+    assert isinstance(run, RunDir)
+    run.lock = lock
+    return result
+
+
+def _create_or_resume(path: Path, spec: JobSpec) -> tuple[RunDir, bool]:
     clean_stale_temps(path)
     evidence = _run_evidence(path)
     store = _open_store(path)
@@ -152,8 +180,17 @@ def create_or_resume(path: Path, spec: JobSpec) -> tuple[RunDir, bool]:
     return run, True
 
 
-def open_existing(path: Path) -> RunDir:
-    """Open a run for any command but `run`; a read-only run dir is opened read-only."""
+def open_existing(path: Path, *, write: bool = False) -> RunDir:
+    """Open a run for any command but `run`; a read-only run dir is opened read-only.
+
+    `write`: the caller changes the run (retry-missing, merge, cancel, watch): hold the run
+    dir's writer lock until `close()`; another process holding it is RunLocked (exit 2)."""
+    if write:
+        return _locked(path, False, lambda: _open_existing(path))
+    return _open_existing(path)
+
+
+def _open_existing(path: Path) -> RunDir:
     evidence = _run_evidence(path)
     if not (path / DB_NAME).exists() and evidence:
         raise _lost_database(path, evidence)

@@ -652,3 +652,46 @@ def test_item9_links_that_stay_inside_the_image_dir_still_work(tmp_path):
         image_data_url(images, "loop.png")
     with pytest.raises(ImageProblem, match="escapes the image dir"):
         image_data_url(images, "real/../../images/real/a.png")
+
+
+def test_item1_python_api_takes_the_same_lock(emulator, tmp_path, monkeypatch):
+    import batchops
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0000000000000000abcd")
+    monkeypatch.delenv("OPENAI_API_KEYS", raising=False)
+
+    src = awkward_table(tmp_path, n_plain=3, images=False)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(runlock.RunLocked, match=f"pid {holder.pid}"):
+            batchops.run(
+                src, prompt="{name}", model="gpt-4o-mini", run_dir=run_dir,
+                id_column="sku", base_url=emulator.base_url, poll_interval=0.05,
+            )  # fmt: skip
+        assert not executions(emulator)
+    finally:
+        holder.kill()
+        holder.wait()
+    df = batchops.run(
+        src, prompt="{name}", model="gpt-4o-mini", run_dir=run_dir,
+        id_column="sku", base_url=emulator.base_url, poll_interval=0.05,
+    )  # fmt: skip
+    assert set(df["status"]) == {"succeeded"}
+    # Released on return: another process can take it at once.
+    rc, out, err = run_sub(["merge", "--run-dir", run_dir])
+    assert rc == 0, err
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from batchops import runlock
+with runlock.hold(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(60)
+"""
