@@ -36,7 +36,7 @@ from batchops.emulator.testing import data_url
 FAST_RETRY = ["--retry-delay", "0.01", "--retry-max-delay", "0.05"]
 ENGINE = pytest.mark.xfail(strict=True, reason="lead: engine fix pending")
 # A hang guard for runs that may never finish before the fix; far above a healthy run (2–5 s).
-HANG_GUARD = 45
+HANG_GUARD = 30
 
 
 def once_each(emu: Any, n: int) -> None:
