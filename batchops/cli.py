@@ -7,14 +7,17 @@ or usage (one line, nothing uploaded); 3 the run ended with rows still missing; 
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import signal
+import sqlite3
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from functools import wraps
 from importlib import resources
 from pathlib import Path
@@ -24,8 +27,9 @@ import click
 from loguru import logger
 from rich.console import Console
 
-from batchops import __version__, api, validate
+from batchops import __version__, api, runlock, validate
 from batchops import logs as logsetup
+from batchops import merge as merging
 from batchops.config import load_config
 from batchops.errors import BatchopsError, InputError
 from batchops.pricing import UnknownPriceWarning
@@ -36,6 +40,7 @@ from batchops.progress import (
     make_console,
     status_view,
 )
+from batchops.rundir import default_run_dir
 from batchops.states import StopReason
 
 EXAMPLE_RUN = """\b
@@ -75,6 +80,30 @@ def _display(console: Console, verbosity: int) -> ProgressDisplay:
     return ProgressDisplay(console, live=False if verbosity < 0 else None)
 
 
+class PositiveSeconds(click.ParamType):
+    """A finite number of seconds above 0: `inf`, `nan` and negatives are usage errors (exit 2),
+    found before anything is sent (an infinite poll interval crashed after submitting)."""
+
+    name = "seconds"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            number = value
+        else:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(number) or number <= 0:
+            self.fail(f"{value!r}: give a finite number of seconds above 0", param, ctx)
+        return number
+
+
+SECONDS = PositiveSeconds()
+
+
 def _fail(message: str, code: int) -> None:
     click.echo(f"batchops: error: {message}", err=True)
     sys.exit(code)
@@ -95,8 +124,39 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(130)
         except BatchopsError as exc:
             _fail(logsetup.mask_secrets(str(exc)), exc.exit_code)
+        except (OSError, sqlite3.OperationalError) as exc:
+            environment = environment_error(exc)
+            if environment is None:
+                raise
+            _fail(logsetup.mask_secrets(environment[0]), environment[1])
 
     return wrapper
+
+
+def environment_error(exc: OSError | sqlite3.OperationalError) -> tuple[str, int] | None:
+    """A full disk or a read-only place as (one line, exit code); None for anything else.
+
+    Full disk → 3: the state is saved (every transition is a transaction) and the same command
+    resumes once there is room, like any run that ended with rows missing. Read-only → 2: a usage
+    problem to fix before running again."""
+    if isinstance(exc, sqlite3.OperationalError):
+        if "disk is full" in str(exc):
+            return (
+                "disk full while writing the run's database; state saved — free space and "
+                "run the same command again",
+                3,
+            )
+        return None
+    where = f"{exc.filename}: " if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"{where}disk full ({exc.strerror}); state saved — free space and run the same "
+            "command again",
+            3,
+        )
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{where}cannot write ({exc.strerror}); the run dir must be writable", 2
+    return None
 
 
 def common_logging(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -112,6 +172,16 @@ def common_logging(fn: Callable[..., Any]) -> Callable[..., Any]:
         help="Folder for the DEBUG log file batch_execution_YYYYMMDD_HHMMSS.log.",
     )(fn)
     return fn
+
+
+def csv_escape_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--csv-escape/--no-csv-escape",
+        default=True,
+        help="CSV output: prefix ' to added cells (response, error, model …) that start with "
+        "= + - @ tab or CR, so a spreadsheet never runs them as formulas [escape]. Source "
+        "columns, Parquet and JSONL are never changed.",
+    )(fn)
 
 
 def run_dir_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -230,7 +300,10 @@ def cli() -> None:
     "folder to resume [default: runs/<source file stem>].",
 )
 @click.option(
-    "--poll-interval", type=float, default=None, help="Seconds between status polls [default: 30]."
+    "--poll-interval",
+    type=SECONDS,
+    default=None,
+    help="Seconds between status polls [default: 30].",
 )
 @click.option(
     "--max-retries", type=int, default=None, help="Per row, for retryable failures and expiry [3]."
@@ -305,6 +378,7 @@ def cli() -> None:
     is_flag=True,
     help="Build and check the batch files, print the estimate; upload nothing.",
 )
+@csv_escape_option
 @key_options
 @common_logging
 @handle_errors
@@ -325,9 +399,11 @@ def run(
     dry_run: bool,
     api_key_file: Path | None,
     base_url: str | None,
+    csv_escape: bool,
     **options: Any,
 ) -> None:
     """Run a table through the model(s): build, submit, poll, collect, retry, merge."""
+    merging.CSV_ESCAPE.set(csv_escape)
     console = _start_logging(log_dir, verbose - quiet)
     if csv_path is not None and input_path is not None:
         raise InputError("give the source table once: --csv PATH or --input PATH, not both")
@@ -353,10 +429,13 @@ def run(
         config=config,
         **options,
     )
-    with _display(console, verbose - quiet) as display:
+    target = Path(run_dir or default_run_dir(spec.source))
+    # A dry run never touches the run's database: it may run beside the run's writer.
+    lock = nullcontext() if dry_run else runlock.hold(target, create=True)
+    with lock, _display(console, verbose - quiet) as display:
         report = api.run_job(
             spec,
-            run_dir,
+            target,
             cleanup=cleanup,
             keep_latest=keep_latest,
             dry_run=dry_run,
@@ -437,6 +516,15 @@ def _print_estimate(est: api.Estimate) -> None:
 def _print_dry_run(report: api.RunReport) -> None:
     if report.checks is not None:
         click.echo(validate.summary(report.checks))
+    skipped = report.counts.get("skipped", 0)
+    if skipped:
+        # The first reasons, once api's dry run keeps them (RunReport.skipped_reasons).
+        reasons: list[str] = list(getattr(report, "skipped_reasons", None) or [])[:5]
+        click.echo(
+            f"skipped: {skipped:,} row(s) would not be sent"
+            + (": " + "; ".join(reasons) if reasons else "")
+            + " (the run marks them skipped; see `batchops missing` after it)"
+        )
     est = report.estimate
     if est is None:
         return
@@ -515,7 +603,7 @@ def missing(run_dir: Path | None) -> None:
     default=None,
     help="Exit 0 once at least this share of rows succeeded [the run's; 1.0].",
 )
-@click.option("--poll-interval", type=float, default=None, help="Seconds between status polls.")
+@click.option("--poll-interval", type=SECONDS, default=None, help="Seconds between status polls.")
 @key_options
 @common_logging
 @handle_errors
@@ -535,9 +623,10 @@ def retry_missing(
 ) -> None:
     """Send every failed, skipped or missing row again, then merge."""
     console = _start_logging(log_dir, verbose - quiet)
-    with _display(console, verbose - quiet) as display:
+    target = resolve_run_dir(run_dir)
+    with runlock.hold(target), _display(console, verbose - quiet) as display:
         report = api.retry_missing(
-            resolve_run_dir(run_dir),
+            target,
             models=list(models) or None,
             error_class=error_class,
             from_model=from_model,
@@ -566,10 +655,14 @@ def retry_missing(
     help="Output path: CSV, Parquet (.parquet) or JSONL (.jsonl) [default: "
     "<run-dir>/final_output.<the source's format>].",
 )
+@csv_escape_option
 @handle_errors
-def merge(run_dir: Path | None, output: Path | None) -> None:
+def merge(run_dir: Path | None, output: Path | None, csv_escape: bool) -> None:
     """Join every answer onto the source table (source columns unchanged, then the result columns)."""
-    path = api.merge(resolve_run_dir(run_dir), output)
+    merging.CSV_ESCAPE.set(csv_escape)
+    target = resolve_run_dir(run_dir)
+    with runlock.hold(target):
+        path = api.merge(target, output)
     click.echo(f"merged output: {path}")
 
 
@@ -636,7 +729,9 @@ def cancel(
 ) -> None:
     """Cancel the run's in-flight batches and record their partial results."""
     _start_logging(log_dir, verbose - quiet)
-    n = api.cancel(resolve_run_dir(run_dir), api_key_file=api_key_file, base_url=base_url)
+    target = resolve_run_dir(run_dir)
+    with runlock.hold(target):
+        n = api.cancel(target, api_key_file=api_key_file, base_url=base_url)
     if n == 0:
         click.echo("nothing was in flight: no batch to cancel")
         return
@@ -698,7 +793,7 @@ def cost(run_dir: Path | None, as_json: bool) -> None:
     default=None,
     help="Exit 0 once at least this share of rows succeeded [the run's; 1.0].",
 )
-@click.option("--poll-interval", type=float, default=None, help="Seconds between status polls.")
+@click.option("--poll-interval", type=SECONDS, default=None, help="Seconds between status polls.")
 @key_options
 @common_logging
 @handle_errors
@@ -715,9 +810,10 @@ def watch(
 ) -> None:
     """Follow the run's remote batches to the end, collecting results as each one finishes."""
     console = _start_logging(log_dir, verbose - quiet)
-    with _display(console, verbose - quiet) as display:
+    target = resolve_run_dir(run_dir)
+    with runlock.hold(target), _display(console, verbose - quiet) as display:
         report = api.watch(
-            resolve_run_dir(run_dir),
+            target,
             retry=retry,
             completion_threshold=completion_threshold,
             poll_interval=poll_interval,

@@ -1,6 +1,7 @@
 """Log sinks for the command line. The library only logs; the CLI decides where logs go.
 
-A DEBUG file per invocation (`<log-dir>/batch_execution_YYYYMMDD_HHMMSS.log`) and INFO (or the
+A DEBUG file per invocation (`<log-dir>/batch_execution_YYYYMMDD_HHMMSS.log`, `_2`, `_3` … added
+when another process started in the same second) and INFO (or the
 level -v/-q pick) on stderr, through the rich Console of the progress display when there is one.
 The file shows the run, chunk and batch ids the engine attaches to each record. Every record passes a filter that masks API keys, so a key that
 reached a message by accident still never lands in a log.
@@ -56,9 +57,17 @@ class MaskedFile:
     """The DEBUG log file, written through mask_secrets as a whole: a filter only reaches the
     message, not an exception's text in the traceback."""
 
-    def __init__(self, path: Path, secrets: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        secrets: list[str] | None = None,
+        *,
+        name: Callable[[], Path] | None = None,
+    ) -> None:
         self.path = path
         self._secrets = secrets
+        # Picks this process's own file name (unique even when two start in the same second).
+        self._name = name
         # Opened on the first record: a command that fails before logging anything (bad input)
         # leaves no empty log file (and no log folder) behind.
         self._fh: TextIO | None = None
@@ -66,6 +75,8 @@ class MaskedFile:
     def write(self, text: str) -> None:
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self._name is not None:
+                self.path = self._name()
             self._fh = self.path.open("a", encoding="utf-8")
         self._fh.write(mask_secrets(text, self._secrets))
 
@@ -104,6 +115,21 @@ def mask_secrets(text: str, secrets: list[str] | None = None) -> str:
     for s in secrets if secrets is not None else _secret_values():
         text = text.replace(s, mask_key(s))
     return _KEY_RE.sub(lambda m: mask_key(m.group(0)), text)
+
+
+def new_log_path(log_dir: Path, stamp: str | None = None) -> Path:
+    """A log file of this invocation alone: `batch_execution_YYYYMMDD_HHMMSS.log`, or with `_2`,
+    `_3` … when another process (or invocation) took that name in the same second. Created
+    with O_EXCL, so two processes never share a file."""
+    stamp = stamp or time.strftime("%Y%m%d_%H%M%S")
+    n = 1
+    while True:
+        path = log_dir / f"batch_execution_{stamp}{'' if n == 1 else f'_{n}'}.log"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return path
+        except FileExistsError:
+            n += 1
 
 
 def configure(
@@ -152,10 +178,11 @@ def configure(
         )
     if log_dir is None:
         return None
-    path = log_dir / f"batch_execution_{time.strftime('%Y%m%d_%H%M%S')}.log"
+    stamp = time.strftime("%Y%m%d_%H%M%S")  # the invocation's start, named when first written
+    path = log_dir / f"batch_execution_{stamp}.log"
     # diagnose=False: tracebacks must not show local variables (a client holds its API key).
     logger.add(
-        MaskedFile(path, secrets),
+        MaskedFile(path, secrets, name=lambda: new_log_path(log_dir, stamp)),
         level="DEBUG",
         format=_file_format,
         filter=scrub,

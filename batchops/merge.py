@@ -5,6 +5,13 @@ order, then the `MERGED_COLUMNS`; an added column whose name a source column alr
 prefixed ``batchops_`` (``batchops_2_`` … if that is taken too). With an answer schema, one
 column per top-level property follows (structured.SchemaColumns).
 
+CSV formula injection: a spreadsheet runs a cell that starts with ``=``, ``+``, ``-``, ``@``, tab
+or CR as a formula (``=HYPERLINK(…)`` in a model's answer). In CSV output only, such cells of the
+*added* columns (response, error, model, … and schema columns) get a leading ``'`` by default;
+source columns are the user's own data and are never changed; Parquet and JSONL are never
+escaped. `csv_escape=False` (``--no-csv-escape``) writes them verbatim. ``cost_usd`` is written
+in plain decimal notation, never ``7.5e-6``.
+
 Formats: CSV (every cell text), Parquet (source columns as strings, or with the source file's
 own Arrow types when `source_schema` is given; embeddings as a list<double> column; schema
 properties typed) and JSONL (each source object, unchanged when `raw` frames are given, with the
@@ -25,6 +32,7 @@ How it stays fast and flat on 1,000,000 rows:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import secrets
 import sys
@@ -75,6 +83,15 @@ _IDX = "__row_idx"  # join key, as the source module names it
 _RAW = "__raw"  # native JSONL frames: the source object's text, as the source module names it
 _NO_EXTRA: dict[str, list] = {}
 _HIT = "__batchops_hit"  # marks joined outcome rows, to count outcomes that matched no row
+# First characters a spreadsheet takes as the start of a formula (OWASP "CSV injection").
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# The CLI's --no-csv-escape for the merges of one command (api.merge_run takes no flag yet).
+CSV_ESCAPE: contextvars.ContextVar[bool] = contextvars.ContextVar("csv_escape", default=True)
+
+
+def escape_formula(text: str | None) -> str | None:
+    """The cell as a spreadsheet shows it but never runs it."""
+    return "'" + text if text and text.startswith(FORMULA_START) else text
 
 
 @dataclass
@@ -114,6 +131,7 @@ def merge_frames(
     answer_schema: dict | None = None,
     schema_prefix: str = "",
     embeddings: bool = False,
+    csv_escape: bool | None = None,
 ) -> MergeSummary:
     """Write source frames (in row order) joined with `outcomes` to `out_path`.
 
@@ -127,9 +145,12 @@ def merge_frames(
     frames hold ``__raw``, each source object's JSON text, instead of the columns.
     `answer_schema`: expand succeeded answers into one column per top-level property, named
     `schema_prefix` + property. `embeddings`: responses are JSON vectors (list column in
-    Parquet, native list in JSONL).
+    Parquet, native list in JSONL). `csv_escape` (CSV only; default: `CSV_ESCAPE`, on):
+    neutralise formula-like cells of the added columns (see the module doc).
     """
     out_path = Path(out_path)
+    if csv_escape is None:
+        csv_escape = CSV_ESCAPE.get()
     fmt = _resolve_fmt(out_path, fmt)
     if raw and fmt != "jsonl":
         raise InputError("raw source objects can only be merged into JSONL")
@@ -148,7 +169,9 @@ def merge_frames(
     with _atomic_write(out_path) as fh:
         sink: _Sink
         if fmt == "csv":
-            sink = _CsvSink(fh, expand)
+            text_added = [names[n] for n in MERGED_COLUMNS if OUTCOME_TYPES[n] == pl.String]
+            escaped = [*text_added, *extra_columns] if csv_escape else []
+            sink = _CsvSink(fh, expand, escaped, [names["cost_usd"]])
         elif fmt == "jsonl":
             sink = _JsonlSink(fh, source_columns, names, raw=raw, embeddings=embeddings)
         else:
@@ -205,7 +228,16 @@ def read_merged(path: Path | str) -> pl.DataFrame:
     path = Path(path)
     if path.suffix.lower() == ".parquet":
         df = pl.read_parquet(path)
-        return df.select(pl.col(c).cast(pl.String).fill_null("") for c in df.columns)
+        return df.select(
+            (
+                _plain_decimal(pl.col(c))
+                if c.endswith("cost_usd") and df.schema[c] == pl.Float64
+                else pl.col(c).cast(pl.String)
+            )
+            .fill_null("")
+            .alias(c)
+            for c in df.columns
+        )
     return pl.read_csv(
         path,
         infer_schema=False,
@@ -332,9 +364,17 @@ class _Sink(Protocol):
 class _CsvSink:
     """UTF-8, header, RFC 4180 minimal quoting; empty strings written as empty cells."""
 
-    def __init__(self, fh: IO[bytes], expand: SchemaColumns | None = None) -> None:
+    def __init__(
+        self,
+        fh: IO[bytes],
+        expand: SchemaColumns | None = None,
+        escaped: list[str] | None = None,
+        decimal: list[str] | None = None,
+    ) -> None:
         self.fh = fh
         self.expand = expand
+        self.escaped = escaped or []
+        self.decimal = decimal or []
         self.wrote_header = False
 
     def write(self, part: pl.DataFrame, extra: dict[str, list]) -> None:
@@ -349,6 +389,18 @@ class _CsvSink:
             for c, t in part.schema.items()
             if t == pl.String
         )
+        if self.escaped:
+            starts = "^[" + "".join(FORMULA_START).replace("-", "\\-") + "]"
+            part = part.with_columns(
+                pl.when(pl.col(c).str.contains(starts))
+                .then(pl.lit("'") + pl.col(c))
+                .otherwise(pl.col(c))
+                .alias(c)
+                for c in self.escaped
+                if part.schema.get(c) == pl.String
+            )
+        if self.decimal:
+            part = part.with_columns(_plain_decimal(pl.col(c)).alias(c) for c in self.decimal)
         part.write_csv(
             self.fh, include_header=not self.wrote_header, null_value="", quote_style="necessary"
         )
@@ -361,6 +413,21 @@ class _CsvSink:
             schema = _empty_schema(source_columns, names)
             schema.update(dict.fromkeys(self.expand.columns if self.expand else [], pl.String()))
             pl.DataFrame(schema=schema).write_csv(self.fh)
+
+
+def _plain_decimal(value: pl.Expr) -> pl.Expr:
+    """A float as text, shortest round-trip digits as before, but 0.0000075 where polars would
+    write 7.5e-6 (a spreadsheet or a strict parser may misread the exponent)."""
+    text = value.cast(pl.String)
+    negative = text.str.starts_with("-")
+    parts = text.str.strip_prefix("-").str.split_exact("e", 1)
+    digits = parts.struct.field("field_0").str.replace(".", "", literal=True)
+    exponent = parts.struct.field("field_1").cast(pl.Int64, strict=False)
+    positional = pl.lit("0.") + digits.str.pad_start(
+        (digits.str.len_chars() - exponent - 1).clip(lower_bound=0), "0"
+    )
+    signed = pl.when(negative).then(pl.lit("-") + positional).otherwise(positional)
+    return pl.when(text.str.contains("e-", literal=True)).then(signed).otherwise(text)
 
 
 class _ParquetSink:

@@ -8,6 +8,7 @@ no live display: a plain progress line is logged when something changed, or as a
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -216,6 +217,26 @@ class ProgressDisplay:
 # ---------------------------------------------------------------------------------- status
 
 
+# ANSI escape sequences (CSI … final byte, OSC … BEL/ST) and every other C0/C1 control character
+# but newline and tab: text from a remote server (model names, error messages) must not move the
+# cursor, recolour or retitle the user's terminal.
+_ANSI_RE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x9b[0-?]*[ -/]*[@-~]"
+)
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def strip_control(value: Any) -> Any:
+    """`value` with ANSI sequences and control characters removed from every string in it."""
+    if isinstance(value, str):
+        return _CONTROL_RE.sub("", _ANSI_RE.sub("", value))
+    if isinstance(value, dict):
+        return {strip_control(k): strip_control(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(strip_control(v) for v in value)
+    return value
+
+
 def _retry_text(r: dict[str, Any], cancelled: bool = False) -> Text:
     """Rows sent more than once. Rows put back in the queue and not sent again yet (after a
     cancel, say) are re-queued, not retried: they are counted apart."""
@@ -241,6 +262,7 @@ def _polled(batch: dict[str, Any], now: float) -> str:
 def status_view(st: dict[str, Any], now: float | None = None) -> RenderableType:
     """`batchops status` as rich tables, from `api.status()`'s data (`now`: time.time())."""
     now = time.time() if now is None else now
+    st = strip_control(st)
     parts: list[RenderableType] = [
         Text.assemble(
             ("run ", "bold"),

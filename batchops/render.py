@@ -9,8 +9,10 @@ builder in chunking.py, and are derived from the same parsed template and the sa
 from __future__ import annotations
 
 import base64
+import errno
 import functools
 import os
+import stat
 import string
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,13 +42,6 @@ _MAGIC = (
     (b"GIF87a", "image/gif"),
     (b"GIF89a", "image/gif"),
 )
-_EXT_MIME = {
-    ".png": "image/png",
-    ".jpg": "image/jpeg",
-    ".jpeg": "image/jpeg",
-    ".gif": "image/gif",
-    ".webp": "image/webp",
-}
 
 
 class ImageProblem(Exception):
@@ -327,54 +322,113 @@ def line_template(spec: JobSpec, model: str) -> tuple[list[str], list[str]]:
 
 
 def image_data_url(image_dir: Path, cell: str) -> str:
-    """`data:<mime>;base64,…` of the file `cell` names inside image_dir, bytes unchanged."""
+    """`data:<mime>;base64,…` of the file `cell` names inside image_dir, bytes unchanged.
+
+    The file is opened one path component at a time, each relative to its parent's open
+    descriptor and without following links (`_open_inside`), so what is checked is what is
+    read: a directory swapped for a link to elsewhere mid-build is caught, not followed. FIFOs,
+    devices and other non-regular files are refused without blocking, and the bytes must be an
+    image's (a text file named .png is not sent)."""
     shown = image_dir / cell
     try:
-        root = os.path.abspath(image_dir)  # absolute: the cache below must not depend on the cwd
-        path = _real_path(root, cell)
-        inside = path.startswith(_real_dir(root) + os.sep)
-    except (OSError, ValueError) as exc:
-        raise ImageProblem(f"bad image path {cell!r}: {exc}") from None
-    if not inside:
-        raise ImageProblem(f"image path escapes the image dir {image_dir}: {cell}")
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
+        fd = _open_inside(os.path.abspath(image_dir), cell)
+    except _Escapes:
+        raise ImageProblem(f"image path escapes the image dir {image_dir}: {cell}") from None
     except FileNotFoundError:
         raise ImageProblem(f"image not found: {shown}") from None
-    except IsADirectoryError:
-        raise ImageProblem(f"image is a directory, not a file: {shown}") from None
+    except ValueError as exc:  # e.g. a NUL character in the cell
+        raise ImageProblem(f"bad image path {cell!r}: {exc}") from None
     except OSError as exc:
         raise ImageProblem(f"cannot read image {shown}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageProblem(f"image is a directory, not a file: {shown}")
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageProblem(f"image is not a regular file (a FIFO, socket or device): {shown}")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ImageProblem(f"cannot read image {shown}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
     if not data:
         raise ImageProblem(f"image file is empty: {shown}")
-    mime = image_mime(data, shown.name)
+    mime = image_mime(data)
     if mime is None:
-        raise ImageProblem(f"not a PNG, JPEG, GIF or WEBP image: {shown}")
+        raise ImageProblem(f"not a PNG, JPEG, GIF or WEBP image (by its bytes): {shown}")
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-@functools.lru_cache(maxsize=1024)
-def _real_dir(path: str) -> str:
-    # Directories are resolved once per build, not once per row (realpath costs a syscall per
-    # path component); files are still checked one by one below.
-    return os.path.realpath(path)
+class _Escapes(Exception):
+    """The path (or a link on it) leads outside the image dir."""
 
 
-def _real_path(image_dir: str, cell: str) -> str:
-    """The file's real location: symlinks and `..` resolved, so escapes can be caught."""
-    parent, name = os.path.split(os.path.join(image_dir, cell))
-    if name in ("", ".", ".."):
-        return os.path.realpath(os.path.join(image_dir, cell))
-    path = os.path.join(_real_dir(os.path.normpath(parent)), name)
-    return os.path.realpath(path) if os.path.islink(path) else path
+_MAX_LINKS = 40  # like the kernel's own limit: a link loop ends as an error, not a hang
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO for reading must not wait for a writer.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def image_mime(data: bytes, name: str) -> str | None:
-    """MIME type from the file's magic bytes, else from its extension; None if neither knows."""
+def _open_inside(root: str, cell: str) -> int:
+    """An open descriptor of the file `cell` names under `root`. Every component is opened
+    relative to the descriptor of the directory before it, with O_NOFOLLOW; a link is followed
+    only by reading its target and walking that again the same way, and only while it stays
+    inside `root`. Nothing outside `root` is ever opened, whatever is renamed meanwhile."""
+    real_root = os.path.realpath(root)
+    if os.path.isabs(cell):
+        cell = _relative_to(cell, (real_root, root))
+    parts = [p for p in cell.split(os.sep) if p not in ("", ".")]
+    stack = [os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
+    links = 0
+    try:
+        while parts:
+            name = parts.pop(0)
+            if name == "..":
+                if len(stack) == 1:
+                    raise _Escapes
+                os.close(stack.pop())
+                continue
+            try:
+                fd = os.open(name, _FILE_FLAGS if not parts else _DIR_FLAGS, dir_fd=stack[-1])
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                    raise
+                try:
+                    target = os.readlink(name, dir_fd=stack[-1])
+                except OSError:
+                    raise exc from None  # not a link: the original error stands
+                links += 1
+                if links > _MAX_LINKS:
+                    raise
+                if os.path.isabs(target):  # walk it again from the root
+                    target = _relative_to(target, (real_root, root))
+                    while len(stack) > 1:
+                        os.close(stack.pop())
+                parts = [p for p in target.split(os.sep) if p not in ("", ".")] + parts
+                continue
+            if not parts:
+                return fd
+            stack.append(fd)
+        raise IsADirectoryError(errno.EISDIR, "is a directory")  # the cell named the dir itself
+    finally:
+        for fd in stack:
+            os.close(fd)
+
+
+def _relative_to(path: str, roots: tuple[str, ...]) -> str:
+    for r in roots:
+        if path.startswith(r.rstrip(os.sep) + os.sep):
+            return path[len(r.rstrip(os.sep)) + 1 :]
+    raise _Escapes
+
+
+def image_mime(data: bytes) -> str | None:
+    """MIME type from the file's magic bytes; None when they are not an image's (a file's
+    extension proves nothing: a text file named .png is not sent)."""
     for magic, mime in _MAGIC:
         if data.startswith(magic):
             return mime
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "image/webp"
-    return _EXT_MIME.get(Path(name).suffix.lower())
+    return None

@@ -292,6 +292,7 @@ def _scan_csv(path: Path, columns: list[str], id_column: str | None) -> tuple[in
     """One streaming pass over the whole file: count rows, check every cell is UTF-8, every row has
     the header's number of fields, and (with an id column) ids are non-empty and unique.
     Returns (data rows, block size that parses the file)."""
+    _check_quotes(path)
     block_size = _BLOCK_SIZE
     while True:
         ragged: list[str] = []
@@ -323,6 +324,58 @@ def _scan_csv(path: Path, columns: list[str], id_column: str | None) -> tuple[in
             ids.finish(block_size)
         pa.default_memory_pool().release_unused()  # the build that follows needs the room
         return total, block_size
+
+
+def _check_quotes(path: Path) -> None:
+    """A quote that is never closed makes its cell swallow every later row (pyarrow accepts it
+    at the end of the file): refuse it, naming the line it opens on. Every well-formed quoted
+    cell holds an even number of quote characters, so an even total is the fast common case;
+    only an odd one is walked through."""
+    odd = False
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            odd ^= chunk.count(b'"') % 2 == 1
+    if not odd:
+        return
+    line = _unclosed_quote_line(path.read_bytes())
+    if line is not None:
+        raise InputError(
+            f"{path}: line {line}: a quoted cell is never closed (its opening quote takes in "
+            'every row after it); close the quote or escape it as ""'
+        )
+
+
+def _unclosed_quote_line(data: bytes) -> int | None:
+    """The physical line where a quoted cell opens that no quote closes, else None."""
+    line = 1
+    i, n = 0, len(data)
+    field_start = True
+    while i < n:
+        c = data[i]
+        if field_start and c == 0x22:  # an opening quote: find its closing one
+            opened = line
+            i += 1
+            while True:
+                j = data.find(b'"', i)
+                if j < 0:
+                    return opened
+                line += data.count(b"\n", i, j)
+                if data[j + 1 : j + 2] == b'"':  # an escaped quote inside the cell
+                    i = j + 2
+                    continue
+                i = j + 1
+                break
+            field_start = False
+            continue
+        if c == 0x2C:  # ,
+            field_start = True
+        elif c == 0x0A:
+            line += 1
+            field_start = True
+        else:
+            field_start = False
+        i += 1
+    return None
 
 
 class _IdCheck:

@@ -140,7 +140,7 @@ class JobSpec(BaseModel):
     )
 
     batch_size: int = Field(20, ge=1, le=MAX_REQUESTS_PER_FILE)
-    poll_interval: float = Field(30.0, gt=0)
+    poll_interval: float = Field(30.0, gt=0, allow_inf_nan=False)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     mode: Mode = "batch"
     workers: int = Field(8, ge=1)

@@ -540,3 +540,113 @@ def test_stats_shape(emulator: EmulatorServer, openai_client: openai.OpenAI) -> 
     }
     assert s["calls"]["POST /v1/files"] == 1 and s["calls"]["POST /v1/batches"] == 1
     assert s["calls"]["GET /v1/batches/{id}"] >= 1
+
+
+# --------------------------------------------------------------------------- result-file and listing faults
+
+
+def _download(client: openai.OpenAI, file_id: str) -> bytes:
+    return client.files.content(file_id).content
+
+
+def _ids(raw: bytes) -> list[str]:
+    return [json.loads(x)["custom_id"] for x in raw.splitlines() if x.strip()]
+
+
+def test_output_drop_fraction_only_on_first_download(make: Any) -> None:
+    emu = make(output_drop_fraction=0.3, seed=4)
+    client = _client(emu)
+    b = run_batch(client, _lines(40))
+    assert b.request_counts.completed == 40
+    first = _ids(_download(client, b.output_file_id))
+    second = _ids(_download(client, b.output_file_id))
+    assert 0 < len(first) < 40 and len(set(first)) == len(first)
+    assert sorted(second) == sorted(f"r{i}" for i in range(40))
+    # Dropped lines were executed (and paid) all the same.
+    assert all(v == {"executed": 1, "succeeded": 1} for v in emu.stats()["requests"].values())
+
+
+def test_result_fault_downloads_zero_hits_every_download(make: Any) -> None:
+    emu = make(output_drop_fraction=0.5, result_fault_downloads=0, seed=4)
+    client = _client(emu)
+    b = run_batch(client, _lines(20))
+    a, c = _download(client, b.output_file_id), _download(client, b.output_file_id)
+    assert sorted(_ids(a)) == sorted(_ids(c)) and len(_ids(a)) < 20
+
+
+def test_output_truncate_last(make: Any) -> None:
+    emu = make(output_truncate_last=True, result_fault_downloads=2)
+    client = _client(emu)
+    b = run_batch(client, _lines(5))
+    for _ in range(2):
+        raw = _download(client, b.output_file_id)
+        lines = raw.split(b"\n")
+        assert not raw.endswith(b"\n") and len(lines) == 5
+        assert all(json.loads(x) for x in lines[:-1])
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(lines[-1])
+    assert len(_ids(_download(client, b.output_file_id))) == 5  # third download: whole
+
+
+def test_output_duplicate_and_failure_first(make: Any) -> None:
+    emu = make(output_duplicate_fraction=1.0, output_failure_first_fraction=1.0)
+    client = _client(emu)
+    b = run_batch(client, _lines(3))
+    rows = [json.loads(x) for x in _download(client, b.output_file_id).splitlines()]
+    assert len(rows) == 9
+    by_id: dict[str, list[int]] = {}
+    for r in rows:
+        by_id.setdefault(r["custom_id"], []).append(r["response"]["status_code"])
+    assert by_id == {f"r{i}": [500, 200, 200] for i in range(3)}
+    fail = next(r for r in rows if r["response"]["status_code"] == 500)
+    assert fail["response"]["body"]["error"]["type"] == "server_error"
+    assert b.request_counts.completed == 3 and b.request_counts.failed == 0
+
+
+def test_output_malformed_lines(make: Any) -> None:
+    emu = make(output_malformed_lines=2, seed=1)
+    client = _client(emu)
+    b = run_batch(client, _lines(6))
+    lines = _download(client, b.output_file_id).splitlines()
+    bad = []
+    for x in lines:
+        try:
+            json.loads(x)
+        except json.JSONDecodeError:
+            bad.append(x)
+    assert len(lines) == 8 and len(bad) == 2
+
+
+def test_error_files_and_input_files_are_never_damaged(make: Any) -> None:
+    emu = make(output_drop_fraction=1.0, output_malformed_lines=3, reject_fraction=1.0)
+    client = _client(emu)
+    data = jsonl(_lines(4))
+    f = client.files.create(file=("in.jsonl", data), purpose="batch")
+    assert _download(client, f.id) == data
+    b = run_batch(client, _lines(4))
+    assert b.output_file_id is None
+    assert len(_ids(_download(client, b.error_file_id))) == 4
+
+
+def test_list_stale_freezes_listed_state(make: Any) -> None:
+    emu = make(list_stale=True, validating_seconds=0.0, in_progress_seconds=0.05)
+    client = _client(emu)
+    f = client.files.create(file=("in.jsonl", jsonl(_lines(2))), purpose="batch")
+    b = client.batches.create(
+        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    first = client.batches.list().data[0].status
+    assert first in ("validating", "in_progress")
+    done = wait_for_batch(client, b.id)
+    assert done.status == "completed"  # retrieve shows the truth
+    assert client.batches.list().data[0].status == first  # the list never moves
+
+
+def test_upload_error_keys(make: Any) -> None:
+    bad, good = "sk-upload-fails-000000000000bad1", "sk-upload-works-00000000000good"
+    emu = make(upload_error_keys=[bad])
+    with pytest.raises(openai.InternalServerError):
+        _client(emu, bad).files.create(file=("in.jsonl", jsonl(_lines(1))), purpose="batch")
+    assert _client(emu, bad).models.list().data  # only uploads fail
+    assert _client(emu, good).files.create(file=("in.jsonl", jsonl(_lines(1))), purpose="batch")
+    assert emu.stats()["files"]["uploaded"] == 1

@@ -220,7 +220,6 @@ def test_line_pieces_splice_to_the_reference_line(s):
         ("a.bin", b"\xff\xd8\xff\xe0rest", "image/jpeg"),
         ("a.gif", b"GIF89a...", "image/gif"),
         ("a", b"RIFF\x00\x00\x00\x00WEBPVP8 ", "image/webp"),
-        ("b.JPG", b"not really a jpeg", "image/jpeg"),  # unknown magic: trust the extension
     ],
 )
 def test_data_url_has_mime_and_unchanged_bytes(tmp_path, name, data, mime):
@@ -242,6 +241,7 @@ def test_image_problems_name_the_file(tmp_path):
     (tmp_path / "secret.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     (images / "empty.png").write_bytes(b"")
     (images / "notes.txt").write_bytes(b"hello")
+    (images / "fake.JPG").write_bytes(b"not really a jpeg")
     (images / "link.png").symlink_to(tmp_path / "secret.png")
     cases = {
         "x.png": f"image not found: {images}/x.png",
@@ -250,7 +250,9 @@ def test_image_problems_name_the_file(tmp_path):
         "link.png": "image path escapes the image dir",
         "sub": "image is a directory",
         "empty.png": f"image file is empty: {images}/empty.png",
-        "notes.txt": f"not a PNG, JPEG, GIF or WEBP image: {images}/notes.txt",
+        "notes.txt": f"not a PNG, JPEG, GIF or WEBP image (by its bytes): {images}/notes.txt",
+        # The extension proves nothing: the bytes decide (issue 14).
+        "fake.JPG": f"not a PNG, JPEG, GIF or WEBP image (by its bytes): {images}/fake.JPG",
     }
     for cell, reason in cases.items():
         with pytest.raises(ImageProblem) as e:

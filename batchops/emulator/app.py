@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from batchops.emulator import anthropic_dialect, gemini_dialect
+from batchops.emulator import anthropic_dialect, gemini_dialect, result_faults
 from batchops.emulator import errors as E
 from batchops.emulator.errors import ApiError
 from batchops.emulator.executor import execute
@@ -166,6 +166,8 @@ def _api(
 
 
 async def create_file(call: Call) -> Response:
+    if call.key in call.emu.scenario.upload_error_keys:
+        raise E.server_error(500)
     form = await call.request.form(max_files=1, max_fields=20)
     upload = form.get("file")
     purpose = form.get("purpose")
@@ -219,8 +221,14 @@ async def retrieve_file(call: Call) -> Response:
 
 
 async def file_content(call: Call) -> Response:
-    f = call.emu.get_file(call.path["file_id"])
-    return Response(f.data, media_type="application/octet-stream")
+    emu = call.emu
+    f = emu.get_file(call.path["file_id"])
+    data = f.data
+    if f.purpose == "batch_output" and f.filename.endswith("_output.jsonl"):
+        emu.downloads[f.id] += 1
+        if result_faults.applies(emu.scenario, emu.downloads[f.id]):
+            data = result_faults.damage(data, emu.scenario, f.id)
+    return Response(data, media_type="application/octet-stream")
 
 
 async def delete_file(call: Call) -> Response:
@@ -247,8 +255,13 @@ async def create_batch(call: Call) -> Response:
 
 async def list_batches(call: Call) -> Response:
     limit = call.query_int("limit", 20, 1, 100)
-    newest_first = list(reversed(call.emu.batches.values()))
-    return JSONResponse(page(newest_first, call.request.query_params.get("after"), limit))
+    emu = call.emu
+    newest_first = list(reversed(emu.batches.values()))
+    result = page(newest_first, call.request.query_params.get("after"), limit)
+    if emu.scenario.list_stale:
+        # Each batch as it looked the first time it was listed; retrieve still shows the truth.
+        result["data"] = [emu.listed.setdefault(b["id"], b) for b in result["data"]]
+    return JSONResponse(result)
 
 
 async def retrieve_batch(call: Call) -> Response:

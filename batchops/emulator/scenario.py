@@ -109,6 +109,28 @@ class Scenario(BaseModel):
                 return e
         return None
 
+    # Result-file and listing faults
+    result_fault_downloads: int = Field(
+        1, ge=0, description="output-file faults hit the first N downloads of a file; 0 = every"
+    )
+    output_drop_fraction: float = Field(
+        0.0, ge=0, le=1, description="custom_ids whose success line is left out of the file"
+    )
+    output_truncate_last: bool = Field(False, description="the file's last line is cut in half")
+    output_duplicate_fraction: float = Field(
+        0.0, ge=0, le=1, description="custom_ids whose success line appears twice"
+    )
+    output_failure_first_fraction: float = Field(
+        0.0, ge=0, le=1, description="custom_ids with a 500 line just before their success line"
+    )
+    output_malformed_lines: int = Field(0, ge=0, description="lines that are not JSON, inserted")
+    list_stale: bool = Field(
+        False, description="GET /v1/batches shows each batch as it was when first listed"
+    )
+    upload_error_keys: list[str] = Field(
+        default_factory=list, description="POST /v1/files always answers 500 for these keys"
+    )
+
     @classmethod
     def from_file(cls, path: str | Path) -> Scenario:
         """Read a scenario from a .toml or .json file (same keys as the model)."""

@@ -190,6 +190,8 @@ class Emulator:
         self.rpm_windows: dict[str, deque[float]] = {}
         self._file_models: dict[str, str | None] = {}
         self.dialects: dict[str, Any] = {}  # per-dialect registries (anthropic_dialect, …)
+        self.downloads: Counter[str] = Counter()  # file id -> content downloads (result faults)
+        self.listed: dict[str, dict[str, Any]] = {}  # batch id -> first listed view (list_stale)
 
     # ------------------------------------------------------------------ admin
     def reset(self) -> None:
@@ -203,6 +205,8 @@ class Emulator:
         self.rpm_windows.clear()
         self._file_models.clear()
         self.dialects.clear()
+        self.downloads.clear()
+        self.listed.clear()
 
     def update_scenario(self, changes: dict[str, Any]) -> Scenario:
         self.scenario = self.scenario.updated(**changes)
