@@ -27,7 +27,7 @@ from batchops.emulator.runner import start_validation, tick
 from batchops.emulator.scenario import Scenario
 from batchops.emulator.state import Emulator
 from batchops.emulator.validation import validate_create
-from batchops.policy import CALL_ATTEMPTS, Rule, Scope, call_is_retried, classify
+from batchops.policy import CALL_ATTEMPTS, Rule, call_is_retried, classify
 from batchops.records import BadLine, RowOutcome
 
 # Scenario timings for a memory emulator: a batch ends at its first poll.
@@ -115,8 +115,6 @@ class MemoryBackend:
             rules=self.rules,
             fallback=classify_http(err.status, err.code, err.type),
         )
-        if cls == "api_error" and err.status >= 500:
-            scope = Scope.ENDPOINT
         return RemoteError(
             what, cls, err.status, err.code, err.message, float(after) if after else None, scope
         )

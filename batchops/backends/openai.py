@@ -281,8 +281,8 @@ class OpenAIBackend:
         )
         if status is None and cls in ("api_error", "timeout"):
             message = f"{message} ({self.url or self.client.base_url})"  # say where
-        if cls in ("api_error", "timeout") and (status is None or status >= 500):
-            scope = Scope.ENDPOINT  # the server is down or failing: every model it serves
+        if cls in ("api_error", "timeout") and status is None:
+            scope = Scope.ENDPOINT  # no answer at all: the server is down for every model
         return RemoteError(
             what, cls, status, code, self.scrub(message), _retry_after_of(exc), scope=scope
         )
