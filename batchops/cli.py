@@ -518,8 +518,7 @@ def _print_dry_run(report: api.RunReport) -> None:
         click.echo(validate.summary(report.checks))
     skipped = report.counts.get("skipped", 0)
     if skipped:
-        # The first reasons, once api's dry run keeps them (RunReport.skipped_reasons).
-        reasons: list[str] = list(getattr(report, "skipped_reasons", None) or [])[:5]
+        reasons = report.skipped_reasons[:5]
         click.echo(
             f"skipped: {skipped:,} row(s) would not be sent"
             + (": " + "; ".join(reasons) if reasons else "")

@@ -137,6 +137,7 @@ def dry_run_job(
     # Keep a summary per chunk, not the chunk: its row lists would grow with the table.
     est_rows: list[tuple[int, int, float | None]] = []
     skipped = 0
+    skipped_reasons: list[str] = []  # the first few, for the dry run's summary
     # Each finished file is checked in a thread while the next one is built (both halves run
     # in polars, which releases the GIL).
     checker = ThreadPoolExecutor(max_workers=1)
@@ -151,6 +152,9 @@ def dry_run_job(
         fsync=False,  # throwaway files: durability buys nothing here
     ):
         skipped += len(c.skipped)
+        skipped_reasons += [f"row {k.row_idx}: {k.reason}" for k in c.skipped][
+            : max(0, 5 - len(skipped_reasons))
+        ]
         if c.row_idxs:
             n = len(c.row_idxs)
             cost = pricing.estimate_cost(
@@ -178,7 +182,16 @@ def dry_run_job(
         "skipped": skipped,
     }
     return RunReport(
-        run_dir, counts, 0.0, StopReason.DRY_RUN, None, est, False, spec.max_cost, checks=checks
+        run_dir,
+        counts,
+        0.0,
+        StopReason.DRY_RUN,
+        None,
+        est,
+        False,
+        spec.max_cost,
+        checks=checks,
+        skipped_reasons=skipped_reasons,
     )
 
 
@@ -211,7 +224,7 @@ def merge_run(run: RunDir, out: Path | None = None, src: source.Source | None = 
 
 
 def merge(run_dir: Path, out: Path | None = None) -> Path:
-    run = open_existing(Path(run_dir))
+    run = open_existing(Path(run_dir), write=True)
     try:
         return merge_run(run, out)
     finally:
@@ -235,7 +248,7 @@ def retry_missing(
     """Send failed or skipped rows again (fresh retry budget), on the pool given or the run's
     own: all of them, or only those whose last failure had this error class, came from this
     model, or belonged to this batch."""
-    run = open_existing(Path(run_dir))
+    run = open_existing(Path(run_dir), write=True)
     spec = run.spec
     updates: dict[str, Any] = {}
     if completion_threshold is not None:
@@ -283,7 +296,7 @@ def retry_missing(
 
 
 def cancel(run_dir: Path, *, api_key_file: Path | None = None, base_url: str | None = None) -> int:
-    run = open_existing(Path(run_dir))
+    run = open_existing(Path(run_dir), write=True)
     try:
         pool = make_pool(run.spec, api_key_file=api_key_file, base_url=base_url)
         return _batch_engine()(run, pool).cancel_all()
@@ -304,7 +317,7 @@ def watch(
 ) -> RunReport:
     """`batchops watch`: poll the run's remote batches, collecting each as it ends, until none
     is in flight. With `retry`, also re-queue what failed and submit it (the whole engine loop)."""
-    run = open_existing(Path(run_dir))
+    run = open_existing(Path(run_dir), write=True)
     try:
         # For this invocation only; the saved job is unchanged.
         if poll_interval is not None:

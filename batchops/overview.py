@@ -87,7 +87,7 @@ def pool_reset(run_dir: Path, model: str | None = None, key: str | None = None) 
     """`batchops pool reset`: forget exhausted pairs so the next invocation tries them again."""
     from batchops.pool_admin import pool_reset as reset
 
-    run = open_existing(Path(run_dir))
+    run = open_existing(Path(run_dir), write=True)
     try:
         return reset(run, model, key)
     finally:

@@ -40,6 +40,7 @@ class RunReport:
     checks: list[validate.FileCheck] | None = None  # dry run: the chunk files' validation
     unpriced: int = 0  # requests answered by a model without a known price: spend not known
     completion_threshold: float = 1.0  # exit 0 once at least this share of rows succeeded
+    skipped_reasons: list[str] = field(default_factory=list)  # dry run: the first few skips
 
     @property
     def complete(self) -> bool:
