@@ -204,7 +204,6 @@ class AnthropicBackend:
         b = self._call(
             self.client.messages.batches.retrieve, batch_id, what=f"poll batch {batch_id}"
         )
-        self._claimed.add(batch_id)
         return W.remote_batch(b.model_dump())
 
     def poll(self, batch_ids: list[str]) -> dict[str, RemoteBatch]:
