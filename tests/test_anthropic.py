@@ -41,17 +41,29 @@ FAST_RETRY = ["--retry-delay", "0.01", "--retry-max-delay", "0.05"]
 Factory = Callable[..., EmulatorServer]
 
 
-def config(tmp: Path, emu: EmulatorServer, *, openai_first: str | None = None) -> Path:
-    """A batchops.toml: the Claude model on the emulator (optionally after an OpenAI model)."""
-    text = ""
-    if openai_first:
-        text += f'[[models]]\nname = "{openai_first}"\nprovider = "openai"\n\n'
-    text += (
+def config(tmp: Path, emu: EmulatorServer) -> Path:
+    """A batchops.toml: the Claude model on the emulator."""
+    text = (
         f'[[models]]\nname = "{CLAUDE}"\nprovider = "anthropic"\n'
         f'api_key_env = "ANTHROPIC_API_KEY"\nbase_url = "{emu.root_url}"\n'
     )
     path = tmp / "batchops.toml"
     path.write_text(text, encoding="utf-8")
+    return path
+
+
+def docs_config(tmp: Path, emu: EmulatorServer) -> Path:
+    """The configuration docs/providers.md shows as tested, pointed at the emulator."""
+    doc = (Path(__file__).parents[1] / "docs" / "providers.md").read_text(encoding="utf-8")
+    block = doc.split("### A tested configuration", 1)[1].split("```toml\n", 1)[1]
+    block = block.split("```", 1)[0]
+    lines = [
+        f'base_url = "{emu.root_url}"' if ln.startswith("# base_url") else ln
+        for ln in block.splitlines()
+    ]
+    assert any(ln.startswith("base_url") for ln in lines)
+    path = tmp / "batchops.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
@@ -165,6 +177,39 @@ def test_batch_that_expires_half_done_resends_only_the_rest(
     assert {r["sku"]: r["response"] for r in out} == expected(run_dir)
 
 
+def test_structured_outputs_and_cancel_then_resume(emulator_factory: Factory, tmp_path: Path):
+    # The first batch is stuck in progress (nothing runs): cancel ends it with every request
+    # `canceled`; resuming sends them again and each runs once.
+    emu = emulator_factory(stuck_first_n=1, stuck_seconds=30)
+    src = table(tmp_path, n_plain=5)
+    schema = tmp_path / "schema.json"
+    schema.write_text(
+        json.dumps(
+            {
+                "type": "object",
+                "properties": {"title": {"type": "string"}},
+                "required": ["title"],
+                "additionalProperties": False,
+            }
+        )
+    )
+    run_dir = tmp_path / "run"
+    run = args(emu, src, run_dir, config(tmp_path, emu), "--schema", schema)
+    assert invoke(*run, "--no-wait", env=ENV).exit_code == 0
+    res = invoke("cancel", "--run-dir", run_dir, env=ENV)
+    assert res.exit_code == 0, res.output
+    st = json.loads(invoke("status", "--run-dir", run_dir, "--json").output)
+    assert st["batches_by_status"] == {"cancelled": 1} and st["rows"]["pending"] == 12
+    assert executions(emu) == {}
+    res = invoke(*run, env=ENV)
+    assert res.exit_code == 0, res.output
+    executed_once(emu, 12)
+    out = read_csv(run_dir / "final_output.csv")
+    assert {r["status"] for r in out} == {"succeeded"}
+    assert all(json.loads(r["response"]) == {"title": r["title"]} for r in out)
+    assert {r["sku"]: r["response"] for r in out} == expected(run_dir)
+
+
 # --------------------------------------------------------------------------- crashes
 
 
@@ -269,7 +314,7 @@ def test_mixed_pool_openai_out_of_quota_fails_over_to_claude(
     emu = emulator_factory(model_quota={"gpt-4o-mini": 0})
     src = table(tmp_path, n_plain=43)
     run_dir = tmp_path / "run"
-    cfg = config(tmp_path, emu, openai_first="gpt-4o-mini")
+    cfg = docs_config(tmp_path, emu)  # gpt-4o-mini, then claude-haiku-4-5
     res = invoke(*args(emu, src, run_dir, cfg, "--batch-size", "10"), env=ENV)
     assert res.exit_code == 0, res.output
     executed_once(emu, 50)
