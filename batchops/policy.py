@@ -162,6 +162,26 @@ PRESETS: dict[str, tuple[Rule, ...]] = {
         _r("model_not_found", Scope.MODEL, status=404, message="does not exist"),
         _r("auth", Scope.KEY, status=401),
     ),
+    # Anthropic (shared/reference/providers.md §3; the backend passes the error `type` as the
+    # code). Both quota wordings are 400 invalid_request_error: no credit left is the whole
+    # account; a spend limit is taken per model (the emulator's model_quota says it so).
+    "anthropic": (
+        _r("quota", Scope.ACCOUNT, message="credit balance is too low"),
+        _r("quota", Scope.ACCOUNT, status=402),
+        _r("quota", Scope.MODEL, message="reached your specified API usage limits"),
+        _r("rate_limit", Scope.REQUEST, status=429),
+        _r("rate_limit", Scope.REQUEST, code="^rate_limit_error$"),
+        _r("api_error", Scope.REQUEST, status=529),
+        _r("api_error", Scope.REQUEST, code="^overloaded_error$|^api_error$"),
+        _r("auth", Scope.KEY, status=401),
+        _r("auth", Scope.KEY, code="^authentication_error$"),
+        # "Your organization does not have access to model X": that model, not the key.
+        _r("model_not_found", Scope.MODEL, status=403, message=r"access to (the )?model"),
+        _r("auth", Scope.KEY, status=403),
+        _r("auth", Scope.KEY, code="^permission_error$"),
+        _r("model_not_found", Scope.MODEL, status=404, message=r"^model:|\bmodel\b"),
+        _r("invalid_request", Scope.REQUEST, status=413),
+    ),
 }
 # Compatible servers (anything but OpenAI's own API): the seed scripts' rules. An unrecognised
 # 403 means this model, not the key; messages about quota, permission or rate limits say so.

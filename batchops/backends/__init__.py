@@ -60,4 +60,17 @@ def make_backend(
             timeout=timeout or DEFAULT_TIMEOUT,
             rules=rules or [],
         )
+    if entry.provider == "anthropic":
+        # Its own base_url or the SDK's default (api.anthropic.com): never the OpenAI --base-url.
+        from batchops.backends.anthropic import DEFAULT_TIMEOUT as ANTHROPIC_TIMEOUT
+        from batchops.backends.anthropic import AnthropicBackend
+
+        return AnthropicBackend(
+            entry,
+            api_key,
+            policy=policy,
+            scrub=scrub,
+            timeout=timeout or ANTHROPIC_TIMEOUT,
+            rules=rules or [],
+        )
     raise ConfigError(f"model {entry.name}: provider {entry.provider!r} has no backend")
