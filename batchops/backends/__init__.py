@@ -60,4 +60,21 @@ def make_backend(
             timeout=timeout or DEFAULT_TIMEOUT,
             rules=rules or [],
         )
+    if entry.provider == "gemini":
+        try:
+            from batchops.backends.gemini import DEFAULT_TIMEOUT as GEMINI_TIMEOUT
+            from batchops.backends.gemini import GeminiBackend
+        except ImportError as exc:  # the SDK is an extra: pip install 'batchops[gemini]'
+            raise ConfigError(
+                f"model {entry.name}: provider gemini needs google-genai "
+                f"(pip install 'batchops[gemini]'): {exc}"
+            ) from None
+        return GeminiBackend(
+            entry,
+            api_key,
+            policy=policy,
+            scrub=scrub,
+            timeout=timeout or GEMINI_TIMEOUT,
+            rules=rules or [],
+        )
     raise ConfigError(f"model {entry.name}: provider {entry.provider!r} has no backend")
