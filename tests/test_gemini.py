@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import time
@@ -34,21 +35,18 @@ CREATE = "POST /v1/models/{model}:{action}"
 HEADER = ["sku", "name", "price", "description", "image"]
 
 
-def config(tmp: Path, emu: Any, *, openai_first: str | None = None) -> Path:
-    """A batchops.toml: the Gemini model on the emulator's root, optionally after an OpenAI one."""
-    text = ""
-    if openai_first:
-        text += f'[[models]]\nname = "{openai_first}"\nbase_url = "{emu.base_url}"\n\n'
-    text += (
-        f'[[models]]\nname = "{MODEL}"\nprovider = "gemini"\n'
-        f'api_key_env = "GEMINI_API_KEY"\nbase_url = "{emu.root_url}"\n'
-    )
+def config(tmp: Path, emu: Any) -> Path:
+    """A batchops.toml with the Gemini model on the emulator's root."""
     path = tmp / "batchops.toml"
-    path.write_text(text, encoding="utf-8")
+    path.write_text(
+        f'[[models]]\nname = "{MODEL}"\nprovider = "gemini"\n'
+        f'api_key_env = "GEMINI_API_KEY"\nbase_url = "{emu.root_url}"\n',
+        encoding="utf-8",
+    )
     return path
 
 
-def args(tmp: Path, emu: Any, src: Path, *extra: Any, openai_first: str | None = None) -> list[Any]:
+def args(tmp: Path, emu: Any, src: Path, *extra: Any) -> list[Any]:
     return [
         "run",
         "--csv",
@@ -58,7 +56,7 @@ def args(tmp: Path, emu: Any, src: Path, *extra: Any, openai_first: str | None =
         "--prompt",
         "Describe {name} ({price}): {description}",
         "--config",
-        config(tmp, emu, openai_first=openai_first),
+        config(tmp, emu),
         "--run-dir",
         tmp / "run",
         "--poll-interval",
@@ -170,17 +168,34 @@ def test_partial_expiry_keeps_finished_rows(emulator_factory, tmp_path: Path):
     assert all(0 < (b["request_completed"] or 0) < b["request_total"] for b in expired)
 
 
-def test_openai_out_of_quota_fails_over_to_gemini(emulator_factory, tmp_path: Path):
-    emu = emulator_factory(model_quota={"gpt-4o-mini": 0})
+def docs_config(tmp: Path, emu: Any) -> Path:
+    """The configuration docs/providers.md shows under "## Gemini", on the emulator."""
+    text = (Path(__file__).parent.parent / "docs" / "providers.md").read_text(encoding="utf-8")
+    section = text[text.index("## Gemini") :]
+    block = section[
+        section.index("```toml") + len("```toml") : section.index(
+            "```", section.index("```toml") + 7
+        )
+    ]
+    assert 'provider = "gemini"' in block and "# base_url" in block
+    block = re.sub(r"^# base_url = .*$", f'base_url = "{emu.root_url}"', block, flags=re.M)
+    path = tmp / "docs.toml"
+    path.write_text(block, encoding="utf-8")
+    return path
+
+
+def test_docs_configuration_fails_over_from_openai_to_gemini(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(model_quota={"gpt-4o-mini": 0})  # OpenAI's quota is gone
     src = awkward_table(tmp_path, n_plain=33, images=False)
-    res = invoke(
-        *args(tmp_path, emu, src, "--batch-size", "10", openai_first="gpt-4o-mini"), env=ENV
-    )
+    run = args(tmp_path, emu, src, "--batch-size", "10", "--base-url", emu.base_url)
+    run[run.index("--config") + 1] = docs_config(tmp_path, emu)
+    res = invoke(*run, env=ENV)
     assert res.exit_code == 0, res.output
     run_dir = tmp_path / "run"
     rows = assert_each_row_answered_once(emu, run_dir, 40)
     assert {r["model"] for r in rows} == {MODEL}
     assert len(jobs(emu)) == 4  # every chunk went to Gemini, once
+    assert emu.stats()["batches"]["created"] == 0  # OpenAI refused at create: nothing ran there
     log = "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "logs").glob("*.log"))
     assert "gk-…abcd" in log and GKEY not in log  # the key is masked, never written
 
