@@ -21,11 +21,17 @@ from cli_helpers import (
     expected_answers,
     invoke,
     read_csv,
+    sent_bodies,
     subprocess_run,
 )
 
+from batchops.emulator.answers import prompt_tokens
+from batchops.emulator.gemini_dialect import to_chat
+
 genai = pytest.importorskip("google.genai")
 from google.genai import types  # noqa: E402
+
+from batchops.backends.gemini import CHAT, to_request  # noqa: E402
 
 MODEL = "gemini-2.5-flash"
 GKEY = "gk-test-00000000000abcd"
@@ -289,3 +295,47 @@ def test_kill_9_during_upload_and_create_never_duplicates_a_job(emulator_factory
     names = Counter(j.display_name for j in jobs(emu))
     assert names and max(names.values()) == 1, names
     assert emu.stats()["dialects"]["gemini"]["created"] == len(names)
+
+
+def test_enqueued_token_limit_failure_is_paced_not_a_row_failure(emulator_factory, tmp_path: Path):
+    """A job over the enqueued-token limit FAILS (its error names the limit): the chunk waits
+    and is sent again, split when it cannot fit on its own; no retry is charged, nothing is
+    set aside. (The emulator counts only OpenAI batches as enqueued, so a Gemini job fails
+    when it is over the limit by itself: the limit here is under one chunk.)"""
+    src = awkward_table(tmp_path, n_plain=53, images=False)
+    # Size the limit from a dry run: a chunk of 10 rows is over it, half a chunk fits.
+    dry = args(tmp_path, type("E", (), {"root_url": "http://127.0.0.1:9"})(), src)
+    dry[dry.index("--run-dir") + 1] = tmp_path / "dry"
+    assert invoke(*dry, "--batch-size", "10", "--dry-run", env=ENV).exit_code == 0
+    bodies = list(sent_bodies(tmp_path / "dry", folder="dry-run").values())
+    tokens = [prompt_tokens(to_chat(MODEL, to_request(b)), CHAT) for b in bodies]
+    per_chunk = max(sum(tokens[i : i + 10]) for i in range(0, len(tokens), 10))
+    emu = emulator_factory(
+        enqueued_token_limit={MODEL: int(per_chunk * 0.75)}, in_progress_seconds=0.1
+    )
+    res = invoke(*args(tmp_path, emu, src, "--batch-size", "10"), env=ENV)
+    assert res.exit_code == 0, res.output
+    run_dir = tmp_path / "run"
+    assert_each_row_answered_once(emu, run_dir, 60)
+    st = json.loads(invoke("status", "--run-dir", run_dir, "--json").output)
+    failed = [b for b in st["batches"] if b["status"] == "BATCH_STATE_FAILED"]
+    assert failed and all("nqueued token limit" in b["errors"] for b in failed)
+    assert st["retries"]["failed_attempts_by_class"] == {}  # no row was charged a retry
+    assert all("exhausted" not in str(p.get("state")) for p in st["pool"])  # nothing set aside
+
+
+def test_cancel_stops_jobs_and_a_resume_answers_every_row_once(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(stuck_first_n=1, stuck_seconds=3600)  # the first job never starts
+    src = awkward_table(tmp_path, n_plain=13, images=False)
+    res = invoke(*args(tmp_path, emu, src, "--batch-size", "10", "--no-wait"), env=ENV)
+    assert res.exit_code in (0, 3), res.output
+    run_dir = tmp_path / "run"
+    res = invoke("cancel", "--run-dir", run_dir, env=ENV)
+    assert res.exit_code in (0, 3), res.output
+    st = json.loads(invoke("status", "--run-dir", run_dir, "--json").output)
+    assert st["in_flight"] == 0
+    assert st["batches_by_status"].get("BATCH_STATE_CANCELLED", 0) >= 1
+    # The cancelled job ran nothing: its rows wait; resuming answers every row exactly once.
+    res = invoke(*args(tmp_path, emu, src, "--batch-size", "10"), env=ENV)
+    assert res.exit_code == 0, res.output
+    assert_each_row_answered_once(emu, run_dir, 20)
