@@ -182,6 +182,26 @@ PRESETS: dict[str, tuple[Rule, ...]] = {
         _r("model_not_found", Scope.MODEL, status=404, message=r"^model:|\bmodel\b"),
         _r("invalid_request", Scope.REQUEST, status=413),
     ),
+    # Google's error statuses (docs/providers.md#gemini). Every Gemini 429 says "You exceeded
+    # your current quota", per-minute limits too: the QuotaFailure quota id (the backend passes
+    # it as `type`, and appends it to result-line messages) tells a rate from a quota.
+    "gemini": (
+        _r("auth", Scope.KEY, code="^UNAUTHENTICATED$"),
+        _r("auth", Scope.KEY, type="API_KEY_INVALID|API_KEY_SERVICE_BLOCKED"),
+        _r("auth", Scope.KEY, status=400, message="API key not valid|API key expired"),
+        _r("rate_limit", Scope.REQUEST, status=429, type="PerMinute|PerSecond"),
+        _r("rate_limit", Scope.REQUEST, status=429, message="PerMinute|PerSecond"),
+        _r("quota", Scope.MODEL, status=429, message="quota"),
+        _r("rate_limit", Scope.REQUEST, status=429),
+        _r("invalid_request", Scope.REQUEST, status=400),
+        _r("model_not_found", Scope.MODEL, status=403, message=r"\bmodel\b"),
+        _r("auth", Scope.KEY, status=403),
+        _r("model_not_found", Scope.MODEL, status=404, message=r"models/\S+ is not found"),
+        _r("invalid_request", Scope.REQUEST, status=404),
+        _r("api_error", Scope.REQUEST, status=500),
+        _r("api_error", Scope.REQUEST, status=503),
+        _r("timeout", Scope.REQUEST, status=504),
+    ),
 }
 # Compatible servers (anything but OpenAI's own API): the seed scripts' rules. An unrecognised
 # 403 means this model, not the key; messages about quota, permission or rate limits say so.

@@ -62,15 +62,37 @@ def make_backend(
         )
     if entry.provider == "anthropic":
         # Its own base_url or the SDK's default (api.anthropic.com): never the OpenAI --base-url.
-        from batchops.backends.anthropic import DEFAULT_TIMEOUT as ANTHROPIC_TIMEOUT
-        from batchops.backends.anthropic import AnthropicBackend
-
+        try:
+            from batchops.backends.anthropic import DEFAULT_TIMEOUT as ANTHROPIC_TIMEOUT
+            from batchops.backends.anthropic import AnthropicBackend
+        except ImportError as exc:  # the SDK is an extra: pip install 'batchops[anthropic]'
+            raise ConfigError(
+                f"model {entry.name}: provider anthropic needs the anthropic SDK "
+                f"(pip install 'batchops[anthropic]'): {exc}"
+            ) from None
         return AnthropicBackend(
             entry,
             api_key,
             policy=policy,
             scrub=scrub,
             timeout=timeout or ANTHROPIC_TIMEOUT,
+            rules=rules or [],
+        )
+    if entry.provider == "gemini":
+        try:
+            from batchops.backends.gemini import DEFAULT_TIMEOUT as GEMINI_TIMEOUT
+            from batchops.backends.gemini import GeminiBackend
+        except ImportError as exc:  # the SDK is an extra: pip install 'batchops[gemini]'
+            raise ConfigError(
+                f"model {entry.name}: provider gemini needs google-genai "
+                f"(pip install 'batchops[gemini]'): {exc}"
+            ) from None
+        return GeminiBackend(
+            entry,
+            api_key,
+            policy=policy,
+            scrub=scrub,
+            timeout=timeout or GEMINI_TIMEOUT,
             rules=rules or [],
         )
     raise ConfigError(f"model {entry.name}: provider {entry.provider!r} has no backend")
