@@ -80,7 +80,7 @@ def _display(console: Console, verbosity: int) -> ProgressDisplay:
     return ProgressDisplay(console, live=False if verbosity < 0 else None)
 
 
-class PositiveSeconds(click.ParamType):
+class PositiveSeconds(click.ParamType):  # type: ignore[type-arg]
     """A finite number of seconds above 0: `inf`, `nan` and negatives are usage errors (exit 2),
     found before anything is sent (an infinite poll interval crashed after submitting)."""
 

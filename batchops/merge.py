@@ -40,7 +40,7 @@ import types
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 import orjson
 import polars as pl
@@ -81,7 +81,7 @@ _MIN_FRAME_ROWS = 50_000  # frames smaller than this are merged in groups
 _MAX_FRAME_ROWS = 200_000  # larger frames are merged slice by slice
 _IDX = "__row_idx"  # join key, as the source module names it
 _RAW = "__raw"  # native JSONL frames: the source object's text, as the source module names it
-_NO_EXTRA: dict[str, list] = {}
+_NO_EXTRA: dict[str, list[Any]] = {}
 _HIT = "__batchops_hit"  # marks joined outcome rows, to count outcomes that matched no row
 # First characters a spreadsheet takes as the start of a formula (OWASP "CSV injection").
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -128,7 +128,7 @@ def merge_frames(
     fmt: str | None = None,
     source_schema: pa.Schema | None = None,
     raw: bool = False,
-    answer_schema: dict | None = None,
+    answer_schema: dict[str, Any] | None = None,
     schema_prefix: str = "",
     embeddings: bool = False,
     csv_escape: bool | None = None,
@@ -307,7 +307,7 @@ def _merge_one(
         raise StateError(f"source frame lacks column(s) {lacking}")
     idx = frame.get_column(_IDX).cast(pl.Int64)
     lo, hi = idx.min(), idx.max()
-    sub = index.slice_for(lo, hi) if lo is not None else index.table.clear()
+    sub = index.slice_for(int(lo), int(hi)) if lo is not None else index.table.clear()  # type: ignore[arg-type]
     # Source cells stay the strings they were; only non-String (e.g. all-null) columns are cast,
     # unless the frames carry the source's own types (keep_types).
     left = frame.select(
@@ -354,7 +354,7 @@ def _coalesce(
 
 
 class _Sink(Protocol):
-    def write(self, part: pl.DataFrame, extra: dict[str, list]) -> None: ...
+    def write(self, part: pl.DataFrame, extra: dict[str, list[Any]]) -> None: ...
 
     def close(
         self, out_columns: list[str], source_columns: list[str], names: dict[str, str]
@@ -377,7 +377,7 @@ class _CsvSink:
         self.decimal = decimal or []
         self.wrote_header = False
 
-    def write(self, part: pl.DataFrame, extra: dict[str, list]) -> None:
+    def write(self, part: pl.DataFrame, extra: dict[str, list[Any]]) -> None:
         if self.expand is not None:
             part = part.with_columns(
                 pl.Series(c, self.expand.csv_text(c, v), dtype=pl.String) for c, v in extra.items()
@@ -457,7 +457,7 @@ class _ParquetSink:
         self.response = names["response"] if embeddings else None
         self.writer = pq.ParquetWriter(fh, self.schema, compression="zstd")
 
-    def write(self, part: pl.DataFrame, extra: dict[str, list]) -> None:
+    def write(self, part: pl.DataFrame, extra: dict[str, list[Any]]) -> None:
         if self.response is not None:  # the vector's JSON text → a list column
             part = part.with_columns(pl.col(self.response).str.json_decode(pl.List(pl.Float64)))
         table = part.to_arrow()
@@ -484,7 +484,7 @@ def _source_field(column: str, source_schema: pa.Schema | None) -> pa.Field:
     t = original.type
     plain = t.value_type if pa.types.is_dictionary(t) else t
     try:
-        probe = pl.from_arrow(pa.array([None], plain)).to_arrow()  # type: ignore[union-attr]
+        probe = pl.from_arrow(pa.array([None], plain)).to_arrow()
     except Exception:
         return original.with_type(plain)
     try:
@@ -513,12 +513,15 @@ class _JsonlSink:
         self.raw = raw
         self.response = names["response"] if embeddings else None
 
-    def write(self, part: pl.DataFrame, extra: dict[str, list]) -> None:
+    def write(self, part: pl.DataFrame, extra: dict[str, list[Any]]) -> None:
         if self.raw:
             sources = part.get_column(_RAW).to_list()
         elif self.source_columns:
-            sources = part.select(pl.struct(self.source_columns).struct.json_encode()).to_series()
-            sources = sources.to_list()
+            sources = (
+                part.select(pl.struct(self.source_columns).struct.json_encode())
+                .to_series()
+                .to_list()
+            )
         else:
             sources = ["{}"] * part.height
         keys = [*self.added, *extra]

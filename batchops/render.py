@@ -16,6 +16,7 @@ import stat
 import string
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import orjson
 import polars as pl
@@ -167,7 +168,7 @@ def request_body(
     text: str,
     image_data_url: str | None = None,
     system: str | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """The body of one request to spec.endpoint (what the synchronous endpoint would receive).
 
     `system`: the row's rendered system message (`system_text`); without it, spec.system is
@@ -196,9 +197,9 @@ def request_body(
                 raise InputError(f"{option} has no meaning for {EMBEDDINGS}")
         return {"model": model, "input": text, **extra}
 
-    body: dict = {"model": model}
+    body: dict[str, Any] = {"model": model}
     if spec.endpoint == CHAT:
-        content: str | list = text
+        content: str | list[dict[str, Any]] = text
         if image_data_url is not None:
             content = [
                 {"type": "text", "text": text},
@@ -207,13 +208,15 @@ def request_body(
                     "image_url": {"url": image_data_url, "detail": spec.image_detail},
                 },
             ]
-        messages = [{"role": "system", "content": system}] if system is not None else []
+        messages: list[dict[str, Any]] = (
+            [{"role": "system", "content": system}] if system is not None else []
+        )
         messages.append({"role": "user", "content": content})
         body["messages"] = messages
         if spec.max_tokens is not None:
             body["max_tokens"] = spec.max_tokens
     else:  # responses
-        parts: list[dict] = [{"type": "input_text", "text": text}]
+        parts: list[dict[str, Any]] = [{"type": "input_text", "text": text}]
         if image_data_url is not None:
             parts.append(
                 {"type": "input_image", "image_url": image_data_url, "detail": spec.image_detail}
@@ -241,7 +244,7 @@ def request_line(
     text: str,
     image_data_url: str | None = None,
     system: str | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """One line of a batch input file, as a dict."""
     return {
         "custom_id": custom_id,

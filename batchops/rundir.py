@@ -322,7 +322,7 @@ def _open_read_only(path: Path) -> Store:
 def clean_stale_temps(path: Path) -> list[Path]:
     """Remove what killed atomic writes left (e.g. `.final_output.csv.<pid>.<hex>.tmp`, up to
     the size of the table); a file of a process that is still alive is kept."""
-    removed = []
+    removed: list[Path] = []
     if not path.is_dir():
         return removed
     for p in path.glob(".*.tmp"):

@@ -30,7 +30,7 @@ import csv
 import difflib
 import json
 import sys
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,7 +194,7 @@ def _read_options(block_size: int) -> pacsv.ReadOptions:
     return pacsv.ReadOptions(block_size=block_size, use_threads=_THREADS)
 
 
-def _parse_options(invalid_row_handler=None) -> pacsv.ParseOptions:
+def _parse_options(invalid_row_handler: Callable[[Any], str] | None = None) -> pacsv.ParseOptions:
     # newlines_in_values: quoted cells may hold line breaks; blank lines are not rows (as pandas).
     return pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=invalid_row_handler)
 
@@ -209,7 +209,9 @@ def _convert_options(columns: list[str]) -> pacsv.ConvertOptions:
     )
 
 
-def _open_reader(path: Path, columns: list[str], block_size: int, handler=None):
+def _open_reader(
+    path: Path, columns: list[str], block_size: int, handler: Callable[[Any], str] | None = None
+) -> Any:
     return pacsv.open_csv(
         path,
         read_options=_read_options(block_size),
@@ -297,7 +299,7 @@ def _scan_csv(path: Path, columns: list[str], id_column: str | None) -> tuple[in
     while True:
         ragged: list[str] = []
 
-        def on_invalid(row, ragged=ragged) -> str:
+        def on_invalid(row: Any, ragged: list[str] = ragged) -> str:
             ragged.append(row.text)
             return "skip"  # located precisely below, once the pass is over
 
@@ -444,7 +446,7 @@ def _check_unchanged(source: Source) -> None:
         raise InputError(f"{source.path}: the file changed after it was validated; start again")
 
 
-def _wanted_rows(source: Source, only_rows) -> np.ndarray | None:
+def _wanted_rows(source: Source, only_rows: Any) -> np.ndarray | None:
     """Sorted unique row positions inside the slice, or None for the whole slice."""
     if only_rows is None:
         return None
@@ -584,7 +586,8 @@ def _parse_json_line(path: Path, line_no: int, text: bytes) -> dict[str, Any]:
     # orjson reads integers beyond 64 bits as floats: read such a line again, exactly.
     for v in obj.values():
         if isinstance(v, float) and abs(v) >= _EXACT_FLOAT and v.is_integer():
-            return _exact_json(path, line_no, text)
+            exact: dict[str, Any] = _exact_json(path, line_no, text)
+            return exact
     return obj
 
 
@@ -610,7 +613,7 @@ def _scan_jsonl(path: Path, spec: JobSpec) -> tuple[list[str], int]:
             for k in obj:
                 keys.setdefault(k, None)
         if ids is not None:
-            pending.append(render_value(obj.get(id_col)))
+            pending.append(render_value(obj.get(id_col or "")))
             if len(pending) >= _BATCH_ROWS:
                 ids.add(pa.array(pending, pa.string()), ids.rows)
                 pending = []
@@ -759,7 +762,7 @@ def _ragged_error(path: Path, n_cols: int, n_bad: int) -> str:
 
 
 @contextlib.contextmanager
-def _csv_field_limit():
+def _csv_field_limit() -> Iterator[None]:
     # The csv module refuses cells over 128 KiB by default; our cells may be longer.
     old = csv.field_size_limit()
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -130,9 +130,11 @@ class JobSpec(BaseModel):
     endpoint: Endpoint = "/v1/chat/completions"
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    body_extra: dict = Field(default_factory=dict)
+    body_extra: dict[str, Any] = Field(default_factory=dict)
     # Structured outputs: a JSON Schema every answer must satisfy (see batchops/structured.py).
-    schema_: dict | None = Field(None, description="JSON Schema of the answer (structured outputs)")
+    schema_: dict[str, Any] | None = Field(
+        None, description="JSON Schema of the answer (structured outputs)"
+    )
     schema_name: str | None = Field(None, description="name sent with the schema")
     schema_strict: bool = Field(True, description="strict structured outputs")
     schema_prefix: str = Field(
@@ -241,7 +243,7 @@ def infer_source_format(path: str | Path) -> str:
     return SOURCE_FORMATS.get(Path(path).suffix.lower(), "csv")
 
 
-def load_toml(path: Path) -> dict:
+def load_toml(path: Path) -> dict[str, Any]:
     """Read batchops.toml; a syntax error is a one-line ConfigError naming the file."""
     try:
         with path.open("rb") as fh:

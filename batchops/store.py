@@ -300,8 +300,9 @@ class Store:
 
     def pending_row_idxs(self, *, ready_only: bool = True) -> list[int]:
         """Pending rows in source order; by default only those whose retry wait is over."""
+        args: tuple[float, ...] = ()
         if not ready_only:
-            sql, args = "SELECT row_idx FROM rows WHERE status = 'pending' ORDER BY row_idx", ()
+            sql = "SELECT row_idx FROM rows WHERE status = 'pending' ORDER BY row_idx"
         else:
             sql = (
                 "SELECT row_idx FROM rows WHERE status = 'pending'"

@@ -215,7 +215,8 @@ def _structured_format(body: dict[str, Any], kind: Kind) -> dict[str, Any] | Non
 def _schema_of(fmt: dict[str, Any]) -> dict[str, Any] | None:
     if fmt.get("type") != "json_schema":
         return None
-    holder = fmt.get("json_schema") if isinstance(fmt.get("json_schema"), dict) else fmt
+    inner = fmt.get("json_schema")
+    holder: dict[str, Any] = inner if isinstance(inner, dict) else fmt
     schema = holder.get("schema")
     return schema if isinstance(schema, dict) else {}
 

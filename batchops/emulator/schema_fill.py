@@ -101,12 +101,12 @@ def fill(schema: Any, seed: str, snippet: str = "", *, root: Any = None, path: s
     if t == "string":
         return _string(s, seed, snippet, path)
     if t == "integer":
-        lo, hi = _bounds(s, integer=True)
-        return int(lo + _h(seed, path) % (int(hi) - int(lo) + 1))
+        ilo, ihi = _bounds(s, integer=True)
+        return int(ilo + _h(seed, path) % (int(ihi) - int(ilo) + 1))
     if t == "number":
-        lo, hi = _bounds(s, integer=False)
-        value = round(lo + (_h(seed, path) % 10_001) / 10_000 * (hi - lo), 2)
-        return min(max(value, lo), hi)
+        flo, fhi = _bounds(s, integer=False)
+        value = round(flo + (_h(seed, path) % 10_001) / 10_000 * (fhi - flo), 2)
+        return min(max(value, flo), fhi)
     if t == "boolean":
         return bool(_h(seed, path) & 1)
     if t == "null":
@@ -153,9 +153,9 @@ def _bounds(s: dict[str, Any], *, integer: bool) -> tuple[float, float]:
         hi = ex_hi - step if hi is None else min(hi, ex_hi - step)
     if lo is None and hi is None:
         lo, hi = 0, 100
-    elif lo is None:
+    elif lo is None and hi is not None:
         lo = min(0, hi - 100)
-    elif hi is None:
+    elif hi is None and lo is not None:
         hi = lo + 100
     assert lo is not None and hi is not None
     if integer:

@@ -57,7 +57,7 @@ class _QuickServer(uvicorn.Server):
         for connection in list(self.server_state.connections):
             connection.shutdown()  # idle keep-alive connections close at once
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.timeout_graceful_shutdown
+        deadline = loop.time() + (self.config.timeout_graceful_shutdown or 0.0)
         while (self.server_state.connections or self.server_state.tasks) and loop.time() < deadline:
             await asyncio.sleep(0.01)
         for task in self.server_state.tasks:
