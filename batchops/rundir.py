@@ -110,7 +110,12 @@ def start_over(path: Path, *, keep_backup: bool) -> Path | None:
     # The run's lock file stays: the process starting over holds it (see runlock.py).
     entries = [p for p in path.iterdir() if p.name != LOCK_NAME]
     if keep_backup:
-        backup = path.with_name(f"{path.name}.backup-{time.strftime('%Y%m%d-%H%M%S')}")
+        # Exactly one backup is kept, the newest: older ones of this run dir are removed.
+        for old in path.parent.glob(f"{path.name}.backup-*"):
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        backup = path.with_name(f"{path.name}.backup-{stamp}")
         backup.mkdir()
         for p in entries:
             p.rename(backup / p.name)

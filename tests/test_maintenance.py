@@ -106,3 +106,14 @@ def test_failed_rows_wait_longer_before_each_retry(emulator_factory, tmp_path: P
     assert len(ts) == 4
     gaps = [b - a for a, b in zip(ts, ts[1:], strict=False)]
     assert all(g >= delay * backoff**i for i, g in enumerate(gaps)), gaps
+
+
+def test_keep_latest_keeps_exactly_one_backup(emulator, tmp_path: Path):
+    src = awkward_table(tmp_path, n_plain=3, images=False)
+    run_dir = tmp_path / "run"
+    assert invoke(*run_args(emulator, src, run_dir)).exit_code == 0
+    for _ in range(2):
+        assert invoke(*run_args(emulator, src, run_dir, "--keep-latest")).exit_code == 0
+    backups = sorted(tmp_path.glob("run.backup-*"))
+    assert len(backups) == 1 and (backups[0] / "state.db").exists()
+    assert (run_dir / "final_output.csv").exists()
