@@ -39,6 +39,7 @@ from batchops.progress import (
     fmt_usd,
     make_console,
     status_view,
+    strip_control,
 )
 from batchops.rundir import default_run_dir
 from batchops.states import StopReason
@@ -543,15 +544,34 @@ def _print_dry_run(report: api.RunReport) -> None:
 )
 @run_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the same data as JSON.")
+@click.option(
+    "--group-by",
+    "group_by",
+    default=None,
+    metavar="COLUMN",
+    help="Also show rows by status for each value of this source column.",
+)
 @handle_errors
-def status(run_dir: Path | None, as_json: bool) -> None:
+def status(run_dir: Path | None, as_json: bool, group_by: str | None) -> None:
     """Rows by status, batches by remote status and age, models and keys in use or exhausted,
     retries, spend so far, and what to do next."""
-    st = api.status(resolve_run_dir(run_dir))
+    st = api.status(resolve_run_dir(run_dir), group_by)
     if as_json:
         click.echo(json.dumps(st, indent=2, default=str))
         return
-    _result_console().print(status_view(st))
+    console = _result_console()
+    console.print(status_view(st))
+    if "groups" in st:
+        groups = strip_control(st["groups"])
+        console.print(f"rows by {groups['column']}:")
+        for value, by_state in groups["values"].items():
+            total = sum(by_state.values())
+            done = by_state.get("succeeded", 0)
+            rest = ", ".join(f"{k} {v}" for k, v in sorted(by_state.items()) if k != "succeeded")
+            console.print(
+                f"  {value or '(empty)'}: {done}/{total} succeeded" + (f"; {rest}" if rest else ""),
+                markup=False,
+            )
 
 
 def _result_console() -> Console:

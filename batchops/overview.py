@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchops import report as reporting
+from batchops import source
+from batchops.errors import InputError
 from batchops.estimates import estimate, online_estimate_or_none
 from batchops.rundir import RunDir, open_existing
 
@@ -63,13 +65,37 @@ def missing(run_dir: Path) -> tuple[Path, dict[str, int]]:
         run.close()
 
 
-def status(run_dir: Path) -> dict[str, Any]:
-    """Everything `batchops status` shows, as plain data (also `status --json`)."""
+def status(run_dir: Path, group_by: str | None = None) -> dict[str, Any]:
+    """Everything `batchops status` shows, as plain data (also `status --json`); with
+    `group_by`, rows by status per value of that source column too."""
     run = open_existing(Path(run_dir))
     try:
-        return status_of(run)
+        st = status_of(run)
+        if group_by is not None:
+            st["groups"] = {"column": group_by, "values": rows_by_group(run, group_by)}
+        return st
     finally:
         run.close()
+
+
+def rows_by_group(run: RunDir, column: str) -> dict[str, dict[str, int]]:
+    """Rows by status for each value of a source column (progress and failures per group),
+    read in slices: the source column and the row states are joined on row_idx."""
+    src = source.open_source(run.spec)
+    if column not in src.columns:
+        raise InputError(
+            f"--group-by: no column {column!r} in {src.path} (columns: {', '.join(src.columns)})"
+        )
+    out: dict[str, dict[str, int]] = {}
+    for frame in source.iter_frames(src, columns=[column]):
+        idx = frame[source.ROW_IDX].to_list()
+        states = run.store.states_of(idx[0], idx[-1]) if idx else {}
+        for i, value in zip(idx, frame[column].to_list(), strict=True):
+            state = states.get(i, "pending")
+            state = "missing" if state in ("pending", "queued") else state
+            group = out.setdefault(value or "", {})
+            group[state] = group.get(state, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def pool_status(run_dir: Path) -> list[dict[str, Any]]:

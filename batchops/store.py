@@ -801,6 +801,14 @@ class Store:
             "SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,)
         ).fetchall()
 
+    def states_of(self, first: int, last: int) -> dict[int, str]:
+        """row_idx → state for a range of rows (a slice of the table, never all of it)."""
+        return dict(
+            self.conn.execute(
+                "SELECT row_idx, status FROM rows WHERE row_idx BETWEEN ? AND ?", (first, last)
+            ).fetchall()
+        )
+
     def last_attempts(self, row_idxs: list[int]) -> dict[int, float]:
         """When each of these rows was last sent (its newest attempt)."""
         out: dict[int, float] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -117,3 +118,20 @@ def test_keep_latest_keeps_exactly_one_backup(emulator, tmp_path: Path):
     backups = sorted(tmp_path.glob("run.backup-*"))
     assert len(backups) == 1 and (backups[0] / "state.db").exists()
     assert (run_dir / "final_output.csv").exists()
+
+
+def test_status_group_by_a_source_column(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(reject_fraction=0.1, seed=4)  # exactly 4 of 40 rows fail
+    src, run_dir = rejected_rows(emu, tmp_path)
+    invoke(*run_args(emu, src, run_dir, "--batch-size", "20"))
+    rows = read_csv(run_dir / "final_output.csv")
+    want: dict[str, dict[str, int]] = {}
+    for r in rows:
+        group = want.setdefault(r["image"], {})
+        group[r["status"]] = group.get(r["status"], 0) + 1
+    st = json.loads(invoke("status", "--run-dir", run_dir, "--json", "--group-by", "image").output)
+    assert st["groups"] == {"column": "image", "values": dict(sorted(want.items()))}
+    res = invoke("status", "--run-dir", run_dir, "--group-by", "image")
+    assert "rows by image:" in res.output and "(empty): " in res.output
+    bad = invoke("status", "--run-dir", run_dir, "--group-by", "nope")
+    assert bad.exit_code == 2 and "no column 'nope'" in bad.output
