@@ -15,8 +15,8 @@ from batchops.config import (
     build_spec,
 )
 from batchops.driver import (
-    _drive,
     cancel,
+    drive,
     dry_run_job,
     make_pool,
     merge,
@@ -54,7 +54,7 @@ __all__ = [
     "Estimate",
     "FRAME_SOURCE",
     "RunReport",
-    "_drive",
+    "drive",
     "build_spec",
     "cancel",
     "cost",

@@ -733,6 +733,111 @@ def pool_reset(run_dir: Path | None, model: str | None, key: str | None) -> None
     click.echo(f"{n} exhausted model/key pair(s) forgotten; the next run tries them again")
 
 
+@cli.command(
+    epilog=_examples(
+        "batchops monitor --run-dir runs/products --every 1h --auto-maintain --cooldown 6h",
+        "batchops monitor --every 10m --max-cycles 12 --completion-threshold 0.95",
+    )
+)
+@run_dir_option
+@click.option(
+    "--every", default="1h", show_default=True, help="Time between checks (90s, 10m, 1h)."
+)
+@click.option(
+    "--auto-maintain",
+    is_flag=True,
+    help="Re-send missing rows when completion is below the threshold or failures too many.",
+)
+@click.option(
+    "--cooldown",
+    default="6h",
+    show_default=True,
+    help="At least this long between re-sends; exhausted models are tried again after it.",
+)
+@click.option("--max-cycles", type=click.IntRange(1), default=None, help="Stop after N checks.")
+@click.option(
+    "--completion-threshold",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Share of rows that must succeed (exit 0 at or above it) [the run's; 1.0].",
+)
+@click.option(
+    "--max-failure-rate",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Re-send as well when more than this share of requests failed.",
+)
+@key_options
+@common_logging
+@handle_errors
+def monitor(
+    run_dir: Path | None,
+    every: str,
+    auto_maintain: bool,
+    cooldown: str,
+    max_cycles: int | None,
+    completion_threshold: float | None,
+    max_failure_rate: float | None,
+    api_key_file: Path | None,
+    base_url: str | None,
+    log_dir: Path,
+    verbose: int,
+    quiet: int,
+) -> None:
+    """Check the run every so often for days: collect what finished and, with --auto-maintain,
+    re-send what is missing; a JSON report per check in <run-dir>/reports/."""
+    from batchops.maintenance import monitor as run_monitor
+    from batchops.spec import parse_duration
+
+    console = _start_logging(log_dir, verbose - quiet)
+    target = resolve_run_dir(run_dir)
+    with runlock.hold(target), _display(console, verbose - quiet) as display:
+        report = run_monitor(
+            target,
+            every=parse_duration(every),
+            auto_maintain=auto_maintain,
+            cooldown=parse_duration(cooldown),
+            max_cycles=max_cycles,
+            completion_threshold=completion_threshold,
+            max_failure_rate=max_failure_rate,
+            api_key_file=api_key_file,
+            base_url=base_url,
+            on_progress=display,
+        )
+    _finish(report)
+
+
+@cli.command(epilog=_examples("batchops maintain --run-dir runs/products"))
+@run_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
+@handle_errors
+def maintain(run_dir: Path | None, as_json: bool) -> None:
+    """Analyse only: completion, failure rates by class, model and batch, rows failing again
+    and again, and the command to run next. Changes nothing."""
+    from batchops.maintenance import maintain as analyse
+
+    data = strip_control(analyse(resolve_run_dir(run_dir)))
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    rows = data["rows"]
+    click.echo(
+        f"completion {data['completion']:.1%} ({rows['succeeded']} of {sum(rows.values())} rows); "
+        f"failure rate {data['failure_rate']:.1%} of requests"
+    )
+    for title, key in (
+        ("failed requests by class", "failed_by_class"),
+        ("missing rows by class", "missing_by_class"),
+    ):
+        if data[key]:
+            click.echo(f"{title}: " + ", ".join(f"{k} {v}" for k, v in data[key].items()))
+    for model, m in data["failed_by_model"].items():
+        click.echo(f"  {model}: {m['failed']} of {m['calls']} requests failed")
+    if data["rows_failing_repeatedly"]:
+        click.echo(f"rows failing again and again: {data['rows_failing_repeatedly']}")
+    click.echo(f"recommended: {data['recommended']}")
+
+
 @cli.command(epilog=_examples("batchops cancel --run-dir runs/products"))
 @run_dir_option
 @key_options

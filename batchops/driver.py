@@ -1,7 +1,7 @@
 """Driving runs: start or resume, dry run, retry what is missing, watch, cancel, merge.
 
 The lane switch (batch ↔ online, when the pool moves on to a model of the other mode) lives
-in `_drive`; every command that sends work goes through it."""
+in `drive`; every command that sends work goes through it."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def run_job(
     try:
         if resumed:
             logger.info("resuming run {} in {}", run.run_id, run_dir)
-        engine = _batch_engine()(run, pool, wait=wait, on_progress=on_progress, src=src)
+        engine = batch_engine()(run, pool, wait=wait, on_progress=on_progress, src=src)
         engine.ensure_rows()
         pool.lane = pool.next_mode() or spec.mode
         if pool.lane == "batch":
@@ -95,7 +95,7 @@ def run_job(
             on_estimate(est)
         elif resumed:  # everything was estimated (and shown) when it was first submitted
             logger.info("resuming: nothing new to submit ({} row(s) in flight)", est.rows)
-        result = _drive(run, pool, engine, on_progress=on_progress)
+        result = drive(run, pool, engine, on_progress=on_progress)
         final = None
         if result.stopped_because != StopReason.NO_WAIT:
             final = merge_run(run, src=src)
@@ -277,8 +277,8 @@ def retry_missing(
             n,
             f" (only {', '.join(chosen)})" if chosen else "",
         )
-        engine = _batch_engine()(run, pool, wait=wait, on_progress=on_progress, src=src)
-        result = _drive(run, pool, engine, on_progress=on_progress)
+        engine = batch_engine()(run, pool, wait=wait, on_progress=on_progress, src=src)
+        result = drive(run, pool, engine, on_progress=on_progress)
         final = merge_run(run, src=src) if result.stopped_because != StopReason.NO_WAIT else None
         return RunReport(
             Path(run_dir),
@@ -299,7 +299,7 @@ def cancel(run_dir: Path, *, api_key_file: Path | None = None, base_url: str | N
     run = open_existing(Path(run_dir), write=True)
     try:
         pool = make_pool(run.spec, api_key_file=api_key_file, base_url=base_url)
-        return _batch_engine()(run, pool).cancel_all()
+        return batch_engine()(run, pool).cancel_all()
     finally:
         run.close()
 
@@ -325,9 +325,9 @@ def watch(
         if completion_threshold is not None:
             run.spec = run.spec.model_copy(update={"completion_threshold": completion_threshold})
         pool = make_pool(run.spec, api_key_file=api_key_file, base_url=base_url)
-        engine = _batch_engine()(run, pool, on_progress=on_progress, sleep=sleep)
+        engine = batch_engine()(run, pool, on_progress=on_progress, sleep=sleep)
         if retry:  # the same loop as `run`: batch or online lane, whichever the pool is on
-            result = _drive(run, pool, engine, on_progress=on_progress)
+            result = drive(run, pool, engine, on_progress=on_progress)
             stopped = result.stopped_because
         else:
             engine.reconcile()  # creates nothing: re-attaches what a crash left half-done
@@ -355,7 +355,7 @@ def watch(
         run.close()
 
 
-def _drive(
+def drive(
     run: RunDir,
     pool: Pool,
     batch: BatchEngine,
@@ -400,7 +400,7 @@ def _drive(
     return result
 
 
-def _batch_engine() -> type[BatchEngine]:
+def batch_engine() -> type[BatchEngine]:
     from batchops.engine import BatchEngine
 
     return BatchEngine

@@ -70,3 +70,13 @@ def pool_reset(run: RunDir, model: str | None = None, key: str | None = None) ->
 def _saved(run: RunDir) -> list[dict[str, Any]]:
     data = json.loads(run.store.get_meta(META) or "[]")
     return data if isinstance(data, list) else []
+
+
+def forget_exhausted_before(run: RunDir, before: float) -> int:
+    """Forget pairs exhausted before this time (the monitor's cooldown); returns how many."""
+    saved = _saved(run)
+    keep = [e for e in saved if float(e["since"]) >= before]
+    if len(keep) != len(saved):
+        run.store.set_meta(META, json.dumps(keep))
+        run.store.event("pool", f"{len(saved) - len(keep)} exhausted pair(s) past the cooldown")
+    return len(saved) - len(keep)

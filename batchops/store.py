@@ -335,6 +335,7 @@ class Store:
         error_class: str | None = None,
         model: str | None = None,
         batch_id: str | None = None,
+        exclude_classes: tuple[str, ...] = (),
     ) -> int:
         """Put rows with these statuses back to pending with a fresh retry budget (retry-missing);
         optionally only those whose last failure had this class, model or batch."""
@@ -348,6 +349,10 @@ class Store:
             if value is not None:
                 where += f" AND {column} = ?"
                 args.append(value)
+        if exclude_classes:
+            marks_ex = ",".join("?" * len(exclude_classes))
+            where += f" AND COALESCE(error_class, '') NOT IN ({marks_ex})"
+            args += list(exclude_classes)
         with self.tx():
             cur = self.conn.execute(
                 f"UPDATE rows SET status = 'pending', attempts = 0, updated_at = ? WHERE {where}",

@@ -135,3 +135,52 @@ def test_status_group_by_a_source_column(emulator_factory, tmp_path: Path):
     assert "rows by image:" in res.output and "(empty): " in res.output
     bad = invoke("status", "--run-dir", run_dir, "--group-by", "nope")
     assert bad.exit_code == 2 and "no column 'nope'" in bad.output
+
+
+def test_monitor_auto_maintains_a_run_whose_quota_came_back(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(model_quota={"gpt-4o-mini": 0})
+    src = awkward_table(tmp_path, n_plain=13, images=False)
+    run_dir = tmp_path / "run"
+    assert invoke(*run_args(emu, src, run_dir, "--batch-size", "10")).exit_code == 3
+    emu.update_scenario(model_quota={})  # the quota is back; the run remembers it was gone
+    res = invoke(
+        "monitor",
+        "--run-dir",
+        run_dir,
+        "--base-url",
+        emu.base_url,
+        "--every",
+        "0.3s",
+        "--cooldown",
+        "0.2s",
+        "--auto-maintain",
+        "--max-cycles",
+        "20",
+        "--log-dir",
+        tmp_path / "logs",
+    )
+    assert res.exit_code == 0, res.output
+    assert all(v == {"executed": 1, "succeeded": 1} for v in executions(emu).values())
+    assert len(executions(emu)) == 20
+    reports = sorted((run_dir / "reports").glob("maintenance_*.json"))
+    cycles = [json.loads(p.read_text()) for p in reports]
+    assert [c["cycle"] for c in sorted(cycles, key=lambda c: c["cycle"])] == list(
+        range(1, len(cycles) + 1)
+    )  # one report per cycle
+    last = max(cycles, key=lambda c: c["cycle"])
+    assert last["completion"] == 1.0 and last["next_check"] is None
+    assert any("re-queued" in a for c in cycles for a in c["actions"])
+
+
+def test_maintain_analyses_without_side_effects(emulator_factory, tmp_path: Path):
+    emu = emulator_factory(reject_fraction=0.1, seed=4)
+    src, run_dir = rejected_rows(emu, tmp_path)
+    invoke(*run_args(emu, src, run_dir, "--batch-size", "20"))
+    before = (run_dir / "state.db").read_bytes()
+    calls = dict(emu.stats()["calls"])
+    res = invoke("maintain", "--run-dir", run_dir, "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["completion"] == 0.9 and data["missing_by_class"] == {"invalid_request": 4}
+    assert data["recommended"] == f"batchops retry-missing --run-dir {run_dir}"
+    assert emu.stats()["calls"] == calls and (run_dir / "state.db").read_bytes() == before
