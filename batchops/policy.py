@@ -251,3 +251,24 @@ def failures_before_switch(cls: ErrorClass, overrides: dict[str, int] | None = N
     if "*" in overrides:
         return overrides["*"]
     return DEFAULT_FAILURES_BEFORE_SWITCH.get(cls, FAILURES_BEFORE_SWITCH)
+
+
+def presets_markdown() -> str:
+    """The built-in rules as Markdown tables (docs/failover.md embeds this text)."""
+    out: list[str] = []
+    for provider, rules in [
+        *PRESETS.items(),
+        ("compatible servers (any but openai/azure)", COMPATIBLE),
+    ]:
+        out += [f"### {provider}", "", "| status | code | type | message | → class | scope |"]
+        out.append("|---|---|---|---|---|---|")
+        for r in rules:
+            cells = [
+                str(r.status) if r.status is not None else "any",
+                *(f"`{v}`" if v else "any" for v in (r.code, r.type, r.message)),
+                f"`{r.cls}`",
+                str(r.scope),
+            ]
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"

@@ -148,6 +148,41 @@ def test_dashscope_example_batch_then_online(emulator_factory, tmp_path: Path):
     assert modes == {("qwen-plus", "batch"), ("qwen-turbo", "online")}
 
 
+def test_dashscope_15_qwen_models_on_one_key(emulator_factory, tmp_path: Path):
+    names = re.findall(r'^name = "(.+)"$', doc_config("dashscope15"), re.M)
+    assert len(names) == 15
+    free_tier = {
+        "status": 403,
+        "code": "AllocationQuota.FreeTierOnly",
+        "type": "AllocationQuota.FreeTierOnly",
+        "message": "The free tier of the model has been exhausted.",
+    }
+    allocation = {"status": 429, "code": "Throttling.AllocationQuota", "message": "quota used up"}
+    # The first 13 models are out of free quota, the 14th's allocation is used up after a few
+    # rows; the 15th answers the rest.
+    emu = emulator_factory(
+        inject_errors=[{"model": m, **free_tier} for m in names[:13]]
+        + [{"model": names[13], "at": "create", **allocation}]
+    )
+    config = write_config(
+        tmp_path,
+        "dashscope15",
+        {"https://dashscope-intl.aliyuncs.com/compatible-mode/v1": emu.base_url},
+    )
+    res, run_dir = run(tmp_path, config, 30, env={"DASHSCOPE_API_KEY": "sk-dash-0000000000001234"})
+    assert res.exit_code == 0, res.output
+    assert set(by_model(run_dir)) == {names[14]}
+    assert all(v == {"executed": 1, "succeeded": 1} for v in executions(emu).values())
+    pool = {
+        p["model"]: p["state"]
+        for p in json.loads(invoke("pool", "status", "--run-dir", run_dir, "--json").output)
+    }
+    assert [pool.get(m) for m in names[:14]] == ["exhausted"] * 14
+    assert "1 of 15 models left" in "".join(
+        p.read_text() for p in (tmp_path / "logs").glob("*.log")
+    )
+
+
 def test_azure_example_deployments_batch_and_online(emulator_factory, tmp_path: Path):
     key = "azure-key-0000000000000000beef"
     emu = emulator_factory(model_quota={"gpt-4o-mini-batch": 12}, api_keys=[key])

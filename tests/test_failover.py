@@ -268,3 +268,10 @@ def test_exhausted_cooldown_lets_a_model_be_tried_again(emulator_factory, tmp_pa
     res = retry_missing(tmp_path, "--base-url", emu.base_url)
     assert res.exit_code == 0, res.output
     assert executed_by_model(emu) == {"gpt-a": 4}
+
+
+def test_failover_doc_has_the_generated_preset_tables():
+    from batchops.policy import presets_markdown
+
+    doc = (Path(__file__).parent.parent / "docs" / "failover.md").read_text(encoding="utf-8")
+    assert presets_markdown() in doc, "docs/failover.md is stale: paste policy.presets_markdown()"
