@@ -110,6 +110,8 @@ class Pool:
                 self.pairs.append((m, k))
         self.exhausted: dict[tuple[str, str], str] = {}
         self.since: dict[tuple[str, str], float] = {}
+        self._cycled = False  # key_cycle: the pool started again from the first key once
+        self._bad_keys: set[str] = set()  # reasons of pairs a key_cycle must not bring back
         self.all_keys = {k.key_id: k for _, k in self.pairs}
 
     def _entry_key(self, m: ModelEntry) -> Key | None:
@@ -131,10 +133,21 @@ class Pool:
         return pair
 
     def first_available(self) -> tuple[ModelEntry, Key] | None:
-        """The first pair not exhausted, whatever its mode."""
+        """The first pair not exhausted, whatever its mode. With `key_cycle`, once every pair is
+        used up the pool starts again from the first key, once per invocation (seed 001: quotas
+        that reset while the last keys were used); bad keys stay out."""
         for m, k in self.pairs:
             if (m.name, k.key_id) not in self.exhausted:
                 return m, k
+        if self.spec.key_cycle and not self._cycled and self.exhausted:
+            self._cycled = True
+            keep = {p: r for p, r in self.exhausted.items() if r in self._bad_keys}
+            logger.warning(
+                "every model and key is used up; key_cycle: starting again from the first key"
+            )
+            self.exhausted = keep
+            self.since = {p: t for p, t in self.since.items() if p in keep}
+            return self.first_available()
         return None
 
     def mode_of(self, entry: ModelEntry) -> Mode:
@@ -178,6 +191,8 @@ class Pool:
                 hit = m.name == model and (key_id is None or k.key_id == key_id)
             if hit and (m.name, k.key_id) not in self.exhausted:
                 self.exhausted[(m.name, k.key_id)] = reason
+                if scope == Scope.KEY:
+                    self._bad_keys.add(reason)
                 self.since[(m.name, k.key_id)] = since or time.time()
                 taken.append((m.name, k.key_id))
         after = self.first_available()

@@ -59,3 +59,17 @@ def test_no_key_at_all_is_config_error():
 def test_scrub():
     pool = Pool(spec("m1"), [Key("sk-live-abcdefghijklmnop")], env={})
     assert pool.scrub("bad key sk-live-abcdefghijklmnop here") == "bad key sk-…mnop here"
+
+
+def test_key_cycle_starts_again_from_the_first_key_once_but_not_for_a_bad_key():
+    s = spec("m1").model_copy(update={"key_cycle": True})
+    pool = Pool(s, [Key("sk-a-000000001"), Key("sk-b-000000002"), Key("sk-c-000000003")], env={})
+    a, b, c = (k.key_id for _, k in pool.pairs)
+    pool.exhaust("m1", a, "quota")
+    pool.exhaust("m1", b, "invalid key", whole_key=True)
+    pool.exhaust("m1", c, "quota")
+    assert pool.current()[1].key_id == a  # back to the first key; the bad key stays out
+    pool.exhaust("m1", a, "quota again")
+    assert pool.current()[1].key_id == c
+    pool.exhaust("m1", c, "quota again")
+    assert pool.current() is None  # once per invocation
