@@ -63,12 +63,3 @@ def classify_batch_error(code: str | None) -> ErrorClass:
     # invalid_json_line, missing_required_parameter, invalid_url, duplicate_custom_id ... mean
     # batchops built a bad file: a bug, not the row's fault, so the rows go back to pending.
     return "api_error"
-
-
-def mask_key(key: str | None) -> str:
-    """`sk-…abcd`: enough to tell keys apart in a log, never enough to use one."""
-    if not key:
-        return "<none>"
-    if len(key) <= 8:
-        return "…" + key[-2:]
-    return f"{key[:3]}…{key[-4:]}"

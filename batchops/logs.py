@@ -10,7 +10,6 @@ reached a message by accident still never lands in a log.
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -21,13 +20,12 @@ from loguru import logger
 from rich.console import Console
 from rich.text import Text
 
-from batchops.classify import mask_key
+from batchops.masking import mask_secrets as _mask
 
 if TYPE_CHECKING:
     from loguru import Message, Record
 
 # Anything shaped like an OpenAI-style secret key.
-_KEY_RE = re.compile(r"sk-[A-Za-z0-9_\-]{8,}")
 _CONSOLE_FORMAT = "<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}"
 _FILE_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {name}:{function}:{line} | {extra[_ids]}{message}"
 # Ids the engine attaches with logger.contextualize/bind; shown in the file as [run=… chunk=… batch=…].
@@ -112,9 +110,9 @@ def _secret_values() -> list[str]:
 
 
 def mask_secrets(text: str, secrets: list[str] | None = None) -> str:
-    for s in secrets if secrets is not None else _secret_values():
-        text = text.replace(s, mask_key(s))
-    return _KEY_RE.sub(lambda m: mask_key(m.group(0)), text)
+    """`text` without any key: the given ones (default: the environment's) and anything
+    shaped like a key."""
+    return _mask(text, secrets if secrets is not None else _secret_values())
 
 
 def new_log_path(log_dir: Path, stamp: str | None = None) -> Path:

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
-import secrets
 import sys
 import types
 from collections.abc import Iterable, Iterator
@@ -47,6 +45,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchops.atomic import atomic_write
 from batchops.errors import InputError, StateError
 from batchops.store import OUTCOME_TYPES
 from batchops.structured import SchemaColumns
@@ -166,7 +165,7 @@ def merge_frames(
 
     by_status: dict[str, int] = dict.fromkeys(STATUSES, 0)
     rows = matched = 0
-    with _atomic_write(out_path) as fh:
+    with atomic_write(out_path) as fh:
         sink: _Sink
         if fmt == "csv":
             text_added = [names[n] for n in MERGED_COLUMNS if OUTCOME_TYPES[n] == pl.String]
@@ -564,27 +563,3 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
-
-
-@contextlib.contextmanager
-def _atomic_write(path: Path) -> Iterator[IO[bytes]]:
-    """Yield a temp file beside `path`; on success fsync + rename over it, else delete it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 (not mkstemp's 0o600) so the result gets the usual umask permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb", buffering=1 << 20) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 from loguru import logger
 
 from batchops.backends import Backend, BackendFactory, RemoteError, make_backend
-from batchops.classify import mask_key
 from batchops.errors import ConfigError
+from batchops.masking import mask_key, mask_secrets
 from batchops.policy import Scope
 from batchops.spec import JobSpec, Mode, ModelEntry
 
@@ -312,12 +312,7 @@ class Pool:
 
     def scrub(self, text: str) -> str:
         """Replace any key that slipped into a message by its masked label."""
-        for k in self.all_keys.values():
-            # A local server's placeholder key ("EMPTY", "local") is no secret, and masking it
-            # would garble every model name that contains it.
-            if len(k.value) >= 8 and k.value in text:
-                text = text.replace(k.value, k.label)
-        return text
+        return mask_secrets(text, [k.value for k in self.all_keys.values()])
 
 
 def _check_url(entry: ModelEntry) -> None:

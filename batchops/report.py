@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from batchops.atomic import write_text
+from batchops.progress import fmt_usd
 from batchops.rundir import RunDir
 
 SAMPLE_ANSWERS = 20
@@ -105,15 +106,9 @@ def write(run: RunDir, out: Path | None = None) -> tuple[Path, Path]:
     out = Path(out or run.path / "report.html")
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path = out.with_name("report.json")
-    _atomic_write(json_path, json.dumps(data, indent=2, default=str, ensure_ascii=False))
-    _atomic_write(out, render_html(data))
+    write_text(json_path, json.dumps(data, indent=2, default=str, ensure_ascii=False))
+    write_text(out, render_html(data))
     return out, json_path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------- HTML
@@ -125,7 +120,7 @@ def e(value: Any) -> str:
 
 
 def usd(value: float | None) -> str:
-    return "unknown" if value is None else f"${value:.6f}"
+    return fmt_usd(value)  # the one money format (progress.fmt_usd)
 
 
 CSS = """

@@ -2,8 +2,8 @@ from batchops.classify import (
     classify_batch_error,
     classify_http,
     classify_line_error,
-    mask_key,
 )
+from batchops.masking import mask_key
 
 
 def test_quota_is_decided_by_code_not_status():

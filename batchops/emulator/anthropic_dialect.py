@@ -21,10 +21,11 @@ from starlette.routing import Route
 
 from batchops.emulator import dialects as D
 from batchops.emulator.dialects import Call, DialectError, JSONResponse
-from batchops.emulator.errors import ApiError, mask_key
+from batchops.emulator.errors import ApiError
 from batchops.emulator.executor import execute
 from batchops.emulator.state import Batch, Emulator
 from batchops.emulator.validation import BatchRequest
+from batchops.masking import mask_key
 
 NAME = "anthropic"
 CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchops.masking import mask_key
+
 ORG = "org-emulator"
 PROJECT = "proj_emulator"
 
@@ -32,13 +34,6 @@ class ApiError(Exception):
                 "code": self.code,
             }
         }
-
-
-def mask_key(key: str) -> str:
-    """`sk-…abcd` (same shape as batchops.classify.mask_key): never the whole key."""
-    if len(key) <= 8:
-        return "…" + key[-2:]
-    return f"{key[:3]}…{key[-4:]}"
 
 
 def invalid_api_key(key: str) -> ApiError:

@@ -19,6 +19,7 @@ from batchops.emulator.errors import ApiError
 from batchops.emulator.ids import hex_id, new_id
 from batchops.emulator.scenario import Scenario
 from batchops.emulator.validation import BatchRequest, CreateParams, InputCheck
+from batchops.masking import mask_key
 
 FILE_DEFAULT_EXPIRY = 2_592_000  # batch files expire after 30 days unless told otherwise
 BATCH_WINDOW = 86_400
@@ -241,7 +242,7 @@ class Emulator:
         """Executions per key, keys masked (two keys with the same mask are added up)."""
         out: dict[str, dict[str, int]] = {}
         for key, n in self.counters.keys.items():
-            entry = out.setdefault(E.mask_key(key), {"executed": 0})
+            entry = out.setdefault(mask_key(key), {"executed": 0})
             entry["executed"] += n
         return out
 
