@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from batchops import report as reporting
 from batchops import source
+from batchops.atomic import atomic_write
 from batchops.errors import InputError
 from batchops.estimates import estimate, online_estimate_or_none
 from batchops.rundir import RunDir, open_existing
-
-if TYPE_CHECKING:  # openai and pandas take ~1 s to import; a dry run needs neither
-    pass
 
 
 def missing(run_dir: Path) -> tuple[Path, dict[str, int]]:
@@ -25,9 +23,9 @@ def missing(run_dir: Path) -> tuple[Path, dict[str, int]]:
     try:
         rows = run.store.rows_by_status(("pending", "queued", "failed", "skipped"))
         last = run.store.last_attempts([r["row_idx"] for r in rows])
-        tmp = run.missing_rows.with_suffix(".csv.tmp")
         by_status: dict[str, int] = {}
-        with tmp.open("w", encoding="utf-8", newline="") as fh:
+        with atomic_write(run.missing_rows) as raw:
+            fh = io.TextIOWrapper(raw, encoding="utf-8", newline="")
             w = csv.writer(fh)
             w.writerow(
                 [
@@ -59,7 +57,8 @@ def missing(run_dir: Path) -> tuple[Path, dict[str, int]]:
                         time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(at)) if at else "",
                     ]
                 )
-        os.replace(tmp, run.missing_rows)
+            fh.flush()
+            fh.detach()  # the atomic writer closes (and fsyncs) the file itself
         return run.missing_rows, by_status
     finally:
         run.close()
