@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,12 @@ def executions(emu: Any) -> dict[str, dict[str, int]]:
 
 def calls(emu: Any, route: str) -> int:
     return emu.stats()["calls"].get(route, 0)
+
+
+def db_rows(run_dir: Path, sql: str, *args: Any) -> list[tuple]:
+    """Rows of a query on a run's state.db, opened read-only (a test never writes the state)."""
+    db = sqlite3.connect(f"file:{run_dir / 'state.db'}?mode=ro", uri=True)
+    try:
+        return db.execute(sql, args).fetchall()
+    finally:
+        db.close()
