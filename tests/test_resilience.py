@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import time
 from pathlib import Path
 
+import openai
 import pytest
 from cli_helpers import (
     awkward_table,
@@ -24,6 +26,7 @@ from cli_helpers import (
 )
 
 from batchops.emulator.answers import prompt_tokens
+from batchops.emulator.testing import DEFAULT_KEY
 
 FAST_RETRY = ["--retry-delay", "0.01", "--retry-max-delay", "0.05"]
 
@@ -200,24 +203,28 @@ def test_kill_9_at_random_moments_loses_nothing_and_sends_nothing_twice(
         "--poll-interval",
         "0.05",
         "--batch-size",
-        "7",
+        "5",
         "--log-dir",
         tmp_path / "logs",
         *FAST_RETRY,
     ]
     rng = random.Random(5)
-    kills = 0
-    for _ in range(40):
+    # A fixed number of kills, each after a random number (1-6) of API calls of that process
+    # plus a random few milliseconds: wherever it lands (an upload, a create, a download, a
+    # database write), not "as many as fit in N seconds" (that depends on the machine's speed).
+    # 24 chunks need > 70 calls, far more than 12 kills of at most 6 calls let through.
+    for kill in range(KILLS):
+        before = total_calls(emu)
         proc = subprocess_run(args)
-        time.sleep(rng.uniform(0.05, 1.2))
-        if proc.poll() is not None:
-            break
+        target = before + rng.randint(1, 6)
+        deadline = time.monotonic() + 60
+        while total_calls(emu) < target and proc.poll() is None:
+            assert time.monotonic() < deadline, "the run made no API calls"
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.02))
+        assert proc.poll() is None, f"run {kill} ended before its kill"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        kills += 1
-        if kills >= 12:
-            break
-    assert kills >= 10
     final = subprocess_run(args)
     out, err = final.communicate(timeout=120)
     assert final.returncode == 0, err.decode()
@@ -226,11 +233,33 @@ def test_kill_9_at_random_moments_loses_nothing_and_sends_nothing_twice(
     rows = read_csv(run_dir / "final_output.csv")
     assert {r["status"] for r in rows} == {"succeeded"}
     assert {r["sku"]: r["response"] for r in rows} == expected_answers(run_dir)
-    with sqlite3.connect(run_dir / "state.db") as db:
+    with sqlite3.connect(f"file:{run_dir / 'state.db'}?mode=ro", uri=True) as db:
         (n,) = db.execute("SELECT COUNT(*) FROM attempts WHERE ok = 1").fetchone()
+        known = set(db.execute("SELECT chunk_id, attempt FROM batches").fetchall())
     assert n == 120
-    # Uploaded files that no batch used were deleted or reused: every live input file is a batch's input.
-    assert emu.stats()["batches"]["created"] >= 18
+    assert_one_batch_per_chunk_and_attempt(emu, known)
+
+
+KILLS = 12
+
+
+def total_calls(emu) -> int:
+    return sum(emu.stats()["calls"].values())
+
+
+def assert_one_batch_per_chunk_and_attempt(emu, known: set[tuple[int, int]]) -> None:
+    """Remotely: one batch per (chunk, attempt), each one the run knows; every live input file
+    is some batch's input (an upload a crash orphaned was reused or deleted)."""
+    client = openai.OpenAI(base_url=emu.base_url, api_key=DEFAULT_KEY, max_retries=0)
+    batches = list(client.batches.list(limit=100))
+    assert len(batches) == emu.stats()["batches"]["created"]
+    keys = [
+        (int(b.metadata["batchops_chunk"]), int(b.metadata["batchops_attempt"])) for b in batches
+    ]
+    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
+    assert set(keys) == known
+    inputs = {f.id for f in client.files.list(purpose="batch")}
+    assert inputs == {b.input_file_id for b in batches}
 
 
 def test_dropped_connections_after_processing_never_duplicate_a_batch(
@@ -249,6 +278,11 @@ def test_dropped_connections_after_processing_never_duplicate_a_batch(
     assert s["batches"]["created"] == 5  # one batch per chunk, never two
     # Every uploaded input file is some batch's input; duplicates were deleted.
     assert s["files"]["uploaded"] - s["files"]["deleted"] == 5
+    with sqlite3.connect(f"file:{run_dir / 'state.db'}?mode=ro", uri=True) as db:
+        known = set(db.execute("SELECT chunk_id, attempt FROM batches").fetchall())
+    assert len(known) == 5
+    emu.update_scenario(drop_connection_every=0)  # the check's own calls must not be dropped
+    assert_one_batch_per_chunk_and_attempt(emu, known)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -274,19 +308,29 @@ def test_ctrl_c_stops_cleanly_with_130_and_resumes(emulator_factory, tmp_path: P
 
 
 def test_many_batches_in_flight_are_polled_with_one_list_call(emulator_factory, tmp_path: Path):
-    emu = emulator_factory(in_progress_seconds=1.0)
+    # The batches run until the test has seen 5 list polls (an event, not a duration).
+    emu = emulator_factory(in_progress_seconds=600)
     src = awkward_table(tmp_path, n_plain=53, images=False)
     run_dir = tmp_path / "run"
-    assert (
-        invoke(
-            *run_args(emu, src, run_dir, "--batch-size", "10", "--poll-interval", "0.1")
-        ).exit_code
-        == 0
+    proc = subprocess_run(
+        run_args(emu, src, run_dir, "--batch-size", "10", "--poll-interval", "0.05")
     )
-    lists, gets = calls(emu, "GET /v1/batches"), calls(emu, "GET /v1/batches/{id}")
-    assert lists >= 5  # ~1 s of polling at 0.1 s with 6 batches in flight
-    assert gets < lists  # not one GET per batch per poll
+    deadline = time.monotonic() + 60
+    while calls(emu, "GET /v1/batches") < 5 and proc.poll() is None:
+        assert time.monotonic() < deadline, "no list polls"
+        time.sleep(0.02)
+    # 6 batches in flight the whole time: not one GET per batch per poll, not one at all.
+    assert calls(emu, "GET /v1/batches") >= 5 and calls(emu, "GET /v1/batches/{id}") == 0
+    emu.update_scenario(in_progress_seconds=0, finalizing_seconds=0)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-3000:]
     all_succeeded_once(emu)
+    # While 3+ were in flight, every poll was one list page; single GETs only came later.
+    log = next((tmp_path / "logs").glob("*.log")).read_text().splitlines()
+    lists = [i for i, ln in enumerate(log) if "remote call: poll 6 batches (one list page)" in ln]
+    gets = [i for i, ln in enumerate(log) if re.search(r"remote call: poll batch \S+$", ln)]
+    assert len(lists) >= 5 and (not gets or max(lists) < min(gets))
+    assert len(gets) == calls(emu, "GET /v1/batches/{id}")
 
 
 def test_chunk_over_the_token_limit_on_its_own_is_split(emulator_factory, tmp_path: Path):
