@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import openai
 from click.testing import CliRunner, Result
 
 from batchops.cli import cli
@@ -136,3 +137,18 @@ def db_rows(run_dir: Path, sql: str, *args: Any) -> list[tuple]:
         return db.execute(sql, args).fetchall()
     finally:
         db.close()
+
+
+def assert_one_batch_per_chunk_and_attempt(emu: Any, known: set[tuple[int, int]]) -> None:
+    """Remotely: one batch per (chunk, attempt), each one the run knows; every live input file
+    is some batch's input (an upload a crash orphaned was reused or deleted)."""
+    client = openai.OpenAI(base_url=emu.base_url, api_key=DEFAULT_KEY, max_retries=0)
+    batches = list(client.batches.list(limit=100))
+    assert len(batches) == emu.stats()["batches"]["created"]
+    keys = [
+        (int(b.metadata["batchops_chunk"]), int(b.metadata["batchops_attempt"])) for b in batches
+    ]
+    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
+    assert set(keys) == known
+    inputs = {f.id for f in client.files.list(purpose="batch")}
+    assert inputs == {b.input_file_id for b in batches}

@@ -11,9 +11,9 @@ import sqlite3
 import time
 from pathlib import Path
 
-import openai
 import pytest
 from cli_helpers import (
+    assert_one_batch_per_chunk_and_attempt,
     awkward_table,
     calls,
     executions,
@@ -26,7 +26,6 @@ from cli_helpers import (
 )
 
 from batchops.emulator.answers import prompt_tokens
-from batchops.emulator.testing import DEFAULT_KEY
 
 FAST_RETRY = ["--retry-delay", "0.01", "--retry-max-delay", "0.05"]
 
@@ -245,21 +244,6 @@ KILLS = 12
 
 def total_calls(emu) -> int:
     return sum(emu.stats()["calls"].values())
-
-
-def assert_one_batch_per_chunk_and_attempt(emu, known: set[tuple[int, int]]) -> None:
-    """Remotely: one batch per (chunk, attempt), each one the run knows; every live input file
-    is some batch's input (an upload a crash orphaned was reused or deleted)."""
-    client = openai.OpenAI(base_url=emu.base_url, api_key=DEFAULT_KEY, max_retries=0)
-    batches = list(client.batches.list(limit=100))
-    assert len(batches) == emu.stats()["batches"]["created"]
-    keys = [
-        (int(b.metadata["batchops_chunk"]), int(b.metadata["batchops_attempt"])) for b in batches
-    ]
-    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
-    assert set(keys) == known
-    inputs = {f.id for f in client.files.list(purpose="batch")}
-    assert inputs == {b.input_file_id for b in batches}
 
 
 def test_dropped_connections_after_processing_never_duplicate_a_batch(
