@@ -122,7 +122,12 @@ MUTANTS: list[Mutant] = [
         "parts.append(pl.col(name).cast(pl.Float64, strict=False).cast(pl.String)"
         '.fill_null(pl.col(name)).fill_null(""))',
         "numeric-looking cells are rendered through a float: 007 -> 7.0, 19.90 -> 19.9",
-        ("tests/test_render.py", "tests/test_chunking.py", "tests/test_cli_run.py"),
+        (
+            G + "test_numeric_looking_cells_are_sent_exactly_as_written",
+            G + "test_dry_run_files_hold_the_cells_exactly_as_written",
+            "tests/test_render.py",
+            "tests/test_chunking.py",
+        ),
     ),
     Mutant(
         "quota-retried-on-same-model",

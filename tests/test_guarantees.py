@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from cli_helpers import (
+    AWKWARD_ROWS,
     assert_one_batch_per_chunk_and_attempt,
     awkward_table,
     db_rows,
@@ -17,7 +18,10 @@ from cli_helpers import (
     invoke,
     read_csv,
     run_args,
+    sent_bodies,
 )
+
+from batchops.emulator.answers import expected_answer
 
 FAST_RETRY = ["--retry-delay", "0.01", "--retry-max-delay", "0.05"]
 
@@ -180,3 +184,43 @@ def test_expired_batches_collected_by_watch_keep_and_requeue(emulator_factory, t
     assert len(stats) == 20 and all(v == {"executed": 1, "succeeded": 1} for v in stats.values())
     out = read_csv(run_dir / "final_output.csv")
     assert {o["status"] for o in out} == {"succeeded"}
+
+
+# ------------------------------------------------------------------ cells reach the prompt as written
+
+
+def expected_prompts() -> dict[str, str]:
+    """The prompt of each awkward row, from the CSV's cells by plain str.format: independent of
+    batchops' own renderer (a test that compares the renderer with itself proves nothing)."""
+    return {
+        sku: f"Describe {name} ({price}): {description}"
+        for sku, name, price, description, _ in AWKWARD_ROWS
+    }
+
+
+def user_texts(run_dir: Path, folder: str) -> dict[str, str]:
+    return {cid: b["messages"][-1]["content"] for cid, b in sent_bodies(run_dir, folder).items()}
+
+
+def test_numeric_looking_cells_are_sent_exactly_as_written(emulator, tmp_path: Path):
+    # 19.90, 5, 1e3, -0, NaN, TRUE: any number parsing on the way would change them.
+    src = awkward_table(tmp_path, images=False)
+    run_dir = tmp_path / "run"
+    res = invoke(*run_args(emulator, src, run_dir))
+    assert res.exit_code == 0, res.output
+    want = expected_prompts()
+    assert user_texts(run_dir, "inputs") == want
+    out = {o["sku"]: o["response"] for o in read_csv(run_dir / "final_output.csv")}
+    assert out == {
+        sku: expected_answer("gpt-4o-mini", {"messages": [{"role": "user", "content": text}]})
+        for sku, text in want.items()
+    }
+
+
+def test_dry_run_files_hold_the_cells_exactly_as_written(tmp_path: Path):
+    src = awkward_table(tmp_path, images=False)
+    run_dir = tmp_path / "run"
+    fake = type("E", (), {"base_url": "http://127.0.0.1:9/v1"})()
+    res = invoke(*run_args(fake, src, run_dir, "--dry-run"))
+    assert res.exit_code == 0, res.output
+    assert user_texts(run_dir, "dry-run") == expected_prompts()
