@@ -145,8 +145,8 @@ def test_kill_9_mid_run_loses_at_most_the_requests_in_flight(emulator_factory, t
     assert res.exit_code == 0, res.output
     stats = executions(emu)
     assert len(stats) == n and all(v["succeeded"] >= 1 for v in stats.values())
-    # Answered twice: only requests in flight at the kill (the server may finish one after the
-    # sample above), at most one per worker, and never a row whose answer was committed.
+    # Answered twice: only requests in flight at the kill (answered, never committed), at most
+    # one per worker, and never a row whose answer was committed.
     twice = {cid for cid, v in stats.items() if v["succeeded"] > 1}
     assert len(twice) <= WORKERS and not twice & recorded
     assert all(v["succeeded"] <= 2 for v in stats.values())

@@ -208,20 +208,20 @@ def test_kill_9_at_random_moments_loses_nothing_and_sends_nothing_twice(
         *FAST_RETRY,
     ]
     rng = random.Random(5)
-    # A fixed number of kills, each after a random number (1-6) of API calls of that process
-    # plus a random few milliseconds: wherever it lands (an upload, a create, a download, a
-    # database write), not "as many as fit in N seconds" (that depends on the machine's speed).
-    # 24 chunks need > 70 calls, far more than 12 kills of at most 6 calls let through.
-    for kill in range(KILLS):
-        before = total_calls(emu)
+    # A fixed number of kills (not "as many as fit in N seconds", which depends on the machine's
+    # speed), each one a few random milliseconds after the process's k-th call of a route: in
+    # turn mid-upload, mid-create, mid-poll and mid-download, wherever the few milliseconds
+    # land (the call in flight, the database write after it). The schedule leaves work for
+    # every next process: 24 chunks, and at most 7 batches collected before the last kill.
+    for i, (route, k) in enumerate(KILL_SCHEDULE):
+        before = emu.stats()["calls"].get(route, 0)
         proc = subprocess_run(args)
-        target = before + rng.randint(1, 6)
         deadline = time.monotonic() + 60
-        while total_calls(emu) < target and proc.poll() is None:
-            assert time.monotonic() < deadline, "the run made no API calls"
+        while emu.stats()["calls"].get(route, 0) < before + k and proc.poll() is None:
+            assert time.monotonic() < deadline, f"kill {i}: no call of {route}"
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.02))
-        assert proc.poll() is None, f"run {kill} ended before its kill"
+        assert proc.poll() is None, f"kill {i}: the run ended before it ({route} #{k})"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     final = subprocess_run(args)
@@ -239,11 +239,22 @@ def test_kill_9_at_random_moments_loses_nothing_and_sends_nothing_twice(
     assert_one_batch_per_chunk_and_attempt(emu, known)
 
 
-KILLS = 12
-
-
-def total_calls(emu) -> int:
-    return sum(emu.stats()["calls"].values())
+UPLOAD, CREATE = "POST /v1/files", "POST /v1/batches"
+POLL, DOWNLOAD = "GET /v1/batches", "GET /v1/files/{id}/content"
+KILL_SCHEDULE = [  # (route, k): kill the process just after its k-th call of route
+    (UPLOAD, 1),
+    (CREATE, 1),
+    (UPLOAD, 3),
+    (CREATE, 2),
+    (CREATE, 4),
+    (UPLOAD, 2),
+    (POLL, 1),
+    (DOWNLOAD, 1),
+    (POLL, 1),
+    (DOWNLOAD, 2),
+    (DOWNLOAD, 1),
+    (DOWNLOAD, 3),
+]
 
 
 def test_dropped_connections_after_processing_never_duplicate_a_batch(
