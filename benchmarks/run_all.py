@@ -408,6 +408,11 @@ def report(
         "- **online**: `bench_online.py` (its own table below): the clients alternate in each "
         "of its runs; every number is the median with min–max.",
         "",
+        "Not a benchmark but kept beside them: `python benchmarks/mutants.py` applies one-line "
+        "bugs (join by line order, expired rows not re-queued, reconcile without lookup, …) one "
+        "at a time to a temporary copy of the repository and shows which tests catch each "
+        "(every one must be caught by at least two).",
+        "",
     ]
     for name, text in extra.items():
         if text.strip():
