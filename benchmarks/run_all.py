@@ -88,7 +88,7 @@ def write_json(figures: list[Figure], path: str | None) -> None:
 
 # ------------------------------------------------------------------- medians of repeated runs
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
 
 
 def first_number(text: str) -> tuple[float, str] | None:
@@ -100,12 +100,29 @@ def first_number(text: str) -> tuple[float, str] | None:
 def _median_of(texts: list[str]) -> tuple[int, str]:
     """Index of the text whose first number is the median (the lower one for an even count)
     and a "median of n, min–max a–b" suffix; no suffix when there is nothing to compare."""
+    if len(texts) > 1 and len(set(texts)) == 1:
+        return 0, f" · the same in all {len(texts)} runs"
     nums = [(first_number(t), i) for i, t in enumerate(texts)]
     valued = sorted(((n[0], n[1], i) for n, i in nums if n is not None), key=lambda x: x[0])
     if len(valued) < 2:
         return 0, ""
     mid = valued[(len(valued) - 1) // 2]
     return mid[2], f" · median of {len(valued)}, min–max {valued[0][1]}–{valued[-1][1]}"
+
+
+def _median_text(texts: list[str]) -> str:
+    """A formatted value over the runs: its median with the min–max. Several measured values
+    in one cell ("a 1 rows/s; b 2 rows/s") are each given their own median and min–max."""
+    parts = [t.split("; ") for t in texts]
+    if len({len(p) for p in parts}) != 1:  # not the same shape in every run: the first alone
+        i, suffix = _median_of(texts)
+        return texts[i] + suffix
+    out = []
+    for k in range(len(parts[0])):
+        column = [p[k] for p in parts]
+        i, suffix = _median_of(column)
+        out.append(column[i] + suffix)
+    return "; ".join(out)
 
 
 def combine(runs: list[list[Figure]]) -> list[Figure]:
@@ -126,8 +143,7 @@ def combine(runs: list[list[Figure]]) -> list[Figure]:
         figs = by_key[key]
         i, suffix = _median_of([f.value for f in figs])
         med = figs[i]
-        j, base_suffix = _median_of([f.baseline for f in figs])
-        baseline = figs[j].baseline + base_suffix if figs[j].baseline else ""
+        baseline = _median_text([f.baseline for f in figs]) if med.baseline else ""
         note = med.note
         verdicts = [f.met for f in figs if f.met is not None]
         if verdicts and len(set(verdicts)) > 1:
@@ -269,6 +285,16 @@ def run_part(part: str, quick: bool, timeout: float) -> tuple[list[Figure], str]
         out.unlink(missing_ok=True)
 
 
+RAW = HERE / "_data" / "last_runs.json"  # every run's own figures (git-ignored)
+
+
+def save_raw(part: str, runs: list[list[Figure]]) -> None:
+    RAW.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(RAW.read_text(encoding="utf-8")) if RAW.exists() else {}
+    data[part] = [[asdict(f) for f in figs] for figs in runs]
+    RAW.write_text(json.dumps(data, indent=1), encoding="utf-8")
+
+
 def repeated(part: str, quick: bool, repeat: int, start: float) -> list[Figure]:
     """`repeat` runs of a part, each in a fresh child, combined into medians with min–max.
     Runs that fail are reported, and the ones that finished are kept."""
@@ -288,6 +314,7 @@ def repeated(part: str, quick: bool, repeat: int, start: float) -> list[Figure]:
         print(f"   run {i + 1}: {'ok' if ok else f'{figs[0].value}: {figs[0].note}'}", flush=True)
     if not runs:
         return failed[:1]
+    save_raw(part, runs)
     got = combine(runs)
     if failed:
         got.append(
