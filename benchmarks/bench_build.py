@@ -4,6 +4,9 @@ batchops' columnar build_chunks (rows/s and peak RSS), plus a run with small ima
     python benchmarks/bench_build.py                 # 1,000,000 text rows, 10,000 image rows
     python benchmarks/bench_build.py --rows 200000   # quicker
 
+Baselines, both measured on the full row count (not extrapolated): the seed scripts' pandas
+iterrows builder, and a plain Python one (csv module + json.dumps), the fair per-row reference.
+
 Data is generated once (seeded) under benchmarks/_data/ (git-ignored) and reused. Every
 measurement of the library runs in a fresh subprocess, so its peak RSS (ru_maxrss) is its own.
 The functions are importable for other benchmarks (e.g. a whole-process `batchops run --dry-run`).
@@ -144,7 +147,7 @@ def measure_floor(path: Path, n_rows: int) -> dict:
     return {"rows": n_rows, "seconds": seconds}
 
 
-def measure_naive(path: Path, n_rows: int) -> dict:
+def measure_naive(path: Path, n_rows: int | None = None) -> dict:
     """What the seed scripts do: pandas iterrows + str.format + json.dumps per row."""
     import pandas as pd
 
@@ -159,6 +162,29 @@ def measure_naive(path: Path, n_rows: int) -> dict:
     seconds = time.perf_counter() - start
     out.unlink()
     return {"rows": len(df), "seconds": seconds}
+
+
+def measure_plain(path: Path, n_rows: int | None = None) -> dict:
+    """A fair plain-Python builder: the csv module + str.format + json.dumps per row (no pandas).
+    The per-row loop a careful user would write without any library."""
+    out = DATA / "plain.jsonl"
+    rows = 0
+    start = time.perf_counter()
+    with (
+        path.open(encoding="utf-8", newline="") as src,
+        out.open("w", encoding="utf-8") as fh,
+    ):
+        dumps, fmt, write = json.dumps, PROMPT.format, fh.write
+        for row in csv.DictReader(src):
+            if n_rows is not None and rows >= n_rows:
+                break
+            body = {"model": MODEL, "messages": [{"role": "user", "content": fmt(**row)}]}
+            line = {"custom_id": row["id"], "method": "POST", "url": ENDPOINT, "body": body}
+            write(dumps(line, ensure_ascii=False) + "\n")
+            rows += 1
+    seconds = time.perf_counter() - start
+    out.unlink()
+    return {"rows": rows, "seconds": seconds}
 
 
 def measure_build(
@@ -210,7 +236,12 @@ def measure_build(
     }
 
 
-WORKERS = {"floor": measure_floor, "naive": measure_naive, "build": measure_build}
+WORKERS = {
+    "floor": measure_floor,
+    "naive": measure_naive,
+    "plain": measure_plain,
+    "build": measure_build,
+}
 
 
 def run_isolated(worker: str, **kwargs) -> dict:
@@ -227,7 +258,11 @@ def run_isolated(worker: str, **kwargs) -> dict:
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:  # show why: the child's own error, not only its exit code
+        raise RuntimeError(
+            f"{worker} measurement failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}"
+        )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -251,7 +286,9 @@ def _row(label: str, rows: int, seconds: float, rss: float | None, note: str = "
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--naive-rows", type=int, default=100_000)
+    parser.add_argument(
+        "--naive-rows", type=int, default=None, help="rows for the per-row baselines [all]"
+    )
     parser.add_argument("--image-rows", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -274,17 +311,12 @@ def main() -> None:
     floor = measure_floor(path, n_rows)
     print(_row("(a) floor: read the CSV + write the same bytes", n_rows, floor["seconds"], None))
 
-    naive = run_isolated("naive", path=str(path), n_rows=args.naive_rows)
-    extrapolated = naive["seconds"] * n_rows / naive["rows"]
-    print(
-        _row(
-            "(b) naive: pandas iterrows + json.dumps per row",
-            n_rows,
-            extrapolated,
-            naive["peak_rss_mib"],
-            f"measured on {naive['rows']:,} rows, extrapolated",
-        )
-    )
+    for worker, label in (
+        ("naive", "(b) naive, seed-style: pandas iterrows + json.dumps per row"),
+        ("plain", "(b') plain Python: csv module + json.dumps per row"),
+    ):
+        base = run_isolated(worker, path=str(path), n_rows=args.naive_rows)
+        print(_row(label, base["rows"], base["seconds"], base["peak_rss_mib"], "measured"))
 
     for fsync, built in zip((True, False), builds, strict=True):
         mb = built["bytes"] / 1e6

@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import openai
 from click.testing import CliRunner, Result
 
 from batchops.cli import cli
@@ -132,3 +134,27 @@ def all_logs(log_dir: Path) -> str:
     """Every log file of the folder, joined: each invocation (a dry run too) may write its own,
     and glob order is arbitrary, so no test may pick "the" log file by position."""
     return "".join(p.read_text(encoding="utf-8") for p in sorted(log_dir.glob("*.log")))
+
+
+def db_rows(run_dir: Path, sql: str, *args: Any) -> list[tuple]:
+    """Rows of a query on a run's state.db, opened read-only (a test never writes the state)."""
+    db = sqlite3.connect(f"file:{run_dir / 'state.db'}?mode=ro", uri=True)
+    try:
+        return db.execute(sql, args).fetchall()
+    finally:
+        db.close()
+
+
+def assert_one_batch_per_chunk_and_attempt(emu: Any, known: set[tuple[int, int]]) -> None:
+    """Remotely: one batch per (chunk, attempt), each one the run knows; every live input file
+    is some batch's input (an upload a crash orphaned was reused or deleted)."""
+    client = openai.OpenAI(base_url=emu.base_url, api_key=DEFAULT_KEY, max_retries=0)
+    batches = list(client.batches.list(limit=100))
+    assert len(batches) == emu.stats()["batches"]["created"]
+    keys = [
+        (int(b.metadata["batchops_chunk"]), int(b.metadata["batchops_attempt"])) for b in batches
+    ]
+    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
+    assert set(keys) == known
+    inputs = {f.id for f in client.files.list(purpose="batch")}
+    assert inputs == {b.input_file_id for b in batches}

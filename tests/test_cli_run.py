@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
+import openai
 import polars as pl
 import pytest
 from cli_helpers import (
@@ -13,6 +15,7 @@ from cli_helpers import (
     PNG_1x1,
     awkward_table,
     calls,
+    db_rows,
     executions,
     expected_answers,
     invoke,
@@ -20,6 +23,8 @@ from cli_helpers import (
     run_args,
     write_csv,
 )
+
+from batchops.emulator.testing import DEFAULT_KEY
 
 MERGED = [
     "response",
@@ -158,7 +163,10 @@ def test_no_wait_then_resume_and_merge_to_parquet(emulator, tmp_path: Path):
     run_dir = tmp_path / "run"
     res = invoke(*run_args(emulator, src, run_dir, "--no-wait", "--batch-size", "5"))
     assert res.exit_code == 0, res.output
-    assert "submitted" in res.output
+    assert res.stdout.splitlines()[1:] == [
+        "0 succeeded, 0 failed, 0 skipped, 17 missing; spent $0.000000; stopped: no-wait",
+        f"submitted; follow with: batchops status --run-dir {run_dir}",
+    ]
     assert not (run_dir / "final_output.csv").exists()
     st = json.loads(invoke("status", "--run-dir", run_dir, "--json").output)
     assert st["rows"]["queued"] == 17
@@ -193,7 +201,11 @@ def test_changed_job_in_same_run_dir_is_refused(emulator, tmp_path: Path):
     args = run_args(emulator, src, run_dir)
     args[args.index("--prompt") + 1] = "Another prompt {name}"
     res = invoke(*args)
-    assert res.exit_code == 2 and "prompt" in res.stderr and "--cleanup" in res.stderr
+    assert res.exit_code == 2
+    assert res.stderr == (
+        f"batchops: error: {run_dir}: holds a run of a different job (prompt differ); use "
+        "--cleanup or --keep-latest to start over, or another --run-dir\n"
+    )
     res = invoke(*args, "--keep-latest")
     assert res.exit_code == 0
     assert list(tmp_path.glob("run.backup-*"))
@@ -244,7 +256,35 @@ def test_status_cost_cancel_commands(emulator_factory, tmp_path: Path):
     assert st["batches_by_status"] == {"cancelled": 1}
     assert st["rows"]["pending"] == 12  # nothing finished: every row goes back to the queue
     res = invoke("cost", "--run-dir", run_dir)
-    assert res.exit_code == 0 and "total: $" in res.output
+    assert res.exit_code == 0
+    ((batch_id, est),) = db_rows(run_dir, "SELECT c.batch_id, c.est_cost FROM chunks c")
+    # nothing ran: the batch's cost is unknown ("-"), the total spent is zero (a per-model line
+    # comes before these when the batch was cancelled after validation: its cancelled lines)
+    assert res.output.splitlines()[-3:] == [
+        f"  {batch_id} chunk 1 cancelled: - (estimate ${est:.6f})",
+        "total: $0.000000",
+        f"estimate: ${est:.6f}",
+    ]
+
+
+def test_cost_of_a_cancelled_batch_names_its_model(emulator_factory, tmp_path):
+    emu = emulator_factory(in_progress_seconds=30)
+    src = awkward_table(tmp_path, n_plain=5, images=False)
+    run_dir = tmp_path / "run"
+    assert invoke(*run_args(emu, src, run_dir, "--no-wait")).exit_code == 0
+    # Cancel once it runs (an event, not a delay): its 12 requests end as batch_cancelled lines.
+    client = openai.OpenAI(base_url=emu.base_url, api_key=DEFAULT_KEY, max_retries=0)
+    ((batch_id,),) = db_rows(run_dir, "SELECT batch_id FROM batches")
+    deadline = time.monotonic() + 30
+    while client.batches.retrieve(batch_id).status == "validating":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    res = invoke(
+        "cancel", "--run-dir", run_dir, "--base-url", emu.base_url, "--log-dir", tmp_path / "logs"
+    )
+    assert res.exit_code == 0, res.output
+    by_model = json.loads(invoke("cost", "--run-dir", run_dir, "--json").output)["by_model"]
+    assert [(m["model"], m["calls"]) for m in by_model] == [("gpt-4o-mini", 12)]
 
 
 def test_status_of_unknown_run_dir_is_one_line(tmp_path: Path):

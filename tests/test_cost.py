@@ -85,11 +85,30 @@ def test_unknown_model_cost_is_unknown_not_zero(emulator, tmp_path: Path):
     assert res.exit_code == 0, res.output
     # The CLI says it once, as a log line (no raw Python warning: issue 15, item 9).
     assert res.stderr.count("No price known for model 'no-such-model'") <= 1
-    assert "unknown" in res.output  # the estimate says so before the first upload
+    # the estimate says so before the first upload
+    est = next(ln for ln in res.output.splitlines() if ln.startswith("estimate: "))
+    assert est.startswith("estimate: 9 rows in 1 chunk(s), ")
+    assert est.endswith("; cost ≈ unknown (no price for a model) at batch prices")
     assert {o["cost_usd"] for o in read_csv(run_dir / "final_output.csv")} == {""}
     cost = json.loads(invoke("cost", "--run-dir", run_dir, "--json").output)
-    assert cost["by_model"][0]["cost_usd"] is None
-    assert "unknown" in invoke("cost", "--run-dir", run_dir).output
+    (m,) = cost["by_model"]
+    assert (m["model"], m["calls"], m["ok"], m["cost_usd"]) == ("no-such-model", 9, 9, None)
+    rows = row_usage(run_dir)
+    prompt = sum(r["prompt_tokens"] for r in rows.values())
+    completion = sum(r["completion_tokens"] for r in rows.values())
+    assert (m["prompt_tokens"], m["completion_tokens"]) == (prompt, completion)
+    assert invoke("cost", "--run-dir", run_dir).output.splitlines()[0] == (
+        f"no-such-model (batch): 9 calls, {prompt} prompt, 0 cached, {completion} completion "
+        "tokens: unknown"
+    )
+
+
+def test_unknown_model_total_is_unknown_not_zero(emulator, tmp_path: Path):
+    src = awkward_table(tmp_path, n_plain=2, images=False)
+    run_dir = tmp_path / "run"
+    res = invoke(*run_args(emulator, src, run_dir, model="no-such-model"))
+    assert res.exit_code == 0, res.output
+    assert json.loads(invoke("cost", "--run-dir", run_dir, "--json").output)["total_usd"] is None
 
 
 def test_budget_summary_says_spent_and_left(emulator, tmp_path: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx2
@@ -466,14 +467,19 @@ def test_slow_response_and_sync_latency(make: Any) -> None:
     emu = make(slow_response_seconds=0.3)
     with pytest.raises(openai.APITimeoutError):
         _client(emu, timeout=0.1).models.list()
-    emu.update_scenario(slow_response_seconds=0.0, sync_latency_seconds=0.2)
+    emu.update_scenario(slow_response_seconds=0.0, sync_latency_seconds=1.0)
     client = _client(emu)
-    t = time.monotonic()
-    client.models.list()
-    assert time.monotonic() - t < 0.15
-    t = time.monotonic()
-    client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
-    assert time.monotonic() - t >= 0.2
+    # The latency delays model calls only: a models list sent while a chat call is held
+    # answers first (ordering, not a stopwatch), and the chat call still takes its latency.
+    with ThreadPoolExecutor(1) as pool:
+        t = time.monotonic()
+        chat = pool.submit(client.chat.completions.create, model="gpt-4o-mini", messages=MSG)
+        while emu.stats()["calls"].get("POST /v1/chat/completions", 0) == 0:
+            time.sleep(0.005)  # the chat call has reached the server
+        assert client.models.list().data
+        assert not chat.done()
+        assert chat.result().choices[0].message.content
+        assert time.monotonic() - t >= 1.0
 
 
 # --------------------------------------------------------------------------- batch-level faults
@@ -505,10 +511,10 @@ def test_timings_scale(make: Any) -> None:
     t = time.monotonic()
     run_batch(client, _lines(2))
     assert time.monotonic() - t >= 0.4
-    emu.update_scenario(time_scale=0.0, per_request_seconds=1.0)
-    t = time.monotonic()
-    run_batch(client, _lines(2))
-    assert time.monotonic() - t < 0.4
+    # time_scale 0 means no wait at all: a batch configured to run for hours finishes within
+    # run_batch's patience (unscaled it would still be in progress).
+    emu.update_scenario(time_scale=0.0, per_request_seconds=3600.0, in_progress_seconds=3600.0)
+    assert run_batch(client, _lines(2)).status == "completed"
 
 
 def test_shuffle_is_seeded_and_optional(make: Any) -> None:

@@ -9,7 +9,7 @@ import httpx2
 import openai
 
 from batchops.emulator import EmulatorServer
-from batchops.emulator.testing import DEFAULT_KEY, TERMINAL, chat_line, results, run_batch
+from batchops.emulator.testing import DEFAULT_KEY, chat_line, results, run_batch
 
 ROUTES = [
     "/v1/batches",
@@ -110,7 +110,7 @@ def test_random_batch_lines_always_finish(emulator_factory: Any) -> None:
     emu = emulator_factory(validating_seconds=0, in_progress_seconds=0.05, finalizing_seconds=0)
     client = openai.OpenAI(base_url=emu.base_url, api_key=DEFAULT_KEY, max_retries=0)
     rng = random.Random(99)
-    for round_no in range(4):
+    for round_no in range(5):
         lines: list[Any] = []
         for i in range(30):
             line = chat_line(f"r{round_no}-{i}", "hello")
@@ -120,9 +120,20 @@ def test_random_batch_lines_always_finish(emulator_factory: Any) -> None:
             body["model"] = "gpt-4o-mini"
             body.pop("stream", None)
             lines.append(line)
+        if round_no == 4:  # a line without a usable model: the whole file fails validation
+            lines[7]["body"]["model"] = rng.choice([None, "", 3, [], {"a": 1}])
         b = run_batch(client, lines)
-        assert b.status in TERMINAL
-        if b.status == "completed":
+        # Per-request problems complete the batch with error lines; a file problem fails it.
+        if round_no < 4:
+            assert b.status == "completed", (round_no, b.status, b.errors)
             out, err = results(client, b)
             assert len(out) + len(err) == 30
-            assert all(e["response"]["status_code"] < 500 for e in err), err
+            assert sorted(x["custom_id"] for x in out + err) == sorted(
+                x["custom_id"] for x in lines
+            )
+            assert err and all(e["response"]["status_code"] == 400 for e in err), err
+        else:
+            assert b.status == "failed", b.status
+            assert b.errors is not None
+            assert [(e.line, e.param) for e in b.errors.data] == [(8, "body.model")]
+            assert b.output_file_id is None and b.error_file_id is None

@@ -45,7 +45,7 @@ def test_log_file_has_ids_on_every_remote_call_and_no_key(emulator, tmp_path: Pa
     files = list((tmp_path / "logs").iterdir())
     assert len(files) == 1 and LOG_NAME.fullmatch(files[0].name)
     lines = files[0].read_text(encoding="utf-8").splitlines()
-    run_id = (
+    (run_id,) = (
         sqlite3.connect(run_dir / "state.db")
         .execute("SELECT value FROM meta WHERE key = 'run_id'")
         .fetchone()
@@ -56,27 +56,41 @@ def test_log_file_has_ids_on_every_remote_call_and_no_key(emulator, tmp_path: Pa
         assert hits, f"no DEBUG line for {what}"
         for ln in hits:
             m = IDS.search(ln)
-            assert m and m.group(2), f"no run/chunk ids in: {ln}"
-            if run_id:
-                assert m.group(1) == run_id[0]
+            assert m and m.group(1) == run_id and m.group(2), f"no run/chunk ids in: {ln}"
             if what == "download file-":
                 assert m.group(3), f"no batch id in: {ln}"
-    # Polls: one GET per batch, or one list page for 3+ in flight; either way the call carries
-    # the run id and every batch's polled status is logged with its chunk and batch ids.
+    # Polls: 3 batches in flight on one account, so one list page answers for all of them; the
+    # call carries the run id, and every batch's polled status its chunk and batch ids.
     polls = [ln for ln in calls if "remote call: poll " in ln]
-    assert polls, "no DEBUG line for a poll"
-    assert all((m := IDS.search(ln)) and (not run_id or m.group(1) == run_id[0]) for ln in polls)
+    assert any("remote call: poll 3 batches (one list page)" in ln for ln in polls), polls
+    assert all((m := IDS.search(ln)) and m.group(1) == run_id for ln in polls)
     statuses = [
         ln for ln in lines if "| DEBUG   |" in ln and re.search(r"batch \S+ \(chunk \d+\): ", ln)
     ]
     assert statuses and all((m := IDS.search(ln)) and m.group(2) and m.group(3) for ln in statuses)
+    # One batch in flight: it is polled on its own, and that call carries all three ids.
+    single = tmp_path / "single"
+    res1 = invoke(
+        *run_args(emulator, src, single, "--batch-size", "20", "--log-dir", tmp_path / "logs1"),
+        env={"OPENAI_API_KEY": KEY},
+    )
+    assert res1.exit_code == 0, res1.output
+    (log1,) = (tmp_path / "logs1").iterdir()
+    polls1 = [
+        ln for ln in log1.read_text(encoding="utf-8").splitlines() if "remote call: poll " in ln
+    ]
+    (batch_id,) = {
+        b for (b,) in sqlite3.connect(single / "state.db").execute("SELECT batch_id FROM batches")
+    }
+    assert polls1 and all(f"remote call: poll batch {batch_id}" in ln for ln in polls1), polls1
+    assert all((m := IDS.search(ln)) and m.group(3) == batch_id for ln in polls1)
     # state changes, collection and cost lines carry the ids too
     for marker in ("built → uploading", "uploaded → submitting", "submitted as batch", "cost: "):
         hit = next((ln for ln in lines if marker in ln), None)
         assert hit and IDS.search(hit), marker
     assert "sk-…wxyz" in "\n".join(lines)  # the key is shown masked, never in full
-    assert_no_key(tmp_path / "logs", run_dir)
-    assert KEY not in res.output
+    assert_no_key(tmp_path / "logs", tmp_path / "logs1", run_dir, single)
+    assert KEY not in res.output + res1.output
 
 
 def test_key_switch_is_logged_recorded_and_shown_without_keys(emulator_factory, tmp_path: Path):
@@ -124,7 +138,12 @@ def test_quiet_verbose_and_no_color(emulator, tmp_path: Path):
     quiet = invoke(*run_args(emulator, src, tmp_path / "q", "-q"))
     assert quiet.exit_code == 0
     assert " INFO " not in quiet.stderr and "progress:" not in quiet.stderr
-    assert "succeeded" in quiet.stdout  # the result still prints
+    # the result still prints: the estimate, the outcome line, where the merge went
+    spent = json.loads(invoke("status", "--run-dir", tmp_path / "q", "--json").output)["spent_usd"]
+    est, outcome, merged = quiet.stdout.splitlines()
+    assert est.startswith("estimate: 7 rows in 1 chunk(s), ")
+    assert outcome == f"7 succeeded, 0 failed, 0 skipped, 0 missing; spent ${spent:.6f}"
+    assert merged == f"merged output: {tmp_path / 'q' / 'final_output.csv'}"
     loud = invoke(*run_args(emulator, src, tmp_path / "v", "-v"))
     assert " DEBUG " in loud.stderr and "remote call:" in loud.stderr
     assert "\x1b[" not in loud.stderr + loud.stdout  # NO_COLOR / not a terminal: no escapes

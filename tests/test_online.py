@@ -71,6 +71,10 @@ def body(model: str, row: dict[str, str]) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": text}]}
 
 
+def calls_of(emu: Any) -> int:
+    return emu.stats()["calls"].get("POST /v1/chat/completions", 0)
+
+
 def succeeded_total(emu: Any) -> int:
     return sum(v["succeeded"] for v in executions(emu).values())
 
@@ -124,27 +128,27 @@ def test_kill_9_mid_run_loses_at_most_the_requests_in_flight(emulator_factory, t
     args = online_args(emu, src, run_dir, "--workers", WORKERS)
     proc = subprocess_run(args)
     wait_until(lambda: succeeded_total(emu) >= 60 or proc.poll() is not None)
+    # Hold every request sent from now on, so the run cannot finish before the kill lands
+    # (an event, not a race against the machine's speed).
+    emu.update_scenario(sync_latency_seconds=30.0)
+    assert proc.poll() is None, "the run ended before the kill"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    time.sleep(0.1)  # requests the dead client had in flight finish on the server
-    before = executions(emu)
     recorded = {
         r[0] for r in db_rows(run_dir, "SELECT row_id FROM rows WHERE status = 'succeeded'")
     }
     assert 0 < len(recorded) < n
-    # Answered by the server but never committed: exactly the requests in flight at the kill.
-    lost = {cid for cid, v in before.items() if v["succeeded"] and cid not in recorded}
-    assert len(lost) <= WORKERS
     assert db_rows(run_dir, "SELECT COUNT(*) FROM rows WHERE status = 'queued'")[0][0] > 0
 
+    emu.update_scenario(sync_latency_seconds=0.01)
     res = invoke(*args)  # the re-run needs no signal: in process
     assert res.exit_code == 0, res.output
     stats = executions(emu)
     assert len(stats) == n and all(v["succeeded"] >= 1 for v in stats.values())
-    # Answered twice: only requests in flight at the kill (the server may finish one after the
-    # sample above), at most one per worker, and never a row whose answer was committed.
+    # Answered twice: only requests in flight at the kill (answered, never committed), at most
+    # one per worker, and never a row whose answer was committed.
     twice = {cid for cid, v in stats.items() if v["succeeded"] > 1}
-    assert lost <= twice and len(twice) <= WORKERS and not twice & recorded
+    assert len(twice) <= WORKERS and not twice & recorded
     assert all(v["succeeded"] <= 2 for v in stats.values())
     # The re-run sent only rows without a committed answer.
     assert all(stats[cid]["executed"] == 1 for cid in recorded)
@@ -163,6 +167,10 @@ def test_ctrl_c_stops_cleanly_with_exit_130_and_resumes(emulator_factory, tmp_pa
     args = online_args(emu, src, run_dir, "--workers", WORKERS)
     proc = subprocess_run(args)
     wait_until(lambda: succeeded_total(emu) >= 40 or proc.poll() is not None)
+    # Requests sent from now on take 1 s: the run cannot finish before the signal lands, and
+    # the ones in flight are still being answered when it does.
+    emu.update_scenario(sync_latency_seconds=1.0)
+    assert proc.poll() is None, "the run ended before the signal"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err.decode()[-3000:]
@@ -177,6 +185,7 @@ def test_ctrl_c_stops_cleanly_with_exit_130_and_resumes(emulator_factory, tmp_pa
     assert db_rows(run_dir, "SELECT COUNT(*) FROM rows WHERE status = 'queued'")[0][0] == 0
     assert db_rows(run_dir, "SELECT COUNT(*) FROM chunks WHERE state = 'online'")[0][0] == 0
 
+    emu.update_scenario(sync_latency_seconds=0.04)
     res = invoke(*args)
     assert res.exit_code == 0, res.output
     stats = executions(emu)
@@ -184,31 +193,27 @@ def test_ctrl_c_stops_cleanly_with_exit_130_and_resumes(emulator_factory, tmp_pa
     assert all(v == {"executed": 1, "succeeded": 1} for v in stats.values())
 
 
-# The database has the time each answer was recorded, which trails its send by one response
-# latency; that latency varies (more so on a loaded machine), so windows get this much slack.
-LATENCY_SLACK = 0.25
-
-
-def achieved_rate(ts: list[float], amounts: list[float], burst: float) -> float:
-    """Amount per second over the whole run, less the limiter's initial bucket: a leaky bucket
-    of `burst` at `rate` per second lets at most burst + rate × T through in T seconds."""
-    pairs = sorted(zip(ts, amounts, strict=True))
-    span = pairs[-1][0] - pairs[0][0] + LATENCY_SLACK
-    return (sum(a for _, a in pairs) - burst) / span
+def earliest_finish(total: float, burst: float, per_second: float) -> float:
+    """A leaky bucket of `burst` at `per_second` lets at most burst + rate × T through in T
+    seconds: `total` cannot all have been sent sooner than this after the start. The bound
+    only says "never faster than the limit", which a loaded machine cannot break (it only
+    slows a run down); that the limiter does not hold back more than asked is a speed
+    question, measured by the benchmarks, not asserted here."""
+    return (total - burst) / per_second
 
 
 def test_rpm_limit_is_respected(emulator, tmp_path: Path):
     rpm, n = 1200.0, 60  # 20 requests/s: ~2 s
     src = table(tmp_path, n)
     run_dir = tmp_path / "run"
+    started = time.time()  # the clock the run database records with
     res = invoke(*online_args(emulator, src, run_dir, "--rpm", rpm))
     assert res.exit_code == 0, res.output
     ts = [r[0] for r in db_rows(run_dir, "SELECT ts FROM attempts WHERE mode = 'online'")]
-    assert len(ts) == n
-    # The bucket holds one second's worth; unpaced, these 60 calls take well under 0.5 s.
-    rate = achieved_rate(ts, [1.0] * n, burst=rpm / 60)
-    assert rate <= rpm / 60 * 1.1, f"{rate:.1f}/s over a limit of {rpm / 60:.1f}/s"
-    assert rate >= rpm / 60 * 0.3, f"{rate:.1f}/s: the limiter holds back far more than asked"
+    assert len(ts) == n and calls_of(emulator) == n  # each row sent once, none refused
+    # The bucket holds one second's worth (20): the 60th request leaves ≥ 2 s after the start.
+    took = max(ts) - started
+    assert took >= earliest_finish(n, rpm / 60, rpm / 60), f"{n} requests in {took:.2f}s"
 
 
 def test_tpm_limit_per_model_entry_is_respected(emulator, tmp_path: Path):
@@ -227,15 +232,15 @@ def test_tpm_limit_per_model_entry_is_respected(emulator, tmp_path: Path):
     config = tmp_path / "batchops.toml"
     config.write_text(f'[[models]]\nname = "gpt-4o-mini"\ntpm = {tpm}\n', encoding="utf-8")
     run_dir = tmp_path / "run"
+    started = time.time()
     res = invoke(
         *online_args(emulator, src, run_dir, "--config", config, "--max-tokens", max_tokens)
     )
     assert res.exit_code == 0, res.output
     ts = [r[0] for r in db_rows(run_dir, "SELECT ts FROM attempts")]
-    assert len(ts) == n
-    tokens_per_s = achieved_rate(ts, [sum(per_row) / n] * n, burst=tpm / 60)
-    assert tokens_per_s <= tpm / 60 * 1.1, f"{tokens_per_s:.0f} tokens/s over {tpm / 60:.0f}"
-    assert tokens_per_s >= tpm / 60 * 0.3
+    assert len(ts) == n and calls_of(emulator) == n
+    took = max(ts) - started
+    assert took >= earliest_finish(sum(per_row), tpm / 60, tpm / 60), f"took {took:.2f}s"
 
 
 def test_rate_limit_429_pauses_every_worker_for_retry_after(emulator_factory, tmp_path: Path):
@@ -243,21 +248,38 @@ def test_rate_limit_429_pauses_every_worker_for_retry_after(emulator_factory, tm
     n = 60
     src = table(tmp_path, n)
     run_dir = tmp_path / "run"
-    lifted = 1.0
-    timer = threading.Timer(lifted, lambda: emu.update_scenario(rate_limit_rpm=None))
-    timer.start()
+    # The limit is lifted on an event (the server has refused 2 rounds of calls), not a timer.
+    done = threading.Event()
+    lifted_at: list[float] = []
+
+    def lift_after_refusals() -> None:
+        while not done.is_set():
+            s = emu.stats()
+            executed = sum(v["executed"] for v in s["requests"].values())
+            if s["calls"].get("POST /v1/chat/completions", 0) - executed >= 2 * WORKERS:
+                emu.update_scenario(rate_limit_rpm=None)
+                lifted_at.append(time.monotonic())
+                return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=lift_after_refusals)
+    started = time.monotonic()
+    watcher.start()
     try:
         res = invoke(*online_args(emu, src, run_dir, "--workers", WORKERS))
     finally:
-        timer.cancel()
+        done.set()
+        watcher.join()
     assert res.exit_code == 0, res.output
     stats = executions(emu)
     assert len(stats) == n and all(v == {"executed": 1, "succeeded": 1} for v in stats.values())
-    refused = emu.stats()["calls"]["POST /v1/chat/completions"] - n
-    assert refused > 0, "the limit should have been hit"
-    # All workers wait out retry-after together: ~one round of WORKERS calls per 0.25 s while
-    # limited (without the shared pause and retry-after it would be hundreds).
-    assert refused <= WORKERS * (lifted / 0.25 + 3), refused
+    refused = calls_of(emu) - n
+    assert lifted_at and refused >= 2 * WORKERS, "the limit should have been hit"
+    # retry-after is honoured and shared: while limited, each worker sends at most one call per
+    # retry-after (0.25 s). The window is measured from before the run to after the lift, so a
+    # slow machine only widens it (without the pause it would be hundreds of calls).
+    limited = lifted_at[0] - started
+    assert refused <= WORKERS * (limited / 0.25 + 2), (refused, limited)
     st = json.loads(invoke("status", "--run-dir", run_dir, "--json").output)
     assert st["rows"]["failed"] == 0
 
@@ -407,7 +429,7 @@ def test_batch_run_switched_to_online_sends_only_unanswered_rows(emulator_factor
         "--log-dir",
         tmp_path / "logs",
     )
-    assert res.exit_code in (0, 3), res.output
+    assert res.exit_code == 3, res.output  # rows are left: gpt-a ran out of quota
     st = json.loads(invoke("status", "--run-dir", run_dir, "--json").output)
     assert st["rows"]["succeeded"] == 20 and st["rows"]["pending"] == n - 20
     # The rows the batches could not answer (gpt-a out of quota) go online, on gpt-b.

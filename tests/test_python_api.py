@@ -16,6 +16,7 @@ import pytest
 from cli_helpers import calls, executions, expected_answers, sent_bodies
 
 import batchops
+from batchops.emulator.answers import expected_answer
 from batchops.emulator.testing import DEFAULT_KEY
 
 ADDED = [
@@ -193,7 +194,11 @@ def test_a_different_frame_in_the_same_run_dir_is_refused(emulator, tmp_path: Pa
     with pytest.raises(batchops.InputError, match="different DataFrame"):
         batchops.run(changed, **kw)
     out = batchops.run(changed, cleanup=True, **kw)  # start over on purpose
-    assert out["response"].str.contains("x").all()
+    # every answer is the one to its changed row's prompt, in the frame's order
+    assert out["response"].tolist() == [
+        expected_answer("gpt-4o-mini", {"messages": [{"role": "user", "content": f"{sku}"}]})
+        for sku in changed["sku"]
+    ]
     with pytest.raises(batchops.InputError, match="duplicate column names"):
         batchops.run(pd.DataFrame([[1, 2]], columns=["a", "a"]), **{**kw, "prompt": "{a}"})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import (
     all_logs,
+    assert_one_batch_per_chunk_and_attempt,
     awkward_table,
     calls,
     executions,
@@ -208,24 +210,28 @@ def test_kill_9_at_random_moments_loses_nothing_and_sends_nothing_twice(
         "--poll-interval",
         "0.05",
         "--batch-size",
-        "7",
+        "5",
         "--log-dir",
         tmp_path / "logs",
         *FAST_RETRY,
     ]
     rng = random.Random(5)
-    kills = 0
-    for _ in range(40):
+    # A fixed number of kills (not "as many as fit in N seconds", which depends on the machine's
+    # speed), each one a few random milliseconds after the process's k-th call of a route: in
+    # turn mid-upload, mid-create, mid-poll and mid-download, wherever the few milliseconds
+    # land (the call in flight, the database write after it). The schedule leaves work for
+    # every next process: 24 chunks, and at most 7 batches collected before the last kill.
+    for i, (route, k) in enumerate(KILL_SCHEDULE):
+        before = emu.stats()["calls"].get(route, 0)
         proc = subprocess_run(args)
-        time.sleep(rng.uniform(0.05, 1.2))
-        if proc.poll() is not None:
-            break
+        deadline = time.monotonic() + 60
+        while emu.stats()["calls"].get(route, 0) < before + k and proc.poll() is None:
+            assert time.monotonic() < deadline, f"kill {i}: no call of {route}"
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.02))
+        assert proc.poll() is None, f"kill {i}: the run ended before it ({route} #{k})"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        kills += 1
-        if kills >= 12:
-            break
-    assert kills >= 10
     final = subprocess_run(args)
     out, err = final.communicate(timeout=120)
     assert final.returncode == 0, err.decode()
@@ -234,11 +240,29 @@ def test_kill_9_at_random_moments_loses_nothing_and_sends_nothing_twice(
     rows = read_csv(run_dir / "final_output.csv")
     assert {r["status"] for r in rows} == {"succeeded"}
     assert {r["sku"]: r["response"] for r in rows} == expected_answers(run_dir)
-    with sqlite3.connect(run_dir / "state.db") as db:
+    with sqlite3.connect(f"file:{run_dir / 'state.db'}?mode=ro", uri=True) as db:
         (n,) = db.execute("SELECT COUNT(*) FROM attempts WHERE ok = 1").fetchone()
+        known = set(db.execute("SELECT chunk_id, attempt FROM batches").fetchall())
     assert n == 120
-    # Uploaded files that no batch used were deleted or reused: every live input file is a batch's input.
-    assert emu.stats()["batches"]["created"] >= 18
+    assert_one_batch_per_chunk_and_attempt(emu, known)
+
+
+UPLOAD, CREATE = "POST /v1/files", "POST /v1/batches"
+POLL, DOWNLOAD = "GET /v1/batches", "GET /v1/files/{id}/content"
+KILL_SCHEDULE = [  # (route, k): kill the process just after its k-th call of route
+    (UPLOAD, 1),
+    (CREATE, 1),
+    (UPLOAD, 3),
+    (CREATE, 2),
+    (CREATE, 4),
+    (UPLOAD, 2),
+    (POLL, 1),
+    (DOWNLOAD, 1),
+    (POLL, 1),
+    (DOWNLOAD, 2),
+    (DOWNLOAD, 1),
+    (DOWNLOAD, 3),
+]
 
 
 def test_dropped_connections_after_processing_never_duplicate_a_batch(
@@ -257,6 +281,11 @@ def test_dropped_connections_after_processing_never_duplicate_a_batch(
     assert s["batches"]["created"] == 5  # one batch per chunk, never two
     # Every uploaded input file is some batch's input; duplicates were deleted.
     assert s["files"]["uploaded"] - s["files"]["deleted"] == 5
+    with sqlite3.connect(f"file:{run_dir / 'state.db'}?mode=ro", uri=True) as db:
+        known = set(db.execute("SELECT chunk_id, attempt FROM batches").fetchall())
+    assert len(known) == 5
+    emu.update_scenario(drop_connection_every=0)  # the check's own calls must not be dropped
+    assert_one_batch_per_chunk_and_attempt(emu, known)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -282,19 +311,29 @@ def test_ctrl_c_stops_cleanly_with_130_and_resumes(emulator_factory, tmp_path: P
 
 
 def test_many_batches_in_flight_are_polled_with_one_list_call(emulator_factory, tmp_path: Path):
-    emu = emulator_factory(in_progress_seconds=1.0)
+    # The batches run until the test has seen 5 list polls (an event, not a duration).
+    emu = emulator_factory(in_progress_seconds=600)
     src = awkward_table(tmp_path, n_plain=53, images=False)
     run_dir = tmp_path / "run"
-    assert (
-        invoke(
-            *run_args(emu, src, run_dir, "--batch-size", "10", "--poll-interval", "0.1")
-        ).exit_code
-        == 0
+    proc = subprocess_run(
+        run_args(emu, src, run_dir, "--batch-size", "10", "--poll-interval", "0.05")
     )
-    lists, gets = calls(emu, "GET /v1/batches"), calls(emu, "GET /v1/batches/{id}")
-    assert lists >= 5  # ~1 s of polling at 0.1 s with 6 batches in flight
-    assert gets < lists  # not one GET per batch per poll
+    deadline = time.monotonic() + 60
+    while calls(emu, "GET /v1/batches") < 5 and proc.poll() is None:
+        assert time.monotonic() < deadline, "no list polls"
+        time.sleep(0.02)
+    # 6 batches in flight the whole time: not one GET per batch per poll, not one at all.
+    assert calls(emu, "GET /v1/batches") >= 5 and calls(emu, "GET /v1/batches/{id}") == 0
+    emu.update_scenario(in_progress_seconds=0, finalizing_seconds=0)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-3000:]
     all_succeeded_once(emu)
+    # While 3+ were in flight, every poll was one list page; single GETs only came later.
+    log = next((tmp_path / "logs").glob("*.log")).read_text().splitlines()
+    lists = [i for i, ln in enumerate(log) if "remote call: poll 6 batches (one list page)" in ln]
+    gets = [i for i, ln in enumerate(log) if re.search(r"remote call: poll batch \S+$", ln)]
+    assert len(lists) >= 5 and (not gets or max(lists) < min(gets))
+    assert len(gets) == calls(emu, "GET /v1/batches/{id}")
 
 
 def test_chunk_over_the_token_limit_on_its_own_is_split(emulator_factory, tmp_path: Path):
