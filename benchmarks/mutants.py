@@ -78,8 +78,9 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "expired-treated-as-failed",
         "batchops/engine.py",
-        '        if b.status == "failed":\n            self._collect_failed(chunk, b)',
-        '        if b.status in ("failed", "expired"):\n            self._collect_failed(chunk, b)',
+        "        if b.state == BatchState.FAILED:\n            self._collect_failed(chunk, b)",
+        "        if b.state in (BatchState.FAILED, BatchState.EXPIRED):\n"
+        "            self._collect_failed(chunk, b)",
         "an expired batch is handled as a failed one: its finished answers are thrown away",
         (
             G + "test_expired_batch_keeps_finished_rows_and_requeues_the_rest",
@@ -90,13 +91,13 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "reconcile-without-lookup",
         "batchops/engine.py",
-        "found = self._find_remote_batch(client, chunk)",
-        "found = None",
+        "batch = backend.find_batch(self.submit_request(chunk), since)",
+        "batch = None",
         "after a crash mid-create, never look the batch up: create it again",
         (
             G + "test_batch_created_but_answer_lost_reconciles_to_one_batch",
-            R + "test_dropped_connections_after_processing_never_duplicate_a_batch",
             R + "test_kill_9_at_random_moments_loses_nothing_and_sends_nothing_twice",
+            "tests/test_engine.py::test_crash_at_each_step_then_resume_pays_once",
         ),
     ),
     Mutant(
@@ -145,26 +146,29 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "retry-budget-off-by-one",
-        "batchops/store.py",
-        "if outcome.retryable and attempts <= max_retries:",
-        "if outcome.retryable and attempts < max_retries:",
+        "batchops/policy.py",
+        "if retryable and attempts <= max_retries else",
+        "if retryable and attempts < max_retries else",
         "--max-retries N allows N executions instead of N + 1",
         (
             G + "test_max_retries_n_means_exactly_n_plus_1_executions",
             "tests/test_store.py",
+            "tests/test_policy.py",
             R + "test_transient_failures_and_5xx_recover_without_double_execution",
         ),
     ),
     Mutant(
         "quota-refusals-spend-retries",
         "batchops/engine.py",
-        "outcomes.append((o, cost, o.error_class not in EXHAUSTING))",
+        "outcomes.append((o, cost, counts_as_attempt(o.error_class)))",
         "outcomes.append((o, cost, True))",
         "a batch line refused for quota counts as one of the row's retries",
         (
             G + "test_batch_quota_refusals_leave_attempts_at_zero",
             G + "test_batch_quota_refusals_fail_over_even_with_max_retries_0",
             R + "test_quota_running_out_mid_batch_requeues_on_next_model",
+            "tests/test_engine.py::test_model_out_of_quota_mid_batch_fails_over",
+            "tests/test_engine.py::test_quota_refusals_never_fail_rows_even_with_no_retries",
         ),
     ),
 ]
