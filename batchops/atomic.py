@@ -12,15 +12,20 @@ from typing import IO
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path) -> Iterator[IO[bytes]]:
+def atomic_write(path: Path, tmp: Path | None = None) -> Iterator[IO[bytes]]:
     """Yield a temp file beside `path`; on success fsync + rename over it, else delete it.
 
     Temp names carry the pid (`.<name>.<pid>.<hex>.tmp`): a killed writer's leftovers are
-    recognised and removed on the next start (rundir.clean_stale_temps)."""
+    recognised and removed on the next start (rundir.clean_stale_temps). A file only one writer
+    ever writes (under the run lock) may name its own fixed `tmp`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    if tmp is None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    else:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     # os.open with 0o666 (not mkstemp's 0o600) so the result gets the usual umask permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    fd = os.open(tmp, flags, 0o666)
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20) as fh:
             yield fh

@@ -527,6 +527,16 @@ class BatchEngine:
                         raise  # the intent stays: reconcile looks again before any new create
                     found = None  # a second upload costs nothing; reconcile deletes extras
                 if found is not None:
+                    logger.info(
+                        "chunk {}: reconciled: {} was carried out although its answer was lost",
+                        chunk.chunk_id,
+                        exc.what,
+                    )
+                    self.store.event(
+                        "reconciled",
+                        f"{exc.what}: carried out, answer lost",
+                        chunk_id=chunk.chunk_id,
+                    )
                     return found
                 logger.info("{} failed; nothing was created; try {} of {}", exc, n, tries)
                 last = exc

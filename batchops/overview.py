@@ -24,7 +24,7 @@ def missing(run_dir: Path) -> tuple[Path, dict[str, int]]:
         rows = run.store.rows_by_status(("pending", "queued", "failed", "skipped"))
         last = run.store.last_attempts([r["row_idx"] for r in rows])
         by_status: dict[str, int] = {}
-        with atomic_write(run.missing_rows) as raw:
+        with atomic_write(run.missing_rows, run.missing_rows.with_suffix(".csv.tmp")) as raw:
             fh = io.TextIOWrapper(raw, encoding="utf-8", newline="")
             w = csv.writer(fh)
             w.writerow(

@@ -34,8 +34,10 @@ T = TypeVar("T")
 # From this many batches in flight, one `batches.list` page polls them all.
 LIST_POLL_MIN = 3
 # A batch whose listed view has not changed for this many list polls is retrieved on its own:
-# some servers (and caches) serve a stale list while the batch itself moves on.
-STALE_LIST_POLLS = 3
+# some servers (and caches) serve a stale list while the batch itself moves on. When the
+# retrieve agrees with the list, the list is trusted twice as long before the next check; when
+# it does not, that batch is retrieved on its own from then on.
+STALE_LIST_POLLS = 10
 CUSTOM_ID_HEADER = "X-Batchops-Custom-Id"
 DEFAULT_TIMEOUT = 600.0
 
@@ -66,6 +68,8 @@ class OpenAIBackend:
         self._client: openai.OpenAI | None = None
         self._aclient: openai.AsyncOpenAI | None = None
         self._listed: dict[str, tuple[tuple[Any, ...], int]] = {}  # id → (view, unchanged polls)
+        self._trust: dict[str, int] = {}  # id → unchanged list polls before the next check
+        self._untrusted: set[str] = set()  # batches the list showed wrong: always retrieved
 
     # ------------------------------------------------------------------ clients
     @property
@@ -161,7 +165,7 @@ class OpenAIBackend:
                     limit=100,
                     what=f"poll {len(batch_ids)} batches (one list page)",
                 )
-                wanted = set(batch_ids)
+                wanted = set(batch_ids) - self._untrusted
                 for b in page.data:
                     if b.id in wanted and not self._stale(_remote(b)):
                         seen[b.id] = _remote(b)
@@ -171,17 +175,27 @@ class OpenAIBackend:
             if batch_id in seen:
                 continue
             try:
-                seen[batch_id] = self.retrieve(batch_id)
+                with logger.contextualize(batch=batch_id):  # the log line names the batch
+                    seen[batch_id] = got = self.retrieve(batch_id)
             except RemoteError as exc:
                 logger.warning("poll of batch {} failed: {}; will poll again", batch_id, exc)
+                continue
+            listed = self._listed.get(batch_id)
+            if listed is not None and batch_id not in self._untrusted:
+                if listed[0] == _view(got):  # the list was right: trust it longer
+                    self._trust[batch_id] = 2 * self._trust.get(batch_id, STALE_LIST_POLLS)
+                else:
+                    logger.info("batch {}: the list view is stale; polled on its own", batch_id)
+                    self._untrusted.add(batch_id)
         return seen
 
     def _stale(self, b: RemoteBatch) -> bool:
-        view = (b.raw_status, b.total, b.completed, b.failed)
+        """Whether this listed view has been the same for long enough to check it."""
+        view = _view(b)
         old = self._listed.get(b.id)
         unchanged = old[1] + 1 if old is not None and old[0] == view else 0
         self._listed[b.id] = (view, unchanged)
-        if unchanged >= STALE_LIST_POLLS:
+        if unchanged >= self._trust.get(b.id, STALE_LIST_POLLS):
             self._listed[b.id] = (view, 0)
             return True
         return False
@@ -297,6 +311,10 @@ def header_value(row_id: str) -> str:
     if row_id.isascii() and row_id.isprintable():
         return row_id
     return quote(row_id, safe="")
+
+
+def _view(b: RemoteBatch) -> tuple[Any, ...]:
+    return (b.raw_status, b.total, b.completed, b.failed)
 
 
 def _remote(b: Any) -> RemoteBatch:
