@@ -59,6 +59,7 @@ MUTANTS: list[Mutant] = [
         "each result line goes to the chunk's next queued row (line order), not its custom_id",
         (
             R + "test_transient_failures_and_5xx_recover_without_double_execution",
+            G + "test_numeric_looking_cells_are_sent_exactly_as_written",
             "tests/test_cli_run.py",
             "tests/test_store.py",
         ),
