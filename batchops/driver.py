@@ -204,7 +204,7 @@ def merge_run(run: RunDir, out: Path | None = None, src: source.Source | None = 
     summary = merging.merge_frames(
         source.iter_frames(src, native=native),
         src.columns,
-        run.store.outcomes_frame(),
+        run.store,  # read by row range, one source frame at a time
         out,
         source_schema=src.arrow_schema if native else None,
         raw=native and src.format == "jsonl",
