@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
@@ -55,6 +56,8 @@ SUBMIT_TRIES = 3
 # Result lines parsed and recorded per transaction while collecting (memory per slice, not per
 # batch file).
 RECORD_SLICE = 5_000
+# Chunk files uploaded at once while the next ones are built (each upload is I/O on both ends).
+UPLOAD_WORKERS = 3
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -150,6 +153,15 @@ class BatchEngine:
         # Chunks whose batch a poll just saw completed, while they wait to be collected: the
         # remote no longer counts them against the enqueued limit (see poll(refill=True)).
         self.done_remote: set[int] = set()
+        # Uploads started as soon as a chunk is built (see _upload_ahead): chunk id → call.
+        self._uploads: dict[int, Future[str]] = {}
+        self._uploader: ThreadPoolExecutor | None = None
+        # Off after the first failed upload ahead: the one-by-one path, with its lookups and
+        # give-up accounting, takes over for the rest of this invocation.
+        self._ahead = spec_allows_ahead(run.spec)
+        # Set by the run loop (and `batchops run` before its first build): each chunk starts
+        # uploading as soon as it is built. Off for a bare build_pending (estimates, tests).
+        self.upload_while_building = False
 
     @property
     def src(self) -> source.Source:
@@ -201,6 +213,8 @@ class BatchEngine:
             )
             if self.store.add_chunk(chunk, model, est_cost) is not None:
                 built += 1
+                if self.upload_while_building and len(self._uploads) < UPLOAD_WORKERS:
+                    self._upload_ahead(chunk.chunk_no)
                 logger.debug(
                     "chunk {} built: {} rows, {} bytes, ~{} prompt tokens, model {}",
                     chunk.chunk_no,
@@ -220,12 +234,81 @@ class BatchEngine:
             )
         return built
 
+    # ------------------------------------------------------------------ uploads ahead
+    def _upload_ahead(self, chunk_id: int) -> None:
+        """Start uploading a chunk the moment it is built, UPLOAD_WORKERS at a time, while the
+        next one is built: its `uploading` intent is committed first (reconcile finds it after
+        a crash), and only the main thread writes the store (see _finish_uploads)."""
+        current = self.pool.current()
+        if not self._ahead or current is None:
+            return
+        entry, key = current
+        backend = self.pool.backend(entry.name, key.key_id)
+        chunk = self.store.chunk(chunk_id)
+        if not backend.uploads_files or chunk.model != entry.name:
+            return
+        name = self.remote_file_name(chunk)
+        chunk = self.store.move_chunk(
+            chunk_id,
+            ChunkState.UPLOADING,
+            key_id=key.key_id,
+            event=f"uploading {Path(chunk.path).name} with key {key.label}",
+        )
+        if self._uploader is None:
+            self._uploader = ThreadPoolExecutor(UPLOAD_WORKERS, thread_name_prefix="upload")
+        path = Path(chunk.path)
+        with logger.contextualize(run=self.run.run_id, chunk=chunk_id):
+            self._uploads[chunk_id] = self._uploader.submit(
+                logger.contextualize(run=self.run.run_id, chunk=chunk_id)(backend.upload),
+                path,
+                name,
+            )
+
+    def _fill_uploads(self) -> None:
+        """Keep up to UPLOAD_WORKERS built chunks uploading (a window, not every file at once:
+        a run stopped early has not uploaded files it never sends)."""
+        if not self._ahead:
+            return
+        for chunk in self.store.chunks(ChunkState.BUILT):
+            if len(self._uploads) >= UPLOAD_WORKERS:
+                return
+            if chunk.chunk_id not in self._uploads and Path(chunk.path).is_file():
+                self._upload_ahead(chunk.chunk_id)
+
+    def _finish_uploads(self, only: int | None = None) -> None:
+        """Wait for the uploads started ahead (or the one of chunk `only`) and record each:
+        uploaded, or (refused) built again; an ambiguous failure stays `uploading` for
+        reconcile to look up."""
+        if only is None:
+            uploads, self._uploads = self._uploads, {}
+        else:
+            uploads = {only: self._uploads.pop(only)} if only in self._uploads else {}
+        for chunk_id, call in uploads.items():
+            try:
+                file_id = call.result()
+            except (RemoteError, OSError) as exc:
+                # The one-by-one path takes it from here (lookups, give-up accounting, a
+                # deleted file re-packed).
+                self._ahead = False
+                logger.warning("chunk {}: upload failed: {}", chunk_id, exc)
+                if not isinstance(exc, RemoteError) or exc.refused:  # nothing was created
+                    self.store.move_chunk(chunk_id, ChunkState.BUILT)
+                continue
+            self.store.move_chunk(
+                chunk_id, ChunkState.UPLOADED, file_id=file_id, event=f"uploaded as {file_id}"
+            )
+            logger.debug("chunk {} uploaded as {}", chunk_id, file_id)
+        if not self._uploads and self._uploader is not None:
+            self._uploader.shutdown(wait=True)
+            self._uploader = None
+
     def overrides(self) -> dict[str, PriceOverride]:
         return pricing.overrides_from_spec(self.spec)
 
     # ------------------------------------------------------------------ the loop
     @_in_run
     def execute(self) -> EngineResult:
+        self.upload_while_building = True
         restore_pool(self.store, self.pool)
         save_pool_state(self.store, self.pool)
         self.ensure_rows()
@@ -260,6 +343,7 @@ class BatchEngine:
             self.poll(refill=True)
             if self.store.counts()["pending"] and self.pool.current():
                 self.build_pending()
+        self._finish_uploads()
         explain_stop(self.store, stopped)
         self.report_progress()
         return EngineResult(self.store.counts(), stopped, self.store.spent())
@@ -383,9 +467,19 @@ class BatchEngine:
 
     @_in_run
     def submit_ready(self) -> None:
+        self._finish_uploads()
         if self.store.chunks(*INTENT_CHUNKS):
             self.reconcile()  # a call failed ambiguously earlier in this invocation
-        for chunk in self.store.chunks(*UNSENT_CHUNKS):
+        unsent = self.store.chunks(*UNSENT_CHUNKS)
+        for chunk in unsent:
+            # This file and the next ones go up UPLOAD_WORKERS at a time, while batches of
+            # the files already up are created.
+            self._fill_uploads()
+            if chunk.chunk_id in self._uploads:
+                self._finish_uploads(chunk.chunk_id)
+                chunk = self.store.chunk(chunk.chunk_id)
+                if chunk.state not in UNSENT_CHUNKS:  # an ambiguous upload: reconcile decides
+                    continue
             current = self.pool.current()
             if current is None:
                 return
@@ -586,6 +680,7 @@ class BatchEngine:
     @_in_run
     def reconcile(self) -> None:
         """Re-attach to remote objects created just before a crash, instead of creating them again."""
+        self._finish_uploads()  # an upload of this invocation is not a crash's leftover
         for chunk in self.store.chunks(*INTENT_CHUNKS):
             try:
                 self._reconcile_one(chunk)
@@ -967,6 +1062,12 @@ class BatchEngine:
         except RemoteError as exc:
             if exc.status != 409:  # 409: already finished; it is collected below
                 logger.warning("cancel of batch {} failed: {}", chunk.batch_id, exc)
+
+
+def spec_allows_ahead(spec: Any) -> bool:
+    """Uploads ahead of submitting are free but not useful when a budget may stop the run
+    before a chunk is sent (its file would sit uploaded for nothing)."""
+    return spec.max_cost is None
 
 
 def register_rows(run: RunDir, src: source.Source) -> None:
