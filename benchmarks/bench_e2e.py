@@ -39,7 +39,7 @@ from run_all import Figure, cores, markdown_table, write_json  # noqa: E402
 
 SIZES = (200_000, 1_000_000, 5_000_000)
 BASELINE_SIZES = (200_000, 1_000_000)  # main at 5M needs ~7 GB and ~10 min: on request only
-QUICK = {"sizes": (50_000, 200_000), "baseline_sizes": (50_000,)}
+QUICK: dict[str, tuple[int, ...]] = {"sizes": (50_000, 200_000), "baseline_sizes": (50_000,)}
 TARGET_RSS_1M_MB = 400.0
 TARGET_SLOPE = 1.15  # RSS(5M) / RSS(1M)
 TARGET_CPU_US = 25.0
