@@ -88,9 +88,11 @@ def run_job(
         pool.lane = pool.next_mode() or spec.mode
         if pool.lane == "batch":
             engine.reconcile()
+            engine.upload_while_building = True  # each file goes up while the next is built
             engine.build_pending()
         est = estimate(run) if pool.lane == "batch" else online_estimate(run, src)
-        new = run.store.chunks("built") if pool.lane == "batch" else est.rows
+        # (chunks built now may already be uploading: uploads start while the next is built)
+        new = run.store.chunks("built", "uploading") if pool.lane == "batch" else est.rows
         if on_estimate and (new or not resumed):
             on_estimate(est)
         elif resumed:  # everything was estimated (and shown) when it was first submitted
@@ -204,7 +206,7 @@ def merge_run(run: RunDir, out: Path | None = None, src: source.Source | None = 
     summary = merging.merge_frames(
         source.iter_frames(src, native=native),
         src.columns,
-        run.store.outcomes_frame(),
+        run.store,  # read by row range, one source frame at a time
         out,
         source_schema=src.arrow_schema if native else None,
         raw=native and src.format == "jsonl",

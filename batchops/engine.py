@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
@@ -34,7 +35,7 @@ from batchops.progress import fmt_usd
 from batchops.providers import Pool
 from batchops.records import BadLine, RowOutcome
 from batchops.rundir import RunDir
-from batchops.spec import PriceOverride
+from batchops.spec import ModelEntry, PriceOverride
 from batchops.states import (
     INTENT_CHUNKS,
     UNSENT_CHUNKS,
@@ -43,7 +44,7 @@ from batchops.states import (
     RowState,
     StopReason,
 )
-from batchops.store import ChunkRow, Store
+from batchops.store import Applied, ChunkRow, Store
 
 # How far back (seconds before the run was created) reconcile looks in the remote batch list.
 RECONCILE_SLACK = 3600
@@ -52,6 +53,11 @@ DOWNLOAD_TRIES = 3
 # Tries of one upload or create that fails transiently (each failure looked up before the
 # next try: the call may have been carried out) before the model/key pair is set aside.
 SUBMIT_TRIES = 3
+# Result lines parsed and recorded per transaction while collecting (memory per slice, not per
+# batch file).
+RECORD_SLICE = 5_000
+# Chunk files uploaded at once while the next ones are built (each upload is I/O on both ends).
+UPLOAD_WORKERS = 3
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -101,6 +107,15 @@ class EngineResult:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class _Tally:
+    """What collecting one batch did so far, over its slices."""
+
+    applied: Applied = field(default_factory=Applied)
+    cost: float = 0.0
+    unpriced: int = 0
+
+
 class _GaveUp(Exception):
     """A creating call failed transiently SUBMIT_TRIES times; nothing was created."""
 
@@ -138,6 +153,15 @@ class BatchEngine:
         # Chunks whose batch a poll just saw completed, while they wait to be collected: the
         # remote no longer counts them against the enqueued limit (see poll(refill=True)).
         self.done_remote: set[int] = set()
+        # Uploads started as soon as a chunk is built (see _upload_ahead): chunk id → call.
+        self._uploads: dict[int, Future[str]] = {}
+        self._uploader: ThreadPoolExecutor | None = None
+        # Off after the first failed upload ahead: the one-by-one path, with its lookups and
+        # give-up accounting, takes over for the rest of this invocation.
+        self._ahead = spec_allows_ahead(run.spec)
+        # Set by the run loop (and `batchops run` before its first build): each chunk starts
+        # uploading as soon as it is built. Off for a bare build_pending (estimates, tests).
+        self.upload_while_building = False
 
     @property
     def src(self) -> source.Source:
@@ -156,10 +180,14 @@ class BatchEngine:
     @_in_run
     def build_pending(self) -> int:
         """Pack every pending row into chunk files for the current model; returns chunks built."""
-        pending = self.store.pending_row_idxs()
         current = self.pool.current()
-        if not pending or current is None:
+        n_pending = self.store.ready_pending_count()
+        if not n_pending or current is None:
             return 0
+        # Every row of the slice pending (a fresh run): the builder reads the slice as it is,
+        # with no list of rows held; otherwise the pending rows as an int64 array.
+        every = n_pending == self.store.row_count() == self.src.n_rows
+        pending = None if every else self.store.pending_row_array()
         model = current[0].name
         self.run.inputs.mkdir(parents=True, exist_ok=True)
         built = 0
@@ -185,6 +213,8 @@ class BatchEngine:
             )
             if self.store.add_chunk(chunk, model, est_cost) is not None:
                 built += 1
+                if self.upload_while_building and len(self._uploads) < UPLOAD_WORKERS:
+                    self._upload_ahead(chunk.chunk_no)
                 logger.debug(
                     "chunk {} built: {} rows, {} bytes, ~{} prompt tokens, model {}",
                     chunk.chunk_no,
@@ -199,10 +229,78 @@ class BatchEngine:
             logger.info(
                 "{} chunk file(s) built for {} pending row(s) (model {})",
                 built,
-                len(pending),
+                n_pending,
                 model,
             )
         return built
+
+    # ------------------------------------------------------------------ uploads ahead
+    def _upload_ahead(self, chunk_id: int) -> None:
+        """Start uploading a chunk the moment it is built, UPLOAD_WORKERS at a time, while the
+        next one is built: its `uploading` intent is committed first (reconcile finds it after
+        a crash), and only the main thread writes the store (see _finish_uploads)."""
+        current = self.pool.current()
+        if not self._ahead or current is None:
+            return
+        entry, key = current
+        backend = self.pool.backend(entry.name, key.key_id)
+        chunk = self.store.chunk(chunk_id)
+        if not backend.uploads_files or chunk.model != entry.name:
+            return
+        name = self.remote_file_name(chunk)
+        chunk = self.store.move_chunk(
+            chunk_id,
+            ChunkState.UPLOADING,
+            key_id=key.key_id,
+            event=f"uploading {Path(chunk.path).name} with key {key.label}",
+        )
+        if self._uploader is None:
+            self._uploader = ThreadPoolExecutor(UPLOAD_WORKERS, thread_name_prefix="upload")
+        path = Path(chunk.path)
+        with logger.contextualize(run=self.run.run_id, chunk=chunk_id):
+            self._uploads[chunk_id] = self._uploader.submit(
+                logger.contextualize(run=self.run.run_id, chunk=chunk_id)(backend.upload),
+                path,
+                name,
+            )
+
+    def _fill_uploads(self) -> None:
+        """Keep up to UPLOAD_WORKERS built chunks uploading (a window, not every file at once:
+        a run stopped early has not uploaded files it never sends)."""
+        if not self._ahead:
+            return
+        for chunk in self.store.chunks(ChunkState.BUILT):
+            if len(self._uploads) >= UPLOAD_WORKERS:
+                return
+            if chunk.chunk_id not in self._uploads and Path(chunk.path).is_file():
+                self._upload_ahead(chunk.chunk_id)
+
+    def _finish_uploads(self, only: int | None = None) -> None:
+        """Wait for the uploads started ahead (or the one of chunk `only`) and record each:
+        uploaded, or (refused) built again; an ambiguous failure stays `uploading` for
+        reconcile to look up."""
+        if only is None:
+            uploads, self._uploads = self._uploads, {}
+        else:
+            uploads = {only: self._uploads.pop(only)} if only in self._uploads else {}
+        for chunk_id, call in uploads.items():
+            try:
+                file_id = call.result()
+            except (RemoteError, OSError) as exc:
+                # The one-by-one path takes it from here (lookups, give-up accounting, a
+                # deleted file re-packed).
+                self._ahead = False
+                logger.warning("chunk {}: upload failed: {}", chunk_id, exc)
+                if not isinstance(exc, RemoteError) or exc.refused:  # nothing was created
+                    self.store.move_chunk(chunk_id, ChunkState.BUILT)
+                continue
+            self.store.move_chunk(
+                chunk_id, ChunkState.UPLOADED, file_id=file_id, event=f"uploaded as {file_id}"
+            )
+            logger.debug("chunk {} uploaded as {}", chunk_id, file_id)
+        if not self._uploads and self._uploader is not None:
+            self._uploader.shutdown(wait=True)
+            self._uploader = None
 
     def overrides(self) -> dict[str, PriceOverride]:
         return pricing.overrides_from_spec(self.spec)
@@ -210,6 +308,7 @@ class BatchEngine:
     # ------------------------------------------------------------------ the loop
     @_in_run
     def execute(self) -> EngineResult:
+        self.upload_while_building = True
         restore_pool(self.store, self.pool)
         save_pool_state(self.store, self.pool)
         self.ensure_rows()
@@ -244,6 +343,7 @@ class BatchEngine:
             self.poll(refill=True)
             if self.store.counts()["pending"] and self.pool.current():
                 self.build_pending()
+        self._finish_uploads()
         explain_stop(self.store, stopped)
         self.report_progress()
         return EngineResult(self.store.counts(), stopped, self.store.spent())
@@ -367,9 +467,19 @@ class BatchEngine:
 
     @_in_run
     def submit_ready(self) -> None:
+        self._finish_uploads()
         if self.store.chunks(*INTENT_CHUNKS):
             self.reconcile()  # a call failed ambiguously earlier in this invocation
-        for chunk in self.store.chunks(*UNSENT_CHUNKS):
+        unsent = self.store.chunks(*UNSENT_CHUNKS)
+        for chunk in unsent:
+            # This file and the next ones go up UPLOAD_WORKERS at a time, while batches of
+            # the files already up are created.
+            self._fill_uploads()
+            if chunk.chunk_id in self._uploads:
+                self._finish_uploads(chunk.chunk_id)
+                chunk = self.store.chunk(chunk.chunk_id)
+                if chunk.state not in UNSENT_CHUNKS:  # an ambiguous upload: reconcile decides
+                    continue
             current = self.pool.current()
             if current is None:
                 return
@@ -580,6 +690,7 @@ class BatchEngine:
     @_in_run
     def reconcile(self) -> None:
         """Re-attach to remote objects created just before a crash, instead of creating them again."""
+        self._finish_uploads()  # an upload of this invocation is not a crash's leftover
         for chunk in self.store.chunks(*INTENT_CHUNKS):
             try:
                 self._reconcile_one(chunk)
@@ -684,77 +795,42 @@ class BatchEngine:
 
     @_on_chunk
     def collect(self, chunk: ChunkRow, b: RemoteBatch) -> None:
+        """Record a finished batch's result files, streamed: lines are parsed and recorded in
+        slices of RECORD_SLICE, so memory does not grow with the batch (only the set of ids
+        seen, to tell a short file). Successes are recorded in a first pass over the files and
+        failures in a second one (only when there were any): a success line always wins over a
+        failure line for the same custom id. Each slice is its own transaction; recording the
+        same lines again changes nothing, so a crash mid-way is collected again from the files."""
         if b.state == BatchState.FAILED:
             self._collect_failed(chunk, b)
             return
         backend = self.pool.backend(chunk.model, chunk.key_id)
         reported = (b.completed or 0) + (b.failed or 0)
+        tally = _Tally()
         for tries in range(1, DOWNLOAD_TRIES + 1):
-            lines, bad = self._read_results(backend, chunk, b)
-            if len(lines) >= reported:
+            paths = self._download_results(backend, b)
+            seen, bad = self._record_files(backend, chunk, b, paths, tally)
+            if seen >= reported:
                 break
             logger.warning(
                 "batch {}: result files hold {} line(s) for {} request(s) the batch reports "
                 "done{} (download {} of {})",
                 b.id,
-                len(lines),
+                seen,
                 reported,
                 f"; unreadable: {'; '.join(bad[:3])}" if bad else "",
                 tries,
                 DOWNLOAD_TRIES,
             )
-        short = len(lines) < reported
-        outcomes: list[tuple[RowOutcome, float | None, bool]] = []
-        exhausted: tuple[RowOutcome, Scope] | None = None
-        entry = self.spec.model_entry(chunk.model) if chunk.model in self.spec.model_names else None
-        rules = self.spec.rules()
-        for o in lines.values():
-            o = structured.check_outcome(o, self.spec)  # schema answers: validated
-            scope = Scope.REQUEST
-            if o.error_class:
-                if o.status_code and o.status_code != 200:
-                    # The provider's error dialect (presets and the user's rules) decides.
-                    o.error_class, scope = classify(
-                        o.status_code,
-                        o.error_code,
-                        None,
-                        o.error_message,
-                        provider=entry.provider if entry else "openai",
-                        rules=rules,
-                        fallback=o.error_class,
-                    )
-                    o.retryable = row_retryable(o.error_class)
-                o.retryable = o.retryable and row_retryable(o.error_class, self.spec.retry.retry_on)
-                if o.model is None:
-                    o.model = chunk.model  # a failed line is attributed to the model it was sent to
-            if o.error_class in EXHAUSTING and exhausted is None:
-                exhausted = (o, scope)
-            cost = None
-            if o.usage is not None:
-                cost = pricing.cost_or_none(
-                    o.usage, chunk.model, batch=True, overrides=self.overrides()
-                )
-            # Exhausted model/key is not the row's fault: it does not use up a retry.
-            outcomes.append((o, cost, counts_as_attempt(o.error_class)))
-        if exhausted is not None:
-            o, scope = exhausted
-            self.exhaust(
-                chunk,
-                chunk.key_id,
-                f"requests refused: {o.error_code or o.error_class}: {o.error_message or ''}".rstrip(
-                    ": "
-                ),
-                b.id,
-                scope=scope,
-            )
+        short = seen < reported
         # Rows without a line: re-sent only when the remote says they were not executed (an
         # expired or cancelled batch whose files are complete). An answer merely absent from
         # the files of requests the batch reports done is never re-sent: that could pay twice.
         not_run = b.state in (BatchState.EXPIRED, BatchState.CANCELLED) and not short
-        applied = self.store.record_outcomes(
+        closed = self.store.record_outcomes(
             chunk.chunk_id,
             b.id,
-            outcomes,
+            (),
             key_id=chunk.key_id,
             max_retries=self.spec.retry.max_retries,
             retry_wait=self.spec.retry.delay,
@@ -763,7 +839,7 @@ class BatchEngine:
                 f"not executed: batch {b.id} {b.raw_status} before this row ran"
                 if not_run
                 else f"no answer in the result files of batch {b.id} although it reports "
-                f"{reported} request(s) done (files hold {len(lines)}{'; ' + bad[0] if bad else ''}); "
+                f"{reported} request(s) done (files hold {seen}{'; ' + bad[0] if bad else ''}); "
                 "not re-sent to avoid paying twice: `batchops retry-missing` sends it again"
             ),
         )
@@ -771,35 +847,112 @@ class BatchEngine:
             "batch {} {}: {} succeeded, {} re-queued, {} failed",
             b.id,
             b.raw_status,
-            applied.succeeded,
-            applied.requeued,
-            applied.failed,
+            tally.applied.succeeded,
+            tally.applied.requeued + closed.requeued,
+            tally.applied.failed + closed.failed,
         )
-        batch_cost = sum(c for _, c, _ in outcomes if c is not None)
-        unpriced = sum(1 for o, c, _ in outcomes if c is None and o.usage is not None)
         logger.info(
             "cost: batch {} (model {}) ${:.6f}{}; run total ${:.6f}",
             b.id,
             chunk.model,
-            batch_cost,
-            f" + {unpriced} request(s) without a known price" if unpriced else "",
+            tally.cost,
+            f" + {tally.unpriced} request(s) without a known price" if tally.unpriced else "",
             self.store.spent(),
         )
 
-    def _read_results(
-        self, backend: Backend, chunk: ChunkRow, b: RemoteBatch
-    ) -> tuple[dict[str, RowOutcome], list[str]]:
-        """Download and read a batch's output and error files: one outcome per custom id (a
-        success always wins over a failure line for the same id: that answer was paid for)
-        and the unreadable lines, named."""
-        lines: dict[str, RowOutcome] = {}
-        bad: list[str] = []
+    def _download_results(self, backend: Backend, b: RemoteBatch) -> list[Path]:
+        paths = []
         for ref, folder in ((b.output_ref, self.run.outputs), (b.error_ref, self.run.errors)):
-            if not ref:
-                continue
-            path = backend.download(ref, folder / f"{b.id}.jsonl")
-            for item in backend.read_results(path, Path(chunk.path), self.spec.endpoint):
+            if ref:
+                paths.append(backend.download(ref, folder / f"{b.id}.jsonl"))
+        return paths
+
+    def _record_files(
+        self,
+        backend: Backend,
+        chunk: ChunkRow,
+        b: RemoteBatch,
+        paths: list[Path],
+        tally: _Tally,
+    ) -> tuple[int, list[str]]:
+        """Read the downloaded files twice at most (successes, then failures), recording in
+        slices. Returns how many distinct custom ids the files answer, and the unreadable
+        lines, named."""
+        price = pricing.price_for(chunk.model, batch=True, overrides=self.overrides())
+        entry = self.spec.model_entry(chunk.model) if chunk.model in self.spec.model_names else None
+        rules = self.spec.rules()
+        answered: set[str] = set()
+        failed_ids: set[str] = set()
+        bad: list[str] = []
+        part: list[tuple[RowOutcome, float | None, bool]] = []
+        exhausted = False
+        n_failed_only = 0
+        tally.cost, tally.unpriced = 0.0, 0  # the cost of the lines these files hold
+        for second in (False, True):
+            if second and not failed_ids:
+                break
+            for item in self._lines(backend, chunk, b, paths, bad if not second else None):
                 if isinstance(item, BadLine):
+                    continue
+                if not second:
+                    item = structured.check_outcome(item, self.spec)  # schema answers: validated
+                    if item.ok:
+                        if item.custom_id in answered:
+                            continue
+                        answered.add(item.custom_id)
+                        failed_ids.discard(item.custom_id)
+                    elif item.custom_id not in answered:
+                        failed_ids.add(item.custom_id)
+                        continue
+                    else:
+                        continue
+                else:
+                    if item.custom_id not in failed_ids:
+                        continue  # answered by a success line (or recorded already)
+                    item = structured.check_outcome(item, self.spec)
+                    if item.ok:  # its success was counted in the first pass
+                        continue
+                    failed_ids.discard(item.custom_id)  # the first failure line decides
+                    scope = self._judge(item, chunk, entry, rules)
+                    if item.error_class in EXHAUSTING and not exhausted:
+                        exhausted = True
+                        self.exhaust(
+                            chunk,
+                            chunk.key_id,
+                            f"requests refused: {item.error_code or item.error_class}: "
+                            f"{item.error_message or ''}".rstrip(": "),
+                            b.id,
+                            scope=scope,
+                        )
+                cost = None
+                if item.usage is not None and price is not None:
+                    cost = pricing.cost_of(item.usage, price)
+                elif item.usage is not None:
+                    tally.unpriced += 1
+                tally.cost += cost or 0.0
+                # Exhausted model/key is not the row's fault: it does not use up a retry.
+                part.append((item, cost, counts_as_attempt(item.error_class)))
+                if len(part) >= RECORD_SLICE:
+                    self._record_part(chunk, b, part, tally)
+                    part = []
+            if part:
+                self._record_part(chunk, b, part, tally)
+                part = []
+            if not second:
+                n_failed_only = len(failed_ids)
+        return len(answered) + n_failed_only, bad
+
+    def _lines(
+        self,
+        backend: Backend,
+        chunk: ChunkRow,
+        b: RemoteBatch,
+        paths: list[Path],
+        bad: list[str] | None,
+    ) -> Iterator[RowOutcome | BadLine]:
+        for path in paths:
+            for item in backend.read_results(path, Path(chunk.path), self.spec.endpoint):
+                if isinstance(item, BadLine) and bad is not None:
                     bad.append(f"{item.path.name} line {item.line_no}: {item.reason}")
                     logger.warning(
                         "batch {}: {} line {} unreadable: {}",
@@ -808,11 +961,47 @@ class BatchEngine:
                         item.line_no,
                         item.reason,
                     )
-                    continue
-                old = lines.get(item.custom_id)
-                if old is None or (item.ok and not old.ok):
-                    lines[item.custom_id] = item
-        return lines, bad
+                yield item
+
+    def _judge(self, o: RowOutcome, chunk: ChunkRow, entry: ModelEntry | None, rules: Any) -> Scope:
+        """A failure line as the job sees it: the provider's error dialect (presets and the
+        user's rules) decides its class and scope; the user's retry_on whether it is retried."""
+        scope = Scope.REQUEST
+        if o.status_code and o.status_code != 200:
+            o.error_class, scope = classify(
+                o.status_code,
+                o.error_code,
+                None,
+                o.error_message,
+                provider=entry.provider if entry else "openai",
+                rules=rules,
+                fallback=o.error_class,
+            )
+            o.retryable = row_retryable(o.error_class)
+        o.retryable = o.retryable and row_retryable(o.error_class, self.spec.retry.retry_on)
+        if o.model is None:
+            o.model = chunk.model  # a failed line is attributed to the model it was sent to
+        return scope
+
+    def _record_part(
+        self,
+        chunk: ChunkRow,
+        b: RemoteBatch,
+        part: list[tuple[RowOutcome, float | None, bool]],
+        tally: _Tally,
+    ) -> None:
+        applied = self.store.record_outcomes(
+            chunk.chunk_id,
+            b.id,
+            part,
+            key_id=chunk.key_id,
+            max_retries=self.spec.retry.max_retries,
+            retry_wait=self.spec.retry.delay,
+            close_chunk=False,
+        )
+        tally.applied.succeeded += applied.succeeded
+        tally.applied.requeued += applied.requeued
+        tally.applied.failed += applied.failed
 
     @_on_chunk
     def _collect_failed(self, chunk: ChunkRow, b: RemoteBatch) -> None:
@@ -883,6 +1072,12 @@ class BatchEngine:
         except RemoteError as exc:
             if exc.status != 409:  # 409: already finished; it is collected below
                 logger.warning("cancel of batch {} failed: {}", chunk.batch_id, exc)
+
+
+def spec_allows_ahead(spec: Any) -> bool:
+    """Uploads ahead of submitting are free but not useful when a budget may stop the run
+    before a chunk is sent (its file would sit uploaded for nothing)."""
+    return spec.max_cost is None
 
 
 def register_rows(run: RunDir, src: source.Source) -> None:

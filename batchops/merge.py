@@ -78,6 +78,7 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
 }
 _MIN_FRAME_ROWS = 50_000  # frames smaller than this are merged in groups
 _MAX_FRAME_ROWS = 200_000  # larger frames are merged slice by slice
+_READER_FRAME_ROWS = 32_768  # rows per frame when the outcomes are read from the store
 _IDX = "__row_idx"  # join key, as the source module names it
 _RAW = "__raw"  # native JSONL frames: the source object's text, as the source module names it
 _NO_EXTRA: dict[str, list[Any]] = {}
@@ -121,7 +122,7 @@ def merged_column_names(source_columns: list[str]) -> dict[str, str]:
 def merge_frames(
     frames: Iterable[pl.DataFrame],
     source_columns: list[str],
-    outcomes: pl.DataFrame,
+    outcomes: pl.DataFrame | OutcomeReader,
     out_path: Path | str,
     *,
     fmt: str | None = None,
@@ -135,7 +136,9 @@ def merge_frames(
     """Write source frames (in row order) joined with `outcomes` to `out_path`.
 
     `frames`: all-String frames holding `source_columns` plus ``__row_idx`` (Int64) and
-    ``__row_id``. `outcomes`: at most one row per ``row_idx``; columns as in
+    ``__row_id``. `outcomes`: a frame, or an `OutcomeReader` (the run's store: read one
+    source frame's row range at a time, so memory does not grow with the table); at most one
+    row per ``row_idx``; columns as in
     `MERGED_COLUMNS` (a missing one is treated as all-null). Rows without an outcome get status
     ``missing`` and error ``no result recorded``.
 
@@ -154,7 +157,11 @@ def merge_frames(
     if raw and fmt != "jsonl":
         raise InputError("raw source objects can only be merged into JSONL")
     names = merged_column_names(list(source_columns))
-    index = _OutcomeIndex(outcomes, names)
+    index: _OutcomeIndex | _ReaderIndex = (
+        _OutcomeIndex(outcomes, names)
+        if isinstance(outcomes, pl.DataFrame)
+        else _ReaderIndex(outcomes, names)
+    )
     expand = (
         SchemaColumns(answer_schema, schema_prefix, [*source_columns, *names.values()])
         if answer_schema is not None
@@ -178,7 +185,14 @@ def merge_frames(
                 fh, source_columns, names, source_schema, expand, embeddings=embeddings
             )
         try:
-            for frame in _coalesce(frames, _MIN_FRAME_ROWS, _MAX_FRAME_ROWS):
+            # Outcomes read from the store per frame are Python rows on the way in: smaller
+            # frames keep that transient copy small.
+            lo_rows, hi_rows = (
+                (_MIN_FRAME_ROWS, _MAX_FRAME_ROWS)
+                if isinstance(index, _OutcomeIndex)
+                else (_READER_FRAME_ROWS // 2, _READER_FRAME_ROWS)
+            )
+            for frame in _coalesce(frames, lo_rows, hi_rows):
                 part, n_matched = _merge_one(
                     frame,
                     source_columns,
@@ -257,6 +271,33 @@ def _resolve_fmt(out_path: Path, fmt: str | None) -> str:
     if fmt not in ("csv", "parquet", "jsonl"):
         raise InputError(f"unknown merge format {fmt!r}: use csv, parquet or jsonl")
     return fmt
+
+
+class OutcomeReader(Protocol):
+    """Outcomes read by row range (the run's store): the merge never holds them all."""
+
+    def outcome_count(self) -> int: ...
+
+    def outcomes_between(self, lo: int, hi: int) -> pl.DataFrame: ...
+
+
+class _ReaderIndex:
+    """An `OutcomeReader` seen as an index: each source frame reads its own range."""
+
+    def __init__(self, reader: OutcomeReader, names: dict[str, str]) -> None:
+        self.reader = reader
+        self.names = names
+        self.height = reader.outcome_count()
+        self.empty = self._shape(pl.DataFrame(schema={"row_idx": pl.Int64(), **OUTCOME_TYPES}))
+        self.table = self.empty
+
+    def _shape(self, outcomes: pl.DataFrame) -> pl.DataFrame:
+        cols = [pl.col("row_idx").cast(pl.Int64).alias(_IDX), pl.lit(True).alias(_HIT)]
+        cols += [pl.col(n).cast(t).alias(self.names[n]) for n, t in OUTCOME_TYPES.items()]
+        return outcomes.select(cols)
+
+    def slice_for(self, lo: int, hi: int) -> pl.DataFrame:
+        return self._shape(self.reader.outcomes_between(lo, hi))
 
 
 class _OutcomeIndex:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from batchops.backends.base import RemoteBatch
@@ -310,6 +311,25 @@ class Store:
             )
             args = (time.time(),)
         return [r[0] for r in self.conn.execute(sql, args)]
+
+    def ready_pending_count(self) -> int:
+        """Pending rows whose retry wait is over."""
+        return int(
+            self.conn.execute(
+                "SELECT COUNT(*) FROM rows WHERE status = 'pending'"
+                " AND (not_before IS NULL OR not_before <= ?)",
+                (time.time(),),
+            ).fetchone()[0]
+        )
+
+    def pending_row_array(self) -> np.ndarray:
+        """`pending_row_idxs` (ready only) as an int64 array: 8 bytes a row, no list of ints."""
+        cur = self.conn.execute(
+            "SELECT row_idx FROM rows WHERE status = 'pending'"
+            " AND (not_before IS NULL OR not_before <= ?) ORDER BY row_idx",
+            (time.time(),),
+        )
+        return np.fromiter((r[0] for r in cur), dtype=np.int64)
 
     def seconds_until_ready(self) -> float:
         """How long until the next waiting pending row may be sent (0: one is ready or none
@@ -607,8 +627,23 @@ class Store:
         """
         now = time.time()
         applied = Applied()
+        # Successes go through the set-based path (two executemany calls, no Python per-row
+        # query); failures, which need the row's attempts for the retry decision, row by row.
+        # A success is applied first, so it wins over a failure line for the same request.
+        successes: dict[str, tuple[RowOutcome, float | None]] = {}
+        failures: list[tuple[RowOutcome, float | None, bool]] = []
+        for outcome, cost, counts in outcomes:
+            if outcome.ok:
+                successes.setdefault(outcome.custom_id, (outcome, cost))
+            else:
+                failures.append((outcome, cost, counts))
         with self.tx():
-            for outcome, cost, counts in outcomes:
+            if successes:
+                applied.succeeded += self._record_successes(
+                    chunk_id, batch_id, successes.values(), mode, key_id, now
+                )
+                applied.ignored += len(successes) - applied.succeeded
+            for outcome, cost, counts in failures:
                 not_before: float | None = None
                 row = self.conn.execute(
                     "SELECT row_idx, status, chunk_id, attempts FROM rows WHERE row_id = ?",
@@ -720,6 +755,70 @@ class Store:
                 )
         return applied
 
+    def _record_successes(
+        self,
+        chunk_id: int,
+        batch_id: str | None,
+        items: Iterable[tuple[RowOutcome, float | None]],
+        mode: str,
+        key_id: str | None,
+        now: float,
+    ) -> int:
+        """Answers of rows still queued in this chunk: an attempt each (billed tokens), then
+        the row succeeded. Returns how many rows took their answer."""
+        attempts: list[tuple[Any, ...]] = []
+        updates: list[tuple[Any, ...]] = []
+        keep_batch = None if mode == "online" else batch_id  # an online answer has no batch
+        for o, cost in items:
+            u = o.usage
+            tokens = (
+                (u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.reasoning_tokens)
+                if u is not None
+                else (None, None, None, None)
+            )
+            if u is not None:
+                attempts.append(
+                    (chunk_id, batch_id, mode, o.model, *tokens, cost, now, key_id, o.custom_id)
+                )
+            updates.append(
+                (
+                    o.response,
+                    o.finish_reason,
+                    o.error_class,
+                    o.model,
+                    *tokens,
+                    cost,
+                    cost,
+                    mode,
+                    keep_batch,
+                    now,
+                    o.custom_id,
+                    chunk_id,
+                )
+            )
+        if attempts:  # before the rows move: the guard is "still queued in this chunk"
+            self.conn.executemany(
+                "INSERT INTO attempts(row_idx, chunk_id, batch_id, mode, ok, model, prompt_tokens,"
+                " cached_tokens, completion_tokens, reasoning_tokens, cost_usd, ts, key_id)"
+                " SELECT row_idx, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ? FROM rows"
+                f" WHERE row_id = ? AND status = 'queued' AND chunk_id = {int(chunk_id)}",
+                attempts,
+            )
+        cur = self.conn.executemany(
+            """UPDATE rows SET status = 'succeeded', response = COALESCE(?, response),
+                   finish_reason = ?, error = NULL, error_class = ?, model = COALESCE(?, model),
+                   prompt_tokens = COALESCE(prompt_tokens, 0) + COALESCE(?, 0),
+                   cached_tokens = COALESCE(cached_tokens, 0) + COALESCE(?, 0),
+                   completion_tokens = COALESCE(completion_tokens, 0) + COALESCE(?, 0),
+                   reasoning_tokens = COALESCE(reasoning_tokens, 0) + COALESCE(?, 0),
+                   cost_usd = CASE WHEN ? IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + ? END,
+                   batch_id = CASE WHEN ? = 'online' THEN NULL ELSE COALESCE(?, batch_id) END,
+                   updated_at = ?, not_before = NULL
+               WHERE row_id = ? AND status = 'queued' AND chunk_id = ?""",
+            updates,
+        )
+        return max(0, cur.rowcount)
+
     def requeue_chunk_rows(
         self, chunk_id: int, error: str, error_class: str, *, counts: bool, max_retries: int
     ) -> int:
@@ -761,6 +860,23 @@ class Store:
             .otherwise(pl.col("status"))
             .alias("status")
         )
+
+    def outcome_count(self) -> int:
+        """Rows that have an outcome row (every registered row): what a merge matches."""
+        return self.row_count()
+
+    def outcomes_between(self, lo: int, hi: int) -> pl.DataFrame:
+        """`outcomes_frame` for the rows lo <= row_idx <= hi only: the merge reads the store
+        one source frame's range at a time, so its memory never holds the whole table."""
+        cur = self.conn.execute(
+            "SELECT row_idx, response,"
+            " CASE WHEN status IN ('pending', 'queued') THEN 'missing' ELSE status END,"
+            " error, model, prompt_tokens, completion_tokens, cost_usd, batch_id"
+            " FROM rows WHERE row_idx BETWEEN ? AND ?",
+            (lo, hi),
+        )
+        schema = {"row_idx": pl.Int64(), **OUTCOME_TYPES}
+        return pl.DataFrame(cur.fetchall(), schema=schema, orient="row")
 
     def cost_by_model(self) -> list[sqlite3.Row]:
         return self.conn.execute(

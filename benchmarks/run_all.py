@@ -31,10 +31,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DOC = ROOT / "docs" / "benchmarks.md"
-PARTS = ("build", "merge", "drain", "api", "online")
+PARTS = ("build", "merge", "drain", "api", "online", "e2e")
 # Per run of a part, so one hung run cannot hold the whole benchmark (everything, 3 runs each,
 # takes ~20 min on 2 busy cores: the pandas baseline alone is ~2 min a run on 1M rows).
 PART_TIMEOUT = 900.0
+# The end-to-end part runs 200k, 1M and 5M rows (and main's CLI at 200k and 1M) in one go.
+PART_TIMEOUTS = {"e2e": 3600.0}
 TOTAL_BUDGET = 3600.0
 REPEAT = 3
 COMMAND = "python benchmarks/run_all.py"
@@ -187,6 +189,10 @@ def part_figures(part: str, quick: bool) -> list[Figure]:
         import bench_api_economy
 
         return bench_api_economy.figures(batches=8 if quick else 20)
+    if part == "e2e":
+        import bench_e2e
+
+        return bench_e2e.figures(**(bench_e2e.QUICK if quick else {}))
     raise ValueError(part)
 
 
@@ -305,7 +311,7 @@ def repeated(part: str, quick: bool, repeat: int, start: float) -> list[Figure]:
         if left < 10:
             failed.append(Figure(part, f"{part} benchmark", "skipped", note="time budget spent"))
             break
-        figs, _ = run_part(part, quick, min(PART_TIMEOUT, left))
+        figs, _ = run_part(part, quick, min(PART_TIMEOUTS.get(part, PART_TIMEOUT), left))
         ok = not any(f.name == f"{part} benchmark" for f in figs)
         if ok:
             runs.append(figs)
