@@ -975,7 +975,7 @@ class BatchEngine:
                 o.error_message,
                 provider=entry.provider if entry else "openai",
                 rules=rules,
-                fallback=o.error_class,
+                fallback=o.error_class or "api_error",
             )
             o.retryable = row_retryable(o.error_class)
         o.retryable = o.retryable and row_retryable(o.error_class, self.spec.retry.retry_on)

@@ -334,7 +334,7 @@ class _OutcomeIndex:
 def _merge_one(
     frame: pl.DataFrame,
     source_columns: list[str],
-    index: _OutcomeIndex,
+    index: _OutcomeIndex | _ReaderIndex,
     names: dict[str, str],
     *,
     keep_types: bool = False,
