@@ -694,7 +694,16 @@ class BatchEngine:
         for chunk in self.store.chunks(*INTENT_CHUNKS):
             try:
                 self._reconcile_one(chunk)
-            except RemoteError as exc:  # stays in its intent state: looked up again later
+            except RemoteError as exc:
+                if chunk.state == ChunkState.UPLOADING:
+                    # Uploading again is harmless (an extra file is never paid for, and the
+                    # next lookup by name deletes extras): the submit path takes over, with its
+                    # give-up accounting for a server that does not answer.
+                    self.store.move_chunk(
+                        chunk.chunk_id, ChunkState.BUILT, event=f"upload lookup failed: {exc}"
+                    )
+                    continue
+                # A create may exist: the intent stays, and is looked up again later.
                 logger.warning(
                     "chunk {}: reconcile failed ({}); will try again", chunk.chunk_id, exc
                 )

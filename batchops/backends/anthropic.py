@@ -34,13 +34,13 @@ from urllib.parse import quote
 import anthropic
 import orjson
 from loguru import logger
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 from batchops.backends import anthropic_wire as W
 from batchops.backends.base import RemoteBatch, RemoteError, RemoteFile, SubmitRequest
+from batchops.backends.retrying import call_with_retries
 from batchops.classify import classify_http
 from batchops.errors import ConfigError
-from batchops.policy import CALL_ATTEMPTS, Rule, Scope, call_is_retried, classify, row_retryable
+from batchops.policy import CALL_ATTEMPTS, Rule, Scope, classify, row_retryable
 from batchops.records import BadLine, ErrorClass, RowOutcome
 from batchops.spec import ModelEntry, RetryPolicy
 
@@ -303,47 +303,17 @@ class AnthropicBackend:
     def _call(
         self, fn: Callable[..., T], *args: Any, what: str, attempts: int = CALL_ATTEMPTS, **kw: Any
     ) -> T:
-        """Run one SDK call, retrying transient failures (429 honouring retry-after, 529, 5xx,
-        dropped connections) with the job's backoff; anything else raises a RemoteError."""
-
-        def wait(state: RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            return max(self.policy.delay(state.attempt_number), _retry_after_of(exc) or 0.0)
-
-        def before_sleep(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            if isinstance(exc, anthropic.AnthropicError):
-                err = self._error(exc, what)
-                logger.debug(
-                    "{} failed ({} HTTP {} {}: {}); retry {} of {}",
-                    what,
-                    err.cls,
-                    err.status,
-                    err.code,
-                    err.message,
-                    state.attempt_number,
-                    attempts - 1,
-                )
-
-        def transient(exc: BaseException) -> bool:
-            return isinstance(exc, anthropic.AnthropicError) and call_is_retried(
-                self._error(exc, what).cls
-            )
-
-        try:
-            for attempt in Retrying(
-                retry=retry_if_exception(transient),
-                wait=wait,
-                stop=stop_after_attempt(attempts),
-                before_sleep=before_sleep,
-                reraise=True,
-            ):
-                with attempt:
-                    logger.debug("remote call: {}", what)
-                    return fn(*args, **kw)
-        except anthropic.AnthropicError as exc:
-            raise self._error(exc, what) from None
-        raise AssertionError("unreachable")  # pragma: no cover
+        """One SDK call through the shared retry loop (backends/retrying.py)."""
+        return call_with_retries(
+            fn,
+            *args,
+            what=what,
+            attempts=attempts,
+            policy=self.policy,
+            sdk_errors=anthropic.AnthropicError,
+            to_error=self._error,  # type: ignore[arg-type]
+            **kw,
+        )
 
     def _error(self, exc: anthropic.AnthropicError, what: str) -> RemoteError:
         status, type_, message = _describe(exc)

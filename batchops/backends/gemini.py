@@ -37,7 +37,6 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 from loguru import logger
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 from batchops import results
 from batchops.backends.base import (
@@ -47,8 +46,9 @@ from batchops.backends.base import (
     RemoteFile,
     SubmitRequest,
 )
+from batchops.backends.retrying import call_with_retries
 from batchops.errors import ConfigError
-from batchops.policy import CALL_ATTEMPTS, Rule, Scope, call_is_retried, classify, row_retryable
+from batchops.policy import CALL_ATTEMPTS, Rule, Scope, classify, row_retryable
 from batchops.records import BadLine, ErrorClass, RowOutcome
 from batchops.spec import ModelEntry, RetryPolicy
 from batchops.states import BatchState
@@ -760,46 +760,17 @@ class GeminiBackend:
     def _call(
         self, fn: Callable[..., T], *args: Any, what: str, attempts: int = CALL_ATTEMPTS, **kw: Any
     ) -> T:
-        """Run one SDK call, retrying transient failures with the job's backoff; anything else,
-        or a transient failure that outlasts the attempts, raises a classified RemoteError."""
-
-        def wait(state: RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            after = self._error(exc, what).retry_after if isinstance(exc, CALL_ERRORS) else None
-            return max(self.policy.delay(state.attempt_number), after or 0.0)
-
-        def transient(exc: BaseException) -> bool:
-            return isinstance(exc, CALL_ERRORS) and call_is_retried(self._error(exc, what).cls)
-
-        def before_sleep(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            if isinstance(exc, CALL_ERRORS):
-                err = self._error(exc, what)
-                logger.debug(
-                    "{} failed ({} HTTP {} {}: {}); retry {} of {}",
-                    what,
-                    err.cls,
-                    err.status,
-                    err.code,
-                    err.message,
-                    state.attempt_number,
-                    attempts - 1,
-                )
-
-        try:
-            for attempt in Retrying(
-                retry=retry_if_exception(transient),
-                wait=wait,
-                stop=stop_after_attempt(attempts),
-                before_sleep=before_sleep,
-                reraise=True,
-            ):
-                with attempt:
-                    logger.debug("remote call: {}", what)
-                    return fn(*args, **kw)
-        except CALL_ERRORS as exc:
-            raise self._error(exc, what) from None
-        raise AssertionError("unreachable")  # pragma: no cover
+        """One SDK call through the shared retry loop (backends/retrying.py)."""
+        return call_with_retries(
+            fn,
+            *args,
+            what=what,
+            attempts=attempts,
+            policy=self.policy,
+            sdk_errors=CALL_ERRORS,
+            to_error=self._error,
+            **kw,
+        )
 
     def _error(self, exc: BaseException, what: str) -> RemoteError:
         if isinstance(exc, genai_errors.APIError):

@@ -18,14 +18,14 @@ from urllib.parse import quote
 import openai
 import orjson
 from loguru import logger
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 from batchops import results
 from batchops.backends.base import RemoteBatch, RemoteError, RemoteFile, SubmitRequest
 from batchops.backends.openai_wire import remote_batch
+from batchops.backends.retrying import call_with_retries
 from batchops.classify import classify_http
 from batchops.errors import ConfigError
-from batchops.policy import CALL_ATTEMPTS, Rule, Scope, call_is_retried, classify, row_retryable
+from batchops.policy import CALL_ATTEMPTS, Rule, Scope, classify, row_retryable
 from batchops.records import BadLine, ErrorClass, RowOutcome
 from batchops.spec import ModelEntry, RetryPolicy
 
@@ -236,46 +236,17 @@ class OpenAIBackend:
     def _call(
         self, fn: Callable[..., T], *args: Any, what: str, attempts: int = CALL_ATTEMPTS, **kw: Any
     ) -> T:
-        """Run one SDK call, retrying transient failures with the job's backoff; anything else,
-        or a transient failure that outlasts the attempts, raises a classified RemoteError."""
-
-        def wait(state: RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            after = _retry_after_of(exc)
-            return max(self.policy.delay(state.attempt_number), after or 0.0)
-
-        def before_sleep(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            if isinstance(exc, openai.OpenAIError):
-                err = self._error(exc, what)
-                logger.debug(
-                    "{} failed ({} HTTP {} {}: {}); retry {} of {}",
-                    what,
-                    err.cls,
-                    err.status,
-                    err.code,
-                    err.message,
-                    state.attempt_number,
-                    attempts - 1,
-                )
-
-        def transient(exc: BaseException) -> bool:
-            return isinstance(exc, openai.OpenAIError) and call_is_retried(_class_of(exc))
-
-        try:
-            for attempt in Retrying(
-                retry=retry_if_exception(transient),
-                wait=wait,
-                stop=stop_after_attempt(attempts),
-                before_sleep=before_sleep,
-                reraise=True,
-            ):
-                with attempt:
-                    logger.debug("remote call: {}", what)
-                    return fn(*args, **kw)
-        except openai.OpenAIError as exc:
-            raise self._error(exc, what) from None
-        raise AssertionError("unreachable")  # pragma: no cover
+        """One SDK call through the shared retry loop (backends/retrying.py)."""
+        return call_with_retries(
+            fn,
+            *args,
+            what=what,
+            attempts=attempts,
+            policy=self.policy,
+            sdk_errors=openai.OpenAIError,
+            to_error=self._error,  # type: ignore[arg-type]
+            **kw,
+        )
 
     def _error(self, exc: openai.OpenAIError, what: str) -> RemoteError:
         fallback, status, code, message = _describe(exc)
