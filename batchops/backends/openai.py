@@ -63,6 +63,7 @@ class OpenAIBackend:
         scrub: Callable[[str], str] = str,
         timeout: float = DEFAULT_TIMEOUT,
         rules: list[Rule] | None = None,
+        lean_online: bool = True,
     ) -> None:
         self._azure, self._kwargs = _client_kwargs(entry, api_key, base_url, timeout)
         self.provider = entry.provider
@@ -73,7 +74,8 @@ class OpenAIBackend:
         self._client: openai.OpenAI | None = None
         self._aclient: openai.AsyncOpenAI | None = None
         # The lean online transport (None: not made yet for this loop; False: not usable here).
-        self._lean: http1.Http1Pool | bool | None = None
+        # (lean_online=False keeps the SDK's transport: the tests compare the two paths.)
+        self._lean: http1.Http1Pool | bool | None = None if lean_online else False
         self._timeout = timeout
         self._listed: dict[str, tuple[tuple[Any, ...], int]] = {}  # id → (view, unchanged polls)
 
@@ -95,8 +97,9 @@ class OpenAIBackend:
 
     async def aclose(self) -> None:
         client, self._aclient = self._aclient, None
-        lean, self._lean = self._lean, None
+        lean = self._lean
         if isinstance(lean, http1.Http1Pool):
+            self._lean = None  # the next run's loop makes its own
             await lean.aclose()
         if client is not None:
             await client.close()
