@@ -283,52 +283,78 @@ def run_engine(src: Path, tmp: Path, root: str, workers: int, i: int) -> dict:
     return {"timed": float(m.group(1)), "cpu": float(m.group(2)), "wall": wall, "answers": answered}
 
 
+# (latency s, workers) measured by default: local-server speed, and a latency where 64 workers
+# should keep the ceiling (workers / latency) nearly full.
+SCENARIOS = ((0.02, 8), (0.1, 64))
+# The targets of issue 21.
+TARGET_RATIO = 1.5  # batchops / baseline at 20 ms
+TARGET_CEILING = 0.85  # of workers / latency at 100 ms, 64 workers
+TARGET_CPU_MS = 0.8  # client CPU per request
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--requests", type=int, default=5000)
-    ap.add_argument("--workers", type=int, default=8)
-    ap.add_argument("--latency", type=float, default=0.02)
+    ap.add_argument("--workers", type=int, help="one scenario only (with --latency)")
+    ap.add_argument("--latency", type=float, help="one scenario only (with --workers)")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
+    if (args.workers is None) != (args.latency is None):
+        ap.error("--workers and --latency go together")
+    scenarios = SCENARIOS if args.workers is None else ((args.latency, args.workers),)
+    failed = False
+    verdicts: list[str] = []
+    for latency, workers in scenarios:
+        results, failures = measure(args.requests, latency, workers, args.repeat)
+        verdicts += print_table(args.requests, latency, workers, results, failures)
+        failed = failed or not results["baseline"] or not results["batchops"]
+    print()
+    print("targets (issue 21):")
+    for line in verdicts:
+        print(f"  {line}")
+    if failed:
+        sys.exit("bench_online: no finished run of the baseline or of batchops (see above)")
 
+
+def measure(
+    n: int, latency: float, workers: int, repeat: int
+) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """`repeat` alternating runs of every client against one emulator at this latency."""
+    print(f"== {latency * 1000:.0f} ms per call, {workers} in flight, {n} requests", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_online_") as d:
         tmp = Path(d)
         src = tmp / "source.csv"
-        write_source(src, args.requests)
-        emu, root = start_emulator(tmp, args.latency)
+        write_source(src, n)
+        emu, root = start_emulator(tmp, latency)
         results: dict[str, list[dict]] = {"baseline": [], "batchops": [], "no-sdk": []}
         failures: dict[str, int] = dict.fromkeys(results, 0)
         try:
-            for i in range(args.repeat):
+            for i in range(repeat):
                 for name in results:
                     admin(root, "/_emulator/reset", "POST")
                     before = cpu_seconds(emu.pid)
                     try:
                         if name == "baseline":
-                            r = run_baseline(src, tmp, root, args.workers, "baseline", BASELINE)
+                            r = run_baseline(src, tmp, root, workers, "baseline", BASELINE)
                         elif name == "no-sdk":
-                            r = run_baseline(src, tmp, root, args.workers, "no_sdk", NO_SDK)
+                            r = run_baseline(src, tmp, root, workers, "no_sdk", NO_SDK)
                         else:
-                            r = run_engine(src, tmp, root, args.workers, i)
+                            r = run_engine(src, tmp, root, workers, i)
                     except ClientFailed as exc:  # keep the runs that finished; show why
                         failures[name] += 1
                         print(f"  run {i + 1} {name}: FAILED: {exc}", file=sys.stderr, flush=True)
                         continue
                     after = cpu_seconds(emu.pid)
                     r["server_cpu"] = None if before is None or after is None else after - before
-                    r["once"] = exactly_once(root, args.requests)
-                    r["rps"] = args.requests / r["timed"]
+                    r["once"] = exactly_once(root, n)
+                    r["rps"] = n / r["timed"]
                     results[name].append(r)
-                    server = (
-                        "-"
-                        if r["server_cpu"] is None
-                        else f"{r['server_cpu'] / args.requests * 1e3:.2f}"
-                    )
+                    server = "-" if r["server_cpu"] is None else f"{r['server_cpu'] / n * 1e3:.2f}"
                     print(
                         f"  run {i + 1} {name:9s} {r['rps']:7.1f} req/s  timed {r['timed']:6.2f}s  "
-                        f"process {r['wall']:6.2f}s  client cpu {r['cpu'] / args.requests * 1e3:.2f} "
+                        f"process {r['wall']:6.2f}s  client cpu {r['cpu'] / n * 1e3:.2f} "
                         f"ms/req  server cpu {server} ms/req  "
                         f"answers {r['answers']}  exactly once {r['once']}",
                         flush=True,
@@ -336,10 +362,7 @@ def main() -> None:
         finally:
             emu.terminate()
             emu.wait()
-
-    print_table(args, results, failures)
-    if not results["baseline"] or not results["batchops"]:
-        sys.exit("bench_online: no finished run of the baseline or of batchops (see above)")
+    return results, failures
 
 
 def spread(values: list[float], fmt: str) -> str:
@@ -348,13 +371,15 @@ def spread(values: list[float], fmt: str) -> str:
     return f"{med:{fmt}} [{min(values):{fmt}}–{max(values):{fmt}}]"
 
 
-def print_table(args: argparse.Namespace, results: dict[str, list[dict]], failures: dict) -> None:
-    ideal = args.workers / args.latency
-    n = args.requests
+def print_table(
+    n: int, latency: float, workers: int, results: dict[str, list[dict]], failures: dict
+) -> list[str]:
+    """The scenario's table; returns its verdicts against the targets."""
+    ideal = workers / latency
     print()
     print(
-        f"{n} requests, {args.workers} in flight, {args.latency * 1000:.0f} ms per call "
-        f"(ceiling {ideal:.0f} req/s), {os.cpu_count()} cores; "
+        f"{n} requests, {workers} in flight, {latency * 1000:.0f} ms per call "
+        f"(ceiling {ideal:.0f} req/s), {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; "
         f"median [min–max] of the runs that finished"
     )
     print(
@@ -378,14 +403,38 @@ def print_table(args: argparse.Namespace, results: dict[str, list[dict]], failur
             f"| {spread(server, '.2f') if server else '-'} "
             f"| {all(r['once'] and r['answers'] == n for r in rs)} |"
         )
-    if "baseline" in med:
-        if "batchops" in med:
-            print(f"ratio batchops / baseline (medians): {med['batchops'] / med['baseline']:.2f}x")
-        if "no-sdk" in med:
-            print(
-                f"ratio no-sdk / baseline (medians): {med['no-sdk'] / med['baseline']:.2f}x "
-                "(reference)"
+    verdicts: list[str] = []
+    at = f"{latency * 1000:.0f} ms/{workers} workers"
+    if "baseline" in med and "batchops" in med:
+        ratio = med["batchops"] / med["baseline"]
+        print(f"ratio batchops / baseline (medians): {ratio:.2f}x")
+        if workers == 8:
+            verdicts.append(
+                f"{at}: batchops / baseline {ratio:.2f}x (target ≥ {TARGET_RATIO}x; "
+                f"the ceiling allows at most {ideal / med['baseline']:.2f}x): "
+                + ("met" if ratio >= TARGET_RATIO else "MISSED")
             )
+    if "baseline" in med and "no-sdk" in med:
+        print(
+            f"ratio no-sdk / baseline (medians): {med['no-sdk'] / med['baseline']:.2f}x (reference)"
+        )
+    rs = results["batchops"]
+    if rs:
+        share = med["batchops"] / ideal
+        cpu = statistics.median(r["cpu"] / n * 1e3 for r in rs)
+        once = all(r["once"] and r["answers"] == n for r in rs)
+        print(f"batchops: {share:.0%} of the ceiling")
+        if workers == 64:
+            verdicts.append(
+                f"{at}: batchops at {share:.0%} of the ceiling (target ≥ "
+                f"{TARGET_CEILING:.0%}): " + ("met" if share >= TARGET_CEILING else "MISSED")
+            )
+        verdicts.append(
+            f"{at}: batchops client CPU {cpu:.2f} ms/request (target ≤ {TARGET_CPU_MS}): "
+            + ("met" if cpu <= TARGET_CPU_MS else "MISSED")
+        )
+        verdicts.append(f"{at}: every row answered exactly once in every run: {once}")
+    return verdicts
 
 
 if __name__ == "__main__":
