@@ -81,7 +81,7 @@ def same_outcome(a: Any, b: Any) -> None:
     )
 
 
-def test_answers_are_parsed_the_same(emulator):
+def test_answers_are_parsed_the_same(emulator: Any) -> None:
     lean, sdk = both(emulator.base_url, ids=("r1", "r2"))
     assert lean.ok and sdk.ok
     assert (lean.custom_id, sdk.custom_id) == ("r1", "r2")
@@ -107,14 +107,16 @@ def test_answers_are_parsed_the_same(emulator):
     ],
     ids=["404", "403", "503", "500", "400", "quota", "dropped"],
 )
-def test_every_error_is_mapped_exactly_as_through_the_sdk(emulator_factory, knobs):
+def test_every_error_is_mapped_exactly_as_through_the_sdk(
+    emulator_factory: Any, knobs: dict[str, Any]
+) -> None:
     emu = emulator_factory(**knobs)
     lean, sdk = both(emu.base_url)
     assert isinstance(lean, tuple), lean
     same_outcome(lean, sdk)
 
 
-def test_a_429_carries_the_same_retry_after(emulator_factory):
+def test_a_429_carries_the_same_retry_after(emulator_factory: Any) -> None:
     emu = emulator_factory(rate_limit_rpm=1, retry_after_seconds=2.5)
     keys = ("sk-lean-000000000000000000aaaa", "sk-sdk-0000000000000000000bbbb")
     got = []
@@ -127,7 +129,7 @@ def test_a_429_carries_the_same_retry_after(emulator_factory):
     assert got[0] == got[1]
 
 
-def test_a_bad_key_is_refused_and_never_shown(emulator_factory):
+def test_a_bad_key_is_refused_and_never_shown(emulator_factory: Any) -> None:
     key = "sk-wrong-123456789012345678zzzz"
     emu = emulator_factory(api_keys=[DEFAULT_KEY])
     lean, sdk = both(emu.base_url, key=key)
@@ -135,7 +137,7 @@ def test_a_bad_key_is_refused_and_never_shown(emulator_factory):
     assert key not in repr(lean)
 
 
-def test_timeout_and_refused_connection_name_the_endpoint(emulator_factory):
+def test_timeout_and_refused_connection_name_the_endpoint(emulator_factory: Any) -> None:
     emu = emulator_factory(sync_latency_seconds=5.0)
     lean, sdk = both(emu.base_url, timeout=0.3)
     assert lean[1:3] == ("timeout", None) and lean[6] == Scope.ENDPOINT
@@ -148,14 +150,14 @@ def test_timeout_and_refused_connection_name_the_endpoint(emulator_factory):
     assert lean == sdk
 
 
-def test_non_ascii_custom_id_reaches_the_server_percent_encoded(emulator):
+def test_non_ascii_custom_id_reaches_the_server_percent_encoded(emulator: Any) -> None:
     lean, sdk = both(emulator.base_url, ids=("é 1", "é 2"))
     assert lean.ok and sdk.ok
     assert {"%C3%A9%201", "%C3%A9%202"} <= set(executions(emulator))
 
 
 @pytest.mark.parametrize("close", [False, True])
-def test_chunked_gzip_answers_are_read(close):
+def test_chunked_gzip_answers_are_read(close: bool) -> None:
     payload = b'{"ok": true}'
     packed = gzip.compress(payload)
     raw = (
@@ -182,8 +184,8 @@ def test_chunked_gzip_answers_are_read(close):
 
 
 def test_kill_9_during_group_commits_resends_at_most_one_request_per_worker(
-    emulator_factory, tmp_path: Path
-):
+    emulator_factory: Any, tmp_path: Path
+) -> None:
     """Killed while answers stream in and are committed in groups (nothing held back): the
     re-run re-sends only rows whose answer was not committed, at most one per worker."""
     workers = 8

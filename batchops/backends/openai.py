@@ -124,7 +124,7 @@ class OpenAIBackend:
                     )
                 except UnicodeEncodeError:  # a header HTTP/1.1 cannot carry raw
                     self._lean = False
-        return self._lean or None
+        return self._lean if isinstance(self._lean, http1.Http1Pool) else None
 
     # ------------------------------------------------------------------ files
     def upload(self, path: Path, name: str) -> str:
