@@ -41,7 +41,7 @@ Both scenarios of issue 21 run by default (20 ms with 8 workers, 5,000 requests;
     baseline             347.8               2.11          True
     batchops             568.0               0.36          True   (89% of the ceiling, 640)
 
-batchops sends online calls through its own keep-alive HTTP/1.1 pool (backends/http1.py) and
+batchops sends online calls through its own keep-alive HTTP/1.1 pool (batchops/backends/http1.py) and
 commits answers in groups, so it uses a quarter of the baseline's CPU per request. At 20 ms the
 1.5x target is out of reach here: the ceiling is 400 req/s and the transport alone reaches ~330
 against this emulator on this machine; batchops runs at that limit. At real API latencies (0.5-10
