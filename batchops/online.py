@@ -5,8 +5,10 @@ and send one request each. Durability follows the store's row life cycle:
 
 * rows are taken in groups into an *online chunk* (a chunks row in state `online`, no file): the
   group's rows become `queued` in it before any of them is sent;
-* every answer is committed as it arrives (`Store.record_outcomes`, one short transaction), so a
-  kill loses at most the requests in flight — at most one per worker;
+* every answer is committed before its worker takes another row (group commit: answers that
+  arrive in the same turn of the event loop share one `Store.record_outcomes` transaction), so
+  a worker holds at most one request that is sent but not committed, and a kill loses at most
+  the requests in flight — at most one per worker (`--workers`), as with one commit per answer;
 * a group is closed when all its rows are settled; on start, rows still queued in `online`
   chunks (a killed run) go back to pending, and a re-run sends only rows without an answer.
 
@@ -65,7 +67,7 @@ from batchops.render import ImageProblem
 from batchops.rundir import RunDir
 from batchops.spec import JobSpec, ModelEntry
 from batchops.states import ChunkState, StopReason
-from batchops.store import Store
+from batchops.store import Applied, Store
 
 # Rows per online chunk: small enough that a group is settled quickly, large enough that the
 # source is read in few passes and the chunks table stays small (1M rows → ~4,000 chunks).
@@ -93,6 +95,18 @@ class Job:
     text: str
     image: str | None
     system: str | None = None  # the row's rendered system text (None: none, or the same for all)
+
+
+@dataclass(slots=True)
+class _Unsaved:
+    """An answer waiting for its group commit; `done` is the waiting worker's future."""
+
+    job: Job
+    outcome: RowOutcome
+    cost: float | None
+    counts: bool
+    key_id: str | None
+    done: asyncio.Future[None]
 
 
 @dataclass
@@ -265,6 +279,8 @@ class OnlineEngine:
         self._open: dict[int, int] = {}  # online chunk → jobs not yet settled
         self._tasks: list[asyncio.Task[None]] = []
         self._producer: asyncio.Task[None] | None = None
+        self._unsaved: list[_Unsaved] = []  # answers waiting for the next group commit
+        self._commits = 0
         handlers = self._install_signals(loop)
         started = time.monotonic()
         try:
@@ -289,6 +305,7 @@ class OnlineEngine:
             finally:
                 progress.cancel()
         finally:
+            self._commit()  # answers of workers cancelled while waiting for their commit
             released = self.store.release_online_chunks()
             if released:
                 logger.info("{} unsent row(s) of online groups back to pending", released)
@@ -301,7 +318,7 @@ class OnlineEngine:
         c = self.count
         logger.info(
             "online: {} answer(s) recorded in {:.1f}s ({:.1f}/s): {} succeeded, {} re-queued, "
-            "{} failed, {} skipped; {} transient retries, {} rate-limited{}",
+            "{} failed, {} skipped; {} transient retries, {} rate-limited; {} commit(s){}",
             c.sent,
             elapsed,
             c.sent / elapsed if elapsed > 0 else 0.0,
@@ -311,6 +328,7 @@ class OnlineEngine:
             c.skipped,
             c.retries,
             c.rate_limited,
+            self._commits,
             f"; stopped: {self.stop_reason}" if self.stop_reason else "",
         )
         stopped = self._why_stopped()
@@ -518,7 +536,7 @@ class OnlineEngine:
                     }
                 outcome = self._checked(outcome)
                 cost = None if outcome.usage is None else self._cost(outcome.usage, entry.name)
-                self._record(job, outcome, cost, True, key)
+                await self._record(job, outcome, cost, True, key)
                 return
             cls, action = err.cls, decide(err.cls)
             if action == Action.FAIL_OVER:
@@ -526,7 +544,7 @@ class OnlineEngine:
                     await self._exhaust(entry.name, key, err)
                 # Not the row's fault: back to pending without using a retry.
                 failure = self._failure(job, entry, err)
-                self._record(job, failure, None, counts_as_attempt(cls), key)
+                await self._record(job, failure, None, counts_as_attempt(cls), key)
                 return
             if err.scope == Scope.ENDPOINT and self._failures_reach_threshold(
                 ("endpoint", self.pool.endpoint_of(entry)), cls, per_call=True
@@ -534,7 +552,7 @@ class OnlineEngine:
                 # A dead or failing server: every model it serves is set aside, and the row
                 # goes to the next endpoint without being charged a retry.
                 await self._exhaust(entry.name, key, err)
-                self._record(job, self._failure(job, entry, err), None, False, key)
+                await self._record(job, self._failure(job, entry, err), None, False, key)
                 return
             if cls == "rate_limit" and rate_tries < RATE_LIMIT_ATTEMPTS:
                 rate_tries += 1
@@ -560,7 +578,7 @@ class OnlineEngine:
                 )
                 await self._sleep(delay)
                 continue
-            self._record(job, self._failure(job, entry, err), None, True, key)
+            await self._record(job, self._failure(job, entry, err), None, True, key)
             return
 
     def _failures_reach_threshold(
@@ -616,7 +634,7 @@ class OnlineEngine:
             retryable=row_retryable(err.cls, self.spec.retry.retry_on),
         )
 
-    def _record(
+    async def _record(
         self,
         job: Job,
         outcome: RowOutcome,
@@ -624,29 +642,63 @@ class OnlineEngine:
         counts: bool,
         key: Key | None = None,
     ) -> None:
-        self.count.sent += 1
-        applied = self.store.record_outcomes(
-            job.chunk_id,
-            None,
-            [(outcome, cost, counts)],
-            key_id=key.key_id if key else None,
-            retry_wait=self.spec.retry.delay,
-            mode="online",
-            max_retries=self.spec.retry.max_retries,
-            close_chunk=False,
-        )
-        self.spent += cost or 0.0
+        """Commit one answer; returns once it is committed, so the worker takes its next row
+        only then (the kill bound above). Answers that arrive in the same loop turn are
+        committed together by `_commit`, scheduled once per turn."""
+        self.spent += cost or 0.0  # now: the budget check of other workers must see it
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._unsaved.append(_Unsaved(job, outcome, cost, counts, key.key_id if key else None, fut))
+        if len(self._unsaved) == 1:
+            asyncio.get_running_loop().call_soon(self._commit)
+        await fut
+
+    def _commit(self) -> None:
+        """One transaction per (online chunk, key) for successes; a failure gets its own, so
+        its log line says whether it failed for good."""
+        unsaved, self._unsaved = self._unsaved, []
+        groups: dict[tuple[Any, ...], list[_Unsaved]] = {}
+        for u in unsaved:
+            group = (u.job.chunk_id, u.key_id) if u.outcome.ok else (id(u),)
+            groups.setdefault(group, []).append(u)
+        for items in groups.values():
+            first = items[0]
+            try:
+                applied = self.store.record_outcomes(
+                    first.job.chunk_id,
+                    None,
+                    [(u.outcome, u.cost, u.counts) for u in items],
+                    key_id=first.key_id,
+                    retry_wait=self.spec.retry.delay,
+                    mode="online",
+                    max_retries=self.spec.retry.max_retries,
+                    close_chunk=False,
+                )
+            except Exception as exc:  # the workers waiting on it stop the run
+                for u in items:
+                    if not u.done.done():
+                        u.done.set_exception(exc)
+                continue
+            self._commits += 1
+            self._counted(items, applied)
+            for u in items:
+                if not u.done.done():
+                    u.done.set_result(None)
+
+    def _counted(self, items: list[_Unsaved], applied: Applied) -> None:
+        self.count.sent += len(items)
         self.count.succeeded += applied.succeeded
         self.count.failed += applied.failed
         self.count.requeued += applied.requeued
-        if not outcome.ok:
-            cls = outcome.error_class or "error"
+        for u in items:
+            if u.outcome.ok:
+                continue
+            cls = u.outcome.error_class or "error"
             self.count.by_class[cls] = self.count.by_class.get(cls, 0) + 1
             logger.debug(
                 "row {}: {} ({}){}",
-                job.row_id,
+                u.job.row_id,
                 cls,
-                outcome.error_message,
+                u.outcome.error_message,
                 " — failed for good" if applied.failed else "",
             )
 

@@ -112,8 +112,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "batch-rows-at-sync-price",
         "batchops/engine.py",
-        "o.usage, chunk.model, batch=True, overrides=self.overrides()",
-        "o.usage, chunk.model, batch=False, overrides=self.overrides()",
+        "price = pricing.price_for(chunk.model, batch=True, overrides=self.overrides())",
+        "price = pricing.price_for(chunk.model, batch=False, overrides=self.overrides())",
         "rows answered by a batch are charged at synchronous prices",
         ("tests/test_cost.py", "tests/test_report.py"),
     ),
@@ -161,8 +161,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "quota-refusals-spend-retries",
         "batchops/engine.py",
-        "outcomes.append((o, cost, counts_as_attempt(o.error_class)))",
-        "outcomes.append((o, cost, True))",
+        "part.append((item, cost, counts_as_attempt(item.error_class)))",
+        "part.append((item, cost, True))",
         "a batch line refused for quota counts as one of the row's retries",
         (
             G + "test_batch_quota_refusals_leave_attempts_at_zero",

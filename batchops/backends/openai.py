@@ -5,6 +5,11 @@ The SDK's own retries are off (`max_retries=0`): it would retry a 429 `insuffici
 can never succeed. Every call goes through `_call`, which classifies the error by code and
 retries only what `policy` says can improve. Calls that create something are tried once: an
 ambiguous failure is reconciled (`find_uploads`, `find_batch`) before anything is sent again.
+
+Online calls take a lean path (`http1.Http1Pool`: pooled keep-alive connections, orjson bytes,
+headers built once from the SDK client's own settings) wherever a direct connection reaches the
+server; Azure and proxied endpoints keep the SDK's transport. Either way an error is mapped by
+the same `_error`: the lean path builds the SDK's own exception for it first.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+import httpx2
 import openai
 import orjson
 from loguru import logger
 
 from batchops import results
+from batchops.backends import http1
 from batchops.backends.base import RemoteBatch, RemoteError, RemoteFile, SubmitRequest
 from batchops.backends.openai_wire import remote_batch
 from batchops.backends.retrying import call_with_retries
@@ -58,6 +65,7 @@ class OpenAIBackend:
         scrub: Callable[[str], str] = str,
         timeout: float = DEFAULT_TIMEOUT,
         rules: list[Rule] | None = None,
+        lean_online: bool = True,
     ) -> None:
         self._azure, self._kwargs = _client_kwargs(entry, api_key, base_url, timeout)
         self.provider = entry.provider
@@ -67,6 +75,10 @@ class OpenAIBackend:
         self.scrub = scrub
         self._client: openai.OpenAI | None = None
         self._aclient: openai.AsyncOpenAI | None = None
+        # The lean online transport (None: not made yet for this loop; False: not usable here).
+        # (lean_online=False keeps the SDK's transport: the tests compare the two paths.)
+        self._lean: http1.Http1Pool | bool | None = None if lean_online else False
+        self._timeout = timeout
         self._listed: dict[str, tuple[tuple[Any, ...], int]] = {}  # id → (view, unchanged polls)
         self._trust: dict[str, int] = {}  # id → unchanged list polls before the next check
         self._untrusted: set[str] = set()  # batches the list showed wrong: always retrieved
@@ -89,8 +101,34 @@ class OpenAIBackend:
 
     async def aclose(self) -> None:
         client, self._aclient = self._aclient, None
+        lean = self._lean
+        if isinstance(lean, http1.Http1Pool):
+            self._lean = None  # the next run's loop makes its own
+            await lean.aclose()
         if client is not None:
             await client.close()
+
+    def _lean_pool(self) -> http1.Http1Pool | None:
+        """The lean transport for online calls, made once per run (its connections belong to
+        the running loop); None where the SDK's transport must be used."""
+        if self._lean is None:
+            self._lean = False
+            client = self.aclient
+            base = str(client.base_url)
+            if not self._azure and http1.usable_for(base):
+                # The SDK's own headers (auth, organization, project, user agent …), once.
+                headers = {
+                    k: v
+                    for k, v in {**client.default_headers, **client.auth_headers}.items()
+                    if isinstance(v, str)
+                }
+                try:
+                    self._lean = http1.Http1Pool(
+                        base, headers, self._timeout, httpx2.create_ssl_context()
+                    )
+                except UnicodeEncodeError:  # a header HTTP/1.1 cannot carry raw
+                    self._lean = False
+        return self._lean if isinstance(self._lean, http1.Http1Pool) else None
 
     # ------------------------------------------------------------------ files
     def upload(self, path: Path, name: str) -> str:
@@ -205,8 +243,45 @@ class OpenAIBackend:
 
     # ------------------------------------------------------------------ online
     async def call_online(self, endpoint: str, body: dict[str, Any], custom_id: str) -> RowOutcome:
-        """One request through the client's generic `post`: the body goes out exactly as
-        rendered (no typed-parameter transform) and the answer is parsed from raw bytes."""
+        """One request; the body goes out exactly as rendered and the answer is parsed from
+        raw bytes. The lean transport where it can be used, else the SDK's generic `post`."""
+        lean = self._lean_pool()
+        if lean is None:
+            return await self._call_online_sdk(endpoint, body, custom_id)
+        path = endpoint.removeprefix("/v1")
+        try:
+            answer = await lean.post(
+                path,
+                orjson.dumps(body),
+                f"{CUSTOM_ID_HEADER}: {header_value(custom_id)}\r\n".encode("ascii"),
+            )
+        except http1.TimedOut:
+            raise self._error(
+                openai.APITimeoutError(request=self._request_of(path)), "online request"
+            ) from None
+        except http1.NoAnswer:
+            raise self._error(
+                openai.APIConnectionError(request=self._request_of(path)), "online request"
+            ) from None
+        if not 200 <= answer.status < 300:
+            # Rare: built as the SDK builds it, so `_error` maps it exactly as before.
+            response = httpx2.Response(
+                answer.status,
+                headers=answer.headers,
+                content=answer.body,
+                request=self._request_of(path),
+            )
+            exc = self.aclient._make_status_error_from_response(response)
+            raise self._error(exc, "online request") from None
+        return _parse_answer(answer.body, endpoint, custom_id)
+
+    def _request_of(self, path: str) -> httpx2.Request:
+        return httpx2.Request("POST", str(self.aclient.base_url).rstrip("/") + path)
+
+    async def _call_online_sdk(
+        self, endpoint: str, body: dict[str, Any], custom_id: str
+    ) -> RowOutcome:
+        """Through the client's generic `post` (no typed-parameter transform)."""
         try:
             raw = await self.aclient.post(
                 endpoint.removeprefix("/v1"),
@@ -216,21 +291,7 @@ class OpenAIBackend:
             )
         except openai.OpenAIError as exc:
             raise self._error(exc, "online request") from None
-        try:
-            answer = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            answer = None
-        if not isinstance(answer, dict):
-            return RowOutcome(
-                custom_id,
-                ok=False,
-                status_code=200,
-                error_code="invalid_response",
-                error_message="the answer is not a JSON object",
-                error_class="format_error",
-                retryable=row_retryable("format_error"),
-            )
-        return results.parse_sync_response(answer, endpoint, custom_id)
+        return _parse_answer(raw, endpoint, custom_id)
 
     # ------------------------------------------------------------------ calls and errors
     def _call(
@@ -286,6 +347,25 @@ def header_value(row_id: str) -> str:
 
 def _view(b: RemoteBatch) -> tuple[Any, ...]:
     return (b.raw_status, b.total, b.completed, b.failed)
+
+
+def _parse_answer(raw: bytes, endpoint: str, custom_id: str) -> RowOutcome:
+    """A 2xx answer's bytes → outcome; one that is not a JSON object is a format_error."""
+    try:
+        answer = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        answer = None
+    if not isinstance(answer, dict):
+        return RowOutcome(
+            custom_id,
+            ok=False,
+            status_code=200,
+            error_code="invalid_response",
+            error_message="the answer is not a JSON object",
+            error_class="format_error",
+            retryable=row_retryable("format_error"),
+        )
+    return results.parse_sync_response(answer, endpoint, custom_id)
 
 
 def _remote(b: Any) -> RemoteBatch:
