@@ -51,17 +51,15 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "join-by-line-order",
         "batchops/store.py",
-        '"SELECT row_idx, status, chunk_id, attempts FROM rows WHERE row_id = ?",\n'
-        "                    (outcome.custom_id,),",
-        '"SELECT row_idx, status, chunk_id, attempts FROM rows WHERE chunk_id = ? AND'
-        " status = 'queued' ORDER BY row_idx LIMIT 1\",\n"
-        "                    (chunk_id,),",
-        "each result line goes to the chunk's next queued row (line order), not its custom_id",
+        "               WHERE row_id = ? AND status = 'queued' AND chunk_id = ?\"\"\",",
+        "               WHERE ? IS NOT NULL AND row_idx = (SELECT MIN(row_idx) FROM rows"
+        " WHERE status = 'queued' AND chunk_id = ?)\"\"\",",
+        "each answer goes to the chunk's next queued row (line order), not its custom_id",
         (
             R + "test_transient_failures_and_5xx_recover_without_double_execution",
-            G + "test_numeric_looking_cells_are_sent_exactly_as_written",
             "tests/test_cli_run.py",
-            "tests/test_store.py",
+            "tests/test_engine.py::test_answers_joined_by_id_despite_shuffled_output",
+            "tests/test_engine.py::test_every_row_answered_once",
         ),
     ),
     Mutant(
