@@ -248,6 +248,8 @@ class BatchEngine:
         if not backend.uploads_files or chunk.model != entry.name:
             return
         name = self.remote_file_name(chunk)
+        with logger.contextualize(run=self.run.run_id, chunk=chunk_id):
+            logger.debug("chunk {}: built → uploading (key {}, ahead)", chunk_id, key.label)
         chunk = self.store.move_chunk(
             chunk_id,
             ChunkState.UPLOADING,
