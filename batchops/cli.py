@@ -194,6 +194,16 @@ def run_dir_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
+# One definition for every command that ends a run's work (run, retry-missing, watch, monitor).
+completion_threshold_option = click.option(
+    "--completion-threshold",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Exit 0 once at least this share of rows succeeded (the missing ones are listed) "
+    "[the run's; 1.0].",
+)
+
+
 def key_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option(
         "--base-url", default=None, help="API base URL [default: $OPENAI_BASE_URL or OpenAI]."
@@ -348,12 +358,7 @@ def cli() -> None:
 @click.option(
     "--max-cost", type=float, default=None, help="Stop submitting before spend would pass USD."
 )
-@click.option(
-    "--completion-threshold",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="Exit 0 once at least this share of rows succeeded (missing rows listed) [1.0].",
-)
+@completion_threshold_option
 @click.option(
     "--token-limit", type=int, default=None, help="Enqueued prompt tokens in flight per model."
 )
@@ -616,12 +621,7 @@ def missing(run_dir: Path | None) -> None:
     "--from-model", default=None, help="Only rows whose last failure came from this model."
 )
 @click.option("--batch", "batch_id", default=None, help="Only rows of this remote batch.")
-@click.option(
-    "--completion-threshold",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="Exit 0 once at least this share of rows succeeded [the run's; 1.0].",
-)
+@completion_threshold_option
 @click.option("--poll-interval", type=SECONDS, default=None, help="Seconds between status polls.")
 @key_options
 @common_logging
@@ -755,12 +755,7 @@ def pool_reset(run_dir: Path | None, model: str | None, key: str | None) -> None
     help="At least this long between re-sends; exhausted models are tried again after it.",
 )
 @click.option("--max-cycles", type=click.IntRange(1), default=None, help="Stop after N checks.")
-@click.option(
-    "--completion-threshold",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="Share of rows that must succeed (exit 0 at or above it) [the run's; 1.0].",
-)
+@completion_threshold_option
 @click.option(
     "--max-failure-rate",
     type=click.FloatRange(0, 1),
@@ -911,12 +906,7 @@ def cost(run_dir: Path | None, as_json: bool) -> None:
     is_flag=True,
     help="Also re-queue what failed or expired and submit it again, until every row is settled.",
 )
-@click.option(
-    "--completion-threshold",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="Exit 0 once at least this share of rows succeeded [the run's; 1.0].",
-)
+@completion_threshold_option
 @click.option("--poll-interval", type=SECONDS, default=None, help="Seconds between status polls.")
 @key_options
 @common_logging

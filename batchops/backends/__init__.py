@@ -6,6 +6,7 @@ its tests. SDK modules are imported lazily: `import batchops` stays light.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 from batchops.backends.base import (
@@ -35,6 +36,12 @@ __all__ = [
 BackendFactory = Callable[[ModelEntry, str, "str | None"], Backend]
 
 OPENAI_DIALECT = ("openai", "azure", "dashscope", "vllm")
+# provider → (backend module, class, pip extra): imported on first use, so `import batchops`
+# never loads an SDK it does not need.
+OTHER_SDKS = {
+    "anthropic": ("batchops.backends.anthropic", "AnthropicBackend", "anthropic"),
+    "gemini": ("batchops.backends.gemini", "GeminiBackend", "gemini"),
+}
 
 
 def make_backend(
@@ -60,39 +67,23 @@ def make_backend(
             timeout=timeout or DEFAULT_TIMEOUT,
             rules=rules or [],
         )
-    if entry.provider == "anthropic":
-        # Its own base_url or the SDK's default (api.anthropic.com): never the OpenAI --base-url.
+    if entry.provider in OTHER_SDKS:
+        # Its own base_url or the SDK's default: never the OpenAI --base-url.
+        module_name, class_name, extra = OTHER_SDKS[entry.provider]
         try:
-            from batchops.backends.anthropic import DEFAULT_TIMEOUT as ANTHROPIC_TIMEOUT
-            from batchops.backends.anthropic import AnthropicBackend
-        except ImportError as exc:  # the SDK is an extra: pip install 'batchops[anthropic]'
+            module = importlib.import_module(module_name)
+        except ImportError as exc:  # the SDK is an extra: pip install 'batchops[...]'
             raise ConfigError(
-                f"model {entry.name}: provider anthropic needs the anthropic SDK "
-                f"(pip install 'batchops[anthropic]'): {exc}"
+                f"model {entry.name}: provider {entry.provider} needs its SDK "
+                f"(pip install 'batchops[{extra}]'): {exc}"
             ) from None
-        return AnthropicBackend(
+        backend: Backend = getattr(module, class_name)(
             entry,
             api_key,
             policy=policy,
             scrub=scrub,
-            timeout=timeout or ANTHROPIC_TIMEOUT,
+            timeout=timeout or module.DEFAULT_TIMEOUT,
             rules=rules or [],
         )
-    if entry.provider == "gemini":
-        try:
-            from batchops.backends.gemini import DEFAULT_TIMEOUT as GEMINI_TIMEOUT
-            from batchops.backends.gemini import GeminiBackend
-        except ImportError as exc:  # the SDK is an extra: pip install 'batchops[gemini]'
-            raise ConfigError(
-                f"model {entry.name}: provider gemini needs google-genai "
-                f"(pip install 'batchops[gemini]'): {exc}"
-            ) from None
-        return GeminiBackend(
-            entry,
-            api_key,
-            policy=policy,
-            scrub=scrub,
-            timeout=timeout or GEMINI_TIMEOUT,
-            rules=rules or [],
-        )
+        return backend
     raise ConfigError(f"model {entry.name}: provider {entry.provider!r} has no backend")
