@@ -191,7 +191,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_sends_nothing_twice(
         fail_once_fraction=0.03,
         seed=11,
     )
-    src = awkward_table(tmp_path, n_plain=113, images=False)
+    src = awkward_table(tmp_path, n_plain=233, images=False)  # 48 chunks of 5
     run_dir = tmp_path / "run"
     args = [
         "run",
@@ -220,7 +220,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_sends_nothing_twice(
     # speed), each one a few random milliseconds after the process's k-th call of a route: in
     # turn mid-upload, mid-create, mid-poll and mid-download, wherever the few milliseconds
     # land (the call in flight, the database write after it). The schedule leaves work for
-    # every next process: 24 chunks, and at most 7 batches collected before the last kill.
+    # every next process: 48 chunks, and few batches collected before the last kill.
     for i, (route, k) in enumerate(KILL_SCHEDULE):
         before = emu.stats()["calls"].get(route, 0)
         proc = subprocess_run(args)
@@ -236,26 +236,28 @@ def test_kill_9_at_random_moments_loses_nothing_and_sends_nothing_twice(
     out, err = final.communicate(timeout=120)
     assert final.returncode == 0, err.decode()
     stats = all_succeeded_once(emu)
-    assert len(stats) == 120
+    assert len(stats) == 240
     rows = read_csv(run_dir / "final_output.csv")
     assert {r["status"] for r in rows} == {"succeeded"}
     assert {r["sku"]: r["response"] for r in rows} == expected_answers(run_dir)
     with sqlite3.connect(f"file:{run_dir / 'state.db'}?mode=ro", uri=True) as db:
         (n,) = db.execute("SELECT COUNT(*) FROM attempts WHERE ok = 1").fetchone()
         known = set(db.execute("SELECT chunk_id, attempt FROM batches").fetchall())
-    assert n == 120
+    assert n == 240
     assert_one_batch_per_chunk_and_attempt(emu, known)
 
 
 UPLOAD, CREATE = "POST /v1/files", "POST /v1/batches"
 POLL, DOWNLOAD = "GET /v1/batches", "GET /v1/files/{id}/content"
+# Uploads first: a run uploads up to 3 chunks ahead while it builds, so uploads run out before
+# creates, polls and downloads do (each kill needs its call still to come).
 KILL_SCHEDULE = [  # (route, k): kill the process just after its k-th call of route
     (UPLOAD, 1),
-    (CREATE, 1),
     (UPLOAD, 3),
+    (UPLOAD, 2),
+    (CREATE, 1),
     (CREATE, 2),
     (CREATE, 4),
-    (UPLOAD, 2),
     (POLL, 1),
     (DOWNLOAD, 1),
     (POLL, 1),
