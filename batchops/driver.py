@@ -282,19 +282,24 @@ def retry_missing(
         engine = batch_engine()(run, pool, wait=wait, on_progress=on_progress, src=src)
         result = drive(run, pool, engine, on_progress=on_progress)
         final = merge_run(run, src=src) if result.stopped_because != StopReason.NO_WAIT else None
-        return RunReport(
-            Path(run_dir),
-            result.counts,
-            result.spent,
-            result.stopped_because,
-            final,
-            None,
-            True,
-            spec.max_cost,
-            completion_threshold=spec.completion_threshold,
-        )
+        return report_of(run, result.stopped_because, final)
     finally:
         run.close()
+
+
+def report_of(run: RunDir, stopped: StopReason | None, final: Path | None) -> RunReport:
+    """What a command on an existing run comes to: its rows and spend as stored now."""
+    return RunReport(
+        run.path,
+        run.store.counts(),
+        run.store.spent(),
+        stopped,
+        final,
+        None,
+        True,
+        run.spec.max_cost,
+        completion_threshold=run.spec.completion_threshold,
+    )
 
 
 def cancel(run_dir: Path, *, api_key_file: Path | None = None, base_url: str | None = None) -> int:
@@ -342,17 +347,7 @@ def watch(
             c = run.store.counts()
             stopped = StopReason.ROWS_LEFT if c["pending"] or c["queued"] else None
         final = merge_run(run) if run.store.counts()["succeeded"] else None
-        return RunReport(
-            Path(run_dir),
-            run.store.counts(),
-            run.store.spent(),
-            stopped,
-            final,
-            None,
-            True,
-            run.spec.max_cost,
-            completion_threshold=run.spec.completion_threshold,
-        )
+        return report_of(run, stopped, final)
     finally:
         run.close()
 

@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from batchops.driver import batch_engine, drive, make_pool, merge_run, validate_inputs
+from batchops.driver import (
+    batch_engine,
+    drive,
+    make_pool,
+    merge_run,
+    report_of,
+    validate_inputs,
+)
 from batchops.rundir import RunDir, open_existing
 from batchops.states import ChunkState
 from batchops.summaries import RunReport
@@ -217,16 +224,6 @@ def monitor(
                 break
             sleep(every)
         final = merge_run(run, src=src) if run.store.counts()["succeeded"] else None
-        return RunReport(
-            Path(run_dir),
-            run.store.counts(),
-            run.store.spent(),
-            None,
-            final,
-            None,
-            True,
-            spec.max_cost,
-            completion_threshold=spec.completion_threshold,
-        )
+        return report_of(run, None, final)
     finally:
         run.close()
