@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import bench_build  # noqa: E402
-from bench_run import KEY, start_emulator  # noqa: E402
+from bench_run import KEY, _log_time, start_emulator  # noqa: E402
 from run_all import Figure, cores, markdown_table, write_json  # noqa: E402
 
 SIZES = (200_000, 1_000_000, 5_000_000)
@@ -91,10 +90,6 @@ def default_ref() -> str:
         ["git", "merge-base", "HEAD", "main"], cwd=ROOT, capture_output=True, text=True
     )
     return out.stdout.strip() or "HEAD"
-
-
-def _log_time(line: str) -> float:
-    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f").timestamp()
 
 
 def one_run(csv_path: Path, work: Path, code_root: Path, rows: int) -> dict[str, Any]:
