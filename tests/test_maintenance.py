@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import awkward_table, executions, invoke, read_csv, run_args
+from cli_helpers import (
+    assert_one_batch_per_chunk_and_attempt,
+    awkward_table,
+    calls,
+    db_rows,
+    executions,
+    invoke,
+    read_csv,
+    run_args,
+    subprocess_run,
+)
 
 
 def rejected_rows(emu, tmp_path: Path):  # type: ignore[no-untyped-def]
@@ -184,3 +197,50 @@ def test_maintain_analyses_without_side_effects(emulator_factory, tmp_path: Path
     assert data["completion"] == 0.9 and data["missing_by_class"] == {"invalid_request": 4}
     assert data["recommended"] == f"batchops retry-missing --run-dir {run_dir}"
     assert emu.stats()["calls"] == calls and (run_dir / "state.db").read_bytes() == before
+
+
+UPLOAD, CREATE = "POST /v1/files", "POST /v1/batches"
+POLL, DOWNLOAD = "GET /v1/batches", "GET /v1/files/{id}/content"
+# (route, k): kill the monitor just after its k-th call of the route in that process. Uploads and
+# creates first (the re-sent chunks), then polls and downloads while batches finish.
+MONITOR_KILLS = [(CREATE, 1), (CREATE, 2), (POLL, 1), (DOWNLOAD, 1), (CREATE, 1), (DOWNLOAD, 2)]
+
+
+@pytest.mark.slow
+def test_kill_9_loop_against_monitor_pays_each_row_once(emulator_factory, tmp_path: Path):
+    """The unattended monitor is killed at its uploads, creates, polls and downloads; the next
+    monitor reconciles and goes on: every row answered, each executed once, one batch per
+    (chunk, attempt)."""
+    emu = emulator_factory(
+        model_quota={"gpt-4o-mini": 0},
+        validating_seconds=0.05,
+        in_progress_seconds=0.3,
+        finalizing_seconds=0.05,
+    )
+    src = awkward_table(tmp_path, n_plain=43, images=False)  # 50 rows, 10 chunks of 5
+    run_dir = tmp_path / "run"
+    assert invoke(*run_args(emu, src, run_dir, "--batch-size", "5")).exit_code == 3
+    emu.update_scenario(model_quota={})  # quota back: the monitor re-sends every row
+    args = [
+        "monitor", "--run-dir", run_dir, "--base-url", emu.base_url, "--every", "0.2s",
+        "--cooldown", "0.1s", "--auto-maintain", "--max-cycles", "200",
+        "--log-dir", tmp_path / "logs",
+    ]  # fmt: skip
+    for i, (route, k) in enumerate(MONITOR_KILLS):
+        before = calls(emu, route)
+        proc = subprocess_run(args)
+        deadline = time.monotonic() + 60
+        while calls(emu, route) < before + k and proc.poll() is None:
+            assert time.monotonic() < deadline, f"kill {i}: no call of {route}"
+            time.sleep(0.002)
+        assert proc.poll() is None, f"kill {i}: the monitor ended before it ({route} #{k})"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    final = subprocess_run(args)
+    _, err = final.communicate(timeout=120)
+    assert final.returncode == 0, err.decode()
+    assert len(executions(emu)) == 50
+    assert all(v == {"executed": 1, "succeeded": 1} for v in executions(emu).values())
+    assert {r["status"] for r in read_csv(run_dir / "final_output.csv")} == {"succeeded"}
+    known = set(db_rows(run_dir, "SELECT chunk_id, attempt FROM batches"))
+    assert_one_batch_per_chunk_and_attempt(emu, known)
