@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +107,24 @@ def subprocess_run(
         stderr=subprocess.PIPE,
         **kw,
     )
+
+
+def kill_after_calls(
+    emu: Any, args: list[Any], route: str, k: int, *, then_wait: float = 0.0, label: str = ""
+) -> None:
+    """Start the CLI, SIGKILL it `then_wait` seconds after its k-th call of `route` (counted by
+    the emulator from now). The process must still be running then: a fixed schedule of kill
+    points, never "as many kills as fit in N seconds", which would depend on the machine."""
+    before = calls(emu, route)
+    proc = subprocess_run(args)
+    deadline = time.monotonic() + 60
+    while calls(emu, route) < before + k and proc.poll() is None:
+        assert time.monotonic() < deadline, f"{label}: no call of {route}"
+        time.sleep(0.002)
+    time.sleep(then_wait)
+    assert proc.poll() is None, f"{label}: the process ended before it ({route} #{k})"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def sent_bodies(run_dir: Path, folder: str = "inputs") -> dict[str, dict[str, Any]]:

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sqlite3
-import time
 from pathlib import Path
 
 import pytest
 from cli_helpers import (
     assert_one_batch_per_chunk_and_attempt,
     awkward_table,
-    calls,
     db_rows,
     executions,
     invoke,
+    kill_after_calls,
     read_csv,
     run_args,
     subprocess_run,
@@ -227,15 +224,7 @@ def test_kill_9_loop_against_monitor_pays_each_row_once(emulator_factory, tmp_pa
         "--log-dir", tmp_path / "logs",
     ]  # fmt: skip
     for i, (route, k) in enumerate(MONITOR_KILLS):
-        before = calls(emu, route)
-        proc = subprocess_run(args)
-        deadline = time.monotonic() + 60
-        while calls(emu, route) < before + k and proc.poll() is None:
-            assert time.monotonic() < deadline, f"kill {i}: no call of {route}"
-            time.sleep(0.002)
-        assert proc.poll() is None, f"kill {i}: the monitor ended before it ({route} #{k})"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_after_calls(emu, args, route, k, label=f"kill {i}")
     final = subprocess_run(args)
     _, err = final.communicate(timeout=120)
     assert final.returncode == 0, err.decode()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import signal
@@ -20,6 +19,7 @@ from cli_helpers import (
     executions,
     expected_answers,
     invoke,
+    kill_after_calls,
     read_csv,
     run_args,
     sent_bodies,
@@ -222,16 +222,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_sends_nothing_twice(
     # land (the call in flight, the database write after it). The schedule leaves work for
     # every next process: 48 chunks, and few batches collected before the last kill.
     for i, (route, k) in enumerate(KILL_SCHEDULE):
-        before = emu.stats()["calls"].get(route, 0)
-        proc = subprocess_run(args)
-        deadline = time.monotonic() + 60
-        while emu.stats()["calls"].get(route, 0) < before + k and proc.poll() is None:
-            assert time.monotonic() < deadline, f"kill {i}: no call of {route}"
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0, 0.02))
-        assert proc.poll() is None, f"kill {i}: the run ended before it ({route} #{k})"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_after_calls(emu, args, route, k, then_wait=rng.uniform(0, 0.02), label=f"kill {i}")
     final = subprocess_run(args)
     out, err = final.communicate(timeout=120)
     assert final.returncode == 0, err.decode()
