@@ -159,6 +159,10 @@ def test_300_awkward_rows_with_images_round_trip(emulator_factory: Factory, tmp_
         ids = [orjson.loads(x)["custom_id"] for x in f.read_bytes().splitlines()]
         orders.append([int(i.rpartition("_")[2]) for i in ids])
     assert len(orders) == 6 and any(o != sorted(o) for o in orders)
+    # Six batches in flight were polled with list pages, not one retrieve each per interval.
+    calls = emu.stats()["calls"]
+    assert calls.get("GET /v1/messages/batches", 0) > 0
+    assert calls.get("GET /v1/messages/batches/{batch_id}", 0) < calls["GET /v1/messages/batches"]
 
 
 def test_batch_that_expires_half_done_resends_only_the_rest(

@@ -37,6 +37,7 @@ from loguru import logger
 
 from batchops.backends import anthropic_wire as W
 from batchops.backends.base import RemoteBatch, RemoteError, RemoteFile, SubmitRequest
+from batchops.backends.listpoll import ListPoller
 from batchops.backends.retrying import call_with_retries
 from batchops.classify import classify_http
 from batchops.errors import ConfigError
@@ -88,6 +89,7 @@ class AnthropicBackend:
         self._first_id: dict[str, str | None] = {}
         self._ids: dict[Path, tuple[float, list[str]]] = {}
         self._dropped_logged: set[str] = set()
+        self._poller = ListPoller(self._list_page, self.retrieve)
 
     # ------------------------------------------------------------------ clients
     @property
@@ -207,14 +209,17 @@ class AnthropicBackend:
         return W.remote_batch(b.model_dump())
 
     def poll(self, batch_ids: list[str]) -> dict[str, RemoteBatch]:
+        """With several batches in flight, one list page (newest first) answers for them all
+        (`listpoll`: a batch it does not show, or shows unchanged for a while, is retrieved)."""
         self._claimed.update(batch_ids)  # each belongs to a chunk the engine tracks
-        seen: dict[str, RemoteBatch] = {}
-        for batch_id in batch_ids:
-            try:
-                seen[batch_id] = self.retrieve(batch_id)
-            except RemoteError as exc:
-                logger.warning("poll of batch {} failed: {}; will poll again", batch_id, exc)
-        return seen
+        return self._poller.poll(batch_ids)
+
+    def _list_page(self) -> list[RemoteBatch]:
+        def page() -> list[RemoteBatch]:
+            items = self.client.messages.batches.list(limit=100).data  # one page, newest first
+            return [W.remote_batch(item.model_dump()) for item in items]
+
+        return self._call(page, what="poll message batches (one list page)")
 
     def cancel(self, batch_id: str) -> None:
         self._call(self.client.messages.batches.cancel, batch_id, what=f"cancel batch {batch_id}")

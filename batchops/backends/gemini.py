@@ -36,7 +36,6 @@ import orjson
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
-from loguru import logger
 
 from batchops import results
 from batchops.backends.base import (
@@ -46,6 +45,7 @@ from batchops.backends.base import (
     RemoteFile,
     SubmitRequest,
 )
+from batchops.backends.listpoll import ListPoller
 from batchops.backends.retrying import call_with_retries
 from batchops.errors import ConfigError
 from batchops.policy import CALL_ATTEMPTS, Rule, Scope, classify, row_retryable
@@ -57,7 +57,6 @@ T = TypeVar("T")
 
 MAX_FILE_BYTES = 2 * 1024**3  # Files API limit per file
 DEFAULT_TIMEOUT = 600.0
-LIST_POLL_MIN = 3  # from this many jobs in flight, one list page answers for all of them
 PAGE_SIZE = 100
 CHAT = "/v1/chat/completions"
 CUSTOM_ID_HEADER = "X-Batchops-Custom-Id"
@@ -583,6 +582,7 @@ class GeminiBackend:
         # Kept for the backend's lifetime: a collected client closes its transport.
         self._client = genai.Client(api_key=api_key, vertexai=False, http_options=options(True))
         self._aclient: genai.Client | None = None
+        self._poller = ListPoller(self._list_page, self.retrieve)
 
     @property
     def aclient(self) -> genai.Client:
@@ -694,30 +694,15 @@ class GeminiBackend:
         return self._log.job(job)
 
     def poll(self, batch_ids: list[str]) -> dict[str, RemoteBatch]:
-        """With several jobs in flight, one list page (newest first) answers for them all; a
-        job it does not show is retrieved on its own."""
-        seen: dict[str, RemoteBatch] = {}
-        if len(batch_ids) >= LIST_POLL_MIN:
-            wanted = set(batch_ids)
+        """With several jobs in flight, one list page (newest first) answers for them all
+        (`listpoll`: a job it does not show, or shows unchanged for a while, is retrieved)."""
+        return self._poller.poll(batch_ids)
 
-            def page() -> list[types.BatchJob]:
-                return list(self._client.batches.list(config={"page_size": PAGE_SIZE}).page)
+    def _list_page(self) -> list[RemoteBatch]:
+        def page() -> list[types.BatchJob]:
+            return list(self._client.batches.list(config={"page_size": PAGE_SIZE}).page)
 
-            try:
-                for job in self._call(page, what=f"poll {len(batch_ids)} batches (one list page)"):
-                    b = self._log.job(job)
-                    if b.id in wanted:
-                        seen[b.id] = b
-            except RemoteError as exc:
-                logger.debug("list poll failed ({}); polling jobs one by one", exc)
-        for batch_id in batch_ids:
-            if batch_id in seen:
-                continue
-            try:
-                seen[batch_id] = self.retrieve(batch_id)
-            except RemoteError as exc:
-                logger.warning("poll of batch {} failed: {}; will poll again", batch_id, exc)
-        return seen
+        return [self._log.job(job) for job in self._call(page, what="poll jobs (one list page)")]
 
     def cancel(self, batch_id: str) -> None:
         b = self.retrieve(batch_id)

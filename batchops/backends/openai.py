@@ -23,11 +23,11 @@ from urllib.parse import quote
 import httpx2
 import openai
 import orjson
-from loguru import logger
 
 from batchops import results
 from batchops.backends import http1
 from batchops.backends.base import RemoteBatch, RemoteError, RemoteFile, SubmitRequest
+from batchops.backends.listpoll import ListPoller
 from batchops.backends.openai_wire import remote_batch
 from batchops.backends.retrying import call_with_retries
 from batchops.classify import classify_http
@@ -38,13 +38,6 @@ from batchops.spec import ModelEntry, RetryPolicy
 
 T = TypeVar("T")
 
-# From this many batches in flight, one `batches.list` page polls them all.
-LIST_POLL_MIN = 3
-# A batch whose listed view has not changed for this many list polls is retrieved on its own:
-# some servers (and caches) serve a stale list while the batch itself moves on. When the
-# retrieve agrees with the list, the list is trusted twice as long before the next check; when
-# it does not, that batch is retrieved on its own from then on.
-STALE_LIST_POLLS = 10
 CUSTOM_ID_HEADER = "X-Batchops-Custom-Id"
 DEFAULT_TIMEOUT = 600.0
 
@@ -79,9 +72,7 @@ class OpenAIBackend:
         # (lean_online=False keeps the SDK's transport: the tests compare the two paths.)
         self._lean: http1.Http1Pool | bool | None = None if lean_online else False
         self._timeout = timeout
-        self._listed: dict[str, tuple[tuple[Any, ...], int]] = {}  # id → (view, unchanged polls)
-        self._trust: dict[str, int] = {}  # id → unchanged list polls before the next check
-        self._untrusted: set[str] = set()  # batches the list showed wrong: always retrieved
+        self._poller = ListPoller(self._list_page, self.retrieve)
 
     # ------------------------------------------------------------------ clients
     @property
@@ -192,51 +183,13 @@ class OpenAIBackend:
         )
 
     def poll(self, batch_ids: list[str]) -> dict[str, RemoteBatch]:
-        """With several batches in flight, one `batches.list` page (newest first, up to 100)
-        answers for all of them; a batch it does not show, or shows unchanged for a while, is
-        retrieved on its own."""
-        seen: dict[str, RemoteBatch] = {}
-        if len(batch_ids) >= LIST_POLL_MIN:
-            try:
-                page = self._call(
-                    self.client.batches.list,
-                    limit=100,
-                    what=f"poll {len(batch_ids)} batches (one list page)",
-                )
-                wanted = set(batch_ids) - self._untrusted
-                for b in page.data:
-                    if b.id in wanted and not self._stale(_remote(b)):
-                        seen[b.id] = _remote(b)
-            except RemoteError as exc:
-                logger.debug("list poll failed ({}); polling batches one by one", exc)
-        for batch_id in batch_ids:
-            if batch_id in seen:
-                continue
-            try:
-                with logger.contextualize(batch=batch_id):  # the log line names the batch
-                    seen[batch_id] = got = self.retrieve(batch_id)
-            except RemoteError as exc:
-                logger.warning("poll of batch {} failed: {}; will poll again", batch_id, exc)
-                continue
-            listed = self._listed.get(batch_id)
-            if listed is not None and batch_id not in self._untrusted:
-                if listed[0] == _view(got):  # the list was right: trust it longer
-                    self._trust[batch_id] = 2 * self._trust.get(batch_id, STALE_LIST_POLLS)
-                else:
-                    logger.info("batch {}: the list view is stale; polled on its own", batch_id)
-                    self._untrusted.add(batch_id)
-        return seen
+        """With several batches in flight, one `batches.list` page answers for all of them
+        (`listpoll`: a batch it does not show, or shows unchanged for a while, is retrieved)."""
+        return self._poller.poll(batch_ids)
 
-    def _stale(self, b: RemoteBatch) -> bool:
-        """Whether this listed view has been the same for long enough to check it."""
-        view = _view(b)
-        old = self._listed.get(b.id)
-        unchanged = old[1] + 1 if old is not None and old[0] == view else 0
-        self._listed[b.id] = (view, unchanged)
-        if unchanged >= self._trust.get(b.id, STALE_LIST_POLLS):
-            self._listed[b.id] = (view, 0)
-            return True
-        return False
+    def _list_page(self) -> list[RemoteBatch]:
+        page = self._call(self.client.batches.list, limit=100, what="poll batches (one list page)")
+        return [_remote(b) for b in page.data]
 
     def cancel(self, batch_id: str) -> None:
         self._call(self.client.batches.cancel, batch_id, what=f"cancel batch {batch_id}")
@@ -343,10 +296,6 @@ def header_value(row_id: str) -> str:
     if row_id.isascii() and row_id.isprintable():
         return row_id
     return quote(row_id, safe="")
-
-
-def _view(b: RemoteBatch) -> tuple[Any, ...]:
-    return (b.raw_status, b.total, b.completed, b.failed)
 
 
 def _parse_answer(raw: bytes, endpoint: str, custom_id: str) -> RowOutcome:
