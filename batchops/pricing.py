@@ -88,6 +88,8 @@ class PriceTier:
     input_per_mtok: float
     cached_input_per_mtok: float
     output_per_mtok: float
+    cache_write_per_mtok: float | None = None  # None: the tier's input rate
+    cache_write_1h_per_mtok: float | None = None
 
 
 @dataclass(frozen=True)
@@ -101,13 +103,27 @@ class ModelPrice:
     source: str  # "genai-prices <version> (...)" or "batchops.toml override (...)"
     batch: bool  # whether these are batch prices
     tiers: tuple[PriceTier, ...] = ()  # long-context rates, ascending; empty for most models
+    # Prompt-cache writes (Anthropic: 1.25x / 2x input); None: billed at the input rate.
+    cache_write_per_mtok: float | None = None
+    cache_write_1h_per_mtok: float | None = None
 
     def rates_for(self, prompt_tokens: int) -> tuple[float, float, float]:
         """(input, cached_input, output) per 1M tokens for ONE request of this prompt size."""
+        rate = self._rate_of(prompt_tokens)
+        return rate.input_per_mtok, rate.cached_input_per_mtok, rate.output_per_mtok
+
+    def write_rates_for(self, prompt_tokens: int) -> tuple[float, float]:
+        """(5-minute, 1-hour) cache-write rates per 1M tokens for ONE request of this size."""
+        rate = self._rate_of(prompt_tokens)
+        inp = rate.input_per_mtok
+        w5, w1h = rate.cache_write_per_mtok, rate.cache_write_1h_per_mtok
+        return (inp if w5 is None else w5), (inp if w1h is None else w1h)
+
+    def _rate_of(self, prompt_tokens: int) -> PriceTier | ModelPrice:
         for tier in reversed(self.tiers):
             if prompt_tokens > tier.above_prompt_tokens:
-                return tier.input_per_mtok, tier.cached_input_per_mtok, tier.output_per_mtok
-        return self.input_per_mtok, self.cached_input_per_mtok, self.output_per_mtok
+                return tier
+        return self
 
 
 class UnknownPriceWarning(UserWarning):
@@ -176,6 +192,12 @@ def _price_from_override(model: str, ov: PriceOverride, batch: bool) -> ModelPri
         output_per_mtok=float(_dec(ov.output) * factor),
         source=source,
         batch=batch,
+        cache_write_per_mtok=None
+        if ov.cache_write is None
+        else float(_dec(ov.cache_write) * factor),
+        cache_write_1h_per_mtok=(
+            None if ov.cache_write_1h is None else float(_dec(ov.cache_write_1h) * factor)
+        ),
     )
 
 
@@ -271,6 +293,10 @@ def _library_price(model: str, batch: bool, when: datetime) -> ModelPrice | None
     cached, cached_tiers = _rate(getattr(prices, "cache_read_mtok", None))
     if cached is None:  # no cache discount listed: cached tokens bill at the input rate
         cached, cached_tiers = inp, inp_tiers
+    w5, w5_tiers = _rate(getattr(prices, "cache_write_mtok", None))
+    w1h, w1h_tiers = _rate(getattr(prices, "cache_write_1h_mtok", None))
+    if w1h is None:  # one listed write rate covers both cache lifetimes
+        w1h, w1h_tiers = w5, w5_tiers
     out, out_tiers = _rate(getattr(prices, "output_mtok", None))
     if out is None:  # e.g. embeddings: no output tokens
         out, out_tiers = Decimal(0), []
@@ -293,9 +319,21 @@ def _library_price(model: str, batch: bool, when: datetime) -> ModelPrice | None
                 price = t_price
         return float(price * factor)
 
-    starts = sorted({s for s, _ in inp_tiers + cached_tiers + out_tiers})
+    def at_or_none(
+        base: Decimal | None, tiers: list[tuple[int, Decimal]], start: int
+    ) -> float | None:
+        return None if base is None else at(base, tiers, start)
+
+    starts = sorted({s for s, _ in inp_tiers + cached_tiers + out_tiers + w5_tiers + w1h_tiers})
     tiers = tuple(
-        PriceTier(s, at(inp, inp_tiers, s), at(cached, cached_tiers, s), at(out, out_tiers, s))
+        PriceTier(
+            s,
+            at(inp, inp_tiers, s),
+            at(cached, cached_tiers, s),
+            at(out, out_tiers, s),
+            at_or_none(w5, w5_tiers, s),
+            at_or_none(w1h, w1h_tiers, s),
+        )
         for s in starts
     )
     return ModelPrice(
@@ -306,11 +344,14 @@ def _library_price(model: str, batch: bool, when: datetime) -> ModelPrice | None
         source=f"genai-prices {genai_prices.__version__} ({detail})",
         batch=batch,
         tiers=tiers,
+        cache_write_per_mtok=None if w5 is None else float(w5 * factor),
+        cache_write_1h_per_mtok=None if w1h is None else float(w1h * factor),
     )
 
 
 def cost_of(usage: Usage, price: ModelPrice, *, per_request: bool = True) -> float:
-    """USD cost of `usage`: uncached prompt × input + cached × cached_input + completion × output.
+    """USD cost of `usage`: uncached prompt × input + cached × cached_input + cache writes × their
+    rate (input where none is known) + completion × output.
 
     `completion_tokens` already includes reasoning tokens (OpenAI reports reasoning inside
     completion/output tokens), so `usage.reasoning_tokens` is NOT added again. Computed in
@@ -322,14 +363,17 @@ def cost_of(usage: Usage, price: ModelPrice, *, per_request: bool = True) -> flo
     """
     prompt = max(int(usage.prompt_tokens), 0)
     cached = min(max(int(usage.cached_tokens), 0), prompt)  # cached ⊆ prompt tokens
+    w5 = min(max(int(usage.cache_write_tokens), 0), prompt - cached)  # writes ⊆ prompt too
+    w1h = min(max(int(usage.cache_write_1h_tokens), 0), prompt - cached - w5)
     completion = max(int(usage.completion_tokens), 0)
-    if per_request:
-        inp, cin, out = price.rates_for(prompt)
-    else:
-        inp, cin, out = price.input_per_mtok, price.cached_input_per_mtok, price.output_per_mtok
+    size = prompt if per_request else 0  # summed usage must not trigger per-request tiers
+    inp, cin, out = price.rates_for(size)
+    cw5, cw1h = price.write_rates_for(size)
     total = (
-        Decimal(prompt - cached) * _dec(inp)
+        Decimal(prompt - cached - w5 - w1h) * _dec(inp)
         + Decimal(cached) * _dec(cin)
+        + Decimal(w5) * _dec(cw5)
+        + Decimal(w1h) * _dec(cw1h)
         + Decimal(completion) * _dec(out)
     ) / _MTOK
     return float(total)

@@ -29,9 +29,13 @@ class Usage:
     """Token usage of one request, normalised across endpoints."""
 
     prompt_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens read from the prompt cache
     completion_tokens: int = 0
     reasoning_tokens: int = 0
+    # Prompt tokens written to the prompt cache (Anthropic bills them above the input rate:
+    # 1.25x for the 5-minute cache, 2x for the 1-hour one). Both are part of prompt_tokens.
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -39,6 +43,8 @@ class Usage:
             self.cached_tokens + other.cached_tokens,
             self.completion_tokens + other.completion_tokens,
             self.reasoning_tokens + other.reasoning_tokens,
+            self.cache_write_tokens + other.cache_write_tokens,
+            self.cache_write_1h_tokens + other.cache_write_1h_tokens,
         )
 
 

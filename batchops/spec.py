@@ -61,6 +61,12 @@ class PriceOverride(BaseModel):
     input: float = Field(ge=0)
     output: float = Field(ge=0)
     cached_input: float | None = Field(None, ge=0)
+    cache_write: float | None = Field(
+        None, ge=0, description="5-minute cache writes; default input"
+    )
+    cache_write_1h: float | None = Field(
+        None, ge=0, description="1-hour cache writes; default input"
+    )
     batch_discount: float = Field(0.5, ge=0, le=1, description="fraction taken off in batch mode")
 
 

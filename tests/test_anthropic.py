@@ -18,6 +18,7 @@ from typing import Any
 
 import anthropic
 import orjson
+import pytest
 from cli_helpers import (
     AWKWARD_ROWS,
     awkward_table,
@@ -335,9 +336,9 @@ def test_mixed_pool_openai_out_of_quota_fails_over_to_claude(
     for b in client.messages.batches.list(limit=100):
         for r in client.messages.batches.results(b.id):
             u = r.result.message.usage  # type: ignore[union-attr]
-            fresh = u.input_tokens + (u.cache_creation_input_tokens or 0)
             want += (
-                fresh * price.input_per_mtok
+                u.input_tokens * price.input_per_mtok
+                + (u.cache_creation_input_tokens or 0) * (price.cache_write_per_mtok or 0)
                 + (u.cache_read_input_tokens or 0) * price.cached_input_per_mtok
                 + u.output_tokens * price.output_per_mtok
             ) / 1e6
@@ -376,3 +377,37 @@ def test_online_mode_2000_rows_exactly_once(emulator_factory: Factory, tmp_path:
         }
         assert r["response"] == expected_answer(CLAUDE, to_chat(to_params(body)))
     assert all(float(r["cost_usd"]) > 0 for r in rows)  # synchronous prices
+
+
+@pytest.mark.parametrize("ttl", ["5m", "1h"])
+def test_prompt_cache_writes_are_priced_at_their_own_rate(
+    emulator_factory: Factory, tmp_path: Path, ttl: str
+):
+    """`cache_control` in --body-extra: the emulator reports the prompt as cache writes, and the
+    run's cost bills them at 1.25x (5 minutes) or 2x (1 hour) the input rate, as Anthropic does."""
+    emu = emulator_factory()
+    src = table(tmp_path, n_plain=13)
+    run_dir = tmp_path / "run"
+    cfg = config(tmp_path, emu)
+    extra = json.dumps({"cache_control": {"type": "ephemeral", "ttl": ttl}})
+    res = invoke(*args(emu, src, run_dir, cfg, "--body-extra", extra), env=ENV)
+    assert res.exit_code == 0, res.output
+    executed_once(emu, 20)
+    price = pricing.price_for(CLAUDE, batch=True)
+    rate = price.cache_write_per_mtok if ttl == "5m" else price.cache_write_1h_per_mtok
+    assert rate == price.input_per_mtok * (1.25 if ttl == "5m" else 2)
+    client = anthropic.Anthropic(api_key=KEY, base_url=emu.root_url, max_retries=0)
+    want, written = 0.0, 0
+    for b in client.messages.batches.list(limit=100):
+        for r in client.messages.batches.results(b.id):
+            u = r.result.message.usage  # type: ignore[union-attr]
+            written += u.cache_creation_input_tokens or 0
+            want += (
+                u.input_tokens * price.input_per_mtok
+                + (u.cache_creation_input_tokens or 0) * rate
+                + (u.cache_read_input_tokens or 0) * price.cached_input_per_mtok
+                + u.output_tokens * price.output_per_mtok
+            ) / 1e6
+    assert written > 0
+    cost = json.loads(invoke("cost", "--run-dir", run_dir, "--json").output)
+    assert abs(cost["by_model"][0]["cost_usd"] - want) < 1e-9

@@ -375,3 +375,26 @@ def test_online_call_and_rate_limit_error(emulator_factory: Factory) -> None:
     assert o.usage is not None and o.usage.completion_tokens > 0
     assert (err.cls, err.status, err.retry_after) == ("rate_limit", 429, 7.0)
     assert "row%2F1%20%C3%A9" in emu.stats()["requests"]
+
+
+def test_usage_splits_cache_reads_and_writes_by_lifetime() -> None:
+    from batchops.backends.anthropic_wire import usage_of
+
+    u = usage_of(
+        {
+            "input_tokens": 10,
+            "cache_read_input_tokens": 100,
+            "cache_creation_input_tokens": 50,
+            "cache_creation": {"ephemeral_5m_input_tokens": 20, "ephemeral_1h_input_tokens": 30},
+            "output_tokens": 7,
+        }
+    )
+    assert u is not None
+    assert (u.prompt_tokens, u.cached_tokens, u.cache_write_tokens, u.cache_write_1h_tokens) == (
+        160,
+        100,
+        20,
+        30,
+    )
+    old = usage_of({"input_tokens": 1, "cache_creation_input_tokens": 5, "output_tokens": 2})
+    assert old is not None and (old.cache_write_tokens, old.cache_write_1h_tokens) == (5, 0)

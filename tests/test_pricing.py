@@ -523,3 +523,31 @@ def test_tools_and_schema_are_counted() -> None:
     }
     with_schema = dict(base, response_format={"type": "json_schema", "json_schema": schema})
     assert estimate_request_tokens(with_schema) > estimate_request_tokens(base)
+
+
+def test_cache_writes_are_billed_at_their_own_rates() -> None:
+    p = ModelPrice(
+        "m", 1.0, 0.1, 4.0, "t", False, cache_write_per_mtok=1.25, cache_write_1h_per_mtok=2.0
+    )
+    usage = Usage(
+        prompt_tokens=1_000_000, cached_tokens=100_000, completion_tokens=0,
+        cache_write_tokens=200_000, cache_write_1h_tokens=300_000,
+    )  # fmt: skip
+    # 400k fresh x 1.0 + 100k read x 0.1 + 200k x 1.25 + 300k x 2.0
+    assert cost_of(usage, p) == pytest.approx(0.4 + 0.01 + 0.25 + 0.6)
+    plain = ModelPrice("m", 1.0, 0.1, 4.0, "t", False)  # no write rate known: input rate
+    assert cost_of(usage, plain) == pytest.approx(0.4 + 0.01 + 0.2 + 0.3)
+
+
+def test_library_prices_claude_cache_writes_above_input() -> None:
+    p = price_for("claude-sonnet-4-5", batch=True)
+    assert p is not None
+    assert p.cache_write_per_mtok == pytest.approx(1.25 * p.input_per_mtok)
+    assert p.cache_write_1h_per_mtok == pytest.approx(2 * p.input_per_mtok)
+
+
+def test_override_may_name_cache_write_rates() -> None:
+    ov = {"m": {"input": 1.0, "output": 2.0, "cache_write": 1.5, "batch_discount": 0.5}}
+    p = price_for("m", batch=True, overrides={"m": PriceOverride.model_validate(ov["m"])})
+    assert p is not None
+    assert (p.cache_write_per_mtok, p.cache_write_1h_per_mtok) == (0.75, None)

@@ -254,12 +254,17 @@ STATUS_OF_TYPE = {
 
 def usage_of(u: Any) -> Usage | None:
     """Anthropic usage → batchops Usage. input_tokens excludes cache reads and writes: prompt =
-    input + cache_read + cache_creation, cached = cache_read (cache writes are priced as input:
-    batchops' Usage has no field for their 1.25× rate)."""
+    input + cache_read + cache_creation, cached = cache_read; writes are split by cache lifetime
+    (`cache_creation.ephemeral_5m/1h_input_tokens`; all 5-minute when the split is absent),
+    each priced at its own rate."""
     if not isinstance(u, dict):
         return None
     read = int(u.get("cache_read_input_tokens") or 0)
     write = int(u.get("cache_creation_input_tokens") or 0)
+    split = u.get("cache_creation")
+    write_1h = 0
+    if isinstance(split, dict):
+        write_1h = min(int(split.get("ephemeral_1h_input_tokens") or 0), write)
     details = u.get("output_tokens_details") or {}
     return Usage(
         prompt_tokens=int(u.get("input_tokens") or 0) + read + write,
@@ -268,6 +273,8 @@ def usage_of(u: Any) -> Usage | None:
         reasoning_tokens=int(details.get("thinking_tokens") or 0)
         if isinstance(details, dict)
         else 0,
+        cache_write_tokens=write - write_1h,
+        cache_write_1h_tokens=write_1h,
     )
 
 

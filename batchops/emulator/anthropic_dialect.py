@@ -160,12 +160,33 @@ def to_chat(params: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def to_message(model: str, chat: dict[str, Any]) -> dict[str, Any]:
-    """A chat completion (from the executor) as an Anthropic Message."""
+def cache_ttl(params: Any) -> str | None:
+    """ "5m" or "1h" when the request asks for prompt caching (`cache_control` at the top level
+    or on a system / message block), else None."""
+    if not isinstance(params, dict):
+        return None
+    marks = [params.get("cache_control")]
+    system = params.get("system")
+    blocks: list[Any] = system if isinstance(system, list) else []
+    for m in params.get("messages") or []:
+        if isinstance(m, dict) and isinstance(m.get("content"), list):
+            blocks = [*blocks, *m["content"]]
+    marks += [b.get("cache_control") for b in blocks if isinstance(b, dict)]
+    found = [m for m in marks if isinstance(m, dict)]
+    if not found:
+        return None
+    return "1h" if any(m.get("ttl") == "1h" for m in found) else "5m"
+
+
+def to_message(model: str, chat: dict[str, Any], ttl: str | None = None) -> dict[str, Any]:
+    """A chat completion (from the executor) as an Anthropic Message. With prompt caching
+    asked for (`ttl`), the emulator writes every prompt token it did not read from the cache
+    (as if the breakpoint were at the end of the prompt)."""
     choice = chat["choices"][0]
     usage = chat.get("usage") or {}
     prompt = int(usage.get("prompt_tokens", 0))
     cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
+    written = prompt - cached if ttl else 0
     return {
         "id": "msg_" + chat["id"].removeprefix("chatcmpl-")[-24:],
         "type": "message",
@@ -176,9 +197,13 @@ def to_message(model: str, chat: dict[str, Any]) -> dict[str, Any]:
         "stop_sequence": None,
         "usage": {
             # Anthropic counts cache reads apart from input_tokens
-            "input_tokens": prompt - cached,
-            "cache_creation_input_tokens": 0,
+            "input_tokens": prompt - cached - written,
+            "cache_creation_input_tokens": written,
             "cache_read_input_tokens": cached,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": written if ttl == "5m" else 0,
+                "ephemeral_1h_input_tokens": written if ttl == "1h" else 0,
+            },
             "output_tokens": int(usage.get("completion_tokens", 0)),
             "service_tier": "batch",
         },
@@ -303,12 +328,14 @@ async def create_batch(call: Call) -> Response:
     raw = await call.request.body()
     if len(raw) > MAX_BYTES:
         raise error(413, "Request exceeds the maximum allowed number of bytes.")
-    requests, model = _parse_requests(emu, await call.json(DIALECT))
+    body = await call.json(DIALECT)
+    requests, model = _parse_requests(emu, body)
     if not emu.quota_left(model, call.key):
         raise from_executor(emu, model, 429, {"error": {"code": "insufficient_quota"}})
     b = D.start_batch(emu, NAME, call.key, model, requests, "msgbatch_")
     order = {r.custom_id: i for i, r in enumerate(requests)}
-    e = {"batch": b, "order": order, "final": None, "model": model}
+    ttls = {r["custom_id"]: t for r in body["requests"] if (t := cache_ttl(r["params"]))}
+    e = {"batch": b, "order": order, "final": None, "model": model, "cache_ttl": ttls}
     D.registry(emu, NAME)["batches"][b.id] = e
     return JSONResponse(_to_api(emu, e, _base(call)))
 
@@ -366,13 +393,13 @@ async def delete_batch(call: Call) -> Response:
     return JSONResponse({"id": batch_id, "type": "message_batch_deleted"})
 
 
-def result_line(emu: Emulator, line: D.Line, model: str) -> dict[str, Any]:
+def result_line(emu: Emulator, line: D.Line, model: str, ttls: dict[str, str]) -> dict[str, Any]:
     result: dict[str, Any]
     if line.kind == "succeeded":
         model = str(line.body.get("model") or "")
         result = {
             "type": "succeeded",
-            "message": to_message(model, line.body),
+            "message": to_message(model, line.body, ttls.get(line.custom_id)),
         }
     elif line.kind == "errored":
         err = from_executor(emu, model, line.status, line.body)
@@ -390,7 +417,9 @@ async def batch_results(call: Call) -> Response:
         raise error(
             400, f"Message batch {batch_id} has not finished processing; results are not ready."
         )
-    body = b"".join(orjson.dumps(result_line(call.emu, x, e["model"])) + b"\n" for x in final)
+    body = b"".join(
+        orjson.dumps(result_line(call.emu, x, e["model"], e["cache_ttl"])) + b"\n" for x in final
+    )
     return Response(body, media_type="application/binary")
 
 
@@ -427,7 +456,7 @@ async def create_message(call: Call) -> Response:
     )
     if out.error is not None:
         raise D.rate_limit_headers(emu, from_executor(emu, model, out.status, out.body))
-    msg = to_message(model, out.body)
+    msg = to_message(model, out.body, cache_ttl(params))
     msg["usage"]["service_tier"] = "standard"
     return JSONResponse(msg)
 
