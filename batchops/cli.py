@@ -8,6 +8,7 @@ or usage (one line, nothing uploaded); 3 the run ended with rows still missing; 
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import math
 import os
@@ -118,18 +119,25 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
+            failure = ("", 130)
+        except BatchopsError as exc:
+            failure = (logsetup.mask_secrets(str(exc)), exc.exit_code)
+        except (OSError, sqlite3.OperationalError) as exc:
+            environment = environment_error(exc)
+            if environment is None:
+                raise
+            failure = (logsetup.mask_secrets(environment[0]), environment[1])
+        # Outside the except block the traceback (and every frame it kept alive) is gone: collect
+        # now, so half-read Arrow readers close their threads while Arrow still runs. Left to the
+        # interpreter's teardown, one can abort the process (exit 134, pyarrow issue 34314).
+        gc.collect()
+        if failure[1] == 130:
             click.echo(
                 "batchops: interrupted; state saved — run the same command again to resume",
                 err=True,
             )
             sys.exit(130)
-        except BatchopsError as exc:
-            _fail(logsetup.mask_secrets(str(exc)), exc.exit_code)
-        except (OSError, sqlite3.OperationalError) as exc:
-            environment = environment_error(exc)
-            if environment is None:
-                raise
-            _fail(logsetup.mask_secrets(environment[0]), environment[1])
+        _fail(*failure)
 
     return wrapper
 

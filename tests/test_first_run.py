@@ -625,3 +625,18 @@ def test_a_trial_slice_can_be_extended_reusing_its_answers(emulator, tmp_path: P
     assert res.exit_code == 0, res.output
     assert len(read_csv(run_dir / "final_output.csv")) == 20
     assert all(v["executed"] == 1 for v in emulator.stats()["requests"].values())
+
+
+def test_bad_input_exits_2_every_time_never_aborting_at_teardown(tmp_path: Path):
+    """A bad placeholder after the source was read: exit 2 with one line, every time. Arrow
+    readers left for the interpreter's teardown aborted ~1 exit in 10 with 134 ("terminate
+    called without an active exception"); the CLI now collects them before it exits."""
+    src = awkward_table(tmp_path, n_plain=20, images=False)
+    env = {**os.environ, "OPENAI_API_KEY": DEFAULT_KEY, "NO_COLOR": "1"}
+    args = [sys.executable, "-m", "batchops.cli", "run", "--csv", str(src)]
+    args += ["--prompt", "Describe {nme}", "--model", "gpt-4o-mini", "--dry-run"]
+    for i in range(12):
+        args_i = [*args, "--run-dir", str(tmp_path / f"run{i}")]
+        done = subprocess.run(args_i, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "did you mean {name}" in done.stderr
