@@ -83,6 +83,11 @@ def keys(frame: pl.DataFrame, spec: JobSpec) -> pl.DataFrame:
 
 def find_pairs(src: Source, spec: JobSpec) -> Pairs:
     """Every follower of the slice and its leader (the lowest row with the same body)."""
+    return _scan(src, spec)[1]
+
+
+def _scan(src: Source, spec: JobSpec) -> tuple[np.ndarray, Pairs]:
+    """The slice's row indexes, and its pairs."""
     # Frames of about _FRAME_BYTES of source each: memory stays flat however wide the rows.
     row_bytes = src.file_size / max(1, src.total_rows)
     rows = int(min(_FRAME_ROWS[1], max(_FRAME_ROWS[0], _FRAME_BYTES // max(1.0, row_bytes))))
@@ -93,7 +98,7 @@ def find_pairs(src: Source, spec: JobSpec) -> Pairs:
         h1_parts.append(k["h1"].to_numpy())
         h2_parts.append(k["h2"].to_numpy())
     if not idx_parts:
-        return NO_PAIRS
+        return np.empty(0, np.int64), NO_PAIRS
     idx, h1 = np.concatenate(idx_parts), np.concatenate(h1_parts)
     del idx_parts, h1_parts
     # Candidates: rows whose first 64 bits repeat (numpy sort: a few bytes a row, no hash table).
@@ -105,7 +110,7 @@ def find_pairs(src: Source, spec: JobSpec) -> Pairs:
     cand = np.sort(order[repeated])
     del order, same, repeated
     if cand.size == 0:
-        return NO_PAIRS
+        return idx, NO_PAIRS
     h2 = np.concatenate(h2_parts)[cand]
     found = (  # the group is on all 128 bits
         pl.DataFrame({ROW_IDX: idx[cand], "h1": h1[cand], "h2": h2})
@@ -113,7 +118,7 @@ def find_pairs(src: Source, spec: JobSpec) -> Pairs:
         .filter(pl.col(ROW_IDX) != pl.col(LEADER))
         .sort(ROW_IDX)
     )
-    return Pairs(found[ROW_IDX].to_numpy(), found[LEADER].to_numpy())
+    return idx, Pairs(found[ROW_IDX].to_numpy(), found[LEADER].to_numpy())
 
 
 def anchor(pairs: Pairs, history: pl.DataFrame) -> Pairs:
@@ -175,8 +180,7 @@ def leaders_only(src: Source, spec: JobSpec) -> tuple[np.ndarray | None, int]:
     left out as followers."""
     if not spec.dedup:
         return None, 0
-    pairs = find_pairs(src, spec)
+    every, pairs = _scan(src, spec)
     if not len(pairs):
         return None, 0
-    every = np.concatenate([f[ROW_IDX].to_numpy() for f in iter_frames(src, columns=[])])
     return every[~np.isin(every, pairs.followers, assume_unique=True)], len(pairs)

@@ -267,6 +267,34 @@ def test_online_mode_sends_each_distinct_request_once(emulator, tmp_path: Path):
         assert float(merged[f]["cost_usd"]) == 0
 
 
+def test_python_api_dedup_keyword(emulator_factory, tmp_path: Path, monkeypatch):
+    import pandas as pd
+
+    import batchops
+    from batchops.emulator.testing import DEFAULT_KEY
+
+    monkeypatch.setenv("OPENAI_API_KEY", DEFAULT_KEY)
+    monkeypatch.delenv("OPENAI_API_KEYS", raising=False)
+    df = pd.DataFrame({"sku": ["a", "b", "c", "d"], "name": ["x", "y", "x", "x"]})
+    sent = {}
+    for dedup_on in (True, False):
+        emu = emulator_factory()
+        out = batchops.run(
+            df,
+            prompt="Describe {name}",
+            model="gpt-4o-mini",
+            run_dir=tmp_path / f"run{dedup_on}",
+            id_column="sku",
+            base_url=emu.base_url,
+            poll_interval=0.05,
+            dedup=dedup_on,
+        )
+        sent[dedup_on] = len(executions(emu))
+        assert (out["status"] == "succeeded").all()
+        assert out["response"].tolist()[0] == out["response"].tolist()[2]
+    assert sent == {True: 2, False: 4}
+
+
 # ---------------------------------------------------------------------- crash and resume
 
 
