@@ -12,13 +12,19 @@ Finding the pairs is one columnar pass over the slice, no Python per row: the pa
 into one string without ambiguity (each part prefixed with its byte length when there are
 several) and hashed by polars with two different seeds (xxh3, seeded: two independent 64-bit
 hashes, one 128-bit key). Rows are grouped by the key; the leader is the group's lowest row.
-Memory: 24 bytes a row (index and key) while the slice is paired.
+Memory: 24 bytes a row (index and key) for up to PART_ROWS rows; a larger slice spills its
+keys to files (in the run dir), one per partition of the key space, and pairs one partition at
+a time, so memory stays flat (a few MB of keys) whatever the row count.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -31,6 +37,8 @@ from batchops.store import Store
 
 _FRAME_BYTES = 4 << 20
 _FRAME_ROWS = (500, 50_000)
+PART_ROWS = 1 << 18  # rows of one partition of keys (24 bytes each), on average
+_KEY = np.dtype([("idx", "<i8"), ("h1", "<u8"), ("h2", "<u8")])
 _SEEDS = (0x9E3779B97F4A7C15, 0x2545F4914F6CDD1D)  # two xxh3 seeds: a 128-bit key
 LEADER = "leader_idx"
 META = "dedup_slice"  # the row slice whose rows were paired (or "off")
@@ -81,44 +89,88 @@ def keys(frame: pl.DataFrame, spec: JobSpec) -> pl.DataFrame:
     )
 
 
-def find_pairs(src: Source, spec: JobSpec) -> Pairs:
-    """Every follower of the slice and its leader (the lowest row with the same body)."""
-    return _scan(src, spec)[1]
+def find_pairs(
+    src: Source, spec: JobSpec, scratch: Path | None = None, *, part_rows: int = PART_ROWS
+) -> Pairs:
+    """Every follower of the slice and its leader (the lowest row with the same body).
+    scratch: the folder for the key files of a slice over `part_rows` rows (default: the
+    system's temp folder)."""
+    found = [_pairs_of(keys) for keys in _key_parts(src, spec, scratch, part_rows)]
+    found = [p for p in found if len(p)]
+    if not found:
+        return NO_PAIRS
+    followers = np.concatenate([p.followers for p in found])
+    leaders = np.concatenate([p.leaders for p in found])
+    order = np.argsort(followers, kind="stable")
+    return Pairs(followers[order], leaders[order])
 
 
-def _scan(src: Source, spec: JobSpec) -> tuple[np.ndarray, Pairs]:
-    """The slice's row indexes, and its pairs."""
+def _key_parts(
+    src: Source, spec: JobSpec, scratch: Path | None, part_rows: int
+) -> Iterator[np.ndarray]:
+    """Every row's key (_KEY records) in partitions by the key's first bits: equal keys share a
+    partition, and a partition holds about part_rows rows, so memory does not grow with the
+    table. One partition is kept in memory; more are spilled to files, one per partition."""
     # Frames of about _FRAME_BYTES of source each: memory stays flat however wide the rows.
     row_bytes = src.file_size / max(1, src.total_rows)
     rows = int(min(_FRAME_ROWS[1], max(_FRAME_ROWS[0], _FRAME_BYTES // max(1.0, row_bytes))))
-    idx_parts, h1_parts, h2_parts = [], [], []
-    for frame in iter_frames(src, columns=columns(spec), batch_rows=rows):
-        k = keys(frame, spec)
-        idx_parts.append(k[ROW_IDX].to_numpy())
-        h1_parts.append(k["h1"].to_numpy())
-        h2_parts.append(k["h2"].to_numpy())
-    if not idx_parts:
-        return np.empty(0, np.int64), NO_PAIRS
-    idx, h1 = np.concatenate(idx_parts), np.concatenate(h1_parts)
-    del idx_parts, h1_parts
+    frames = (
+        _records(keys(frame, spec))
+        for frame in iter_frames(src, columns=columns(spec), batch_rows=rows)
+    )
+    bits = max(0, math.ceil(math.log2(max(1, src.n_rows) / part_rows)))
+    if bits == 0:
+        parts = list(frames)
+        if parts:
+            yield np.concatenate(parts)
+        return
+    n_parts = 1 << bits
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="dedup-") as tmp:
+        paths = [Path(tmp) / f"{i}.keys" for i in range(n_parts)]
+        files = [path.open("wb") for path in paths]
+        try:
+            for rec in frames:
+                part = (rec["h1"] >> np.uint64(64 - bits)).astype(np.int64)
+                order = np.argsort(part, kind="stable")
+                rec, bounds = rec[order], np.searchsorted(part[order], np.arange(n_parts + 1))
+                for i in range(n_parts):
+                    if bounds[i + 1] > bounds[i]:
+                        rec[bounds[i] : bounds[i + 1]].tofile(files[i])
+        finally:
+            for fh in files:
+                fh.close()
+        for path in paths:
+            yield np.fromfile(path, dtype=_KEY)
+            path.unlink()
+
+
+def _records(k: pl.DataFrame) -> np.ndarray:
+    rec = np.empty(k.height, dtype=_KEY)
+    rec["idx"], rec["h1"], rec["h2"] = k[ROW_IDX].to_numpy(), k["h1"], k["h2"]
+    return rec
+
+
+def _pairs_of(rec: np.ndarray) -> Pairs:
+    """The pairs among one partition's keys."""
+    if rec.size < 2:
+        return NO_PAIRS
+    h1 = rec["h1"]
     # Candidates: rows whose first 64 bits repeat (numpy sort: a few bytes a row, no hash table).
     order = np.argsort(h1, kind="stable")
     same = h1[order[1:]] == h1[order[:-1]]
     repeated = np.zeros(h1.size, dtype=bool)
     repeated[1:] |= same
     repeated[:-1] |= same
-    cand = np.sort(order[repeated])
+    cand = rec[order[repeated]]
     del order, same, repeated
     if cand.size == 0:
-        return idx, NO_PAIRS
-    h2 = np.concatenate(h2_parts)[cand]
+        return NO_PAIRS
     found = (  # the group is on all 128 bits
-        pl.DataFrame({ROW_IDX: idx[cand], "h1": h1[cand], "h2": h2})
+        pl.DataFrame({ROW_IDX: cand["idx"], "h1": cand["h1"], "h2": cand["h2"]})
         .with_columns(pl.col(ROW_IDX).min().over("h1", "h2").alias(LEADER))
         .filter(pl.col(ROW_IDX) != pl.col(LEADER))
-        .sort(ROW_IDX)
     )
-    return idx, Pairs(found[ROW_IDX].to_numpy(), found[LEADER].to_numpy())
+    return Pairs(found[ROW_IDX].to_numpy(), found[LEADER].to_numpy())
 
 
 def anchor(pairs: Pairs, history: pl.DataFrame) -> Pairs:
@@ -162,7 +214,7 @@ def pair_run(store: Store, src: Source, spec: JobSpec) -> int:
     wanted = json.dumps([spec.start_row, spec.end_row])
     if store.get_meta(META) == wanted:
         return 0
-    pairs = find_pairs(src, spec)
+    pairs = find_pairs(src, spec, scratch=store.path.parent)
     if len(pairs) and store.has_history():
         pairs = anchor(pairs, store.row_history())
     n = store.pair_rows(pairs.followers, pairs.leaders, meta=(META, wanted))
@@ -175,12 +227,15 @@ def pair_run(store: Store, src: Source, spec: JobSpec) -> int:
     return n
 
 
-def leaders_only(src: Source, spec: JobSpec) -> tuple[np.ndarray | None, int]:
+def leaders_only(
+    src: Source, spec: JobSpec, scratch: Path | None = None
+) -> tuple[np.ndarray | None, int]:
     """For a dry run: the slice's rows to build (None: all of them) and how many rows were
     left out as followers."""
     if not spec.dedup:
         return None, 0
-    every, pairs = _scan(src, spec)
+    pairs = find_pairs(src, spec, scratch)
     if not len(pairs):
         return None, 0
-    return every[~np.isin(every, pairs.followers, assume_unique=True)], len(pairs)
+    every = np.arange(src.start_row, src.end_row, dtype=np.int64)
+    return np.setdiff1d(every, pairs.followers, assume_unique=True), len(pairs)

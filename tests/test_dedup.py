@@ -361,6 +361,23 @@ def test_pairs_lowest_row_leads_and_parts_are_framed(tmp_path: Path):
     assert pairs.leaders.tolist() == [0, 0, 2]
 
 
+def test_pairs_spilled_to_partition_files_are_the_same(tmp_path: Path):
+    """A slice over part_rows rows pairs one partition of the key space at a time (its keys
+    spilled to files): the same pairs, and no file left behind."""
+    rows = dup_rows(n_unique=300, n_rows=500)
+    spec, src = _spec(tmp_path, [[r[0], " ".join(r[1:])] for r in rows], ["id", "p"], prompt="{p}")
+    whole = dedup.find_pairs(src, spec)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    parted = dedup.find_pairs(src, spec, scratch, part_rows=16)  # 32 partitions
+    assert len(whole) == 200
+    assert parted.followers.tolist() == whole.followers.tolist()
+    assert parted.leaders.tolist() == whole.leaders.tolist()
+    want = followers_of(rows)
+    assert dict(zip(whole.followers.tolist(), whole.leaders.tolist(), strict=True)) == want
+    assert list(scratch.iterdir()) == []
+
+
 def test_pairs_compare_the_rendered_prompt_not_the_cells(tmp_path: Path):
     rows = [["a", "ab", "c"], ["b", "a", "bc"], ["c", "ab", "c"]]
     spec, src = _spec(tmp_path, rows, ["id", "u", "v"], prompt="{u}{v}")
