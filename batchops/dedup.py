@@ -215,9 +215,10 @@ def pair_run(store: Store, src: Source, spec: JobSpec) -> int:
     if store.get_meta(META) == wanted:
         return 0
     pairs = find_pairs(src, spec, scratch=store.path.parent)
-    if len(pairs) and store.has_history():
+    history = bool(len(pairs)) and store.has_history()
+    if history:
         pairs = anchor(pairs, store.row_history())
-    n = store.pair_rows(pairs.followers, pairs.leaders, meta=(META, wanted))
+    n = store.pair_rows(pairs.followers, pairs.leaders, meta=(META, wanted), mirror=history)
     if n:
         logger.info(
             "dedup: {} row(s) have the same request as an earlier row: each is sent once "

@@ -915,16 +915,23 @@ class Store:
         return pl.DataFrame(cur.fetchall(), schema=schema, orient="row")
 
     def pair_rows(
-        self, followers: np.ndarray, leaders: np.ndarray, *, meta: tuple[str, str]
+        self,
+        followers: np.ndarray,
+        leaders: np.ndarray,
+        *,
+        meta: tuple[str, str],
+        mirror: bool = True,
     ) -> int:
         """Make these rows followers of these leaders and give them their leader's state, in
-        one transaction with the meta mark that says the slice was paired."""
+        one transaction with the meta mark that says the slice was paired. mirror=False: no
+        row has a past yet (all pending, never queued): there is no state to give."""
         with self.tx():
             self.conn.executemany(
                 "UPDATE rows SET leader_idx = ? WHERE row_idx = ? AND leader_idx IS NULL",
                 zip(leaders.tolist(), followers.tolist(), strict=True),
             )
-            self._mirror()
+            if mirror:
+                self._mirror()
             self.conn.execute(
                 "INSERT INTO meta(key, value) VALUES (?, ?)"
                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
