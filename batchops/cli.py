@@ -193,6 +193,16 @@ def csv_escape_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
+# Issue 18: rows with byte-identical requests share one request (run and retry-missing).
+dedup_option = click.option(
+    "--dedup/--no-dedup",
+    default=None,
+    help="Send a request once for all rows whose request bodies are identical; each row "
+    "still gets the answer (its cost and tokens on the first such row, 0 on the others) "
+    "[dedup; toml: dedup = false].",
+)
+
+
 def run_dir_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--run-dir",
@@ -367,6 +377,7 @@ def cli() -> None:
     "--max-cost", type=float, default=None, help="Stop submitting before spend would pass USD."
 )
 @completion_threshold_option
+@dedup_option
 @click.option(
     "--token-limit", type=int, default=None, help="Enqueued prompt tokens in flight per model."
 )
@@ -530,6 +541,11 @@ def _print_estimate(est: api.Estimate) -> None:
 def _print_dry_run(report: api.RunReport) -> None:
     if report.checks is not None:
         click.echo(validate.summary(report.checks))
+    if report.dedup and report.dedup["rows"]:
+        click.echo(
+            f"dedup: {report.dedup['rows']:,} row(s) repeat an earlier row's request: "
+            "left out of the files, they get its answer (--no-dedup sends every row)"
+        )
     skipped = report.counts.get("skipped", 0)
     if skipped:
         reasons = report.skipped_reasons[:5]
@@ -630,6 +646,7 @@ def missing(run_dir: Path | None) -> None:
 )
 @click.option("--batch", "batch_id", default=None, help="Only rows of this remote batch.")
 @completion_threshold_option
+@dedup_option
 @click.option("--poll-interval", type=SECONDS, default=None, help="Seconds between status polls.")
 @key_options
 @common_logging
@@ -641,6 +658,7 @@ def retry_missing(
     from_model: str | None,
     batch_id: str | None,
     completion_threshold: float | None,
+    dedup: bool | None,
     poll_interval: float | None,
     api_key_file: Path | None,
     base_url: str | None,
@@ -659,6 +677,7 @@ def retry_missing(
             from_model=from_model,
             batch_id=batch_id,
             completion_threshold=completion_threshold,
+            dedup=dedup,
             poll_interval=poll_interval,
             api_key_file=api_key_file,
             base_url=base_url,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from batchops import chunking, pricing, render, source, structured, validate
+from batchops import chunking, dedup, pricing, render, source, structured, validate
 from batchops import merge as merging
 from batchops.errors import InputError
 from batchops.estimates import estimate, estimate_of, online_estimate, unpriced_attempts
@@ -112,6 +112,7 @@ def run_job(
             spec.max_cost,
             unpriced=unpriced_attempts(run),
             completion_threshold=spec.completion_threshold,
+            dedup=run.store.dedup_savings(),
         )
     finally:
         run.close()
@@ -144,12 +145,15 @@ def dry_run_job(
     # in polars, which releases the GIL).
     checker = ThreadPoolExecutor(max_workers=1)
     pending_checks = []
+    # Rows repeating an earlier row's request are left out of the files, as a run would.
+    leaders, followers = dedup.leaders_only(src, spec)
     for c in chunking.build_chunks(
         src,
         spec,
         model=model,
         out_dir=out_dir,
         first_chunk_no=1,
+        only_rows=leaders,
         estimate_tokens=pricing.estimate_text_tokens_fast,
         fsync=False,  # throwaway files: durability buys nothing here
     ):
@@ -178,7 +182,7 @@ def dry_run_job(
         on_estimate(est)
     counts = {
         "pending": 0,
-        "queued": est.rows,
+        "queued": est.rows + followers,
         "succeeded": 0,
         "failed": 0,
         "skipped": skipped,
@@ -194,6 +198,7 @@ def dry_run_job(
         spec.max_cost,
         checks=checks,
         skipped_reasons=skipped_reasons,
+        dedup={"rows": followers, "requests": followers, "cost_usd": 0.0},
     )
 
 
@@ -246,6 +251,7 @@ def retry_missing(
     base_url: str | None = None,
     wait: bool = True,
     on_progress: Callable[[Progress], None] | None = None,
+    dedup: bool | None = None,
 ) -> RunReport:
     """Send failed or skipped rows again (fresh retry budget), on the pool given or the run's
     own: all of them, or only those whose last failure had this error class, came from this
@@ -261,6 +267,8 @@ def retry_missing(
         ]
     if poll_interval is not None:
         updates["poll_interval"] = poll_interval
+    if dedup is not None:  # --no-dedup: followers put back are sent on their own
+        updates["dedup"] = dedup
     spec = spec.model_copy(update=updates)
     run.save_spec(spec)
     try:
@@ -299,6 +307,7 @@ def report_of(run: RunDir, stopped: StopReason | None, final: Path | None) -> Ru
         True,
         run.spec.max_cost,
         completion_threshold=run.spec.completion_threshold,
+        dedup=run.store.dedup_savings(),
     )
 
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import polars as pl
 from loguru import logger
 
-from batchops import chunking, pricing, source, structured
+from batchops import chunking, dedup, pricing, source, structured
 from batchops.backends import Backend, RemoteBatch, RemoteError, SubmitRequest
 from batchops.policy import (
     EXHAUSTING,
@@ -173,6 +173,7 @@ class BatchEngine:
     @_in_run
     def ensure_rows(self) -> None:
         register_rows(self.run, self.src)
+        dedup.pair_run(self.store, self.src, self.spec)  # identical requests: sent once
 
     def src_frames(self, columns: list[str] | None = None) -> Iterator[pl.DataFrame]:
         return source.iter_frames(self.src, columns=columns)

@@ -46,7 +46,8 @@ def run(
     pydantic model class (or a JSON Schema dict) for structured outputs: each answer is
     validated and its fields come back as typed columns. Other keywords mirror the `run`
     options in snake_case (mode, system, batch_size, poll_interval, max_retries, endpoint,
-    body_extra, schema_prefix, base_url, cleanup, wait, …); poll_interval defaults to 5 s here.
+    body_extra, schema_prefix, base_url, cleanup, wait, dedup, …); poll_interval defaults to 5
+    s here. `dedup=False`: rows with identical requests are each sent (default: sent once).
 
     `progress`: show the estimate and a progress display (a live one in Jupyter with
     ipywidgets, else a line on stderr when something changed) [default: in a notebook or on a

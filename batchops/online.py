@@ -40,7 +40,7 @@ import polars as pl
 from aiolimiter import AsyncLimiter
 from loguru import logger
 
-from batchops import pricing, render, source, structured
+from batchops import dedup, pricing, render, source, structured
 from batchops.backends import RemoteError
 from batchops.engine import (
     EngineResult,
@@ -380,6 +380,7 @@ class OnlineEngine:
         """Register the rows (first run), release what a killed run left queued, and take back
         rows of batch chunks that were never sent (they are answered online now)."""
         register_rows(self.run, self.src)
+        dedup.pair_run(self.store, self.src, self.spec)  # identical requests: sent once
         released = self.store.release_online_chunks()
         if released:
             logger.info("{} row(s) queued by an interrupted online run back to pending", released)

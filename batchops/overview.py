@@ -177,6 +177,7 @@ def status_of(run: RunDir) -> dict[str, Any]:
         "pool_updated_at": pool_state.get("ts"),
         "switches": switches,
         "retries": retries,
+        "dedup": st.dedup_savings(),  # identical requests sent once: rows, requests, $ saved
         "spent_usd": st.spent(),
         "cost_by_model": [dict(r) for r in st.cost_by_model()],
         "events": [dict(e) for e in st.events(20)],

@@ -353,5 +353,9 @@ def status_view(st: dict[str, Any], now: float | None = None) -> RenderableType:
         )
     cost.add_row("total", "", "", "", "", "", fmt_usd(st["spent_usd"]), style="bold")
     parts.append(cost)
+    if (st.get("dedup") or {}).get("rows"):  # identical requests sent once (issue 18)
+        from batchops.summaries import dedup_text
+
+        parts.append(Text(dedup_text(st["dedup"])))
     parts.append(Text.assemble(("next ", "bold green"), st["next"]))
     return Group(*parts)

@@ -96,6 +96,7 @@ def collect(
         "errors": st.error_classes(examples),
         "failed_attempts_by_class": st.failed_attempts_by_class(),
         "retries": st.retry_summary(),
+        "dedup": st.dedup_savings(),  # identical requests sent once: rows, requests, $ saved
         "sample": answers,
     }
 
@@ -292,6 +293,7 @@ def render_html(d: dict[str, Any]) -> str:
 <p>retried rows: <span id="retried-rows">{e(r["rows"])}</span> ({e(r["attempts"])} extra attempt(s))</p>
 <h2>Cost</h2>
 <p>spent <b id="cost-total">{e(usd(cost["total_usd"]))}</b>{f" · estimated <span id=cost-estimate>{e(usd(est))}</span>" if est is not None else ""}</p>
+{_dedup_html(d.get("dedup"))}
 <h3>per model</h3>{by_model}
 <h3>per batch</h3>{by_batch}
 <h2>Timeline of batches (created → ended)</h2>
@@ -302,3 +304,15 @@ def render_html(d: dict[str, Any]) -> str:
 {sample}
 </body></html>
 """
+
+
+def _dedup_html(saved: dict[str, Any] | None) -> str:
+    """Identical requests sent once: the rows that shared one and what that saved."""
+    if not saved or not saved["rows"]:
+        return ""
+    rows, requests = f"{saved['rows']:,}", f"{saved['requests']:,}"
+    return (
+        f'<p id="dedup">Identical requests sent once: {html.escape(rows)} row(s) took the '
+        f"answer of an identical row&#39;s request: {html.escape(requests)} request(s) and "
+        f"{html.escape(fmt_usd(saved['cost_usd']))} saved (the cost is on the row sent)</p>"
+    )

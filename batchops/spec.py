@@ -155,6 +155,9 @@ class JobSpec(BaseModel):
     rpm: float | None = Field(None, gt=0)
     tpm: float | None = Field(None, gt=0)
     max_cost: float | None = Field(None, ge=0)
+    dedup: bool = Field(
+        True, description="rows with byte-identical requests share one request and its answer"
+    )
     token_limit: int | None = Field(
         None, ge=1, description="default enqueued-token limit per model"
     )

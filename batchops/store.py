@@ -33,7 +33,7 @@ from batchops.states import (
     check_chunk,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DB_NAME = "state.db"
 
 # Each migration brings the schema from version i to i+1; never edit a released one.
@@ -135,6 +135,12 @@ MIGRATIONS: list[str] = [
     # 3: a failed row waits retry_delay × backoff^(attempt-1) before it is sent again.
     """
     ALTER TABLE rows ADD COLUMN not_before REAL;
+    """,
+    # 4: identical requests are sent once (batchops/dedup.py): a follower row names its leader.
+    """
+    ALTER TABLE rows ADD COLUMN leader_idx INTEGER;
+    CREATE INDEX rows_leader ON rows(leader_idx) WHERE leader_idx IS NOT NULL;
+    CREATE INDEX rows_follower_chunk ON rows(chunk_id) WHERE leader_idx IS NOT NULL;
     """,
 ]
 
@@ -303,10 +309,13 @@ class Store:
         """Pending rows in source order; by default only those whose retry wait is over."""
         args: tuple[float, ...] = ()
         if not ready_only:
-            sql = "SELECT row_idx FROM rows WHERE status = 'pending' ORDER BY row_idx"
+            sql = (
+                "SELECT row_idx FROM rows WHERE status = 'pending' AND leader_idx IS NULL"
+                " ORDER BY row_idx"
+            )
         else:
             sql = (
-                "SELECT row_idx FROM rows WHERE status = 'pending'"
+                "SELECT row_idx FROM rows WHERE status = 'pending' AND leader_idx IS NULL"
                 " AND (not_before IS NULL OR not_before <= ?) ORDER BY row_idx"
             )
             args = (time.time(),)
@@ -316,7 +325,7 @@ class Store:
         """Pending rows whose retry wait is over."""
         return int(
             self.conn.execute(
-                "SELECT COUNT(*) FROM rows WHERE status = 'pending'"
+                "SELECT COUNT(*) FROM rows WHERE status = 'pending' AND leader_idx IS NULL"
                 " AND (not_before IS NULL OR not_before <= ?)",
                 (time.time(),),
             ).fetchone()[0]
@@ -325,7 +334,7 @@ class Store:
     def pending_row_array(self) -> np.ndarray:
         """`pending_row_idxs` (ready only) as an int64 array: 8 bytes a row, no list of ints."""
         cur = self.conn.execute(
-            "SELECT row_idx FROM rows WHERE status = 'pending'"
+            "SELECT row_idx FROM rows WHERE status = 'pending' AND leader_idx IS NULL"
             " AND (not_before IS NULL OR not_before <= ?) ORDER BY row_idx",
             (time.time(),),
         )
@@ -378,6 +387,7 @@ class Store:
                 f"UPDATE rows SET status = 'pending', attempts = 0, updated_at = ? WHERE {where}",
                 (time.time(), *args),
             )
+            self._mirror()
             self._event(
                 "retry",
                 f"{cur.rowcount} row(s) with status {'/'.join(statuses)} put back to pending",
@@ -398,6 +408,7 @@ class Store:
                     " WHERE row_idx = ? AND status = 'pending'",
                     (s.reason, now, s.row_idx),
                 )
+            self._mirror_leaders(s.row_idx for s in built.skipped)
             if not built.row_idxs:
                 return None
             self.conn.execute(
@@ -416,6 +427,7 @@ class Store:
                 ),
             )
             self._queue_rows(built.chunk_no, built.row_idxs, now)
+            self._mirror_leaders((built.row_idxs[0], built.row_idxs[-1]))
         return built.chunk_no
 
     def _queue_rows(self, chunk_id: int, row_idxs: list[int], now: float) -> None:
@@ -525,6 +537,7 @@ class Store:
             self.conn.execute(
                 "UPDATE chunks SET n_rows = ? WHERE chunk_id = ?", (len(queued), chunk_id)
             )
+            self._mirror_leaders(queued)
         return chunk_id, queued
 
     def skip_rows(self, chunk_id: int, skipped: Iterable[Skipped]) -> int:
@@ -536,6 +549,7 @@ class Store:
                 " WHERE row_idx = ? AND chunk_id = ? AND status = 'queued'",
                 ((s.reason, now, s.row_idx, chunk_id) for s in skipped),
             )
+            self._mirror_chunk(chunk_id)
         return cur.rowcount
 
     def close_online_chunk(self, chunk_id: int) -> int:
@@ -721,7 +735,8 @@ class Store:
                 )
             if close_chunk:
                 lost = self.conn.execute(
-                    "SELECT row_idx, attempts FROM rows WHERE chunk_id = ? AND status = 'queued'",
+                    "SELECT row_idx, attempts FROM rows WHERE chunk_id = ? AND status = 'queued'"
+                    " AND leader_idx IS NULL",  # a follower was never sent: it follows below
                     (chunk_id,),
                 ).fetchall()
                 retryable = unanswered == RowState.PENDING
@@ -753,6 +768,7 @@ class Store:
                     chunk_id,
                     batch_id,
                 )
+            self._mirror_chunk(chunk_id)
         return applied
 
     def _record_successes(
@@ -841,8 +857,111 @@ class Store:
                 (error, error_class, now, chunk_id),
             )
             self._move_chunk(chunk_id, ChunkState.COLLECTED, note=error)
+            self._mirror_chunk(chunk_id)
             self._event("requeued", f"{cur.rowcount} row(s): {error}", chunk_id)
         return cur.rowcount
+
+    # ------------------------------------------------------------------ duplicates (dedup.py)
+    # A follower (leader_idx set) is never sent: after every transition of its leader, in the
+    # same transaction, it takes the leader's state, chunk and answer, with 0 tokens and cost.
+
+    def _mirror(self, where: str = "1", args: tuple[Any, ...] = ()) -> int:
+        """Copy each leader's state to its followers matching `where` (on `rows`)."""
+        cur = self.conn.execute(
+            f"""UPDATE rows SET status = l.status, attempts = l.attempts, chunk_id = l.chunk_id,
+                   response = l.response, finish_reason = l.finish_reason, error = l.error,
+                   error_class = l.error_class, model = l.model, batch_id = l.batch_id,
+                   not_before = l.not_before, updated_at = l.updated_at,
+                   prompt_tokens = CASE WHEN l.prompt_tokens IS NULL THEN NULL ELSE 0 END,
+                   cached_tokens = CASE WHEN l.cached_tokens IS NULL THEN NULL ELSE 0 END,
+                   completion_tokens = CASE WHEN l.completion_tokens IS NULL THEN NULL ELSE 0 END,
+                   reasoning_tokens = CASE WHEN l.reasoning_tokens IS NULL THEN NULL ELSE 0 END,
+                   cost_usd = CASE WHEN l.cost_usd IS NULL THEN NULL ELSE 0 END
+               FROM rows AS l
+               WHERE rows.leader_idx IS NOT NULL AND l.row_idx = rows.leader_idx AND ({where})
+                 AND (rows.status IS NOT l.status OR rows.attempts IS NOT l.attempts
+                      OR rows.chunk_id IS NOT l.chunk_id OR rows.error IS NOT l.error
+                      OR rows.updated_at IS NOT l.updated_at)""",
+            args,
+        )
+        return cur.rowcount
+
+    def _mirror_chunk(self, chunk_id: int) -> None:
+        self._mirror("rows.chunk_id = ?", (chunk_id,))
+
+    def _mirror_leaders(self, row_idxs: Iterable[int]) -> None:
+        """Followers of leaders among these rows (a chunk just built or queued)."""
+        idxs = list(row_idxs)
+        if idxs:
+            self._mirror("rows.leader_idx BETWEEN ? AND ?", (min(idxs), max(idxs)))
+
+    def has_history(self) -> bool:
+        """Whether any row was ever queued, answered or paired (else pairing needs no care)."""
+        return (
+            self.conn.execute(
+                "SELECT 1 FROM rows WHERE chunk_id IS NOT NULL OR status != 'pending'"
+                " OR leader_idx IS NOT NULL LIMIT 1"
+            ).fetchone()
+            is not None
+        )
+
+    def row_history(self) -> pl.DataFrame:
+        """Rows with a past (queued once, answered, or paired): row_idx, fixed, leader_idx."""
+        cur = self.conn.execute(
+            "SELECT row_idx, chunk_id IS NOT NULL OR status != 'pending', leader_idx FROM rows"
+            " WHERE chunk_id IS NOT NULL OR status != 'pending' OR leader_idx IS NOT NULL"
+        )
+        schema = {"row_idx": pl.Int64(), "fixed": pl.Boolean(), "old_leader": pl.Int64()}
+        return pl.DataFrame(cur.fetchall(), schema=schema, orient="row")
+
+    def pair_rows(
+        self,
+        followers: np.ndarray,
+        leaders: np.ndarray,
+        *,
+        meta: tuple[str, str],
+        mirror: bool = True,
+    ) -> int:
+        """Make these rows followers of these leaders and give them their leader's state, in
+        one transaction with the meta mark that says the slice was paired. mirror=False: no
+        row has a past yet (all pending, never queued): there is no state to give."""
+        with self.tx():
+            self.conn.executemany(
+                "UPDATE rows SET leader_idx = ? WHERE row_idx = ? AND leader_idx IS NULL",
+                zip(leaders.tolist(), followers.tolist(), strict=True),
+            )
+            if mirror:
+                self._mirror()
+            self.conn.execute(
+                "INSERT INTO meta(key, value) VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                meta,
+            )
+            if len(followers):
+                self._event("dedup", f"{len(followers)} row(s) share an identical row's request")
+        return len(followers)
+
+    def unpair_pending(self) -> int:
+        """--no-dedup: followers not yet sent (pending) are sent on their own from now on."""
+        with self.tx():
+            cur = self.conn.execute(
+                "UPDATE rows SET leader_idx = NULL WHERE leader_idx IS NOT NULL AND status = 'pending'"
+            )
+        return cur.rowcount
+
+    def dedup_savings(self) -> dict[str, Any]:
+        """Followers, and what pairing saved: the requests their leaders' executions would have
+        cost each of them again (leader's attempts × followers), and those attempts' dollars."""
+        row = self.conn.execute(
+            """SELECT COALESCE(SUM(g.n), 0),
+                      COALESCE(SUM(g.n * (SELECT COUNT(*) FROM attempts a
+                                          WHERE a.row_idx = g.leader_idx)), 0),
+                      COALESCE(SUM(g.n * (SELECT COALESCE(SUM(a.cost_usd), 0) FROM attempts a
+                                          WHERE a.row_idx = g.leader_idx)), 0)
+               FROM (SELECT leader_idx, COUNT(*) AS n FROM rows WHERE leader_idx IS NOT NULL
+                     GROUP BY leader_idx) AS g"""
+        ).fetchone()
+        return {"rows": int(row[0]), "requests": int(row[1]), "cost_usd": float(row[2])}
 
     # ------------------------------------------------------------------ reading for merge / status
     def outcomes_frame(self) -> pl.DataFrame:

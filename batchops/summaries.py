@@ -41,6 +41,9 @@ class RunReport:
     unpriced: int = 0  # requests answered by a model without a known price: spend not known
     completion_threshold: float = 1.0  # exit 0 once at least this share of rows succeeded
     skipped_reasons: list[str] = field(default_factory=list)  # dry run: the first few skips
+    # Identical requests sent once (Store.dedup_savings): rows that shared one, requests and
+    # dollars saved. A dry run: the rows left out of the files.
+    dedup: dict[str, Any] | None = None
 
     @property
     def complete(self) -> bool:
@@ -68,6 +71,8 @@ class RunReport:
             f"{c.get('succeeded', 0)} succeeded, {c.get('failed', 0)} failed, {c.get('skipped', 0)} skipped, "
             f"{c.get('pending', 0) + c.get('queued', 0)} missing; spent {self.spent_text()}"
         )
+        if self.dedup and self.dedup["rows"] and self.stopped_because != StopReason.DRY_RUN:
+            text += "; " + dedup_text(self.dedup)
         if self.stopped_because:
             text += f"; stopped: {self.stopped_because}"
         if self.max_cost is not None:
@@ -88,3 +93,13 @@ class RunReport:
             return fmt_usd(self.spent)
         unknown = f"unknown ({self.unpriced} request(s) by a model without a known price)"
         return unknown if not self.spent else f"{fmt_usd(self.spent)} + {unknown}"
+
+
+def dedup_text(saved: dict[str, Any]) -> str:
+    """'dedup: 30 row(s) shared an identical row's request: 30 request(s), $0.0012 saved'."""
+    from batchops.progress import fmt_usd
+
+    return (
+        f"dedup: {saved['rows']:,} row(s) shared an identical row's request: "
+        f"{saved['requests']:,} request(s), {fmt_usd(saved['cost_usd'])} saved"
+    )
