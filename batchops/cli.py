@@ -506,7 +506,13 @@ def _missing_hint(report: api.RunReport) -> None:
         return
     d = report.run_dir
     click.echo(f"rows missing: see `batchops missing --run-dir {d}`", err=True)
-    if report.stopped_because and "exhausted" in report.stopped_because:
+    if report.exhausted_by in ("api_error", "timeout"):
+        click.echo(
+            "the pool is used up: the server did not answer (connection errors, timeouts or "
+            "5xx); check --base-url and the server, then run the same command again",
+            err=True,
+        )
+    elif report.stopped_because and "exhausted" in report.stopped_because:
         click.echo(
             "the pool is used up; if the model was the problem (model_not_found, quota): "
             f"`batchops retry-missing --run-dir {d} --model OTHER-MODEL` sends the missing "

@@ -113,6 +113,7 @@ def run_job(
             unpriced=unpriced_attempts(run),
             completion_threshold=spec.completion_threshold,
             dedup=run.store.dedup_savings(),
+            exhausted_by=exhausted_by(run, result.stopped_because),
         )
     finally:
         run.close()
@@ -308,7 +309,17 @@ def report_of(run: RunDir, stopped: StopReason | None, final: Path | None) -> Ru
         run.spec.max_cost,
         completion_threshold=run.spec.completion_threshold,
         dedup=run.store.dedup_savings(),
+        exhausted_by=exhausted_by(run, stopped),
     )
+
+
+def exhausted_by(run: RunDir, stopped: StopReason | None) -> str | None:
+    """What used the pool up (the last exhaustion's error class), when it ran out."""
+    from batchops.engine import EXHAUSTED_BY
+
+    if stopped != StopReason.POOL_EXHAUSTED:
+        return None
+    return run.store.get_meta(EXHAUSTED_BY) or "quota"
 
 
 def cancel(run_dir: Path, *, api_key_file: Path | None = None, base_url: str | None = None) -> int:

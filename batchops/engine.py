@@ -368,6 +368,7 @@ class BatchEngine:
         batch_id: str | None = None,
         *,
         scope: Scope = Scope.MODEL,
+        error_class: str = "quota",
     ) -> None:
         """Take a model/key (or what `scope` names) out of the pool (see `record_exhaustion`)."""
         if (
@@ -380,6 +381,7 @@ class BatchEngine:
                 scope=scope,
                 chunk_id=chunk.chunk_id,
                 batch_id=batch_id,
+                error_class=error_class,
             )
             and self.spec.wait_after_switch
         ):
@@ -521,6 +523,7 @@ class BatchEngine:
                         key.key_id,
                         f"{exc.what}: {exc.cls} ({exc.code}): {exc.message}",
                         scope=exc.scope,
+                        error_class=exc.cls,
                     )
                     continue
                 if exc.cls == "token_limit":
@@ -659,6 +662,7 @@ class BatchEngine:
             f"{tries} tries in a row failed; last: {last.what}: {last.cls} "
             f"(HTTP {last.status}): {last.message}",
             scope=last.scope if last.scope == Scope.ENDPOINT else Scope.MODEL,
+            error_class=last.cls,
         )
         raise _GaveUp(last)
 
@@ -935,6 +939,7 @@ class BatchEngine:
                             f"{item.error_message or ''}".rstrip(": "),
                             b.id,
                             scope=scope,
+                            error_class=item.error_class or "quota",
                         )
                 cost = None
                 if item.usage is not None and price is not None:
@@ -1047,7 +1052,7 @@ class BatchEngine:
             return
         exhausting = sorted(classes & EXHAUSTING)
         if exhausting:
-            self.exhaust(chunk, chunk.key_id, text, b.id)
+            self.exhaust(chunk, chunk.key_id, text, b.id, error_class=exhausting[0])
         self.store.requeue_chunk_rows(
             chunk.chunk_id,
             f"batch {b.id} failed: {text}",
@@ -1103,12 +1108,17 @@ def register_rows(run: RunDir, src: source.Source) -> None:
     logger.info("run {}: {} source row(s) registered", run.run_id, n)
 
 
+# Meta key: the error class of the last exhaustion (quota, auth, api_error for a server that
+# did not answer …), given to the rows left unsent when the pool runs out.
+EXHAUSTED_BY = "exhausted_by"
+
+
 def explain_stop(store: Store, stopped: StopReason | None) -> None:
     """Rows left without an answer when a run stops get the reason (missing_rows.csv, merge)."""
     if stopped == StopReason.POOL_EXHAUSTED:
         last = store.events_of("switch", limit=1)
         why = last[0]["message"] if last else "every model and key in the pool is exhausted"
-        store.explain_unsent(f"not sent: {why}", "quota")
+        store.explain_unsent(f"not sent: {why}", store.get_meta(EXHAUSTED_BY) or "quota")
     elif stopped == StopReason.BUDGET:
         store.explain_unsent("not sent: the --max-cost budget was reached", "budget")
 
@@ -1123,6 +1133,7 @@ def record_exhaustion(
     scope: Scope = Scope.MODEL,
     chunk_id: int | None = None,
     batch_id: str | None = None,
+    error_class: str = "quota",
 ) -> bool:
     """Take a model/key (or what `scope` names) out of the pool, for both lanes: every switch is
     an event, and what is exhausted is saved in the run, so later invocations skip it too.
@@ -1145,6 +1156,7 @@ def record_exhaustion(
         chunk_id=chunk_id,
         batch_id=batch_id,
     )
+    store.set_meta(EXHAUSTED_BY, error_class)  # the class unsent rows get if the pool runs out
     save_pool_state(store, pool)
     return True
 

@@ -714,6 +714,7 @@ class OnlineEngine:
                 key.key_id,
                 f"{err.code or err.cls}: {err.message}",
                 scope=err.scope,
+                error_class=err.cls,
             )
             and self.spec.wait_after_switch
         ):

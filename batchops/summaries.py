@@ -44,6 +44,8 @@ class RunReport:
     # Identical requests sent once (Store.dedup_savings): rows that shared one, requests and
     # dollars saved. A dry run: the rows left out of the files.
     dedup: dict[str, Any] | None = None
+    # The error class of the last exhaustion when the pool ran out (quota, auth, api_error …).
+    exhausted_by: str | None = None
 
     @property
     def complete(self) -> bool:

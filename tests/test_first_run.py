@@ -612,9 +612,13 @@ def test_rows_missing_after_an_unreachable_server_say_why(tmp_path: Path):
         *run_args(fake, src, run_dir, "--retry-delay", "0.01", "--retry-max-delay", "0.02")
     )
     assert res.exit_code == 3
+    assert "the server did not answer" in res.stderr and "OTHER-MODEL" not in res.stderr
     invoke("missing", "--run-dir", run_dir)
-    reasons = {r["error"] for r in read_csv(run_dir / "missing_rows.csv")}
+    missing = read_csv(run_dir / "missing_rows.csv")
+    reasons = {r["error"] for r in missing}
     assert reasons and all(reasons), reasons
+    # The class says what happened: the server did not answer (not "quota").
+    assert {r["error_class"] for r in missing} == {"api_error"}
 
 
 def test_a_trial_slice_can_be_extended_reusing_its_answers(emulator, tmp_path: Path):
