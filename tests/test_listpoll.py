@@ -28,7 +28,7 @@ class Remote:
         self.retrieves: list[str] = []
         self.list_fails = False
 
-    def list_page(self) -> list[RemoteBatch]:
+    def list_page(self, n: int) -> list[RemoteBatch]:
         self.list_calls += 1
         if self.list_fails:
             raise RemoteError("list", "server_error", 503, None, "down")

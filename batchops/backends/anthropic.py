@@ -214,12 +214,12 @@ class AnthropicBackend:
         self._claimed.update(batch_ids)  # each belongs to a chunk the engine tracks
         return self._poller.poll(batch_ids)
 
-    def _list_page(self) -> list[RemoteBatch]:
+    def _list_page(self, n: int) -> list[RemoteBatch]:
         def page() -> list[RemoteBatch]:
             items = self.client.messages.batches.list(limit=100).data  # one page, newest first
             return [W.remote_batch(item.model_dump()) for item in items]
 
-        return self._call(page, what="poll message batches (one list page)")
+        return self._call(page, what=f"poll {n} batches (one list page)")
 
     def cancel(self, batch_id: str) -> None:
         self._call(self.client.messages.batches.cancel, batch_id, what=f"cancel batch {batch_id}")

@@ -698,11 +698,13 @@ class GeminiBackend:
         (`listpoll`: a job it does not show, or shows unchanged for a while, is retrieved)."""
         return self._poller.poll(batch_ids)
 
-    def _list_page(self) -> list[RemoteBatch]:
+    def _list_page(self, n: int) -> list[RemoteBatch]:
         def page() -> list[types.BatchJob]:
             return list(self._client.batches.list(config={"page_size": PAGE_SIZE}).page)
 
-        return [self._log.job(job) for job in self._call(page, what="poll jobs (one list page)")]
+        return [
+            self._log.job(job) for job in self._call(page, what=f"poll {n} batches (one list page)")
+        ]
 
     def cancel(self, batch_id: str) -> None:
         b = self.retrieve(batch_id)

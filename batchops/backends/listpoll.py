@@ -27,12 +27,12 @@ def _view(b: RemoteBatch) -> tuple[Any, ...]:
 
 
 class ListPoller:
-    """The poll of one backend: `list_page` reads one page of batches (raising RemoteError),
-    `retrieve` reads one batch."""
+    """The poll of one backend: `list_page(n)` reads one page of batches for n in flight
+    (raising RemoteError), `retrieve` reads one batch."""
 
     def __init__(
         self,
-        list_page: Callable[[], Iterable[RemoteBatch]],
+        list_page: Callable[[int], Iterable[RemoteBatch]],
         retrieve: Callable[[str], RemoteBatch],
     ) -> None:
         self._list_page = list_page
@@ -46,7 +46,7 @@ class ListPoller:
         if len(batch_ids) >= LIST_POLL_MIN:
             wanted = set(batch_ids) - self._untrusted
             try:
-                for b in self._list_page():
+                for b in self._list_page(len(batch_ids)):
                     if b.id in wanted and not self._stale(b):
                         seen[b.id] = b
             except RemoteError as exc:

@@ -187,8 +187,10 @@ class OpenAIBackend:
         (`listpoll`: a batch it does not show, or shows unchanged for a while, is retrieved)."""
         return self._poller.poll(batch_ids)
 
-    def _list_page(self) -> list[RemoteBatch]:
-        page = self._call(self.client.batches.list, limit=100, what="poll batches (one list page)")
+    def _list_page(self, n: int) -> list[RemoteBatch]:
+        page = self._call(
+            self.client.batches.list, limit=100, what=f"poll {n} batches (one list page)"
+        )
         return [_remote(b) for b in page.data]
 
     def cancel(self, batch_id: str) -> None:
