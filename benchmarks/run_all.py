@@ -456,7 +456,10 @@ def report(
         "of 10 minutes at the default 30 s poll interval, time-scaled by 1/100; the ideals are "
         'calculated; "met" also needs the CLI\'s exit code 0.',
         "- **online**: `bench_online.py` (its own table below): the clients alternate in each "
-        "of its runs; every number is the median with min–max.",
+        "of its runs; every number is the median with min–max. Two reference clients bound "
+        "what is possible: `floor` (raw asyncio sockets against the emulator) and `floor-min` "
+        "(the same against a minimal asyncio server); the per-request breakdown is taken "
+        "from them.",
         "",
         "Not a benchmark but kept beside them: `python benchmarks/mutants.py` applies one-line "
         "bugs (join by line order, expired rows not re-queued, reconcile without lookup, …) one "
