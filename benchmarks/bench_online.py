@@ -55,8 +55,11 @@ tables and a quieter run):
     batchops             566.8               0.28          True   (89% of the ceiling, 640)
     floor                591.0               0.13          True   (batchops: 96% of it)
 
+Again at load 1.9-2.3: baseline 239.0, batchops 335.2 (1.40x: missed), floor 342.5 (batchops
+at 98% of it), floor-min 370.8; per request 20.00 + 1.57 + 1.79 + 0.51 (batchops) ms.
+
 The 1.5x ratio depends on the machine's load more than on batchops: batchops runs within
-4-6% of the floor client in every run, while the baseline spends 1.9 ms of CPU per request and
+2-6% of the floor client in every run, while the baseline spends 1.9 ms of CPU per request and
 slows down whenever the cores are busy. On a quiet machine the baseline reaches ~300 req/s at
 20 ms and the ceiling (400) allows at most 1.33x over it, so 1.5x cannot be met there by any
 client; what is left at 20 ms is the emulator's own handling (uvicorn/h11/Starlette: ~0.4 ms of
