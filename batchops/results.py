@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from sys import intern
 from typing import Any
 
 import orjson
@@ -276,9 +277,9 @@ def _fast_chat(obj: Any) -> RowOutcome | None:
         custom_id=custom_id,
         ok=True,
         response=text,
-        finish_reason=finish,
+        finish_reason=intern(finish),  # one shared string, not one per held outcome
         usage=usage,
-        model=model if type(model) is str else None,
+        model=intern(model) if type(model) is str else None,
         status_code=200,
         request_id=request_id if type(request_id) is str else None,
     )

@@ -50,13 +50,18 @@ PHASES = {
 }
 
 
-def run_measured(cmd: list[str], timeout: float, env_extra: dict[str, str]) -> dict[str, Any]:
-    """Run cmd; wall seconds, exit code, stderr tail, and its own CPU and peak RSS (wait4)."""
+def run_measured(
+    cmd: list[str], timeout: float, env_extra: dict[str, str], cwd: Path = ROOT
+) -> dict[str, Any]:
+    """Run cmd in cwd; wall seconds, exit code, stderr tail, and its own CPU and peak RSS
+    (wait4)."""
     env = {**os.environ, **env_extra}
     env.pop("OPENAI_API_KEYS", None)  # the run's key is the one given, not the caller's pool
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=ROOT)
+        # cwd is the code's own tree: `python -m` puts the cwd first on sys.path, ahead of
+        # PYTHONPATH, so a baseline run from this worktree would run this worktree's code.
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd)
         watchdog = threading.Timer(timeout, proc.kill)  # a benchmark must stop by itself
         watchdog.start()
         try:
@@ -127,7 +132,7 @@ def one_run(csv_path: Path, work: Path, code_root: Path, rows: int) -> dict[str,
             "PYTHONPATH": str(code_root),
         }
         spawned = time.time()
-        result = run_measured(cmd, timeout=RUN_TIMEOUT, env_extra=env)
+        result = run_measured(cmd, timeout=RUN_TIMEOUT, env_extra=env, cwd=code_root)
     finally:
         emu.terminate()
         emu.wait()
