@@ -907,6 +907,7 @@ class BatchEngine:
         costs: dict[tuple[int, int, int, int], float] = {}  # a batch's usages repeat a lot
         exhausted = False
         n_failed_only = 0
+        schema = self.spec.schema_ is not None
         tally.cost, tally.unpriced = 0.0, 0  # the cost of the lines these files hold
         for second in (False, True):
             if second and not failed_ids:
@@ -915,7 +916,8 @@ class BatchEngine:
                 if isinstance(item, BadLine):
                     continue
                 if not second:
-                    item = structured.check_outcome(item, self.spec)  # schema answers: validated
+                    if schema:  # schema answers: validated
+                        item = structured.check_outcome(item, self.spec)
                     if item.ok:
                         if item.custom_id in answered:
                             continue

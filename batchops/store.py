@@ -201,6 +201,7 @@ class Store:
         self.path = path
         # Every chunk transition this store performed (tests check them against states.py).
         self.transitions: set[tuple[str, str, str]] = set()
+        self._spent: tuple[int, float] = (0, 0.0)  # (last attempt id summed, their cost)
 
     # ------------------------------------------------------------------ opening / meta
     @classmethod
@@ -961,9 +962,20 @@ class Store:
         return out
 
     def spent(self) -> float:
-        return float(
-            self.conn.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM attempts").fetchone()[0]
-        )
+        """What every attempt so far cost. The run loop asks after every poll: attempts are
+        only ever appended, so only those newer than the last committed answer are summed
+        (a full scan each time cost ~1 s a million rows at 1M, growing with the square)."""
+        if self.conn.in_transaction:  # may still roll back: not worth remembering
+            return float(
+                self.conn.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM attempts").fetchone()[0]
+            )
+        last_id, total = self._spent
+        new, top = self.conn.execute(
+            "SELECT COALESCE(SUM(cost_usd), 0), MAX(id) FROM attempts WHERE id > ?", (last_id,)
+        ).fetchone()
+        if top is not None:
+            self._spent = (int(top), total + float(new))
+        return self._spent[1]
 
     def events(self, limit: int = 50) -> list[sqlite3.Row]:
         return self.conn.execute(
