@@ -337,14 +337,19 @@ def _check_quotes(path: Path) -> None:
     cell holds an even number of quote characters, so an even total is the fast common case;
     only an odd one is walked through. The same pass checks that the file is UTF-8."""
     odd = False
-    decoder = codecs.getincrementaldecoder("utf-8")()
+    rest = b""
     try:
         with path.open("rb") as fh:
             while chunk := fh.read(1 << 20):
                 odd ^= chunk.count(b'"') % 2 == 1
-                decoder.decode(chunk)
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
+                # UTF-8 checked by arrow up to the last line break (no str is built: a big
+                # str per block raised glibc's mmap threshold and the build's peak RSS).
+                data = rest + chunk if rest else chunk
+                cut = data.rfind(b"\n") + 1
+                pa.array([data[:cut]], pa.binary()).cast(pa.string())
+                rest = data[cut:]
+        pa.array([rest], pa.binary()).cast(pa.string())
+    except pa.ArrowInvalid:
         raise InputError(_utf8_error(path)) from None
     if not odd:
         return

@@ -10,6 +10,10 @@ batchops child only, from `wait4`: wall (spawn → exit), CPU (user + sys) per r
 RSS slope between sizes (MiB per million rows) says whether memory depends on the row count.
 Phase times come from the run's log (registered, built, last batch submitted, merged).
 
+The emulator keeps every request and answer in memory: at 5M rows it grew past the 24 GB of
+the project machine and was OOM-killed (2026-11-30), so the 5M figure needs a bigger machine;
+`--sizes 1000000,2000000` gives the slope on this one.
+
 The baseline is the same CLI of `--baseline-ref` (default: the commit this branch started from,
 `git merge-base HEAD main`), exported with `git archive` into a temp dir and run with that dir
 first on PYTHONPATH, in the same process run, one size after the other.
