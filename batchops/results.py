@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from sys import intern
 from typing import Any
 
 import orjson
@@ -89,11 +90,18 @@ def parse_line(
     line_no: int | None = None,
 ) -> RowOutcome:
     """One output- or error-file line → `RowOutcome`. Raises `ResultFormatError` if malformed."""
-    kind = _endpoint_kind(endpoint)
+    return _parse(line, _endpoint_kind(endpoint), line_no)
+
+
+def _parse(line: bytes | str, kind: str, line_no: int | None) -> RowOutcome:
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         raise ResultFormatError(line_no, f"not valid JSON ({exc})") from None
+    if kind == _CHAT:
+        fast = _fast_chat(obj)
+        if fast is not None:
+            return fast
     if not isinstance(obj, dict):
         raise ResultFormatError(line_no, f"expected a JSON object, got {type(obj).__name__}")
 
@@ -130,13 +138,13 @@ def parse_lines(
     lines: Iterable[bytes | str], endpoint: str = DEFAULT_ENDPOINT
 ) -> Iterator[RowOutcome]:
     """Parse lines lazily; blank lines are skipped; line numbers in errors are 1-based."""
-    _endpoint_kind(endpoint)  # fail on a bad endpoint before the first line, not at it
+    kind = _endpoint_kind(endpoint)  # fail on a bad endpoint before the first line, not at it
     for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         if line_no == 1:
             line = _strip_bom(line)
-        yield parse_line(line, endpoint, line_no=line_no)
+        yield _parse(line, kind, line_no)
 
 
 def parse_file(path: Path | str, endpoint: str = DEFAULT_ENDPOINT) -> Iterator[RowOutcome]:
@@ -154,14 +162,14 @@ def read_file(path: Path | str, endpoint: str = DEFAULT_ENDPOINT) -> Iterator[Ro
     `BadLine` (named in the run's log) instead of stopping the file, so one broken line never
     keeps the other answers from being recorded."""
     path = Path(path)
-    _endpoint_kind(endpoint)
+    kind = _endpoint_kind(endpoint)
     with path.open("rb") as fh:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             text: bytes | str = _strip_bom(line) if line_no == 1 else line
             try:
-                yield parse_line(text, endpoint, line_no=line_no)
+                yield _parse(text, kind, line_no)
             except ResultFormatError as exc:
                 yield BadLine(path, line_no, exc.reason)
 
@@ -217,6 +225,64 @@ def _strip_bom(line: bytes | str) -> bytes | str:
 
 
 # --------------------------------------------------------------------------- successes
+
+
+def _fast_chat(obj: Any) -> RowOutcome | None:
+    """The common chat line in one go (a 200 whose first choice has string content, a plain
+    finish reason and no refusal), built exactly as the general path builds it; None for
+    anything else, which the general path then decides. Most of a big batch's lines are this
+    one shape, and the general path's checks cost as much as parsing the JSON."""
+    if type(obj) is not dict:
+        return None
+    custom_id = obj.get("custom_id")
+    response = obj.get("response")
+    if type(custom_id) is not str or not custom_id or type(response) is not dict:
+        return None
+    body = response.get("body")
+    if response.get("status_code") != 200 or type(body) is not dict:
+        return None
+    if type(response.get("status_code")) is not int:
+        return None  # 200.0 or True: the general path names it
+    choices = body.get("choices")
+    if type(choices) is not list or not choices:
+        return None
+    choice = choices[0]
+    if type(choice) is not dict:
+        return None
+    message = choice.get("message")
+    finish = choice.get("finish_reason")
+    if type(message) is not dict or type(finish) is not str or finish in _TRUNCATING:
+        return None
+    text = message.get("content")
+    if type(text) is not str or message.get("refusal") is not None:
+        return None
+    u = body.get("usage")
+    usage = None
+    if type(u) is dict:
+        pd = u.get("prompt_tokens_details")
+        cd = u.get("completion_tokens_details")
+        # as _int: an int that is not a bool, else 0
+        p, c = u.get("prompt_tokens"), u.get("completion_tokens")
+        pc = pd.get("cached_tokens") if type(pd) is dict else 0
+        cr = cd.get("reasoning_tokens") if type(cd) is dict else 0
+        usage = Usage(
+            p if type(p) is int else 0,
+            pc if type(pc) is int else 0,
+            c if type(c) is int else 0,
+            cr if type(cr) is int else 0,
+        )
+    model = body.get("model")
+    request_id = response.get("request_id")
+    return RowOutcome(
+        custom_id=custom_id,
+        ok=True,
+        response=text,
+        finish_reason=intern(finish),  # one shared string, not one per held outcome
+        usage=usage,
+        model=intern(model) if type(model) is str else None,
+        status_code=200,
+        request_id=request_id if type(request_id) is str else None,
+    )
 
 
 def _success(custom_id: str, body: Any, kind: str, request_id: str | None) -> RowOutcome:

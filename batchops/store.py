@@ -35,6 +35,8 @@ from batchops.states import (
 
 SCHEMA_VERSION = 4
 DB_NAME = "state.db"
+# Ids looked up per statement when recording a slice (well under SQLite's variable limit).
+GUARD_BATCH = 500
 
 # Each migration brings the schema from version i to i+1; never edit a released one.
 MIGRATIONS: list[str] = [
@@ -205,6 +207,7 @@ class Store:
         self.path = path
         # Every chunk transition this store performed (tests check them against states.py).
         self.transitions: set[tuple[str, str, str]] = set()
+        self._spent: tuple[int, float] = (0, 0.0)  # (last attempt id summed, their cost)
 
     # ------------------------------------------------------------------ opening / meta
     @classmethod
@@ -278,6 +281,12 @@ class Store:
         )
 
     # ------------------------------------------------------------------ rows
+    def _tuples(self) -> sqlite3.Cursor:
+        """A cursor yielding plain tuples: bulk reads skip building a sqlite3.Row a row."""
+        cur = self.conn.cursor()
+        cur.row_factory = None
+        return cur
+
     def row_count(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
 
@@ -771,6 +780,19 @@ class Store:
             self._mirror_chunk(chunk_id)
         return applied
 
+    def queued_order(self, chunk_id: int) -> dict[str, int]:
+        """custom id → row_idx of the rows still queued in this chunk (at most one batch's
+        worth): collection records a slice in row order, so its updates walk the table
+        forward instead of splitting pages all over it (result lines come in any order)."""
+        return dict(
+            self._tuples()
+            .execute(
+                "SELECT row_id, row_idx FROM rows WHERE chunk_id = ? AND status = 'queued'",
+                (chunk_id,),
+            )
+            .fetchall()
+        )
+
     def _record_successes(
         self,
         chunk_id: int,
@@ -782,10 +804,18 @@ class Store:
     ) -> int:
         """Answers of rows still queued in this chunk: an attempt each (billed tokens), then
         the row succeeded. Returns how many rows took their answer."""
+        items = list(items)
+        # The guard, once for the slice (which ids are rows still queued in this chunk), so
+        # the attempts go in as plain rows: an INSERT … SELECT costs ~3x a plain INSERT a row.
+        live = self._queued_among(chunk_id, [o.custom_id for o, _ in items])
         attempts: list[tuple[Any, ...]] = []
         updates: list[tuple[Any, ...]] = []
         keep_batch = None if mode == "online" else batch_id  # an online answer has no batch
+        online = mode == "online"
         for o, cost in items:
+            row_idx = live.get(o.custom_id)
+            if row_idx is None:
+                continue  # recorded already, or not this chunk's: untouched
             u = o.usage
             tokens = (
                 (u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.reasoning_tokens)
@@ -794,7 +824,7 @@ class Store:
             )
             if u is not None:
                 attempts.append(
-                    (chunk_id, batch_id, mode, o.model, *tokens, cost, now, key_id, o.custom_id)
+                    (row_idx, chunk_id, batch_id, mode, o.model, *tokens, cost, now, key_id)
                 )
             updates.append(
                 (
@@ -805,19 +835,18 @@ class Store:
                     *tokens,
                     cost,
                     cost,
-                    mode,
+                    online,
                     keep_batch,
                     now,
-                    o.custom_id,
+                    row_idx,
                     chunk_id,
                 )
             )
-        if attempts:  # before the rows move: the guard is "still queued in this chunk"
+        if attempts:
             self.conn.executemany(
                 "INSERT INTO attempts(row_idx, chunk_id, batch_id, mode, ok, model, prompt_tokens,"
                 " cached_tokens, completion_tokens, reasoning_tokens, cost_usd, ts, key_id)"
-                " SELECT row_idx, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ? FROM rows"
-                f" WHERE row_id = ? AND status = 'queued' AND chunk_id = {int(chunk_id)}",
+                " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?)",
                 attempts,
             )
         cur = self.conn.executemany(
@@ -828,12 +857,29 @@ class Store:
                    completion_tokens = COALESCE(completion_tokens, 0) + COALESCE(?, 0),
                    reasoning_tokens = COALESCE(reasoning_tokens, 0) + COALESCE(?, 0),
                    cost_usd = CASE WHEN ? IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + ? END,
-                   batch_id = CASE WHEN ? = 'online' THEN NULL ELSE COALESCE(?, batch_id) END,
+                   batch_id = CASE WHEN ? THEN NULL ELSE COALESCE(?, batch_id) END,
                    updated_at = ?, not_before = NULL
-               WHERE row_id = ? AND status = 'queued' AND chunk_id = ?""",
+               WHERE row_idx = ? AND status = 'queued' AND chunk_id = ?""",
             updates,
         )
         return max(0, cur.rowcount)
+
+    def _queued_among(self, chunk_id: int, row_ids: list[str]) -> dict[str, int]:
+        """row_id → row_idx of those of `row_ids` still queued in this chunk."""
+        out: dict[str, int] = {}
+        cur = self._tuples()
+        for i in range(0, len(row_ids), GUARD_BATCH):
+            part = row_ids[i : i + GUARD_BATCH]
+            marks = ",".join("?" * len(part))
+            out.update(
+                cur.execute(
+                    # `+`: look the ids up by their unique index, not by scanning the chunk
+                    f"SELECT row_id, row_idx FROM rows WHERE row_id IN ({marks})"
+                    " AND +status = 'queued' AND +chunk_id = ?",
+                    (*part, chunk_id),
+                )
+            )
+        return out
 
     def requeue_chunk_rows(
         self, chunk_id: int, error: str, error_class: str, *, counts: bool, max_retries: int
@@ -987,7 +1033,7 @@ class Store:
     def outcomes_between(self, lo: int, hi: int) -> pl.DataFrame:
         """`outcomes_frame` for the rows lo <= row_idx <= hi only: the merge reads the store
         one source frame's range at a time, so its memory never holds the whole table."""
-        cur = self.conn.execute(
+        cur = self._tuples().execute(
             "SELECT row_idx, response,"
             " CASE WHEN status IN ('pending', 'queued') THEN 'missing' ELSE status END,"
             " error, model, prompt_tokens, completion_tokens, cost_usd, batch_id"
@@ -995,7 +1041,10 @@ class Store:
             (lo, hi),
         )
         schema = {"row_idx": pl.Int64(), **OUTCOME_TYPES}
-        return pl.DataFrame(cur.fetchall(), schema=schema, orient="row")
+        # Plain tuples (no sqlite3.Row), handed to polars column by column: ~3x faster than
+        # row-oriented construction.
+        columns = list(zip(*cur.fetchall(), strict=True)) or [()] * len(schema)
+        return pl.DataFrame(dict(zip(schema, columns, strict=True)), schema=schema)
 
     def cost_by_model(self) -> list[sqlite3.Row]:
         return self.conn.execute(
@@ -1032,9 +1081,20 @@ class Store:
         return out
 
     def spent(self) -> float:
-        return float(
-            self.conn.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM attempts").fetchone()[0]
-        )
+        """What every attempt so far cost. The run loop asks after every poll: attempts are
+        only ever appended, so only those newer than the last committed answer are summed
+        (a full scan each time cost ~1 s a million rows at 1M, growing with the square)."""
+        if self.conn.in_transaction:  # may still roll back: not worth remembering
+            return float(
+                self.conn.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM attempts").fetchone()[0]
+            )
+        last_id, total = self._spent
+        new, top = self.conn.execute(
+            "SELECT COALESCE(SUM(cost_usd), 0), MAX(id) FROM attempts WHERE id > ?", (last_id,)
+        ).fetchone()
+        if top is not None:
+            self._spent = (int(top), total + float(new))
+        return self._spent[1]
 
     def events(self, limit: int = 50) -> list[sqlite3.Row]:
         return self.conn.execute(

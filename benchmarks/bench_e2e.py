@@ -10,6 +10,10 @@ batchops child only, from `wait4`: wall (spawn → exit), CPU (user + sys) per r
 RSS slope between sizes (MiB per million rows) says whether memory depends on the row count.
 Phase times come from the run's log (registered, built, last batch submitted, merged).
 
+The emulator keeps every request and answer in memory: at 5M rows it grew past the 24 GB of
+the project machine and was OOM-killed (2026-11-30), so the 5M figure needs a bigger machine;
+`--sizes 1000000,2000000` gives the slope on this one.
+
 The baseline is the same CLI of `--baseline-ref` (default: the commit this branch started from,
 `git merge-base HEAD main`), exported with `git archive` into a temp dir and run with that dir
 first on PYTHONPATH, in the same process run, one size after the other.
@@ -50,13 +54,18 @@ PHASES = {
 }
 
 
-def run_measured(cmd: list[str], timeout: float, env_extra: dict[str, str]) -> dict[str, Any]:
-    """Run cmd; wall seconds, exit code, stderr tail, and its own CPU and peak RSS (wait4)."""
+def run_measured(
+    cmd: list[str], timeout: float, env_extra: dict[str, str], cwd: Path = ROOT
+) -> dict[str, Any]:
+    """Run cmd in cwd; wall seconds, exit code, stderr tail, and its own CPU and peak RSS
+    (wait4)."""
     env = {**os.environ, **env_extra}
     env.pop("OPENAI_API_KEYS", None)  # the run's key is the one given, not the caller's pool
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=ROOT)
+        # cwd is the code's own tree: `python -m` puts the cwd first on sys.path, ahead of
+        # PYTHONPATH, so a baseline run from this worktree would run this worktree's code.
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd)
         watchdog = threading.Timer(timeout, proc.kill)  # a benchmark must stop by itself
         watchdog.start()
         try:
@@ -127,7 +136,7 @@ def one_run(csv_path: Path, work: Path, code_root: Path, rows: int) -> dict[str,
             "PYTHONPATH": str(code_root),
         }
         spawned = time.time()
-        result = run_measured(cmd, timeout=RUN_TIMEOUT, env_extra=env)
+        result = run_measured(cmd, timeout=RUN_TIMEOUT, env_extra=env, cwd=code_root)
     finally:
         emu.terminate()
         emu.wait()
