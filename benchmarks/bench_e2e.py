@@ -11,7 +11,11 @@ RSS slope between sizes (MiB per million rows) says whether memory depends on th
 Phase times come from the run's log (registered, built, last batch submitted, merged).
 
 The emulator keeps every request and answer in memory: at 5M rows it grew past the 24 GB of
-the project machine and was OOM-killed (2026-11-30), so the 5M figure needs a bigger machine;
+the project machine and was OOM-killed (2026-11-30, twice: with every batch in flight, and again
+with `--token-limit` keeping ~3 batches in flight). Measured at 200k rows it holds ~5.4 KB of RSS
+a row (1.1 GB) although its live Python objects are ~1.3 KB a row (tracemalloc: the output and
+input files and a counter per custom id); the rest is memory the allocator keeps after parsing
+50,000-line files. So the 5M figure needs a bigger machine (~30 GB for the emulator alone);
 `--sizes 1000000,2000000` gives the slope on this one.
 
 The baseline is the same CLI of `--baseline-ref` (default: the commit this branch started from,
@@ -47,6 +51,7 @@ TARGET_RSS_1M_MB = 400.0
 TARGET_SLOPE = 1.15  # RSS(5M) / RSS(1M)
 TARGET_CPU_US = 25.0
 RUN_TIMEOUT = 3600.0
+TOKEN_LIMIT = 6_000_000  # enqueued prompt tokens: ~3 chunks of 50,000 text rows in flight
 PHASES = {
     "registered": "source row(s) registered",
     "built": "chunk file(s) built for",
@@ -122,6 +127,11 @@ def one_run(csv_path: Path, work: Path, code_root: Path, rows: int) -> dict[str,
             "50000",
             "--poll-interval",
             "0.5",
+            # At most ~3 batches of 50,000 rows in flight: the emulator holds every in-flight
+            # request parsed in memory (5 GB at 1M rows with all 20 batches at once; at 5M it
+            # outgrew the machine's 24 GB), and a real org limit paces batches the same way.
+            "--token-limit",
+            str(TOKEN_LIMIT),
             "--base-url",
             root + "/v1",
             "--run-dir",

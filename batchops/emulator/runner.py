@@ -229,6 +229,8 @@ def _close(emu: Emulator, b: Batch, status: str, wall: int, mono: float) -> None
     if b.dialect == "openai":  # other dialects render results from the lines themselves
         b.output_file_id = _write(emu, b, b.ok_lines, "output")
         b.error_file_id = _write(emu, b, b.err_lines, "error")
+        b.closed_counts = (len(b.ok_lines), len(b.err_lines))
+        b.ok_lines, b.err_lines = [], []  # the files hold them now
     b.requests = []  # parsed bodies are not needed any more (50k of them weigh ~100 MB)
     b.enter(status, wall, mono)
 
@@ -260,7 +262,7 @@ def _write(emu: Emulator, b: Batch, lines: list[bytes], kind: str) -> str | None
     f = emu.add_file(
         f"{b.id}_{kind}.jsonl",
         "batch_output",
-        lines[:],  # the file joins its own copy lazily; the batch keeps counting its lines
+        lines,  # the file joins them lazily; the batch keeps only their counts
         b.params.output_expires_seconds,
     )
     return f.id

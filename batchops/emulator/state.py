@@ -114,6 +114,9 @@ class Batch:
     next_index: int = 0
     ok_lines: list[bytes] = field(default_factory=list)
     err_lines: list[bytes] = field(default_factory=list)
+    # Counts of the lines once they moved into the output/error files (OpenAI dialect): the
+    # batch then drops its own lines, so a downloaded 50,000-line file is held once, not twice.
+    closed_counts: tuple[int, int] | None = None
     expire_index: int | None = None  # set for batches chosen by expire_first_n
     prompt_tokens: int = 0
     # Output order: lines are placed at random as they are produced (inside-out Fisher-Yates),
@@ -125,6 +128,12 @@ class Batch:
         self.status = status
         self.phase_started = mono
         self.stamps[f"{status}_at"] = wall
+
+    def counts(self) -> tuple[int, int]:
+        """(completed, failed) requests so far."""
+        if self.closed_counts is not None:
+            return self.closed_counts
+        return len(self.ok_lines), len(self.err_lines)
 
     def to_api(self) -> dict[str, Any]:
         st = self.stamps
@@ -150,8 +159,8 @@ class Batch:
             "cancelled_at": st.get("cancelled_at"),
             "request_counts": {
                 "total": self.total,
-                "completed": len(self.ok_lines),
-                "failed": len(self.err_lines),
+                "completed": self.counts()[0],
+                "failed": self.counts()[1],
             },
             "usage": {
                 "input_tokens": self.usage_in,
