@@ -122,7 +122,11 @@ def kill_after_calls(
         assert time.monotonic() < deadline, f"{label}: no call of {route}"
         time.sleep(0.002)
     time.sleep(then_wait)
-    assert proc.poll() is None, f"{label}: the process ended before it ({route} #{k})"
+    if proc.poll() is not None:
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        raise AssertionError(
+            f"{label}: the process ended ({proc.returncode}) before it ({route} #{k}): {err[-800:]}"
+        )
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
 

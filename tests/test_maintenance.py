@@ -197,10 +197,13 @@ def test_maintain_analyses_without_side_effects(emulator_factory, tmp_path: Path
 
 
 UPLOAD, CREATE = "POST /v1/files", "POST /v1/batches"
-POLL, DOWNLOAD = "GET /v1/batches", "GET /v1/files/{id}/content"
+POLL, DOWNLOAD = (
+    "GET /v1/batches/{id}",
+    "GET /v1/files/{id}/content",
+)  # one batch in flight: polled on its own
 # (route, k): kill the monitor just after its k-th call of the route in that process. Uploads and
 # creates first (the re-sent chunks), then polls and downloads while batches finish.
-MONITOR_KILLS = [(CREATE, 1), (CREATE, 2), (POLL, 1), (DOWNLOAD, 1), (CREATE, 1), (DOWNLOAD, 2)]
+MONITOR_KILLS = [(CREATE, 1), (CREATE, 1), (POLL, 1), (DOWNLOAD, 1), (CREATE, 1), (DOWNLOAD, 1)]
 
 
 @pytest.mark.slow
@@ -216,7 +219,10 @@ def test_kill_9_loop_against_monitor_pays_each_row_once(emulator_factory, tmp_pa
     )
     src = awkward_table(tmp_path, n_plain=43, images=False)  # 50 rows, 10 chunks of 5
     run_dir = tmp_path / "run"
-    assert invoke(*run_args(emu, src, run_dir, "--batch-size", "5")).exit_code == 3
+    # --token-limit 1: one batch in flight at a time, so every process still has creates, polls
+    # and downloads to come when it is killed (each next create waits ~0.4 s for a batch to end).
+    first = run_args(emu, src, run_dir, "--batch-size", "5", "--token-limit", "1")
+    assert invoke(*first).exit_code == 3
     emu.update_scenario(model_quota={})  # quota back: the monitor re-sends every row
     args = [
         "monitor", "--run-dir", run_dir, "--base-url", emu.base_url, "--every", "0.2s",
