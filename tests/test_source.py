@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -242,3 +244,25 @@ def test_a_file_changed_after_validation_is_not_read(tmp_path):
     os.utime(path, ns=(0, src._fingerprint[1] + 10**9))
     with pytest.raises(InputError, match="changed after it was validated"):
         list(iter_frames(src))
+
+
+def test_a_csv_dry_run_does_not_import_pandas(tmp_path: Path) -> None:
+    """pyarrow's `pa.array` / `pa.scalar` import pandas (~0.2 s of every command); reading,
+    checking and building from a CSV must not pay for it."""
+    src = tmp_path / "t.csv"
+    src.write_text("id,name\n007,Mug\n008,Lamp\n", encoding="utf-8")
+    script = (
+        "import runpy, sys\n"
+        f"sys.argv = ['batchops', 'run', '--csv', {str(src)!r}, '--prompt', 'Describe {{name}}',"
+        f" '--model', 'gpt-4o-mini', '--id-column', 'id', '--dry-run',"
+        f" '--run-dir', {str(tmp_path / 'run')!r}, '--log-dir', {str(tmp_path / 'logs')!r}]\n"
+        "try:\n    runpy.run_module('batchops.cli', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('pandas' in sys.modules)\n"
+    )
+    env = {**os.environ, "OPENAI_API_KEY": "sk-test", "NO_COLOR": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
