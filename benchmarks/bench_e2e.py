@@ -26,12 +26,10 @@ first on PYTHONPATH, in the same process run, one size after the other.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import bench_build  # noqa: E402
-from bench_run import KEY, _log_time, start_emulator  # noqa: E402
+from bench_run import KEY, _log_time, run_command, run_measured, start_emulator  # noqa: E402
 from run_all import Figure, cores, markdown_table, write_json  # noqa: E402
 
 SIZES = (200_000, 1_000_000, 5_000_000)
@@ -57,36 +55,6 @@ PHASES = {
     "built": "chunk file(s) built for",
     "merged": "merged ",
 }
-
-
-def run_measured(
-    cmd: list[str], timeout: float, env_extra: dict[str, str], cwd: Path = ROOT
-) -> dict[str, Any]:
-    """Run cmd in cwd; wall seconds, exit code, stderr tail, and its own CPU and peak RSS
-    (wait4)."""
-    env = {**os.environ, **env_extra}
-    env.pop("OPENAI_API_KEYS", None)  # the run's key is the one given, not the caller's pool
-    with tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        # cwd is the code's own tree: `python -m` puts the cwd first on sys.path, ahead of
-        # PYTHONPATH, so a baseline run from this worktree would run this worktree's code.
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd)
-        watchdog = threading.Timer(timeout, proc.kill)  # a benchmark must stop by itself
-        watchdog.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            watchdog.cancel()
-        seconds = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
-        err.seek(0)
-        return {
-            "seconds": seconds,
-            "exit_code": proc.returncode,
-            "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss_mib": usage.ru_maxrss / 1024,
-            "stderr": err.read().decode("utf-8", "replace"),
-        }
 
 
 def baseline_tree(ref: str, into: Path) -> Path:
@@ -110,21 +78,10 @@ def one_run(csv_path: Path, work: Path, code_root: Path, rows: int) -> dict[str,
     """`batchops run` to the end against a fresh emulator; the batchops child's figures."""
     emu, root = start_emulator(work)
     try:
-        cmd = [
-            sys.executable,
-            "-m",
-            "batchops.cli",
-            "run",
-            "--csv",
-            str(csv_path),
-            "--id-column",
-            "id",
-            "--prompt",
+        cmd = run_command(
+            csv_path,
+            work / "run",
             bench_build.PROMPT,
-            "--model",
-            bench_build.MODEL,
-            "--batch-size",
-            "50000",
             "--poll-interval",
             "0.5",
             # At most ~3 batches of 50,000 rows in flight: the emulator holds every in-flight
@@ -134,12 +91,8 @@ def one_run(csv_path: Path, work: Path, code_root: Path, rows: int) -> dict[str,
             str(TOKEN_LIMIT),
             "--base-url",
             root + "/v1",
-            "--run-dir",
-            str(work / "run"),
-            "-q",
-            "--log-dir",
-            str(work / "logs"),
-        ]
+            log_dir=work / "logs",
+        )
         env = {
             "OPENAI_API_KEY": KEY,
             "NO_COLOR": "1",

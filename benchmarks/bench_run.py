@@ -56,9 +56,14 @@ KEY = "sk-bench-00000000000000000000"
 
 
 def run_measured(
-    cmd: list[str], timeout: float = CLI_TIMEOUT, env_extra: dict[str, str] | None = None
+    cmd: list[str],
+    timeout: float = CLI_TIMEOUT,
+    env_extra: dict[str, str] | None = None,
+    cwd: Path = ROOT,
 ) -> dict[str, Any]:
-    """Run cmd; its wall seconds, exit code, output and own peak RSS (MiB, from wait4)."""
+    """Run cmd in cwd; its wall seconds, exit code, output, own CPU and peak RSS (MiB), from
+    wait4. cwd is the code's own tree: `python -m` puts the cwd first on sys.path, ahead of
+    PYTHONPATH (a baseline tree run from this one would run this one's code)."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -67,7 +72,7 @@ def run_measured(
     env.pop("OPENAI_API_KEYS", None)  # the run's key is the one given, not the caller's pool
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd)
         watchdog = threading.Timer(timeout, proc.kill)  # a benchmark must stop by itself
         watchdog.start()
         try:
@@ -81,6 +86,7 @@ def run_measured(
         return {
             "seconds": seconds,
             "exit_code": proc.returncode,
+            "cpu_s": usage.ru_utime + usage.ru_stime,
             "peak_rss_mib": usage.ru_maxrss / 1024,
             "stdout": out.read().decode("utf-8", "replace"),
             "stderr": err.read().decode("utf-8", "replace"),
@@ -100,14 +106,19 @@ NO_CHECK = (
 )
 
 
-def dry_run(
-    csv_path: Path, work: Path, prompt: str, *extra: str, check: bool = True
-) -> dict[str, Any]:
-    """`batchops run --dry-run` as a user would type it; the chunk files stay in work/dry-run."""
-    cli = ["-m", "batchops.cli"] if check else ["-c", NO_CHECK]
-    cmd = [
+def run_command(
+    csv_path: Path,
+    run_dir: Path,
+    prompt: str,
+    *extra: str,
+    log_dir: Path | None = None,
+    head: tuple[str, ...] = (),
+) -> list[str]:
+    """`batchops run` on a benchmark table (id column `id`, batch size 50,000, quiet, its log in
+    log_dir, default run_dir/logs) as the benchmarks type it; `head` replaces `-m batchops.cli`."""
+    return [
         sys.executable,
-        *cli,
+        *(head or ("-m", "batchops.cli")),
         "run",
         "--csv",
         str(csv_path),
@@ -119,14 +130,21 @@ def dry_run(
         bench_build.MODEL,
         "--batch-size",
         "50000",
-        "--dry-run",
         "--run-dir",
-        str(work),
+        str(run_dir),
         "-q",
         "--log-dir",
-        str(work / "logs"),
+        str(log_dir or run_dir / "logs"),
         *extra,
     ]
+
+
+def dry_run(
+    csv_path: Path, work: Path, prompt: str, *extra: str, check: bool = True
+) -> dict[str, Any]:
+    """`batchops run --dry-run` as a user would type it; the chunk files stay in work/dry-run."""
+    head = () if check else ("-c", NO_CHECK)
+    cmd = run_command(csv_path, work, prompt, "--dry-run", *extra, head=head)
     result = run_measured(cmd)
     if result["exit_code"]:
         raise RuntimeError(f"dry run failed ({result['exit_code']}): {result['stderr'][-2000:]}")
@@ -168,30 +186,15 @@ def real_run(csv_path: Path, work: Path, prompt: str) -> dict[str, Any]:
     fsync) up to the "chunk file(s) built" log line, and the whole process (+ upload, create)."""
     emu, root = start_emulator(work)
     try:
-        cmd = [
-            sys.executable,
-            "-m",
-            "batchops.cli",
-            "run",
-            "--csv",
-            str(csv_path),
-            "--id-column",
-            "id",
-            "--prompt",
+        cmd = run_command(
+            csv_path,
+            work / "run",
             prompt,
-            "--model",
-            bench_build.MODEL,
-            "--batch-size",
-            "50000",
             "--no-wait",
             "--base-url",
             root + "/v1",
-            "--run-dir",
-            str(work / "run"),
-            "-q",
-            "--log-dir",
-            str(work / "logs"),
-        ]
+            log_dir=work / "logs",
+        )
         spawned = time.time()
         result = run_measured(cmd, env_extra={"OPENAI_API_KEY": KEY, "NO_COLOR": "1"})
     finally:
