@@ -299,7 +299,7 @@ class BatchEngine:
                 # deleted file re-packed).
                 self._ahead = False
                 logger.warning("chunk {}: upload failed: {}", chunk_id, exc)
-                if not isinstance(exc, RemoteError) or exc.refused:  # nothing was created
+                if not isinstance(exc, RemoteError) or exc.nothing_created:
                     self.store.move_chunk(chunk_id, ChunkState.BUILT)
                 continue
             self.store.move_chunk(
@@ -591,7 +591,7 @@ class BatchEngine:
                     harmless=True,  # an extra uploaded file is never paid for
                 )
             except RemoteError as exc:
-                if exc.refused:  # nothing was created: the intent is void
+                if exc.nothing_created:  # the intent is void
                     self.store.move_chunk(chunk.chunk_id, ChunkState.BUILT)
                 raise
             except _GaveUp as gave_up:
@@ -611,7 +611,7 @@ class BatchEngine:
                 chunk, key_id, lambda: backend.create(req), lambda: backend.find_batch(req, since)
             )
         except RemoteError as exc:
-            if exc.refused:
+            if exc.nothing_created:
                 self.store.move_chunk(chunk.chunk_id, back)
             # Otherwise (a lookup failed too) the batch may exist: reconcile decides later.
             raise
@@ -641,6 +641,15 @@ class BatchEngine:
             except RemoteError as exc:
                 if exc.refused or decide(exc.cls) != Action.RETRY:
                     raise
+                last = exc
+                if exc.unsent:
+                    # No connection was opened, so nothing can exist remotely: no lookup (it
+                    # would wait out its own retries against the same dead server), only the
+                    # job's backoff before the next try, in case the server is restarting.
+                    logger.info("{}; nothing was sent; try {} of {}", exc, n, tries)
+                    if n < tries:
+                        self.sleep(self.spec.retry.delay(n))
+                    continue
                 try:
                     found = lookup()
                 except RemoteError:
@@ -660,7 +669,6 @@ class BatchEngine:
                     )
                     return found
                 logger.info("{} failed; nothing was created; try {} of {}", exc, n, tries)
-                last = exc
         self.exhaust(
             chunk,
             key_id,

@@ -621,6 +621,25 @@ def test_rows_missing_after_an_unreachable_server_say_why(tmp_path: Path):
     assert {r["error_class"] for r in missing} == {"api_error"}
 
 
+def test_a_server_that_refuses_connections_is_set_aside_without_lookups(tmp_path: Path):
+    """A typo'd --base-url: nothing listens there, so no request ever left and nothing can
+    exist remotely. Each failed upload used to be looked up (a `list files`, itself retried
+    with backoff): ~3 minutes at the default delays before exit 3. Now: three tries with the
+    job's backoff, no lookup, and the error says it could not connect."""
+    fake = type("E", (), {"base_url": "http://127.0.0.1:9/v1"})()
+    src = awkward_table(tmp_path, n_plain=3, images=False)
+    run_dir = tmp_path / "run"
+    res = invoke(
+        *run_args(fake, src, run_dir, "--retry-delay", "0.01", "--retry-max-delay", "0.02")
+    )
+    assert res.exit_code == 3, res.output
+    assert "could not connect (http://127.0.0.1:9/v1)" in res.stderr
+    log = all_logs(tmp_path / "logs")
+    assert "remote call: list files" not in log  # never looked for what cannot exist
+    assert log.count("nothing was sent; try") == 3
+    assert "try 3 of 3" in log and "exhausted" in log
+
+
 def test_a_trial_slice_can_be_extended_reusing_its_answers(emulator, tmp_path: Path):
     src = awkward_table(tmp_path, n_plain=13, images=False)
     run_dir = tmp_path / "run"

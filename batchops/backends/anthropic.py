@@ -36,7 +36,13 @@ import orjson
 from loguru import logger
 
 from batchops.backends import anthropic_wire as W
-from batchops.backends.base import RemoteBatch, RemoteError, RemoteFile, SubmitRequest
+from batchops.backends.base import (
+    RemoteBatch,
+    RemoteError,
+    RemoteFile,
+    SubmitRequest,
+    never_connected,
+)
 from batchops.backends.listpoll import ListPoller
 from batchops.backends.retrying import call_with_retries
 from batchops.classify import classify_http
@@ -335,12 +341,22 @@ class AnthropicBackend:
             rules=self.rules,
             fallback=fallback,
         )
+        unsent = never_connected(exc)
+        if unsent:
+            message = "could not connect"  # refused, unreachable, DNS or TLS: nothing was sent
         if status is None and cls in ("api_error", "timeout"):
             message = f"{message} ({self.url or 'api.anthropic.com'})"  # say where
         if cls in ("api_error", "timeout") and (status is None or status >= 500):
             scope = Scope.ENDPOINT  # the server is down or failing: every model it serves
         return RemoteError(
-            what, cls, status, type_, self.scrub(message), _retry_after_of(exc), scope=scope
+            what,
+            cls,
+            status,
+            type_,
+            self.scrub(message),
+            _retry_after_of(exc),
+            scope=scope,
+            unsent=unsent,
         )
 
 

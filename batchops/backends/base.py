@@ -82,7 +82,10 @@ class RemoteError(BatchopsError):
         message: str,
         retry_after: float | None = None,
         scope: Scope | None = None,
+        *,
+        unsent: bool = False,
     ) -> None:
+        self.unsent = unsent
         self.what, self.cls, self.status, self.code, self.retry_after = (
             what,
             cls,
@@ -98,6 +101,27 @@ class RemoteError(BatchopsError):
     def refused(self) -> bool:
         """The server answered with a 4xx: it created nothing, so a written intent is void."""
         return self.status is not None and 400 <= self.status < 500
+
+    @property
+    def nothing_created(self) -> bool:
+        """Refused by the server, or never sent (no connection was opened): either way
+        nothing exists remotely, so nothing needs to be looked up."""
+        return self.refused or self.unsent
+
+
+def never_connected(exc: BaseException | None) -> bool:
+    """Whether a call failed before its connection was open (refused, unreachable, DNS, TLS
+    handshake, connect timeout): the request never left, so the server cannot have carried
+    it out. The SDKs wrap the transport's error; its cause chain says which it was."""
+    import httpx2  # here, not at the top: the store imports this module, and a dry run needs no HTTP
+
+    for _ in range(8):  # a cause chain is short; a cycle must not loop forever
+        if exc is None:
+            return False
+        if isinstance(exc, (httpx2.ConnectError, httpx2.ConnectTimeout)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class Backend(Protocol):

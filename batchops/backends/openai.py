@@ -26,7 +26,13 @@ import orjson
 
 from batchops import results
 from batchops.backends import http1
-from batchops.backends.base import RemoteBatch, RemoteError, RemoteFile, SubmitRequest
+from batchops.backends.base import (
+    RemoteBatch,
+    RemoteError,
+    RemoteFile,
+    SubmitRequest,
+    never_connected,
+)
 from batchops.backends.listpoll import ListPoller
 from batchops.backends.openai_wire import remote_batch
 from batchops.backends.retrying import call_with_retries
@@ -280,12 +286,22 @@ class OpenAIBackend:
             rules=self.rules,
             fallback=fallback,
         )
+        unsent = never_connected(exc)
+        if unsent:
+            message = "could not connect"  # refused, unreachable, DNS or TLS: nothing was sent
         if status is None and cls in ("api_error", "timeout"):
             message = f"{message} ({self.url or self.client.base_url})"  # say where
         if cls in ("api_error", "timeout") and status is None:
             scope = Scope.ENDPOINT  # no answer at all: the server is down for every model
         return RemoteError(
-            what, cls, status, code, self.scrub(message), _retry_after_of(exc), scope=scope
+            what,
+            cls,
+            status,
+            code,
+            self.scrub(message),
+            _retry_after_of(exc),
+            scope=scope,
+            unsent=unsent,
         )
 
 
