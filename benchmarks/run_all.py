@@ -473,6 +473,36 @@ def report(
     return "\n".join(lines)
 
 
+def _sections(text: str) -> list[tuple[str, str]]:
+    """(heading, whole block) of each `## ` section of a markdown text, in order."""
+    blocks = re.split(r"(?m)^(?=## )", text)[1:]
+    return [(block.splitlines()[0][3:].strip(), block) for block in blocks]
+
+
+def keep_hand_written(new: str, old: str) -> str:
+    """The new report with the old doc's hand-written sections (any `## ` section this script
+    does not write, e.g. a profile's breakdown) put back after its Figures section: a full
+    run must not erase what was measured by hand."""
+    generated = {heading for heading, _ in _sections(new)}
+    kept = [
+        block.rstrip() + "\n"
+        for heading, block in _sections(old)
+        if heading not in generated and not heading.startswith("Output of the ")
+    ]
+    if not kept:
+        return new
+    head, *rest = re.split(r"(?m)^(?=## )", new)
+    out, placed = [head], False
+    for block in rest:
+        out.append(block)
+        if not placed and block.startswith("## Figures"):
+            out += [k + "\n" for k in kept]
+            placed = True
+    if not placed:
+        out += ["\n"] + [k + "\n" for k in kept]
+    return "".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller inputs (a smoke test)")
@@ -517,9 +547,9 @@ def main() -> None:
     print(f"\n== all figures ({seconds:.0f} s, {cores()} cores)\n")
     print(markdown_table(figures))
     if not args.no_write:
-        DOC.write_text(
-            report(figures, extra, seconds, args.quick, start_info, args.repeat), encoding="utf-8"
-        )
+        text = report(figures, extra, seconds, args.quick, start_info, args.repeat)
+        old_doc = DOC.read_text(encoding="utf-8") if DOC.exists() else ""
+        DOC.write_text(keep_hand_written(text, old_doc), encoding="utf-8")
         print(f"\nwritten: {DOC.relative_to(ROOT)}")
 
 
