@@ -512,6 +512,13 @@ def _missing_hint(report: api.RunReport) -> None:
             "5xx); check --base-url and the server, then run the same command again",
             err=True,
         )
+    elif report.exhausted_by == "invalid_request":
+        click.echo(
+            "the pool is used up: the server refused the batch calls (see the log's last "
+            "'exhausted' line); check --base-url (the Batch API's /files and /batches live "
+            "under …/v1); a server with no Batch API (e.g. vLLM) needs --mode online",
+            err=True,
+        )
     elif report.stopped_because and "exhausted" in report.stopped_because:
         click.echo(
             "the pool is used up; if the model was the problem (model_not_found, quota): "

@@ -536,6 +536,19 @@ class BatchEngine:
                     others = self.in_flight_tokens(chunk.model)
                     self.learn_token_limit(chunk.model, others, others + chunk.est_tokens)
                     continue
+                if exc.refused and decide(exc.cls) == Action.GIVE_UP:
+                    # Refused for a reason a retry cannot change (a 404 route: --base-url is not
+                    # a Batch API, e.g. a vLLM server; a 400 on the batch itself): trying again
+                    # would wait forever, so this model (all of the endpoint, for a missing
+                    # route) is set aside and the chunk goes to the next in the pool.
+                    self.exhaust(
+                        chunk,
+                        key.key_id,
+                        f"{exc.what}: {exc.cls} (HTTP {exc.status}, {exc.code}): {exc.message}",
+                        scope=Scope.ENDPOINT if exc.status == 404 else Scope.MODEL,
+                        error_class=exc.cls,
+                    )
+                    continue
                 logger.warning("chunk {}: {}; will try again", chunk.chunk_id, exc)
                 return
 

@@ -640,6 +640,23 @@ def test_a_server_that_refuses_connections_is_set_aside_without_lookups(tmp_path
     assert "try 3 of 3" in log and "exhausted" in log
 
 
+def test_a_base_url_that_is_no_batch_api_stops_with_a_hint(emulator, tmp_path: Path):
+    """--base-url without its /v1 (or a server with no Batch API at all, like vLLM): every
+    upload is a 404. It used to be tried again at every poll, for ever; now the endpoint is
+    set aside (a retry cannot change a missing route): exit 3, each row says why, and the
+    hint names --base-url and --mode online."""
+    wrong = type("E", (), {"base_url": emulator.base_url.removesuffix("/v1") + "/api"})()
+    src = awkward_table(tmp_path, n_plain=3, images=False)
+    run_dir = tmp_path / "run"
+    res = invoke(*run_args(wrong, src, run_dir))
+    assert res.exit_code == 3, res.output
+    assert "--base-url" in res.stderr and "--mode online" in res.stderr
+    invoke("missing", "--run-dir", run_dir)
+    missing = read_csv(run_dir / "missing_rows.csv")
+    assert missing and {r["error_class"] for r in missing} == {"invalid_request"}
+    assert emulator.stats()["requests"] == {}  # nothing was ever executed
+
+
 def test_a_trial_slice_can_be_extended_reusing_its_answers(emulator, tmp_path: Path):
     src = awkward_table(tmp_path, n_plain=13, images=False)
     run_dir = tmp_path / "run"
