@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import functools
 import json
 import math
@@ -139,8 +140,11 @@ def _warn_unknown(model: str) -> None:
         return
     _warned_models.add(model)
     key = json.dumps(model)  # a TOML basic string: quotes and dots in model names stay valid
+    close = similar_priced_models(model)
     msg = (
-        f"No price known for model {model!r}: its cost is reported as unknown, not 0. "
+        f"No price known for model {model!r}"
+        + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
+        + ": its cost is reported as unknown, not 0. "
         f"Add a price (USD per 1M tokens) to batchops.toml:\n"
         f"  [prices.{key}]\n  input = 0.40\n  output = 1.20\n"
         f"  cached_input = 0.10   # optional, default = input\n"
@@ -148,6 +152,14 @@ def _warn_unknown(model: str) -> None:
     )
     logger.warning(msg)
     warnings.warn(msg, UnknownPriceWarning, stacklevel=3)
+
+
+def similar_priced_models(model: str, n: int = 2) -> list[str]:
+    """Models with a known price whose names are close to `model` (a typo's likely target)."""
+    from genai_prices import data_snapshot
+
+    ids = {m.id for p in data_snapshot.get_snapshot().providers for m in p.models}
+    return difflib.get_close_matches(model, sorted(ids), n=n, cutoff=0.85)
 
 
 def overrides_from_spec(spec: JobSpec) -> dict[str, PriceOverride]:

@@ -229,6 +229,15 @@ def test_unknown_model_is_none_with_one_warning() -> None:
         assert estimate_cost(name, 100, 100, batch=False) is None
 
 
+def test_a_typo_in_a_model_name_is_pointed_at_the_model_meant() -> None:
+    with pytest.warns(UnknownPriceWarning) as record:
+        assert price_for("gpt-4.1-mimi", batch=True) is None
+    assert "did you mean 'gpt-4.1-mini'?" in str(record[0].message)
+    with pytest.warns(UnknownPriceWarning) as record:  # nothing close: no guess
+        assert price_for(_unique("in-house-finetune"), batch=True) is None
+    assert "did you mean" not in str(record[0].message)
+
+
 def test_unknown_price_never_becomes_zero_in_sums() -> None:
     assert sum_costs([0.1, None, 0.2]) is None
     assert sum_costs([0.0, 0.0]) == 0.0
