@@ -184,6 +184,11 @@ def request_body(
             )
     if extra.get("stream"):
         raise InputError("body_extra sets 'stream': the Batch API rejects streaming requests")
+    if extra.get("n", 1) != 1:  # the merge keeps one answer a row: choices 2..n were lost
+        raise InputError(
+            f"body_extra sets 'n' to {extra['n']!r}: each row gets one answer (the response "
+            "column); to sample a prompt several times, repeat its row and run with --no-dedup"
+        )
 
     if spec.endpoint == EMBEDDINGS:
         for option, value in (

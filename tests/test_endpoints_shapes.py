@@ -153,6 +153,7 @@ def test_responses_round_trip_and_usage_priced(emulator_factory, tmp_path: Path)
         ("[1, 2]", "--body-extra: expected a JSON object"),
         ('{"model": "other"}', "'model'"),
         ('{"stream": true}', "stream"),
+        ('{"n": 3}', "sets 'n' to 3: each row gets one answer"),  # choices 2..3 were dropped
     ],
 )
 def test_bad_body_extra_exits_2_naming_it(emulator, tmp_path: Path, extra, message):
