@@ -29,6 +29,10 @@ class NoAnswer(Exception):
     """The connection failed before a whole answer was read."""
 
 
+class NeverConnected(NoAnswer):
+    """No connection could be opened (refused, unreachable): the request never left."""
+
+
 class TimedOut(Exception):
     """No whole answer within the timeout."""
 
@@ -97,7 +101,12 @@ class Http1Pool:
         conn: Conn | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                conn = self._take() or await self._connect()
+                conn = self._take()
+                if conn is None:
+                    try:
+                        conn = await self._connect()
+                    except OSError as exc:
+                        raise NeverConnected(str(exc) or type(exc).__name__) from None
                 conn[1].write(head + body)
                 answer, keep = await _read_answer(conn[0])
         except TimeoutError:
