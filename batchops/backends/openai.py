@@ -220,10 +220,10 @@ class OpenAIBackend:
             raise self._error(
                 openai.APITimeoutError(request=self._request_of(path)), "online request"
             ) from None
-        except http1.NoAnswer as exc:
+        except http1.NoAnswer as failed:
             err = openai.APIConnectionError(request=self._request_of(path))
-            if isinstance(exc, http1.NeverConnected):  # as the SDK's transport says it
-                err.__cause__ = httpx2.ConnectError(str(exc))
+            if isinstance(failed, http1.NeverConnected):  # as the SDK's transport says it
+                err.__cause__ = httpx2.ConnectError(str(failed))
             raise self._error(err, "online request") from None
         if not 200 <= answer.status < 300:
             # Rare: built as the SDK builds it, so `_error` maps it exactly as before.
