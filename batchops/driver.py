@@ -146,8 +146,14 @@ def dry_run_job(
     # in polars, which releases the GIL).
     checker = ThreadPoolExecutor(max_workers=1)
     pending_checks = []
-    # Rows repeating an earlier row's request are left out of the files, as a run would.
-    leaders, followers = dedup.leaders_only(src, spec)
+    # Rows repeating an earlier row's request are left out of the files, as a run would:
+    # found while building (one pass over the source) unless the slice is very large.
+    first_seen = None
+    if spec.dedup and src.n_rows <= dedup.STREAM_ROWS:
+        first_seen = dedup.FirstSeen(spec, src.n_rows, chunking.TEXT_COL, chunking.SYSTEM_COL)
+        leaders, followers = None, 0
+    else:
+        leaders, followers = dedup.leaders_only(src, spec)
     for c in chunking.build_chunks(
         src,
         spec,
@@ -157,6 +163,7 @@ def dry_run_job(
         only_rows=leaders,
         estimate_tokens=pricing.estimate_text_tokens_fast,
         fsync=False,  # throwaway files: durability buys nothing here
+        keep=first_seen,
     ):
         skipped += len(c.skipped)
         skipped_reasons += [f"row {k.row_idx}: {k.reason}" for k in c.skipped][
@@ -171,6 +178,8 @@ def dry_run_job(
             pending_checks.append(
                 checker.submit(validate.check_files, [c.path], spec.batch_endpoint(model))
             )
+    if first_seen is not None:
+        followers = first_seen.followers
     est = estimate_of(model, est_rows, per_row, spec.max_tokens)
     checks = [check for f in pending_checks for check in f.result()]
     checker.shutdown()
