@@ -29,8 +29,11 @@ import contextlib
 import csv
 import difflib
 import json
+import queue
 import sys
+import threading
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -307,9 +310,23 @@ def _scan_csv(path: Path, columns: list[str], id_column: str | None) -> tuple[in
     """One streaming pass over the whole file: count rows, check every cell is UTF-8, every row has
     the header's number of fields, and (with an id column) ids are non-empty and unique.
     Returns (data rows, block size that parses the file)."""
-    _check_quotes(path)  # and every byte UTF-8: so the pass below converts the ids only
+    # The byte check (quotes, UTF-8) runs in a thread beside the parse (both mostly without the
+    # GIL); its error comes first, as if it had run first.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        quotes = pool.submit(_check_quotes, path)
+        try:
+            found = _parse_csv(path, columns, id_column)
+        except Exception:  # e.g. the ragged row's locator failing to decode a non-UTF-8 file
+            quotes.result()
+            raise
+        quotes.result()
+    pa.default_memory_pool().release_unused()  # the build that follows needs the room
+    return found
+
+
+def _parse_csv(path: Path, columns: list[str], id_column: str | None) -> tuple[int, int]:
     # Tokenizing checks every row's field count; only the converted columns are UTF-8-checked
-    # by pyarrow, hence the byte check above (converting every column cost ~0.3 s a million).
+    # by pyarrow, hence _check_quotes' byte check (converting every column cost ~0.3 s a million).
     read = [id_column] if id_column is not None else columns[:1]
     block_size = _BLOCK_SIZE
     while True:
@@ -340,7 +357,6 @@ def _scan_csv(path: Path, columns: list[str], id_column: str | None) -> tuple[in
             raise InputError(_ragged_error(path, len(columns), len(ragged)))
         if ids is not None:
             ids.finish(block_size)
-        pa.default_memory_pool().release_unused()  # the build that follows needs the room
         return total, block_size
 
 
@@ -498,8 +514,11 @@ def _slice_batches(
     last = end if wanted is None else int(wanted[-1]) + 1
     pos = 0
     reader = _native_batches if native else _string_batches
+    batches = reader(source.path, source.format, read_cols, source._block_size)
+    if source.format == "csv":  # parsed without the GIL: the next blocks while this one is used
+        batches = _read_ahead(batches)
     try:
-        for batch in reader(source.path, source.format, read_cols, source._block_size):
+        for batch in batches:
             n = batch.num_rows
             lo, hi = max(start, pos), min(last, pos + n)
             if lo < hi:
@@ -515,6 +534,50 @@ def _slice_batches(
                 break  # no need to parse the rest of the file
     except pa.ArrowInvalid as exc:
         raise InputError(f"{source.path}: cannot read ({exc})") from None
+
+
+_AHEAD = 4  # record batches parsed ahead (~256 KiB of CSV each)
+
+
+class _Raised:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _read_ahead(items: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """The items of `items`, in order, pulled by a thread of their own up to _AHEAD ahead; its
+    exception is raised here, at the point it happened. Closing this generator stops the thread."""
+    ready: queue.Queue[pa.RecordBatch | _Raised | None] = queue.Queue(maxsize=_AHEAD)
+    stop = threading.Event()
+
+    def put(item: pa.RecordBatch | _Raised | None) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pull() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(None)
+        except BaseException as exc:  # handed over to the reader, whatever it is
+            put(_Raised(exc))
+
+    thread = threading.Thread(target=pull, name="batchops-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while (got := ready.get()) is not None:
+            if isinstance(got, _Raised):
+                raise got.exc
+            yield got
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _to_frame(table: pa.Table, cols: list[str], id_column: str | None) -> pl.DataFrame:

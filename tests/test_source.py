@@ -6,6 +6,7 @@ import csv
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import polars as pl
@@ -207,6 +208,44 @@ def test_non_utf8_is_located(tmp_path):
     with pytest.raises(InputError) as e:
         open_source(spec_for(path))
     assert message(e) == f"{path}: not UTF-8 at line 3 (byte 14: b'\\xe9\\n'); save it as UTF-8"
+
+
+@pytest.mark.parametrize(
+    ("later", "expected"),
+    [
+        ("3\n", "not UTF-8 at line 3003"),  # + a ragged row: the byte check's error first
+        ('4,"open\n', "not UTF-8 at line 3003"),  # + an unclosed quote
+        ("dup,1\n", "not UTF-8 at line 3003"),  # + a repeated id
+    ],
+)
+def test_the_byte_check_error_comes_first(tmp_path, later, expected):
+    """The byte check (UTF-8, quotes) runs beside the parse; its error is the one reported,
+    as when it ran before it."""
+    path = tmp_path / "l.csv"
+    ok = "".join(f"r{i},ok\n" for i in range(3000))  # past the header read's first block
+    path.write_bytes(f"a,b\ndup,ok\n{ok}2,caf\xe9\n".encode("latin-1") + later.encode())
+    with pytest.raises(InputError) as e:
+        open_source(spec_for(path, id_column="a"))
+    assert expected in message(e)
+
+
+def test_read_ahead_hands_over_items_then_the_error_and_stops_when_closed():
+    from batchops.source import _read_ahead
+
+    def items():
+        yield from range(3)
+        raise ValueError("block 4 is bad")
+
+    got = []
+    with pytest.raises(ValueError, match="block 4"):
+        for item in _read_ahead(items()):
+            got.append(item)
+    assert got == [0, 1, 2]
+    before = threading.active_count()
+    ahead = _read_ahead(iter(range(1000)))
+    assert next(ahead) == 0
+    ahead.close()  # the thread waiting to hand over more ends
+    assert threading.active_count() == before
 
 
 def test_empty_and_header_only_files(tmp_path):
