@@ -43,7 +43,6 @@ import orjson
 import polars as pl
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from batchops.errors import InputError
 from batchops.spec import JobSpec
@@ -189,10 +188,12 @@ def iter_frames(
         yield _to_frame(pa.Table.from_batches(pending), cols, source.id_column)
 
 
-def _binary_value(data: bytes) -> pa.Array:
-    """One binary value as an Arrow array, zero-copy (no `pa.array`: it imports pandas)."""
-    offsets = np.array([0, len(data)], dtype=np.int32)
-    return pa.Array.from_buffers(pa.binary(), 1, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+def _check_utf8(data: bytes) -> None:
+    """Raise pa.ArrowInvalid unless `data` is UTF-8: Arrow's validator on the bytes as one
+    string value, zero-copy (no str is built; a cast would import pyarrow.compute, ~30 ms)."""
+    offsets = np.array([0, len(data)], dtype=np.int64)
+    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    pa.Array.from_buffers(pa.large_string(), 1, buffers).validate(full=True)
 
 
 def int64_array(values: np.ndarray) -> pa.Array:
@@ -375,9 +376,9 @@ def _check_quotes(path: Path) -> None:
                 # str per block raised glibc's mmap threshold and the build's peak RSS).
                 data = rest + chunk if rest else chunk
                 cut = data.rfind(b"\n") + 1
-                _binary_value(data[:cut]).cast(pa.string())
+                _check_utf8(data[:cut])
                 rest = data[cut:]
-        _binary_value(rest).cast(pa.string())
+        _check_utf8(rest)
     except pa.ArrowInvalid:
         raise InputError(_utf8_error(path)) from None
     if not odd:
@@ -435,7 +436,8 @@ class _IdCheck:
         self.rows = 0
 
     def add(self, values: pa.Array | pa.ChunkedArray, first_row: int) -> None:
-        ids = pl.Series(values)
+        # Through a table: pl.Series(arrow array) imports pyarrow.compute (~30 ms).
+        ids = pl.from_arrow(pa.Table.from_arrays([values], names=["id"]))["id"]
         self.rows += len(ids)
         empty = (ids == "").arg_true()
         self.n_empty += len(empty)
@@ -452,7 +454,10 @@ class _IdCheck:
             )
         hashes = np.sort(np.concatenate(self.hashes)) if self.hashes else np.empty(0, np.uint64)
         self.hashes = []
-        suspects = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+        repeated = hashes[1:][hashes[1:] == hashes[:-1]]  # sorted (np.unique imports numpy.ma)
+        suspects = repeated[:1]
+        if repeated.size > 1:
+            suspects = repeated[np.concatenate(([True], repeated[1:] != repeated[:-1]))]
         if suspects.size:
             self._report_duplicates(suspects, block_size)
 
@@ -628,6 +633,8 @@ def _plain(arr: pa.Array) -> pa.Array:
 
 
 def _parquet_meta(path: Path) -> tuple[pa.Schema, int]:
+    import pyarrow.parquet as pq  # ~20 ms: only for Parquet sources
+
     try:
         f = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
@@ -637,6 +644,8 @@ def _parquet_meta(path: Path) -> tuple[pa.Schema, int]:
 
 
 def _parquet_batches(path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    import pyarrow.parquet as pq
+
     try:
         f = pq.ParquetFile(path)
         # Select by position: a top-level name containing "." must not be taken as a path.
