@@ -194,6 +194,24 @@ def test_empty_ids_are_refused(tmp_path):
     assert message(e) == f'{path}: id column "id" is empty in data row(s) 1'
 
 
+def test_ids_are_checked_across_the_groups_of_a_large_file(tmp_path):
+    """The validation pass checks ids some 65,536 rows at a time: rows keep their numbers."""
+    rows = [[f"id{i}", "v"] for i in range(150_000)]
+    rows[70_001][0] = ""
+    path = write_csv(tmp_path / "big.csv", ["id", "v"], rows)
+    with pytest.raises(InputError) as e:
+        open_source(spec_for(path, id_column="id"))
+    assert message(e) == f'{path}: id column "id" is empty in data row(s) 70001'
+    rows[70_001][0] = "id5"
+    path = write_csv(tmp_path / "big.csv", ["id", "v"], rows)
+    with pytest.raises(InputError) as e:
+        open_source(spec_for(path, id_column="id"))
+    assert '"id5" (rows 5, 70001)' in message(e)
+    rows[70_001][0] = "fine"
+    path = write_csv(tmp_path / "big.csv", ["id", "v"], rows)
+    assert open_source(spec_for(path, id_column="id")).n_rows == 150_000
+
+
 def test_a_row_with_the_wrong_number_of_fields_is_located(tmp_path):
     path = tmp_path / "r.csv"
     path.write_text('a,b\n1,"x\ny"\n2\n3,4\n', encoding="utf-8")
