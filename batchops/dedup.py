@@ -264,9 +264,9 @@ class FirstSeen:
     request body was not seen in an earlier row. Frames come in row order, so the row kept is
     its group's lowest: the leader find_pairs would choose.
 
-    The keys seen are held in an open-addressing table sized for n_rows (double hashing, all
-    of a frame's rows probed at once): 12 bytes a slot, the first 64 bits of the key and 31
-    bits of the second hash (95 bits: a false repeat among 2 million rows has a chance of
+    The keys seen are held in an open-addressing table sized for n_rows (double hashing, a
+    frame's distinct keys probed at once): 12 bytes a slot, the first 64 bits of the key and
+    31 bits of the second hash (95 bits: a false repeat among 2 million rows has a chance of
     about 10^-16)."""
 
     def __init__(self, spec: JobSpec, n_rows: int, text_col: str, system_col: str) -> None:
@@ -283,7 +283,11 @@ class FirstSeen:
         if self._rows < 0:  # a table fuller than sized would make the probing slow, then endless
             raise RuntimeError("FirstSeen was given more rows than it was sized for")
         k = frame.select(self._keys)
-        first = self._first(k["h1"].to_numpy(), k["h2"].to_numpy())
+        # A key's first row in this frame (later ones repeat it, whatever the table holds).
+        once = k.select(pl.struct("h1", "h2").is_first_distinct()).to_series().to_numpy()
+        first = np.zeros(frame.height, bool)
+        rows = np.flatnonzero(once)
+        first[rows] = self._new(k["h1"].to_numpy()[rows], k["h2"].to_numpy()[rows])
         n_out = first.size - int(np.count_nonzero(first))
         if not n_out:
             return frame
@@ -293,17 +297,16 @@ class FirstSeen:
         mask = pa.Array.from_buffers(pa.bool_(), first.size, [None, bits])
         return frame.filter(pl.from_arrow(pa.Table.from_arrays([mask], names=["m"]))["m"])
 
-    def _first(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
-        """Which rows (in row order) hold a key not in the table; their keys are added. Every
-        pending row looks at its slot: its own key there makes it a repeat, another key sends
-        it one step on, an empty slot is taken by the lowest row aiming at it (the others look
-        at that slot again). Equal keys share slot and step, so they move together and the
-        lowest row always takes the key's slot."""
+    def _new(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+        """Which of these keys (all different) are not in the table yet; those are added.
+        Every pending key looks at its slot: itself there makes it a repeat, another key sends
+        it one step on, an empty slot is taken by one of the keys aiming at it (the others look
+        at that slot again: now taken, they move on)."""
         size = self._size
         k2 = ((h2 >> np.uint64(32)) | np.uint64(1)).astype(np.uint32)
         slot = (h1 % np.uint64(size)).astype(np.int64)
         step = (h2 % np.uint64(size - 1)).astype(np.int64) + 1  # size is prime: visits all
-        first = np.zeros(h1.size, bool)
+        new = np.zeros(h1.size, bool)
         pending = np.arange(h1.size)
         while pending.size:
             at = slot[pending]
@@ -316,17 +319,15 @@ class FirstSeen:
             nxt[nxt >= size] -= size
             slot[moving] = nxt
             free, free_at = pending[~used], at[~used]
-            # The lowest row aiming at each empty slot (np.unique would import numpy.ma).
-            order = np.argsort(free_at, kind="stable")
-            by_slot = free_at[order]
-            lowest = order[np.concatenate(([True], by_slot[1:] != by_slot[:-1]))[: order.size]]
-            taken_at, winners = free_at[lowest], free[lowest]
-            self._t1[taken_at], self._t2[taken_at] = h1[winners], k2[winners]
-            first[winners] = True
-            again = np.ones(free.size, bool)
-            again[lowest] = False
-            pending = np.sort(np.concatenate([moving, free[again]]))
-        return first
+            # Several keys may aim at one empty slot: whichever write stays takes it (its 64
+            # bits first, then the rest from the keys with those bits: the slot holds one key).
+            self._t1[free_at] = h1[free]
+            owner = self._t1[free_at] == h1[free]
+            self._t2[free_at[owner]] = k2[free[owner]]
+            took = owner & (self._t2[free_at] == k2[free])
+            new[free[took]] = True
+            pending = np.concatenate([moving, free[~took]])
+        return new
 
 
 def _prime_above(n: int) -> int:
