@@ -98,8 +98,10 @@ def build_chunks(
     try:
         if image_col is None:
             rows = _text_frame_rows(source, pieces)
+            # Only what the lines are made of is kept (the source columns are freed at once).
+            kept = [ROW_IDX, ROW_ID, _TEXT_COL] + ([_SYSTEM_COL] if len(texts) > 1 else [])
             frames = (
-                frame.with_columns(texts)
+                frame.with_columns(texts).select(kept)
                 for frame in iter_frames(
                     source, columns=columns, batch_rows=rows, only_rows=only_rows
                 )

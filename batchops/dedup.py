@@ -253,10 +253,10 @@ def leaders_only(
     return np.setdiff1d(every, pairs.followers, assume_unique=True), len(pairs)
 
 
-# Up to this many rows a dry run finds its followers while it builds (FirstSeen: ~16 bytes a
+# Up to this many rows a dry run finds its followers while it builds (FirstSeen: ~13 bytes a
 # row of table); a larger slice is paired beforehand (leaders_only, flat memory).
 STREAM_ROWS = 2_000_000
-_LOAD = 0.75  # FirstSeen's table is at most this full
+_LOAD = 0.8  # FirstSeen's table is at most this full
 
 
 class FirstSeen:
@@ -265,16 +265,16 @@ class FirstSeen:
     its group's lowest: the leader find_pairs would choose.
 
     The keys seen are held in an open-addressing table sized for n_rows (double hashing, a
-    frame's distinct keys probed at once): 12 bytes a slot, the first 64 bits of the key and
-    31 bits of the second hash (95 bits: a false repeat among 2 million rows has a chance of
-    about 10^-16)."""
+    frame's distinct keys probed at once): 10 bytes a slot, the first 64 bits of the key and
+    15 bits of the second hash (79 bits: a false repeat among 2 million rows has a chance of
+    about 10^-12; memory is what the dry run is short of)."""
 
     def __init__(self, spec: JobSpec, n_rows: int, text_col: str, system_col: str) -> None:
         body = rendered_body_expr(spec, text_col, system_col)
         self._keys = [body.hash(_SEEDS[0]).alias("h1"), body.hash(_SEEDS[1]).alias("h2")]
         self._size = _prime_above(int(max(16, n_rows) / _LOAD))
         self._t1 = np.zeros(self._size, np.uint64)
-        self._t2 = np.zeros(self._size, np.uint32)  # 0: an empty slot
+        self._t2 = np.zeros(self._size, np.uint16)  # 0: an empty slot
         self._rows = n_rows
         self.followers = 0  # rows left out so far
 
@@ -303,7 +303,7 @@ class FirstSeen:
         it one step on, an empty slot is taken by one of the keys aiming at it (the others look
         at that slot again: now taken, they move on)."""
         size = self._size
-        k2 = ((h2 >> np.uint64(32)) | np.uint64(1)).astype(np.uint32)
+        k2 = ((h2 >> np.uint64(48)) | np.uint64(1)).astype(np.uint16)
         slot = (h1 % np.uint64(size)).astype(np.int64)
         step = (h2 % np.uint64(size - 1)).astype(np.int64) + 1  # size is prime: visits all
         new = np.zeros(h1.size, bool)

@@ -36,7 +36,7 @@ from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -147,6 +147,7 @@ def iter_frames(
     batch_rows: int = 100_000,
     only_rows: Collection[int] | pl.Series | np.ndarray | None = None,
     native: bool = False,
+    ahead: bool = True,
 ) -> Iterator[pl.DataFrame]:
     """Stream the slice as all-String frames of at most `batch_rows` rows, in file order.
 
@@ -156,6 +157,8 @@ def iter_frames(
 
     native: Parquet columns keep their own types; a JSONL frame holds `__raw` (each row's JSON
     object text, unchanged) instead of the columns; CSV is the same either way.
+    ahead: a CSV's next blocks are parsed in a thread while a frame is used (False: the caller
+    makes the frames ahead itself, with read_ahead).
     """
     if batch_rows < 1:
         raise ValueError("batch_rows must be >= 1")
@@ -177,7 +180,7 @@ def iter_frames(
 
     pending: list[pa.RecordBatch] = []
     n_pending = 0
-    for idx, batch in _slice_batches(source, read_cols, wanted, native):
+    for idx, batch in _slice_batches(source, read_cols, wanted, native, ahead):
         pending.append(batch.append_column(ROW_IDX, int64_array(idx)))
         n_pending += batch.num_rows
         while n_pending >= batch_rows:
@@ -519,7 +522,11 @@ def _wanted_rows(source: Source, only_rows: Any) -> np.ndarray | None:
 
 
 def _slice_batches(
-    source: Source, read_cols: list[str], wanted: np.ndarray | None, native: bool = False
+    source: Source,
+    read_cols: list[str],
+    wanted: np.ndarray | None,
+    native: bool = False,
+    ahead: bool = True,
 ) -> Iterator[tuple[np.ndarray, pa.RecordBatch]]:
     """Record batches of the slice (or of the wanted rows) with their row positions."""
     start, end = source.start_row, source.end_row
@@ -527,8 +534,8 @@ def _slice_batches(
     pos = 0
     reader = _native_batches if native else _string_batches
     batches = reader(source.path, source.format, read_cols, source._block_size)
-    if source.format == "csv":  # parsed without the GIL: the next blocks while this one is used
-        batches = _read_ahead(batches)
+    if ahead and source.format == "csv":  # parsed without the GIL while this one is used
+        batches = read_ahead(batches)
     try:
         for batch in batches:
             n = batch.num_rows
@@ -549,6 +556,7 @@ def _slice_batches(
 
 
 _AHEAD = 4  # record batches parsed ahead (~256 KiB of CSV each)
+T = TypeVar("T")
 
 
 class _Raised:
@@ -556,36 +564,35 @@ class _Raised:
         self.exc = exc
 
 
-def _read_ahead(items: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """The items of `items`, in order, pulled by a thread of their own up to _AHEAD ahead; its
-    exception is raised here, at the point it happened. Closing this generator stops the thread."""
-    ready: queue.Queue[pa.RecordBatch | _Raised | None] = queue.Queue(maxsize=_AHEAD)
+def read_ahead(items: Iterator[T], depth: int = _AHEAD) -> Iterator[T]:
+    """The items of `items`, in order, made by a thread of their own while the caller uses the
+    ones before: at most depth + 1 made and not yet taken (0: only the next one). An exception
+    is raised here, where it happened. Closing this generator stops the thread."""
+    ready: queue.SimpleQueue[T | _Raised | None] = queue.SimpleQueue()
+    room = threading.Semaphore(depth + 1)
     stop = threading.Event()
 
-    def put(item: pa.RecordBatch | _Raised | None) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def pull() -> None:
+    def make() -> None:
         try:
             for item in items:
-                if not put(item):
+                ready.put(item)
+                while not room.acquire(timeout=0.05):  # wait for the caller to take one
+                    if stop.is_set():
+                        return
+                if stop.is_set():
                     return
-            put(None)
-        except BaseException as exc:  # handed over to the reader, whatever it is
-            put(_Raised(exc))
+            ready.put(None)
+        except BaseException as exc:  # handed over to the caller, whatever it is
+            ready.put(_Raised(exc))
 
-    thread = threading.Thread(target=pull, name="batchops-read-ahead", daemon=True)
+    room.acquire()  # the first item is made at once
+    thread = threading.Thread(target=make, name="batchops-read-ahead", daemon=True)
     thread.start()
     try:
         while (got := ready.get()) is not None:
             if isinstance(got, _Raised):
                 raise got.exc
+            room.release()  # taken: the next one may be made
             yield got
     finally:
         stop.set()
@@ -886,6 +893,7 @@ __all__ = [
     "close_column",
     "iter_frames",
     "list_columns",
+    "read_ahead",
     "open_source",
     "render_arrow",
     "render_value",

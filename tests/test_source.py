@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from batchops.errors import InputError
-from batchops.source import ROW_ID, ROW_IDX, iter_frames, open_source
+from batchops.source import ROW_ID, ROW_IDX, iter_frames, open_source, read_ahead
 from batchops.spec import JobSpec
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -248,22 +249,37 @@ def test_the_byte_check_error_comes_first(tmp_path, later, expected):
 
 
 def test_read_ahead_hands_over_items_then_the_error_and_stops_when_closed():
-    from batchops.source import _read_ahead
-
     def items():
         yield from range(3)
         raise ValueError("block 4 is bad")
 
     got = []
     with pytest.raises(ValueError, match="block 4"):
-        for item in _read_ahead(items()):
+        for item in read_ahead(items()):
             got.append(item)
     assert got == [0, 1, 2]
     before = threading.active_count()
-    ahead = _read_ahead(iter(range(1000)))
+    ahead = read_ahead(iter(range(1000)))
     assert next(ahead) == 0
     ahead.close()  # the thread waiting to hand over more ends
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_read_ahead_makes_at_most_depth_plus_one_items_not_taken(depth: int):
+    made: list[int] = []
+
+    def items():
+        for i in range(20):
+            made.append(i)
+            yield i
+
+    ahead = read_ahead(items(), depth)
+    for taken in range(1, 6):
+        assert next(ahead) == taken - 1
+        time.sleep(0.05)  # room for the thread to run ahead as far as it may
+        assert len(made) <= taken + depth + 1
+    assert list(ahead) == list(range(5, 20))
 
 
 def test_empty_and_header_only_files(tmp_path):
