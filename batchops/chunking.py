@@ -92,14 +92,15 @@ def build_chunks(
     )
     tokens = _TokenCounter(spec, estimate_tokens)
     texts = [render.text_expr(spec.prompt).alias(_TEXT_COL)]
-    if render.system_fields(spec):  # a system message per row, rendered like the prompt
+    per_row_system = bool(render.system_fields(spec))
+    if per_row_system:  # a system message per row, rendered like the prompt
         texts.append(render.text_expr(spec.system or "").alias(_SYSTEM_COL))
 
     try:
         if image_col is None:
             rows = _text_frame_rows(source, pieces)
             # Only what the lines are made of is kept (the source columns are freed at once).
-            kept = [ROW_IDX, ROW_ID, _TEXT_COL] + ([_SYSTEM_COL] if len(texts) > 1 else [])
+            kept = [ROW_IDX, ROW_ID, _TEXT_COL] + ([_SYSTEM_COL] if per_row_system else [])
             frames = (
                 frame.with_columns(texts).select(kept)
                 for frame in iter_frames(
