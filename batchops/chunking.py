@@ -29,14 +29,15 @@ from batchops.source import ROW_ID, ROW_IDX, Source, iter_frames
 from batchops.spec import MAX_BYTES_PER_FILE, MAX_REQUESTS_PER_FILE, JobSpec
 
 TokenEstimator = Callable[[pl.Series], pl.Series]
+FrameFilter = Callable[[pl.DataFrame], pl.DataFrame]
 
 # Rows rendered at once, sized so a frame's JSON stays near _FRAME_BYTES: the columnar pipeline
 # holds a few copies of it, and wide rows must not blow the memory budget.
 _FRAME_BYTES = 4 << 20  # measured: 4 MiB ≈ 246 MiB peak RSS at full speed; 6 MiB ≈ 265
 _FRAME_ROWS = (500, 50_000)
 _IMAGE_FRAME_ROWS = 1_000  # image rows are written one at a time anyway
-_TEXT_COL = "__text"
-_SYSTEM_COL = "__system"
+_TEXT_COL = TEXT_COL = "__text"  # a frame's rendered prompt (what a FrameFilter sees)
+_SYSTEM_COL = SYSTEM_COL = "__system"  # … and rendered system message (with placeholders)
 # The frame column that fills each slot of render.line_template.
 _SLOT_COLS = {render.CUSTOM_ID: ROW_ID, render.TEXT: _TEXT_COL, render.SYSTEM: _SYSTEM_COL}
 Pieces = tuple[list[str], list[str]]  # render.line_template: literals, slots
@@ -58,6 +59,7 @@ def build_chunks(
     estimate_tokens: TokenEstimator | None = None,
     max_bytes: int = MAX_BYTES_PER_FILE,
     fsync: bool = True,
+    keep: FrameFilter | None = None,
 ) -> Iterator[BuiltChunk]:
     """Write the slice's (or only_rows') requests in source order into chunk files; yield each
     file's BuiltChunk as soon as the file is in place (written to .tmp, then renamed).
@@ -65,6 +67,8 @@ def build_chunks(
     Image paths are relative to spec.image_dir, or to the source file's folder without one.
     max_bytes: a lower per-file byte limit than the Batch API's (tests, other providers).
     fsync: flush each file to disk before yielding it (costs ~3 ms per file on slow disks).
+    keep: the rows of each frame to build, chosen once its texts are rendered (TEXT_COL,
+    SYSTEM_COL); the rows it drops are neither written nor skipped (the dry run's dedup).
     """
     render.check_template(spec.prompt, source.columns, source_name=source.path)
     if spec.system is not None:
@@ -88,14 +92,24 @@ def build_chunks(
     )
     tokens = _TokenCounter(spec, estimate_tokens)
     texts = [render.text_expr(spec.prompt).alias(_TEXT_COL)]
-    if render.system_fields(spec):  # a system message per row, rendered like the prompt
+    per_row_system = bool(render.system_fields(spec))
+    if per_row_system:  # a system message per row, rendered like the prompt
         texts.append(render.text_expr(spec.system or "").alias(_SYSTEM_COL))
 
     try:
         if image_col is None:
             rows = _text_frame_rows(source, pieces)
-            for frame in iter_frames(source, columns=columns, batch_rows=rows, only_rows=only_rows):
-                frame = frame.with_columns(texts)
+            # Only what the lines are made of is kept (the source columns are freed at once).
+            kept = [ROW_IDX, ROW_ID, _TEXT_COL] + ([_SYSTEM_COL] if per_row_system else [])
+            frames = (
+                frame.with_columns(texts).select(kept)
+                for frame in iter_frames(
+                    source, columns=columns, batch_rows=rows, only_rows=only_rows
+                )
+            )
+            if keep is not None:
+                frames = _refill(map(keep, frames), rows)
+            for frame in frames:
                 if spec.endpoint == render.EMBEDDINGS:
                     frame = yield from _skip_empty_inputs(frame, writer)
                 yield from _pack_text(frame, pieces, tokens, writer)
@@ -104,8 +118,9 @@ def build_chunks(
             for frame in iter_frames(
                 source, columns=columns, batch_rows=_IMAGE_FRAME_ROWS, only_rows=only_rows
             ):
+                frame = frame.with_columns(texts)
                 yield from _pack_images(
-                    frame.with_columns(texts),
+                    keep(frame) if keep is not None else frame,
                     spec,
                     model,
                     image_col,
@@ -121,6 +136,26 @@ def build_chunks(
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _refill(frames: Iterator[pl.DataFrame], rows: int) -> Iterator[pl.DataFrame]:
+    """Frames of `rows` rows (the last may be shorter) out of frames a filter thinned: the
+    frames only_rows would have given (token estimates sample each frame: the same figures)."""
+    pending: list[pl.DataFrame] = []
+    n = 0
+    for frame in frames:
+        if not pending and frame.height == rows:
+            yield frame
+            continue
+        pending.append(frame)
+        n += frame.height
+        while n >= rows:
+            whole = pl.concat(pending) if len(pending) > 1 else pending[0]
+            yield whole.slice(0, rows)
+            rest = whole.slice(rows)
+            pending, n = [rest], rest.height
+    if n:
+        yield pl.concat(pending) if len(pending) > 1 else pending[0]
 
 
 def _skip_empty_inputs(

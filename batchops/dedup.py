@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 from loguru import logger
 
 from batchops import render
@@ -67,9 +68,19 @@ def columns(spec: JobSpec) -> list[str]:
 def body_expr(spec: JobSpec) -> pl.Expr:
     """What varies between two rows' request bodies, as one string per row: equal strings,
     equal bodies (and the other way round)."""
-    parts = [render.text_expr(spec.prompt)]
-    if render.system_fields(spec):
-        parts.append(render.text_expr(spec.system or ""))
+    system = render.text_expr(spec.system or "") if render.system_fields(spec) else None
+    return _framed(spec, render.text_expr(spec.prompt), system)
+
+
+def rendered_body_expr(spec: JobSpec, text_col: str, system_col: str) -> pl.Expr:
+    """body_expr over a frame whose prompt (and per-row system message) are rendered already,
+    in the columns text_col (and system_col)."""
+    system = pl.col(system_col) if render.system_fields(spec) else None
+    return _framed(spec, pl.col(text_col), system)
+
+
+def _framed(spec: JobSpec, text: pl.Expr, system: pl.Expr | None) -> pl.Expr:
+    parts = [text] + ([system] if system is not None else [])
     if spec.image_column:
         parts.append(pl.col(spec.image_column).fill_null(""))
     if len(parts) == 1:
@@ -240,3 +251,87 @@ def leaders_only(
         return None, 0
     every = np.arange(src.start_row, src.end_row, dtype=np.int64)
     return np.setdiff1d(every, pairs.followers, assume_unique=True), len(pairs)
+
+
+# Up to this many rows a dry run finds its followers while it builds (FirstSeen: ~13 bytes a
+# row of table); a larger slice is paired beforehand (leaders_only, flat memory).
+STREAM_ROWS = 2_000_000
+_LOAD = 0.8  # FirstSeen's table is at most this full
+
+
+class FirstSeen:
+    """The dry run's dedup in the build's own pass: a frame filter that keeps each row whose
+    request body was not seen in an earlier row. Frames come in row order, so the row kept is
+    its group's lowest: the leader find_pairs would choose.
+
+    The keys seen are held in an open-addressing table sized for n_rows (double hashing, a
+    frame's distinct keys probed at once): 10 bytes a slot, the first 64 bits of the key and
+    15 bits of the second hash (79 bits: a false repeat among 2 million rows has a chance of
+    about 10^-12; memory is what the dry run is short of)."""
+
+    def __init__(self, spec: JobSpec, n_rows: int, text_col: str, system_col: str) -> None:
+        body = rendered_body_expr(spec, text_col, system_col)
+        self._keys = [body.hash(_SEEDS[0]).alias("h1"), body.hash(_SEEDS[1]).alias("h2")]
+        self._size = _prime_above(int(max(16, n_rows) / _LOAD))
+        self._t1 = np.zeros(self._size, np.uint64)
+        self._t2 = np.zeros(self._size, np.uint16)  # 0: an empty slot
+        self._rows = n_rows
+        self.followers = 0  # rows left out so far
+
+    def __call__(self, frame: pl.DataFrame) -> pl.DataFrame:
+        self._rows -= frame.height
+        if self._rows < 0:  # a table fuller than sized would make the probing slow, then endless
+            raise RuntimeError("FirstSeen was given more rows than it was sized for")
+        k = frame.select(self._keys)
+        # A key's first row in this frame (later ones repeat it, whatever the table holds).
+        once = k.select(pl.struct("h1", "h2").is_first_distinct()).to_series().to_numpy()
+        first = np.zeros(frame.height, bool)
+        rows = np.flatnonzero(once)
+        first[rows] = self._new(k["h1"].to_numpy()[rows], k["h2"].to_numpy()[rows])
+        n_out = first.size - int(np.count_nonzero(first))
+        if not n_out:
+            return frame
+        self.followers += n_out
+        # As an Arrow bit mask: pl.Series(numpy array) imports numpy.ma (~10 ms of a dry run).
+        bits = pa.py_buffer(np.packbits(first, bitorder="little"))
+        mask = pa.Array.from_buffers(pa.bool_(), first.size, [None, bits])
+        return frame.filter(pl.from_arrow(pa.Table.from_arrays([mask], names=["m"]))["m"])
+
+    def _new(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+        """Which of these keys (all different) are not in the table yet; those are added.
+        Every pending key looks at its slot: itself there makes it a repeat, another key sends
+        it one step on, an empty slot is taken by one of the keys aiming at it (the others look
+        at that slot again: now taken, they move on)."""
+        size = self._size
+        k2 = ((h2 >> np.uint64(48)) | np.uint64(1)).astype(np.uint16)
+        slot = (h1 % np.uint64(size)).astype(np.int64)
+        step = (h2 % np.uint64(size - 1)).astype(np.int64) + 1  # size is prime: visits all
+        new = np.zeros(h1.size, bool)
+        pending = np.arange(h1.size)
+        while pending.size:
+            at = slot[pending]
+            t2 = self._t2[at]
+            used = t2 != 0
+            busy, busy_at = pending[used], at[used]
+            other = (self._t1[busy_at] != h1[busy]) | (t2[used] != k2[busy])
+            moving = busy[other]
+            nxt = busy_at[other] + step[moving]
+            nxt[nxt >= size] -= size
+            slot[moving] = nxt
+            free, free_at = pending[~used], at[~used]
+            # Several keys may aim at one empty slot: whichever write stays takes it (its 64
+            # bits first, then the rest from the keys with those bits: the slot holds one key).
+            self._t1[free_at] = h1[free]
+            owner = self._t1[free_at] == h1[free]
+            self._t2[free_at[owner]] = k2[free[owner]]
+            took = owner & (self._t2[free_at] == k2[free])
+            new[free[took]] = True
+            pending = np.concatenate([moving, free[~took]])
+        return new
+
+
+def _prime_above(n: int) -> int:
+    n |= 1
+    while any(n % d == 0 for d in range(3, math.isqrt(n) + 1, 2)):
+        n += 2
+    return n

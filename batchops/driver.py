@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +73,8 @@ def run_job(
 ) -> RunReport:
     """`batchops run`: start or resume a run and drive it to the end (or until it can go no further)."""
     run_dir = Path(run_dir or default_run_dir(spec.source))
+    if dry_run:  # the price table loads (~0.1 s of Python) while the source is checked (no GIL)
+        threading.Thread(target=_load_prices, name="batchops-prices").start()
     src = validate_inputs(spec)
     if dry_run:
         return dry_run_job(spec, src, run_dir, on_estimate=on_estimate)
@@ -119,6 +123,13 @@ def run_job(
         run.close()
 
 
+def _load_prices() -> None:
+    with suppress(Exception):  # a head start only: the estimate loads the table itself anyway
+        import genai_prices
+
+        genai_prices.data_snapshot.get_snapshot()
+
+
 def dry_run_job(
     spec: JobSpec,
     src: source.Source,
@@ -146,8 +157,14 @@ def dry_run_job(
     # in polars, which releases the GIL).
     checker = ThreadPoolExecutor(max_workers=1)
     pending_checks = []
-    # Rows repeating an earlier row's request are left out of the files, as a run would.
-    leaders, followers = dedup.leaders_only(src, spec)
+    # Rows repeating an earlier row's request are left out of the files, as a run would:
+    # found while building (one pass over the source) unless the slice is very large.
+    first_seen = None
+    if spec.dedup and src.n_rows <= dedup.STREAM_ROWS:
+        first_seen = dedup.FirstSeen(spec, src.n_rows, chunking.TEXT_COL, chunking.SYSTEM_COL)
+        leaders, followers = None, 0
+    else:
+        leaders, followers = dedup.leaders_only(src, spec)
     for c in chunking.build_chunks(
         src,
         spec,
@@ -157,6 +174,7 @@ def dry_run_job(
         only_rows=leaders,
         estimate_tokens=pricing.estimate_text_tokens_fast,
         fsync=False,  # throwaway files: durability buys nothing here
+        keep=first_seen,
     ):
         skipped += len(c.skipped)
         skipped_reasons += [f"row {k.row_idx}: {k.reason}" for k in c.skipped][
@@ -171,6 +189,8 @@ def dry_run_job(
             pending_checks.append(
                 checker.submit(validate.check_files, [c.path], spec.batch_endpoint(model))
             )
+    if first_seen is not None:
+        followers = first_seen.followers
     est = estimate_of(model, est_rows, per_row, spec.max_tokens)
     checks = [check for f in pending_checks for check in f.result()]
     checker.shutdown()

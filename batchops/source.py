@@ -29,18 +29,20 @@ import contextlib
 import csv
 import difflib
 import json
+import queue
 import sys
+import threading
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
 import polars as pl
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from batchops.errors import InputError
 from batchops.spec import JobSpec
@@ -56,6 +58,7 @@ _BLOCK_SIZE = 1 << 18
 _MAX_BLOCK_SIZE = 1 << 30
 _MAX_LISTED = 5
 _THREADS = False  # on 2 cores, single-threaded parsing was faster and leaner
+_ID_ROWS = 1 << 16  # ids checked at once by the validation pass (polars calls cost ~0.3 ms)
 _BATCH_ROWS = 1 << 15  # rows per record batch from the Parquet and JSONL readers
 # Above this, a float parsed by orjson may be an integer it could not hold: re-read exactly.
 _EXACT_FLOAT = float(2**53)
@@ -144,6 +147,7 @@ def iter_frames(
     batch_rows: int = 100_000,
     only_rows: Collection[int] | pl.Series | np.ndarray | None = None,
     native: bool = False,
+    ahead: bool = True,
 ) -> Iterator[pl.DataFrame]:
     """Stream the slice as all-String frames of at most `batch_rows` rows, in file order.
 
@@ -153,6 +157,8 @@ def iter_frames(
 
     native: Parquet columns keep their own types; a JSONL frame holds `__raw` (each row's JSON
     object text, unchanged) instead of the columns; CSV is the same either way.
+    ahead: a CSV's next blocks are parsed in a thread while a frame is used (False: the caller
+    makes the frames ahead itself, with read_ahead).
     """
     if batch_rows < 1:
         raise ValueError("batch_rows must be >= 1")
@@ -174,7 +180,7 @@ def iter_frames(
 
     pending: list[pa.RecordBatch] = []
     n_pending = 0
-    for idx, batch in _slice_batches(source, read_cols, wanted, native):
+    for idx, batch in _slice_batches(source, read_cols, wanted, native, ahead):
         pending.append(batch.append_column(ROW_IDX, int64_array(idx)))
         n_pending += batch.num_rows
         while n_pending >= batch_rows:
@@ -186,10 +192,12 @@ def iter_frames(
         yield _to_frame(pa.Table.from_batches(pending), cols, source.id_column)
 
 
-def _binary_value(data: bytes) -> pa.Array:
-    """One binary value as an Arrow array, zero-copy (no `pa.array`: it imports pandas)."""
-    offsets = np.array([0, len(data)], dtype=np.int32)
-    return pa.Array.from_buffers(pa.binary(), 1, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+def _check_utf8(data: bytes) -> None:
+    """Raise pa.ArrowInvalid unless `data` is UTF-8: Arrow's validator on the bytes as one
+    string value, zero-copy (no str is built; a cast would import pyarrow.compute, ~30 ms)."""
+    offsets = np.array([0, len(data)], dtype=np.int64)
+    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    pa.Array.from_buffers(pa.large_string(), 1, buffers).validate(full=True)
 
 
 def int64_array(values: np.ndarray) -> pa.Array:
@@ -307,9 +315,23 @@ def _scan_csv(path: Path, columns: list[str], id_column: str | None) -> tuple[in
     """One streaming pass over the whole file: count rows, check every cell is UTF-8, every row has
     the header's number of fields, and (with an id column) ids are non-empty and unique.
     Returns (data rows, block size that parses the file)."""
-    _check_quotes(path)  # and every byte UTF-8: so the pass below converts the ids only
+    # The byte check (quotes, UTF-8) runs in a thread beside the parse (both mostly without the
+    # GIL); its error comes first, as if it had run first.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        quotes = pool.submit(_check_quotes, path)
+        try:
+            found = _parse_csv(path, columns, id_column)
+        except Exception:  # e.g. the ragged row's locator failing to decode a non-UTF-8 file
+            quotes.result()
+            raise
+        quotes.result()
+    pa.default_memory_pool().release_unused()  # the build that follows needs the room
+    return found
+
+
+def _parse_csv(path: Path, columns: list[str], id_column: str | None) -> tuple[int, int]:
     # Tokenizing checks every row's field count; only the converted columns are UTF-8-checked
-    # by pyarrow, hence the byte check above (converting every column cost ~0.3 s a million).
+    # by pyarrow, hence _check_quotes' byte check (converting every column cost ~0.3 s a million).
     read = [id_column] if id_column is not None else columns[:1]
     block_size = _BLOCK_SIZE
     while True:
@@ -321,11 +343,17 @@ def _scan_csv(path: Path, columns: list[str], id_column: str | None) -> tuple[in
 
         ids = _IdCheck(path, id_column, "csv") if id_column is not None else None
         total = 0
+        held: list[pa.Array] = []  # ids checked _ID_ROWS at a time (a batch is ~2,500 rows)
         try:
             for batch in _open_reader(path, read, block_size, on_invalid):
                 if ids is not None:
-                    ids.add(batch.column(id_column), total)
+                    held.append(batch.column(id_column))
+                    if total + batch.num_rows - ids.rows >= _ID_ROWS:
+                        ids.add(pa.chunked_array(held), ids.rows)
+                        held = []
                 total += batch.num_rows
+            if ids is not None and held:
+                ids.add(pa.chunked_array(held), ids.rows)
         except pa.ArrowInvalid as exc:
             msg = str(exc)
             if "straddling" in msg and block_size < _MAX_BLOCK_SIZE:
@@ -340,7 +368,6 @@ def _scan_csv(path: Path, columns: list[str], id_column: str | None) -> tuple[in
             raise InputError(_ragged_error(path, len(columns), len(ragged)))
         if ids is not None:
             ids.finish(block_size)
-        pa.default_memory_pool().release_unused()  # the build that follows needs the room
         return total, block_size
 
 
@@ -359,9 +386,9 @@ def _check_quotes(path: Path) -> None:
                 # str per block raised glibc's mmap threshold and the build's peak RSS).
                 data = rest + chunk if rest else chunk
                 cut = data.rfind(b"\n") + 1
-                _binary_value(data[:cut]).cast(pa.string())
+                _check_utf8(data[:cut])
                 rest = data[cut:]
-        _binary_value(rest).cast(pa.string())
+        _check_utf8(rest)
     except pa.ArrowInvalid:
         raise InputError(_utf8_error(path)) from None
     if not odd:
@@ -419,7 +446,8 @@ class _IdCheck:
         self.rows = 0
 
     def add(self, values: pa.Array | pa.ChunkedArray, first_row: int) -> None:
-        ids = pl.Series(values)
+        # Through a table: pl.Series(arrow array) imports pyarrow.compute (~30 ms).
+        ids = pl.from_arrow(pa.Table.from_arrays([values], names=["id"]))["id"]
         self.rows += len(ids)
         empty = (ids == "").arg_true()
         self.n_empty += len(empty)
@@ -436,7 +464,10 @@ class _IdCheck:
             )
         hashes = np.sort(np.concatenate(self.hashes)) if self.hashes else np.empty(0, np.uint64)
         self.hashes = []
-        suspects = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+        repeated = hashes[1:][hashes[1:] == hashes[:-1]]  # sorted (np.unique imports numpy.ma)
+        suspects = repeated[:1]
+        if repeated.size > 1:
+            suspects = repeated[np.concatenate(([True], repeated[1:] != repeated[:-1]))]
         if suspects.size:
             self._report_duplicates(suspects, block_size)
 
@@ -491,15 +522,22 @@ def _wanted_rows(source: Source, only_rows: Any) -> np.ndarray | None:
 
 
 def _slice_batches(
-    source: Source, read_cols: list[str], wanted: np.ndarray | None, native: bool = False
+    source: Source,
+    read_cols: list[str],
+    wanted: np.ndarray | None,
+    native: bool = False,
+    ahead: bool = True,
 ) -> Iterator[tuple[np.ndarray, pa.RecordBatch]]:
     """Record batches of the slice (or of the wanted rows) with their row positions."""
     start, end = source.start_row, source.end_row
     last = end if wanted is None else int(wanted[-1]) + 1
     pos = 0
     reader = _native_batches if native else _string_batches
+    batches = reader(source.path, source.format, read_cols, source._block_size)
+    if ahead and source.format == "csv":  # parsed without the GIL while this one is used
+        batches = read_ahead(batches)
     try:
-        for batch in reader(source.path, source.format, read_cols, source._block_size):
+        for batch in batches:
             n = batch.num_rows
             lo, hi = max(start, pos), min(last, pos + n)
             if lo < hi:
@@ -515,6 +553,50 @@ def _slice_batches(
                 break  # no need to parse the rest of the file
     except pa.ArrowInvalid as exc:
         raise InputError(f"{source.path}: cannot read ({exc})") from None
+
+
+_AHEAD = 4  # record batches parsed ahead (~256 KiB of CSV each)
+T = TypeVar("T")
+
+
+class _Raised:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def read_ahead(items: Iterator[T], depth: int = _AHEAD) -> Iterator[T]:
+    """The items of `items`, in order, made by a thread of their own while the caller uses the
+    ones before: at most depth + 1 made and not yet taken (0: only the next one). An exception
+    is raised here, where it happened. Closing this generator stops the thread."""
+    ready: queue.SimpleQueue[T | _Raised | None] = queue.SimpleQueue()
+    room = threading.Semaphore(depth + 1)
+    stop = threading.Event()
+
+    def make() -> None:
+        try:
+            for item in items:
+                ready.put(item)
+                while not room.acquire(timeout=0.05):  # wait for the caller to take one
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+            ready.put(None)
+        except BaseException as exc:  # handed over to the caller, whatever it is
+            ready.put(_Raised(exc))
+
+    room.acquire()  # the first item is made at once
+    thread = threading.Thread(target=make, name="batchops-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while (got := ready.get()) is not None:
+            if isinstance(got, _Raised):
+                raise got.exc
+            room.release()  # taken: the next one may be made
+            yield got
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _to_frame(table: pa.Table, cols: list[str], id_column: str | None) -> pl.DataFrame:
@@ -565,6 +647,8 @@ def _plain(arr: pa.Array) -> pa.Array:
 
 
 def _parquet_meta(path: Path) -> tuple[pa.Schema, int]:
+    import pyarrow.parquet as pq  # ~20 ms: only for Parquet sources
+
     try:
         f = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
@@ -574,6 +658,8 @@ def _parquet_meta(path: Path) -> tuple[pa.Schema, int]:
 
 
 def _parquet_batches(path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    import pyarrow.parquet as pq
+
     try:
         f = pq.ParquetFile(path)
         # Select by position: a top-level name containing "." must not be taken as a path.
@@ -807,6 +893,7 @@ __all__ = [
     "close_column",
     "iter_frames",
     "list_columns",
+    "read_ahead",
     "open_source",
     "render_arrow",
     "render_value",

@@ -137,6 +137,9 @@ def check_file(
 # A line that does not open with a string custom_id (or a blank line) sends the file to the
 # per-line check; batchops writes every line in this canonical form.
 _NOT_CANONICAL = re.compile(rb'\n(?!\{"custom_id":"|\Z)')
+# polars' reader takes a lone surrogate escape ("\ud800") that JSON refuses: a file with any
+# surrogate escape goes to the per-line check (batchops writes non-ASCII text unescaped).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _FIELDS = {
     "custom_id": pl.String,
     "method": pl.String,
@@ -154,6 +157,8 @@ def _fast_check(path: Path, endpoint: str, max_requests: int, max_bytes: int) ->
         return None
     with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         if mm[:14] != b'{"custom_id":"' or mm[-1:] != b"\n" or _NOT_CANONICAL.search(mm):
+            return None
+        if _SURROGATE_ESCAPE.search(mm):
             return None
     try:
         frame = pl.read_ndjson(path, schema=_FIELDS)  # type: ignore[arg-type]

@@ -16,8 +16,11 @@ per-row builder (pandas iterrows + json.dumps), a plain Python per-row builder (
 json.dumps) and the library build alone (open_source + build_chunks). Data: bench_build's seeded
 tables under benchmarks/_data/.
 
-Targets (issue 9): ≥ 250,000 rows/s whole process on 2 cores, ≥ 5× the naive builder, peak RSS
-≤ 300 MiB. The naive builder of the target is the seed scripts' (pandas iterrows); the plain
+Targets (issue 18; issue 9 asked 250,000 rows/s): ≥ 400,000 rows/s whole process on 2 cores,
+≥ 5× the naive builder, peak RSS ≤ 300 MiB. The whole-process dry run is run --repeat times: the
+median wall, that run's CPU (user+sys of the child, from wait4) and the load average before it,
+and the highest peak RSS of all; on a machine shared with other work the wall time says little
+(the CPU does). The naive builder of the target is the seed scripts' (pandas iterrows); the plain
 Python builder is shown beside it because it is the fair per-row reference (issue 22).
 """
 
@@ -47,11 +50,11 @@ sys.path.insert(0, str(HERE))
 import bench_build  # noqa: E402
 from run_all import Figure, cores, markdown_table, write_json  # noqa: E402
 
-TARGET_ROWS_S = 250_000
+TARGET_ROWS_S = 400_000
 TARGET_VS_NAIVE = 5.0
 TARGET_RSS_MIB = 300.0
 CLI_TIMEOUT = 300.0
-QUICK: dict[str, int] = {"rows": 200_000, "image_rows": 2_000}
+QUICK: dict[str, int] = {"rows": 200_000, "image_rows": 2_000, "repeat": 1}
 KEY = "sk-bench-00000000000000000000"
 
 
@@ -239,14 +242,19 @@ def _rate(rows: int, seconds: float) -> str:
     return f"{rows / seconds:,.0f} rows/s ({seconds:.2f} s)"
 
 
-def figures(rows: int = 1_000_000, image_rows: int = 10_000) -> list[Figure]:
+def figures(rows: int = 1_000_000, image_rows: int = 10_000, repeat: int = 3) -> list[Figure]:
     path = bench_build.text_csv(rows)
     img_path, img_dir = bench_build.image_csv(image_rows)
     out: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="bench_run_") as tmp_s:
         tmp = Path(tmp_s)
         # The CLI first, while this process is at its smallest.
-        text = dry_run(path, tmp / "text", bench_build.PROMPT)
+        runs = []
+        for _ in range(max(1, repeat)):
+            load = os.getloadavg()[0]
+            runs.append({**dry_run(path, tmp / "text", bench_build.PROMPT), "load": load})
+        text = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median run
+        text_rss = max(r["peak_rss_mib"] for r in runs)
         check_s = time_check_files(tmp / "text" / "dry-run")
         shutil.rmtree(tmp / "text")
         no_check = dry_run(path, tmp / "text", bench_build.PROMPT, check=False)
@@ -300,6 +308,10 @@ def figures(rows: int = 1_000_000, image_rows: int = 10_000) -> list[Figure]:
         )
     )
     dry = "dry run: fsync off, no state database"
+    cpu = (
+        f"median of {len(runs)}; its CPU (user+sys) {text['cpu_s']:.2f} s "
+        f"({text['cpu_s'] / rows * 1e6:.2f} µs a row), load average {text['load']:.1f} before it"
+    )
     out += [
         Figure(
             "build",
@@ -308,7 +320,7 @@ def figures(rows: int = 1_000_000, image_rows: int = 10_000) -> list[Figure]:
             f"{plain_s}; {naive_s}",
             f"≥ {TARGET_ROWS_S:,} rows/s",
             whole_rate >= TARGET_ROWS_S,
-            breakdown,
+            f"{cpu}; {breakdown}",
             ideal=f"floor (copy the file) {_rate(rows, floor['seconds'])}",
         ),
         Figure(
@@ -344,12 +356,13 @@ def figures(rows: int = 1_000_000, image_rows: int = 10_000) -> list[Figure]:
         Figure(
             "build",
             "whole process peak RSS (text, dry run)",
-            f"{text['peak_rss_mib']:,.0f} MiB",
+            f"{text_rss:,.0f} MiB",
             f"pandas iterrows {naive['peak_rss_mib']:,.0f} MiB; "
             f"library build {lib['peak_rss_mib']:,.0f} MiB",
             f"≤ {TARGET_RSS_MIB:.0f} MiB",
-            text["peak_rss_mib"] <= TARGET_RSS_MIB,
-            f"ru_maxrss of the child; this process peaked at {parent_mib:,.0f} MiB",
+            text_rss <= TARGET_RSS_MIB,
+            f"ru_maxrss of the child, the highest of {len(runs)} run(s); this process peaked at "
+            f"{parent_mib:,.0f} MiB",
         ),
         Figure(
             "build",
@@ -396,9 +409,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--image-rows", type=int, default=10_000)
+    ap.add_argument("--repeat", type=int, default=3, help="whole-process dry runs (median)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
-    figs = figures(args.rows, args.image_rows)
+    figs = figures(args.rows, args.image_rows, args.repeat)
     print(f"cores: {cores()}\n")
     print(markdown_table(figs, with_part=False))
     write_json(figs, args.json)

@@ -22,7 +22,7 @@ from batchops.backends.memory import MemoryBackend, SimulatedCrash, memory_emula
 from batchops.engine import BatchEngine
 from batchops.providers import Key, Pool
 from batchops.rundir import create_or_resume
-from batchops.source import open_source
+from batchops.source import ROW_IDX, iter_frames, open_source
 
 N_UNIQUE = 70
 N_ROWS = 100  # 30 of them repeat an earlier row's request: 30% fewer requests
@@ -403,6 +403,57 @@ def test_no_pairs_without_repeats_and_none_when_off(tmp_path: Path):
     assert keep is not None and (keep.tolist(), n) == ([0], 4)
     off = spec.model_copy(update={"dedup": False})
     assert dedup.leaders_only(src, off) == (None, 0)
+
+
+def _first_seen_kept(src: Any, spec: Any, frame_rows: int) -> tuple[list[int], int]:
+    """The rows FirstSeen keeps over the slice's frames (texts rendered as build_chunks does)."""
+    from batchops import chunking, render
+
+    keep = dedup.FirstSeen(spec, src.n_rows, chunking.TEXT_COL, chunking.SYSTEM_COL)
+    texts = [render.text_expr(spec.prompt).alias(chunking.TEXT_COL)]
+    if render.system_fields(spec):
+        texts.append(render.text_expr(spec.system).alias(chunking.SYSTEM_COL))
+    kept: list[int] = []
+    for frame in iter_frames(src, columns=dedup.columns(spec), batch_rows=frame_rows):
+        kept += keep(frame.with_columns(texts))[ROW_IDX].to_list()
+    return kept, keep.followers
+
+
+@pytest.mark.parametrize("frame_rows", [1, 7, 1000])
+def test_first_seen_keeps_exactly_the_leaders_find_pairs_chooses(tmp_path: Path, frame_rows: int):
+    """The dry run's one-pass dedup: repeats within a frame and across frames, the parts of
+    the body framed (system message and image cell), the lowest row of each group kept."""
+    rows = dup_rows(n_unique=300, n_rows=500)
+    table_rows = [[r[0], r[1], r[2] if i % 3 else "x:", r[3]] for i, r in enumerate(rows)]
+    spec, src = _spec(
+        tmp_path, table_rows, ["id", "p", "s", "img"], prompt="{p}", system="{s}",
+        image_column="img",
+    )  # fmt: skip
+    pairs = dedup.find_pairs(src, spec)
+    kept, n_out = _first_seen_kept(src, spec, frame_rows)
+    assert n_out == len(pairs) > 150
+    assert kept == sorted(set(range(500)) - set(pairs.followers.tolist()))
+
+
+def test_first_seen_on_a_slice_and_without_repeats(tmp_path: Path):
+    rows = [[str(i), f"v{i % 40}"] for i in range(100)]
+    spec, src = _spec(tmp_path, rows, ["id", "p"], prompt="{p}", start_row=30, end_row=90)
+    kept, n_out = _first_seen_kept(src, spec, 16)
+    assert (kept, n_out) == (list(range(30, 70)), 20)  # rows 70..89 repeat rows 30..49
+    rows = [[str(i), f"v{i}"] for i in range(100)]
+    spec, src = _spec(tmp_path, rows, ["id", "p"], prompt="{p}")
+    assert _first_seen_kept(src, spec, 9) == (list(range(100)), 0)
+
+
+def test_first_seen_refuses_more_rows_than_it_was_sized_for(tmp_path: Path):
+    rows = [[str(i), "same"] for i in range(30)]
+    spec, src = _spec(tmp_path, rows, ["id", "p"], prompt="{p}", end_row=10)
+    from batchops import chunking
+
+    keep = dedup.FirstSeen(spec, src.n_rows, chunking.TEXT_COL, chunking.SYSTEM_COL)
+    frame = pl.DataFrame({chunking.TEXT_COL: ["a"] * 11})
+    with pytest.raises(RuntimeError, match="more rows"):
+        keep(frame)
 
 
 def test_anchor_keeps_rows_with_a_past_and_their_leader(tmp_path: Path):

@@ -6,13 +6,15 @@ import csv
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from batchops.errors import InputError
-from batchops.source import ROW_ID, ROW_IDX, iter_frames, open_source
+from batchops.source import ROW_ID, ROW_IDX, iter_frames, open_source, read_ahead
 from batchops.spec import JobSpec
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -193,6 +195,24 @@ def test_empty_ids_are_refused(tmp_path):
     assert message(e) == f'{path}: id column "id" is empty in data row(s) 1'
 
 
+def test_ids_are_checked_across_the_groups_of_a_large_file(tmp_path):
+    """The validation pass checks ids some 65,536 rows at a time: rows keep their numbers."""
+    rows = [[f"id{i}", "v"] for i in range(150_000)]
+    rows[70_001][0] = ""
+    path = write_csv(tmp_path / "big.csv", ["id", "v"], rows)
+    with pytest.raises(InputError) as e:
+        open_source(spec_for(path, id_column="id"))
+    assert message(e) == f'{path}: id column "id" is empty in data row(s) 70001'
+    rows[70_001][0] = "id5"
+    path = write_csv(tmp_path / "big.csv", ["id", "v"], rows)
+    with pytest.raises(InputError) as e:
+        open_source(spec_for(path, id_column="id"))
+    assert '"id5" (rows 5, 70001)' in message(e)
+    rows[70_001][0] = "fine"
+    path = write_csv(tmp_path / "big.csv", ["id", "v"], rows)
+    assert open_source(spec_for(path, id_column="id")).n_rows == 150_000
+
+
 def test_a_row_with_the_wrong_number_of_fields_is_located(tmp_path):
     path = tmp_path / "r.csv"
     path.write_text('a,b\n1,"x\ny"\n2\n3,4\n', encoding="utf-8")
@@ -207,6 +227,59 @@ def test_non_utf8_is_located(tmp_path):
     with pytest.raises(InputError) as e:
         open_source(spec_for(path))
     assert message(e) == f"{path}: not UTF-8 at line 3 (byte 14: b'\\xe9\\n'); save it as UTF-8"
+
+
+@pytest.mark.parametrize(
+    ("later", "expected"),
+    [
+        ("3\n", "not UTF-8 at line 3003"),  # + a ragged row: the byte check's error first
+        ('4,"open\n', "not UTF-8 at line 3003"),  # + an unclosed quote
+        ("dup,1\n", "not UTF-8 at line 3003"),  # + a repeated id
+    ],
+)
+def test_the_byte_check_error_comes_first(tmp_path, later, expected):
+    """The byte check (UTF-8, quotes) runs beside the parse; its error is the one reported,
+    as when it ran before it."""
+    path = tmp_path / "l.csv"
+    ok = "".join(f"r{i},ok\n" for i in range(3000))  # past the header read's first block
+    path.write_bytes(f"a,b\ndup,ok\n{ok}2,caf\xe9\n".encode("latin-1") + later.encode())
+    with pytest.raises(InputError) as e:
+        open_source(spec_for(path, id_column="a"))
+    assert expected in message(e)
+
+
+def test_read_ahead_hands_over_items_then_the_error_and_stops_when_closed():
+    def items():
+        yield from range(3)
+        raise ValueError("block 4 is bad")
+
+    got = []
+    with pytest.raises(ValueError, match="block 4"):
+        for item in read_ahead(items()):
+            got.append(item)
+    assert got == [0, 1, 2]
+    before = threading.active_count()
+    ahead = read_ahead(iter(range(1000)))
+    assert next(ahead) == 0
+    ahead.close()  # the thread waiting to hand over more ends
+    assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_read_ahead_makes_at_most_depth_plus_one_items_not_taken(depth: int):
+    made: list[int] = []
+
+    def items():
+        for i in range(20):
+            made.append(i)
+            yield i
+
+    ahead = read_ahead(items(), depth)
+    for taken in range(1, 6):
+        assert next(ahead) == taken - 1
+        time.sleep(0.05)  # room for the thread to run ahead as far as it may
+        assert len(made) <= taken + depth + 1
+    assert list(ahead) == list(range(5, 20))
 
 
 def test_empty_and_header_only_files(tmp_path):

@@ -126,3 +126,41 @@ def test_columnar_and_per_line_checks_agree(tmp_path):
         )
     assert check_files([bad], "/v1/chat/completions")[0].problems[0].code == "duplicate_custom_id"
     assert not check_files([numeric], "/v1/chat/completions")[0].ok
+
+
+_HEAD = b'{"custom_id":"%s","method":"POST","url":"/v1/chat/completions","body":{"model":"m",'
+LAX = {  # what a lax JSON reader may take for valid: each a line the per-line check refuses
+    "invalid UTF-8 in a skipped string": b'"messages":[{"role":"user","content":"h\xffi"}]}}',
+    "an encoded surrogate": b'"messages":[{"role":"user","content":"h\xed\xa0\x80i"}]}}',
+    "a lone surrogate escape": b'"messages":[{"role":"user","content":"h\\ud800i"}]}}',
+    "NaN": b'"messages":[],"temperature":NaN}}',
+    "-Infinity": b'"messages":[],"temperature": -Infinity}}',
+    "two objects on one line": b'"messages":[]}} {"custom_id":"zz"}',
+    "a raw control character": b'"messages":[{"role":"user","content":"h\x01i"}]}}',
+}
+
+
+@pytest.mark.parametrize("bad", list(LAX), ids=list(LAX))
+def test_the_columnar_check_is_as_strict_as_the_per_line_one(tmp_path: Path, bad: str):
+    good = [_HEAD % f"r{i}".encode() + b'"messages":[]}}' for i in range(20)]
+    path = tmp_path / "lax.jsonl"
+    path.write_bytes(b"\n".join([*good[:10], _HEAD % b"bad" + LAX[bad], *good[10:]]) + b"\n")
+    (fast,) = validate.check_files([path], EP)
+    slow = validate.check_file(path, EP)
+    assert [str(p) for p in fast.problems] == [str(p) for p in slow.problems]
+    assert codes(fast) == [(11, "invalid_json_line")]
+
+
+def test_nan_in_a_prompt_is_text_not_a_number(tmp_path: Path):
+    """Prompts may well say NaN or Infinity: still valid, and still the columnar path."""
+    lines = [chat_line(f"r{i}", f"price: NaN, [Infinity] {i}") for i in range(5)]
+    path = write(tmp_path, lines)
+    (check,) = validate.check_files([path], EP)
+    assert check.ok and check.requests == 5
+
+
+def test_a_line_longer_than_a_parse_block_is_checked_whole(tmp_path: Path):
+    lines = [chat_line("r1", "x" * (3 << 20)), chat_line("r2", "short")]
+    path = write(tmp_path, lines)
+    (check,) = validate.check_files([path], EP)
+    assert check.ok and check.requests == 2
