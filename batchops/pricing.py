@@ -473,7 +473,12 @@ TEXT_TOKEN_FEATURES: tuple[tuple[str, int], ...] = (
     (rf" {_PUNCT}[{_LETTER}]", 80),  # … but not after a space (" (word" is " (" + "word")
     (rf"{_PUNCT}{{2,}}[{_LETTER}]", 80),  # … nor at the end of a longer run
 )
-_TEXT_FEATURES_COMPILED = tuple((re.compile(p), w) for p, w in TEXT_TOKEN_FEATURES)
+
+
+@functools.cache
+def _text_features() -> tuple[tuple[re.Pattern[str], int], ...]:
+    # compiled on first use, not at import (~30 ms of every command, a dry run's included)
+    return tuple((re.compile(p), w) for p, w in TEXT_TOKEN_FEATURES)
 
 
 def estimate_text_tokens(text: str) -> int:
@@ -481,7 +486,7 @@ def estimate_text_tokens(text: str) -> int:
     if not text:
         return 0
     total = 0
-    for rx, weight in _TEXT_FEATURES_COMPILED:
+    for rx, weight in _text_features():
         total += weight * len(rx.findall(text))
     return max(0, (total + 50) // 100)  # round half up, in integers: same as the polars twin
 
