@@ -101,7 +101,7 @@ def build_chunks(
             rows = _text_frame_rows(source, pieces)
             # Only what the lines are made of is kept (the source columns are freed at once).
             kept = [ROW_IDX, ROW_ID, _TEXT_COL] + ([_SYSTEM_COL] if per_row_system else [])
-            frames = (
+            frames: Iterator[pl.DataFrame] = (
                 frame.with_columns(texts).select(kept)
                 for frame in iter_frames(
                     source, columns=columns, batch_rows=rows, only_rows=only_rows

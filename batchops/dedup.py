@@ -32,7 +32,7 @@ import pyarrow as pa
 from loguru import logger
 
 from batchops import render
-from batchops.source import ROW_IDX, Source, iter_frames
+from batchops.source import ROW_IDX, Source, arrow_column, iter_frames
 from batchops.spec import JobSpec
 from batchops.store import Store
 
@@ -295,7 +295,7 @@ class FirstSeen:
         # As an Arrow bit mask: pl.Series(numpy array) imports numpy.ma (~10 ms of a dry run).
         bits = pa.py_buffer(np.packbits(first, bitorder="little"))
         mask = pa.Array.from_buffers(pa.bool_(), first.size, [None, bits])
-        return frame.filter(pl.from_arrow(pa.Table.from_arrays([mask], names=["m"]))["m"])
+        return frame.filter(arrow_column(pa.Table.from_arrays([mask], names=["m"]), "m"))
 
     def _new(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
         """Which of these keys (all different) are not in the table yet; those are added.
