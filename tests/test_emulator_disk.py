@@ -3,6 +3,7 @@ ended, files are served from its working dir, and the dir goes when the emulator
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def test_cancelled_batch_lists_unrun_requests_from_its_file(
         input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
     while client.batches.retrieve(b.id).status == "validating":
-        pass
+        time.sleep(0.01)
     client.batches.cancel(b.id)
     done = wait_for_batch(client, b.id)
     out, err = results(client, done)
