@@ -154,8 +154,10 @@ _REQUIRED_INPUT = {"chat": ("messages", "Messages"), "responses": ("input", "Inp
 _STREAM_NAMES = {"chat": "Chat Completions", "embeddings": "Embeddings", "responses": "Responses"}
 
 
-def first_model(lines: Iterable[bytes], max_lines: int = 1000) -> str | None:
+def first_model(lines: bytes | Iterable[bytes], max_lines: int = 1000) -> str | None:
     """The model of the first line that names one (cheap: used on `POST /v1/batches`)."""
+    if isinstance(lines, bytes):
+        lines = lines.split(b"\n")
     for n, raw in enumerate(lines):
         if n >= max_lines:
             break
@@ -171,7 +173,7 @@ def first_model(lines: Iterable[bytes], max_lines: int = 1000) -> str | None:
 
 
 def validate_input(
-    lines: Iterable[bytes],
+    lines: bytes | Iterable[bytes],
     endpoint: str,
     *,
     known_models: set[str] | None,
@@ -182,7 +184,10 @@ def validate_input(
 
     Prompt tokens are counted only with `need_tokens` (an enqueued-token limit is configured):
     counting is the costly part and is otherwise done as each request executes.
+    `lines`: the file's lines (an open binary file reads them from disk) or its whole bytes.
     """
+    if isinstance(lines, bytes):
+        lines = lines.split(b"\n")
     kind = endpoint_kind(endpoint)
     out = InputCheck()
     seen: set[str] = set()
