@@ -10,13 +10,26 @@ batchops child only, from `wait4`: wall (spawn → exit), CPU (user + sys) per r
 RSS slope between sizes (MiB per million rows) says whether memory depends on the row count.
 Phase times come from the run's log (registered, built, last batch submitted, merged).
 
-The emulator keeps every request and answer in memory: at 5M rows it grew past the 24 GB of
-the project machine and was OOM-killed (2026-11-30, twice: with every batch in flight, and again
-with `--token-limit` keeping ~3 batches in flight). Measured at 200k rows it holds ~5.4 KB of RSS
-a row (1.1 GB) although its live Python objects are ~1.3 KB a row (tracemalloc: the output and
-input files and a counter per custom id); the rest is memory the allocator keeps after parsing
-50,000-line files. So the 5M figure needs a bigger machine (~30 GB for the emulator alone);
-`--sizes 1000000,2000000` gives the slope on this one.
+The emulator's peak RSS (its own `wait4`, when it is stopped) is shown too. Its batch state is
+on disk (uploaded and result files, result lines being produced, per-custom-id counts; see
+docs/emulator.md), so it is flat: 186 MB at 200k rows, 200 MB at 1M, 202 MB at 5M. (It used to
+hold every request and answer in memory, ~5.4 KB of RSS a row, and was OOM-killed at 5M rows
+on the 24 GB machine.)
+
+Measured on 2026-11-30 (2 cores shared with 3 other agents, load 3-6): `--sizes
+1000000,5000000 --baseline-sizes ''`: 1M rows 155 s, 48.9 µs a row, peak RSS 369 MB; 5M rows
+626 s, 47.4 µs a row, peak RSS 373 MB: RSS(5M)/RSS(1M) = x1.01 (target <= 1.15).
+
+Where the peak is (a sampler of /proc/<pid>/status every 5 ms, matched to the log's times): the
+process holds ~290 MiB while it collects, flat in the row count (291 MiB when collection starts,
+298 MiB before the merge of 5M rows), and the peak is the merge's transient on top of it. The
+merge reads the store one frame of rows at a time; at 32,768 rows a frame (the answers as
+Python tuples, then a polars frame) that transient was ~+90 MB and its height varied from run
+to run (1M rows: 348, 378, 386 MiB in three runs; 2M 395; 5M 395), which is what had looked
+like ~33 MB per million rows. At 8,192 rows a frame it is ~45 MB lower at no CPU cost (the
+merge alone of a 1M-row run: 297-305 -> 255 MiB, 5.8 -> 5.5 s CPU; whole runs one after the
+other: 399 MB at main@7c7f8e9, 369 MB). The spike had been placed "just before the merge"
+because the log's "merged" line, which ends the merge, was read as its start.
 
 The baseline is the same CLI of `--baseline-ref` (default: the commit this branch started from,
 `git merge-base HEAD main`), exported with `git archive` into a temp dir and run with that dir
@@ -26,6 +39,7 @@ first on PYTHONPATH, in the same process run, one size after the other.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -84,9 +98,8 @@ def one_run(csv_path: Path, work: Path, code_root: Path, rows: int) -> dict[str,
             bench_build.PROMPT,
             "--poll-interval",
             "0.5",
-            # At most ~3 batches of 50,000 rows in flight: the emulator holds every in-flight
-            # request parsed in memory (5 GB at 1M rows with all 20 batches at once; at 5M it
-            # outgrew the machine's 24 GB), and a real org limit paces batches the same way.
+            # At most ~3 batches of 50,000 rows in flight, as a real org limit paces them (the
+            # emulator no longer needs it: its state is on disk, ~150-190 MB RSS at any size).
             "--token-limit",
             str(TOKEN_LIMIT),
             "--base-url",
@@ -102,13 +115,16 @@ def one_run(csv_path: Path, work: Path, code_root: Path, rows: int) -> dict[str,
         result = run_measured(cmd, timeout=RUN_TIMEOUT, env_extra=env, cwd=code_root)
     finally:
         emu.terminate()
-        emu.wait()
+        _, status, usage = os.wait4(emu.pid, 0)  # its peak RSS too: flat in the row count?
+        emu.returncode = os.waitstatus_to_exitcode(status)
+    emu_peak_mib = usage.ru_maxrss / 1024
     if result["exit_code"]:
         raise RuntimeError(f"run failed ({result['exit_code']}): {result['stderr'][-2000:]}")
     out = work / "run" / "final_output.csv"
     with out.open("rb") as fh:
         lines = sum(1 for _ in fh)
     result["rows"] = rows
+    result["emulator_peak_rss_mib"] = emu_peak_mib
     result["output_bytes"] = out.stat().st_size
     result["output_lines"] = lines
     logs = list((work / "logs").glob("*.log"))
@@ -209,6 +225,19 @@ def figures(
                 "ru_maxrss of the batchops child (wait4)",
             )
         )
+        if "emulator_peak_rss_mib" in r:
+            eb = b.get("emulator_peak_rss_mib") if b else None
+            figs.append(
+                Figure(
+                    "e2e",
+                    f"emulator peak RSS, {rows:,} rows",
+                    f"{r['emulator_peak_rss_mib'] * mb:,.0f} MB",
+                    f"main@{ref[:8]} {eb * mb:,.0f} MB" if eb else "",
+                    "",
+                    None,
+                    "ru_maxrss of the emulator process (wait4): its state is on disk",
+                )
+            )
     ordered = sorted(head)
     for lo, hi in zip(ordered, ordered[1:], strict=False):
         a, z = head[lo], head[hi]

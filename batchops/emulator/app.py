@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 from pydantic import ValidationError
@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from batchops.emulator import anthropic_dialect, gemini_dialect, result_faults
@@ -47,6 +47,7 @@ DEFAULT_MODELS = [
     "text-embedding-3-small",
     "text-embedding-3-large",
 ]
+DOWNLOAD_CHUNK = 1 << 20  # file bytes are streamed from disk in reads of this size
 # Scope key under which the server's protocol puts a callable that aborts the connection.
 ABORT_SCOPE_KEY = "batchops.abort"
 
@@ -194,11 +195,21 @@ async def create_file(call: Call) -> Response:
         raise ApiError(400, "Invalid file format for Batch API. Must be .jsonl")
     if size > limit:
         raise ApiError(400, "File is too large.")
-    data = await upload.read()
-    await upload.close()
-    if len(data) > limit:
-        raise ApiError(400, "File is too large.")
-    f = call.emu.add_file(filename, purpose, data, expires)
+    path = call.emu.new_path("file")
+    try:
+        with path.open("wb") as out:  # to disk in pieces: a 13 MB upload is never one bytes
+            written = 0
+            while chunk := await upload.read(DOWNLOAD_CHUNK):
+                written += len(chunk)
+                if written > limit:
+                    raise ApiError(400, "File is too large.")
+                out.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    finally:
+        await upload.close()
+    f = call.emu.add_file(filename, purpose, path, expires)
     call.emu.counters.files_uploaded += 1
     return JSONResponse(f.to_api())
 
@@ -223,12 +234,23 @@ async def retrieve_file(call: Call) -> Response:
 async def file_content(call: Call) -> Response:
     emu = call.emu
     f = emu.get_file(call.path["file_id"])
-    data = f.data
     if f.purpose == "batch_output" and f.filename.endswith("_output.jsonl"):
         emu.downloads[f.id] += 1
         if result_faults.applies(emu.scenario, emu.downloads[f.id]):
-            data = result_faults.damage(data, emu.scenario, f.id)
-    return Response(data, media_type="application/octet-stream")
+            data = result_faults.damage(f.data, emu.scenario, f.id)
+            return Response(data, media_type="application/octet-stream")
+    fh = f.path.open("rb")  # opened now: a delete during the download does not cut it
+    return StreamingResponse(
+        _chunks(fh),
+        media_type="application/octet-stream",
+        headers={"content-length": str(f.size)},
+    )
+
+
+async def _chunks(fh: BinaryIO) -> AsyncIterator[bytes]:
+    with fh:
+        while chunk := fh.read(DOWNLOAD_CHUNK):
+            yield chunk
 
 
 async def delete_file(call: Call) -> Response:

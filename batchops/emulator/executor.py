@@ -101,20 +101,24 @@ def execute(
     if not emu.quota_left(model, api_key):
         return _fail(E.insufficient_quota(sc.retry_after_seconds))
 
-    per_req = c.requests.setdefault(custom_id, [0, 0])
     per_model = c.models.setdefault(model, [0, 0])
-    first_run = per_req[0] == 0
-    first_answer = per_req[1] == 0
-    per_req[0] += 1
+    # (each fraction is tested before hashing: this runs 50,000 times per big batch)
+    fail_once = bool(sc.fail_once_fraction) and chosen(
+        sc.seed, "fail_once", custom_id, sc.fail_once_fraction
+    )
+    truncate = bool(sc.truncate_fraction) and chosen(
+        sc.seed, "truncate", custom_id, sc.truncate_fraction
+    )
+    invalid = bool(sc.invalid_json_fraction) and chosen(
+        sc.seed, "invalid_json", custom_id, sc.invalid_json_fraction
+    )
+    # Earlier runs of this id (on disk) are looked up only for an id a knob picked.
+    executed, answered = c.requests.get(custom_id) if fail_once or truncate or invalid else (0, 0)
+    c.requests.add(custom_id, 1, 0)
     per_model[0] += 1
     c.keys[api_key] += 1
 
-    # (each fraction is tested before hashing: this runs 50,000 times per big batch)
-    if (
-        sc.fail_once_fraction
-        and first_run
-        and chosen(sc.seed, "fail_once", custom_id, sc.fail_once_fraction)
-    ):
+    if fail_once and executed == 0:
         return _fail(E.server_error(500))
     if sc.reject_fraction and chosen(sc.seed, "reject", custom_id, sc.reject_fraction):
         return _fail(E.rejected())
@@ -123,16 +127,8 @@ def execute(
     problem = body_problem(body, endpoint)
     if problem is not None:
         return _fail(problem)
-    truncate = (
-        bool(sc.truncate_fraction)
-        and first_answer
-        and chosen(sc.seed, "truncate", custom_id, sc.truncate_fraction)
-    )
-    invalid = (
-        bool(sc.invalid_json_fraction)
-        and first_answer
-        and chosen(sc.seed, "invalid_json", custom_id, sc.invalid_json_fraction)
-    )
+    truncate = truncate and answered == 0  # only the first answer is damaged
+    invalid = invalid and answered == 0
     try:
         out, n_in, n_out = success_body(
             model,
@@ -154,7 +150,7 @@ def execute(
                 code="invalid_json_schema",
             )
         )
-    per_req[1] += 1
+    c.requests.add(custom_id, 0, 1)
     per_model[1] += 1
     cached = int(n_in * sc.cached_tokens_fraction)
     return Outcome(200, out, None, n_in, cached, n_out)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -21,8 +23,9 @@ from batchops.emulator import errors as E
 from batchops.emulator.errors import ORG
 from batchops.emulator.executor import Outcome, execute
 from batchops.emulator.ids import hex_id
+from batchops.emulator.spool import Spool
 from batchops.emulator.state import BATCH_WINDOW, TERMINAL, Batch, Emulator
-from batchops.emulator.validation import InputCheck, validate_input
+from batchops.emulator.validation import BatchRequest, InputCheck, parse_request, validate_input
 
 log = logging.getLogger("batchops.emulator")
 
@@ -56,14 +59,22 @@ def start_validation(emu: Emulator, b: Batch) -> None:
         return
     sc = emu.scenario
     known = set(sc.models) if sc.models is not None else None
+    # The batch's own link to the bytes: deleting the file later does not change what it runs.
+    b.input_path = emu.new_path("input")
+    os.link(f.path, b.input_path)
     b.check = _validators.submit(
-        validate_input,
-        f.data,
+        _validate_file,
+        b.input_path,
         b.params.endpoint,
         known_models=known,
         max_requests=sc.max_requests_per_batch,
         need_tokens=bool(sc.enqueued_token_limit),
     )
+
+
+def _validate_file(path: Path, endpoint: str, **kwargs: Any) -> InputCheck:
+    with path.open("rb") as fh:
+        return validate_input(fh, endpoint, **kwargs)
 
 
 async def run_forever(emu: Emulator) -> None:
@@ -137,6 +148,7 @@ def _finish_validation(emu: Emulator, b: Batch, wall: int, mono: float) -> None:
     b.check = None
     if check.errors:
         b.errors = check.errors
+        b.release()
         b.enter("failed", wall, mono)
         return
     b.model = check.model
@@ -154,13 +166,22 @@ def _finish_validation(emu: Emulator, b: Batch, wall: int, mono: float) -> None:
             }
         ]
         b.prompt_tokens = 0
+        b.release()
         b.enter("failed", wall, mono)
         return
-    b.requests = check.requests
-    b.total = len(b.requests)
+    if b.input_path is not None:  # an OpenAI batch: requests are read from the file as they run
+        b.total = check.count
+        b.tokens = check.tokens
+        b.reader = b.input_path.open("rb")
+        shuffle = emu.scenario.shuffle_output
+        b.ok_spool = Spool(emu.new_path("ok"), b.ok_rng, shuffle)
+        b.err_spool = Spool(emu.new_path("err"), b.err_rng, shuffle)
+    else:
+        b.requests = check.requests
+        b.total = len(b.requests)
     c = emu.counters
     if c.batches_started < emu.scenario.expire_first_n:
-        b.expire_index = math.floor(len(b.requests) * emu.scenario.expire_done_fraction)
+        b.expire_index = math.floor(b.total * emu.scenario.expire_done_fraction)
     c.batches_started += 1
     b.enter("in_progress", wall, mono)
 
@@ -173,7 +194,7 @@ def _run_requests(emu: Emulator, b: Batch, target: int, deadline: float) -> bool
     shuffle = emu.scenario.shuffle_output
     i = b.next_index
     while i < target:
-        r = b.requests[i]
+        r = _request(b, i)
         try:
             out = execute(
                 emu,
@@ -201,10 +222,15 @@ def _run_requests(emu: Emulator, b: Batch, target: int, deadline: float) -> bool
             "error": None,
         }
         if out.status == 200:
-            _place(b.ok_lines, b.ok_rng, dumps(line), shuffle)
+            if b.ok_spool is not None:
+                b.ok_spool.add(dumps(line))
+            else:
+                _place(b.ok_lines, b.ok_rng, dumps(line), shuffle)
             b.usage_in += out.prompt_tokens
             b.usage_cached += out.cached_tokens
             b.usage_out += out.completion_tokens
+        elif b.err_spool is not None:
+            b.err_spool.add(dumps(line))
         else:
             _place(b.err_lines, b.err_rng, dumps(line), shuffle)
         i += 1
@@ -217,22 +243,37 @@ def _run_requests(emu: Emulator, b: Batch, target: int, deadline: float) -> bool
 def _close(emu: Emulator, b: Batch, status: str, wall: int, mono: float) -> None:
     """Enter a terminal status: unexecuted requests become error lines, files are written."""
     code = {"expired": "batch_expired", "cancelled": "batch_cancelled"}.get(status)
-    if code is not None and b.requests:
+    runnable = b.reader is not None or bool(b.requests)  # none before validation (OpenAI)
+    if code is not None and runnable and b.next_index < b.total:
         message = EXPIRED_MESSAGE if code == "batch_expired" else CANCELLED_MESSAGE
         shuffle = emu.scenario.shuffle_output
-        for r in b.requests[b.next_index :]:
-            _place(b.err_lines, b.err_rng, _error_line(r.custom_id, code, message), shuffle)
-        b.next_index = len(b.requests)
+        for i in range(b.next_index, b.total):
+            line = _error_line(_request(b, i).custom_id, code, message)
+            if b.err_spool is not None:
+                b.err_spool.add(line)
+            else:
+                _place(b.err_lines, b.err_rng, line, shuffle)
+        b.next_index = b.total
     if b.check is not None:
         b.check.cancel()  # cancelled before validation finished: no requests, no files
         b.check = None
     if b.dialect == "openai":  # other dialects render results from the lines themselves
-        b.output_file_id = _write(emu, b, b.ok_lines, "output")
-        b.error_file_id = _write(emu, b, b.err_lines, "error")
-        b.closed_counts = (len(b.ok_lines), len(b.err_lines))
-        b.ok_lines, b.err_lines = [], []  # the files hold them now
-    b.requests = []  # parsed bodies are not needed any more (50k of them weigh ~100 MB)
+        b.closed_counts = b.counts()
+        b.output_file_id = _write(emu, b, b.ok_spool, "output")
+        b.error_file_id = _write(emu, b, b.err_spool, "error")
+    b.release()  # nothing of a request stays in memory once the batch has ended
     b.enter(status, wall, mono)
+
+
+def _request(b: Batch, i: int) -> BatchRequest:
+    """Request i of the batch: for OpenAI batches the next line of the input file (they are
+    read in order, once)."""
+    if b.reader is None:
+        return b.requests[i]
+    raw = b.reader.readline()
+    while raw and not raw.strip():  # blank lines were skipped by validation too
+        raw = b.reader.readline()
+    return parse_request(raw, b.tokens[i] if b.tokens is not None else None)
 
 
 def _place(lines: list[bytes], rng: random.Random | None, line: bytes, shuffle: bool) -> None:
@@ -256,13 +297,10 @@ def _error_line(custom_id: str, code: str, message: str) -> bytes:
     return orjson.dumps(line)
 
 
-def _write(emu: Emulator, b: Batch, lines: list[bytes], kind: str) -> str | None:
-    if not lines:
+def _write(emu: Emulator, b: Batch, spool: Spool | None, kind: str) -> str | None:
+    if spool is None or not len(spool):
         return None
-    f = emu.add_file(
-        f"{b.id}_{kind}.jsonl",
-        "batch_output",
-        lines,  # the file joins them lazily; the batch keeps only their counts
-        b.params.output_expires_seconds,
-    )
+    path = emu.new_path(kind)
+    spool.write_to(path)
+    f = emu.add_file(f"{b.id}_{kind}.jsonl", "batch_output", path, b.params.output_expires_seconds)
     return f.id

@@ -163,6 +163,7 @@ class EmulatorServer:
         if self._sock is not None:
             self._sock.close()
         self._server = self._thread = self._sock = None
+        self.emulator.close()  # its working dir (file bytes, spools, counts) goes too
 
     def __enter__(self) -> EmulatorServer:
         return self.start()
@@ -249,3 +250,4 @@ def serve(
         server.run(sockets=[sock])
     finally:
         sock.close()
+        emu.close()

@@ -1,4 +1,8 @@
-"""In-memory state of the emulator: files, batches, counters and quotas.
+"""State of the emulator: files, batches, counters and quotas.
+
+File bytes, result lines being produced and per-custom-id counts live on disk, in a working dir
+removed when the emulator is closed; memory holds per-batch and per-file objects only, so it
+does not grow with the number of requests run.
 
 Everything here is touched only from the server's event loop thread (the HTTP handlers and the
 batch runner task both run there), so no locks are needed. Other threads go through
@@ -8,16 +12,24 @@ batch runner task both run there), so no locks are needed. Other threads go thro
 from __future__ import annotations
 
 import random
+import shutil
+import tempfile
 import time
+import weakref
+from array import array
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from batchops.emulator import errors as E
+from batchops.emulator.counts import RequestCounts
 from batchops.emulator.errors import ApiError
 from batchops.emulator.ids import hex_id, new_id
 from batchops.emulator.scenario import Scenario
+from batchops.emulator.spool import Spool
 from batchops.emulator.validation import BatchRequest, CreateParams, InputCheck
 from batchops.masking import mask_key
 
@@ -37,17 +49,17 @@ STATUSES = (
 
 
 class StoredFile:
-    """A file's metadata and bytes. Result files are kept as lines and joined on first read:
-    joining 40 MB at the end of a 50,000-line batch would stall every other request."""
+    """A file's metadata; its bytes are on disk in the emulator's working dir (a 5M-row run
+    uploads and produces gigabytes)."""
 
-    __slots__ = ("id", "filename", "purpose", "created_at", "expires_at", "size", "_data", "_lines")
+    __slots__ = ("id", "filename", "purpose", "created_at", "expires_at", "size", "path")
 
     def __init__(
         self,
         file_id: str,
         filename: str,
         purpose: str,
-        data: bytes | list[bytes],
+        path: Path,
         created_at: int,
         expires_at: int | None,
     ) -> None:
@@ -56,23 +68,13 @@ class StoredFile:
         self.purpose = purpose
         self.created_at = created_at
         self.expires_at = expires_at
-        self._data: bytes | None = None
-        self._lines: list[bytes] | None = None
-        if isinstance(data, list):
-            self._lines = data
-            self.size = sum(map(len, data)) + len(data)  # one newline after each line
-        else:
-            self._data = data
-            self.size = len(data)
+        self.path = path
+        self.size = path.stat().st_size
 
     @property
     def data(self) -> bytes:
-        if self._data is None:
-            lines = self._lines or []
-            lines.append(b"")  # join() then ends with a newline, without another 40 MB copy
-            self._data = b"\n".join(lines)
-            self._lines = None
-        return self._data
+        """The whole file (small files and fault paths only; downloads are streamed)."""
+        return self.path.read_bytes()
 
     def to_api(self) -> dict[str, Any]:
         return {
@@ -109,11 +111,20 @@ class Batch:
     usage_out: int = 0
     # Runner internals
     check: Future[InputCheck] | None = None
-    requests: list[BatchRequest] = field(default_factory=list)  # freed when the batch ends
+    # Other dialects: their validated requests (freed when the batch ends). OpenAI batches read
+    # theirs from `input_path` (a link to the input file, taken at create) as they run.
+    requests: list[BatchRequest] = field(default_factory=list)
+    input_path: Path | None = None
+    reader: BinaryIO | None = None
+    tokens: array[int] | None = None  # prompt tokens counted by validation (-1: bad image)
     total: int = 0
     next_index: int = 0
+    # Result lines: in memory for other dialects (rendered by their own routes), spooled to
+    # disk for OpenAI batches.
     ok_lines: list[bytes] = field(default_factory=list)
     err_lines: list[bytes] = field(default_factory=list)
+    ok_spool: Spool | None = None
+    err_spool: Spool | None = None
     # Counts of the lines once they moved into the output/error files (OpenAI dialect): the
     # batch then drops its own lines, so a downloaded 50,000-line file is held once, not twice.
     closed_counts: tuple[int, int] | None = None
@@ -133,7 +144,24 @@ class Batch:
         """(completed, failed) requests so far."""
         if self.closed_counts is not None:
             return self.closed_counts
+        if self.ok_spool is not None and self.err_spool is not None:
+            return len(self.ok_spool), len(self.err_spool)
         return len(self.ok_lines), len(self.err_lines)
+
+    def release(self) -> None:
+        """Drop what the batch held while running: its input reader and link, its spools."""
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        if self.input_path is not None:
+            self.input_path.unlink(missing_ok=True)
+            self.input_path = None
+        for spool in (self.ok_spool, self.err_spool):
+            if spool is not None:
+                spool.discard()
+        self.ok_spool = self.err_spool = None
+        self.tokens = None
+        self.requests = []
 
     def to_api(self) -> dict[str, Any]:
         st = self.stamps
@@ -177,7 +205,7 @@ class Batch:
 class Counters:
     """What `GET /_emulator/stats` reports (plus per-key usage for key quotas)."""
 
-    requests: dict[str, list[int]] = field(default_factory=dict)  # cid -> [executed, succeeded]
+    requests: RequestCounts  # cid -> (executed, succeeded), on disk
     calls: Counter[str] = field(default_factory=Counter)
     models: dict[str, list[int]] = field(default_factory=dict)  # model -> [executed, succeeded]
     keys: Counter[str] = field(default_factory=Counter)  # key -> executed
@@ -196,22 +224,51 @@ class Emulator:
         self.files: dict[str, StoredFile] = {}
         self.batches: dict[str, Batch] = {}
         self.live: dict[str, Batch] = {}  # not yet terminal: what the runner advances
-        self.counters = Counters()
+        self._workdir: Path | None = None
+        self._cleanup: Callable[[], Any] | None = None  # a weakref.finalize
+        self.counters = Counters(RequestCounts(self.workdir))
         self.rpm_windows: dict[str, deque[float]] = {}
         self._file_models: dict[str, str | None] = {}
         self.dialects: dict[str, Any] = {}  # per-dialect registries (anthropic_dialect, …)
         self.downloads: Counter[str] = Counter()  # file id -> content downloads (result faults)
         self.listed: dict[str, dict[str, Any]] = {}  # batch id -> first listed view (list_stale)
 
+    # ------------------------------------------------------------------ working dir
+    def workdir(self) -> Path:
+        """The dir of file bytes, spools and counts (made on first use; gone at close/exit)."""
+        if self._workdir is None:
+            path = Path(tempfile.mkdtemp(prefix="batchops-emulator-"))
+            self._workdir = path
+            self._cleanup = weakref.finalize(self, shutil.rmtree, path, True)
+        return self._workdir
+
+    def new_path(self, kind: str) -> Path:
+        return self.workdir() / f"{kind}-{hex_id('')}"
+
+    def close(self) -> None:
+        """Forget everything and remove the working dir (the emulator stops)."""
+        self.reset()
+        if self._cleanup is not None:
+            self._cleanup()
+        self._workdir = self._cleanup = None
+
     # ------------------------------------------------------------------ admin
     def reset(self) -> None:
         for b in self.batches.values():
             if b.check is not None:
                 b.check.cancel()
+            b.release()
+        for b in self.live.values():  # dialect batches are live without being listed here
+            b.release()
+        for f in self.files.values():
+            f.path.unlink(missing_ok=True)
         self.files.clear()
         self.batches.clear()
         self.live.clear()
-        self.counters = Counters()
+        self.counters.requests.close()
+        if self._workdir is not None:
+            (self._workdir / "counts.sqlite").unlink(missing_ok=True)
+        self.counters = Counters(RequestCounts(self.workdir))
         self.rpm_windows.clear()
         self._file_models.clear()
         self.dialects.clear()
@@ -226,7 +283,7 @@ class Emulator:
         c = self.counters
         by_status = Counter(b.status for b in self.batches.values())
         out: dict[str, Any] = {
-            "requests": {k: {"executed": v[0], "succeeded": v[1]} for k, v in c.requests.items()},
+            "requests": {k: {"executed": e, "succeeded": s} for k, e, s in c.requests.items()},
             "calls": dict(sorted(c.calls.items())),
             "batches": {
                 "created": c.batches_created,
@@ -294,16 +351,22 @@ class Emulator:
 
     # ------------------------------------------------------------------ files
     def add_file(
-        self, filename: str, purpose: str, data: bytes | list[bytes], expires_seconds: int | None
+        self, filename: str, purpose: str, data: bytes | Path, expires_seconds: int | None
     ) -> StoredFile:
+        """A new file from its bytes, or from a file of the working dir (taken over)."""
         now = int(time.time())
         if expires_seconds is None and purpose in ("batch", "batch_output"):
             expires_seconds = FILE_DEFAULT_EXPIRY
+        if isinstance(data, bytes):
+            path = self.new_path("file")
+            path.write_bytes(data)
+        else:
+            path = data
         f = StoredFile(
             new_id("file-"),
             filename,
             purpose,
-            data,
+            path,
             now,
             now + expires_seconds if expires_seconds else None,
         )
@@ -317,8 +380,9 @@ class Emulator:
         return f
 
     def delete_file(self, file_id: str) -> dict[str, Any]:
-        self.get_file(file_id)
+        f = self.get_file(file_id)
         del self.files[file_id]
+        f.path.unlink(missing_ok=True)  # a batch reading it holds its own link
         self._file_models.pop(file_id, None)
         self.counters.files_deleted += 1
         return {"id": file_id, "object": "file", "deleted": True}
@@ -328,7 +392,8 @@ class Emulator:
         from batchops.emulator.validation import first_model
 
         if f.id not in self._file_models:
-            self._file_models[f.id] = first_model(f.data)
+            with f.path.open("rb") as fh:
+                self._file_models[f.id] = first_model(fh)
         return self._file_models[f.id]
 
     # ------------------------------------------------------------------ batches

@@ -1,11 +1,13 @@
 """Checks of `POST /v1/batches` parameters (synchronous 400s) and of batch input files.
 
-`validate_input` is a pure function over the file's bytes so it can run in a worker thread
-while the event loop keeps answering.
+`validate_input` is a pure function over the file's lines (read from disk as it goes) so it
+can run in a worker thread while the event loop keeps answering.
 """
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,9 +135,12 @@ class BatchRequest:
 
 @dataclass(slots=True)
 class InputCheck:
-    """Outcome of validating an input file."""
+    """Outcome of validating an input file: counts only (the runner reads the requests from
+    the file again as it executes them), or the requests of another dialect's batch."""
 
     requests: list[BatchRequest] = field(default_factory=list)
+    count: int = 0  # valid requests
+    tokens: array[int] | None = None  # prompt tokens of each (-1: an unsupported image)
     errors: list[dict[str, Any]] = field(default_factory=list)
     model: str | None = None
     prompt_tokens: int = 0
@@ -149,12 +154,13 @@ _REQUIRED_INPUT = {"chat": ("messages", "Messages"), "responses": ("input", "Inp
 _STREAM_NAMES = {"chat": "Chat Completions", "embeddings": "Embeddings", "responses": "Responses"}
 
 
-def first_model(data: bytes, max_lines: int = 1000) -> str | None:
+def first_model(lines: bytes | Iterable[bytes], max_lines: int = 1000) -> str | None:
     """The model of the first line that names one (cheap: used on `POST /v1/batches`)."""
-    start = 0
-    for _ in range(max_lines):
-        end = data.find(b"\n", start)
-        raw = data[start:] if end < 0 else data[start:end]
+    if isinstance(lines, bytes):
+        lines = lines.split(b"\n")
+    for n, raw in enumerate(lines):
+        if n >= max_lines:
+            break
         if raw.strip():
             try:
                 obj = orjson.loads(raw)
@@ -163,14 +169,11 @@ def first_model(data: bytes, max_lines: int = 1000) -> str | None:
             body = obj.get("body") if isinstance(obj, dict) else None
             if isinstance(body, dict) and isinstance(body.get("model"), str):
                 return body["model"]
-        if end < 0:
-            break
-        start = end + 1
     return None
 
 
 def validate_input(
-    data: bytes,
+    lines: bytes | Iterable[bytes],
     endpoint: str,
     *,
     known_models: set[str] | None,
@@ -181,19 +184,23 @@ def validate_input(
 
     Prompt tokens are counted only with `need_tokens` (an enqueued-token limit is configured):
     counting is the costly part and is otherwise done as each request executes.
+    `lines`: the file's lines (an open binary file reads them from disk) or its whole bytes.
     """
+    if isinstance(lines, bytes):
+        lines = lines.split(b"\n")
     kind = endpoint_kind(endpoint)
     out = InputCheck()
     seen: set[str] = set()
     n_lines = 0
     n_embedding_inputs = 0
     errors = out.errors
+    tokens_of = array("l") if need_tokens else None
 
     def add(e: dict[str, Any]) -> None:
         if len(errors) < MAX_REPORTED_ERRORS:
             errors.append(e)
 
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+    for lineno, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue  # blank lines (e.g. the final newline) are skipped
         n_lines += 1
@@ -258,7 +265,9 @@ def validate_input(
         if kind == "embeddings":
             inp = body.get("input")
             n_embedding_inputs += len(inp) if isinstance(inp, list) else 1
-        out.requests.append(BatchRequest(cid, body, tokens, image_error))
+        out.count += 1
+        if tokens_of is not None:
+            tokens_of.append(-1 if image_error else tokens or 0)
         out.prompt_tokens += tokens or 0
 
     if n_lines == 0:
@@ -292,7 +301,17 @@ def validate_input(
             )
         )
     errors.sort(key=lambda e: (e["line"] is None, e["line"] or 0))
+    out.tokens = None if errors else tokens_of
     return out
+
+
+def parse_request(raw: bytes, tokens: int | None) -> BatchRequest:
+    """A line validation accepted, parsed again to run it (`tokens` from validation: -1 is an
+    unsupported image)."""
+    obj = orjson.loads(raw)
+    if tokens is not None and tokens < 0:
+        return BatchRequest(obj["custom_id"], obj["body"], 0, True)
+    return BatchRequest(obj["custom_id"], obj["body"], tokens)
 
 
 def _line_problem(
