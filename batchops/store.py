@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +33,7 @@ from batchops.states import (
     check_chunk,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 DB_NAME = "state.db"
 # Ids looked up per statement when recording a slice (well under SQLite's variable limit).
 GUARD_BATCH = 500
@@ -143,6 +143,16 @@ MIGRATIONS: list[str] = [
     ALTER TABLE rows ADD COLUMN leader_idx INTEGER;
     CREATE INDEX rows_leader ON rows(leader_idx) WHERE leader_idx IS NOT NULL;
     CREATE INDEX rows_follower_chunk ON rows(chunk_id) WHERE leader_idx IS NOT NULL;
+    """,
+    # 5: collection appends an attempt a row; each index on `attempts` cost ~1 µs of that
+    # (issue 18). Cost per batch (`report`) and per model/key (`pool status`) are one scan of
+    # the table where asked; unpriced attempts (rare) keep an index of their own, as the end of
+    # every run counts them.
+    """
+    DROP INDEX IF EXISTS attempts_batch;
+    DROP INDEX IF EXISTS attempts_model_key;
+    CREATE INDEX attempts_unpriced ON attempts(model)
+        WHERE cost_usd IS NULL AND prompt_tokens IS NOT NULL;
     """,
 ]
 
@@ -359,6 +369,13 @@ class Store:
         if row[0] is None:
             return 0.0
         return max(0.0, float(row[0]) - time.time())
+
+    def has_pending(self) -> bool:
+        """Whether any row is pending (one index probe; `counts` walks the whole index)."""
+        return (
+            self.conn.execute("SELECT 1 FROM rows WHERE status = 'pending' LIMIT 1").fetchone()
+            is not None
+        )
 
     def counts(self) -> dict[str, int]:
         out = {s: 0 for s in ("pending", "queued", "succeeded", "failed", "skipped")}
@@ -638,6 +655,7 @@ class Store:
         lost_reason: str = "no result for this row in the batch's output or error file",
         key_id: str | None = None,
         retry_wait: Callable[[int], float] | None = None,
+        order: Mapping[str, int] | None = None,
     ) -> Applied:
         """Apply one batch's (or one online request's) outcomes to its rows, in one transaction.
 
@@ -646,7 +664,9 @@ class Store:
         `close_chunk`, rows of the chunk that got no line at all become `unanswered`: pending
         (the remote says they were not executed: expired, cancelled; within the retry budget)
         or failed (their answer is missing although the remote reports them done: sending them
-        again could pay twice) — and the chunk becomes `collected`.
+        again could pay twice) — and the chunk becomes `collected`. `order` (custom id → row_idx
+        of the chunk's queued rows when collection began, `queued_order`) lets successes skip
+        the per-slice guard look-up while every row of the slice is still queued.
         """
         now = time.time()
         applied = Applied()
@@ -663,7 +683,7 @@ class Store:
         with self.tx():
             if successes:
                 applied.succeeded += self._record_successes(
-                    chunk_id, batch_id, successes.values(), mode, key_id, now
+                    chunk_id, batch_id, successes.values(), mode, key_id, now, order
                 )
                 applied.ignored += len(successes) - applied.succeeded
             for outcome, cost, counts in failures:
@@ -801,13 +821,44 @@ class Store:
         mode: str,
         key_id: str | None,
         now: float,
+        order: Mapping[str, int] | None = None,
     ) -> int:
         """Answers of rows still queued in this chunk: an attempt each (billed tokens), then
         the row succeeded. Returns how many rows took their answer."""
         items = list(items)
+        if order is not None and all(o.custom_id in order for o, _ in items):
+            # Optimistic: every row of the slice is still queued in this chunk (the common
+            # case: collection began with them queued and nothing else writes them). The
+            # guarded UPDATE proves it by its count; if any row was not, undo and look up.
+            self.conn.execute("SAVEPOINT fast")
+            done = self._apply_successes(
+                chunk_id, batch_id, items, mode, key_id, now, order, strict=True
+            )
+            if done == len(items):
+                self.conn.execute("RELEASE fast")
+                return done
+            self.conn.execute("ROLLBACK TO fast")
+            self.conn.execute("RELEASE fast")
         # The guard, once for the slice (which ids are rows still queued in this chunk), so
         # the attempts go in as plain rows: an INSERT … SELECT costs ~3x a plain INSERT a row.
         live = self._queued_among(chunk_id, [o.custom_id for o, _ in items])
+        return self._apply_successes(chunk_id, batch_id, items, mode, key_id, now, live)
+
+    def _apply_successes(
+        self,
+        chunk_id: int,
+        batch_id: str | None,
+        items: list[tuple[RowOutcome, float | None]],
+        mode: str,
+        key_id: str | None,
+        now: float,
+        live: Mapping[str, int],
+        *,
+        strict: bool = False,
+    ) -> int:
+        """UPDATE the rows of `live` (custom id → row_idx) still queued in this chunk to
+        succeeded and add their attempts; returns how many rows the UPDATE changed. `strict`:
+        no attempts unless every row of `live` changed (the caller then undoes the slice)."""
         attempts: list[tuple[Any, ...]] = []
         updates: list[tuple[Any, ...]] = []
         keep_batch = None if mode == "online" else batch_id  # an online answer has no batch
@@ -842,13 +893,6 @@ class Store:
                     chunk_id,
                 )
             )
-        if attempts:
-            self.conn.executemany(
-                "INSERT INTO attempts(row_idx, chunk_id, batch_id, mode, ok, model, prompt_tokens,"
-                " cached_tokens, completion_tokens, reasoning_tokens, cost_usd, ts, key_id)"
-                " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?)",
-                attempts,
-            )
         cur = self.conn.executemany(
             """UPDATE rows SET status = 'succeeded', response = COALESCE(?, response),
                    finish_reason = ?, error = NULL, error_class = ?, model = COALESCE(?, model),
@@ -862,7 +906,15 @@ class Store:
                WHERE row_idx = ? AND status = 'queued' AND chunk_id = ?""",
             updates,
         )
-        return max(0, cur.rowcount)
+        changed = max(0, cur.rowcount)
+        if attempts and (changed == len(updates) or not strict):
+            self.conn.executemany(
+                "INSERT INTO attempts(row_idx, chunk_id, batch_id, mode, ok, model, prompt_tokens,"
+                " cached_tokens, completion_tokens, reasoning_tokens, cost_usd, ts, key_id)"
+                " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?)",
+                attempts,
+            )
+        return changed
 
     def _queued_among(self, chunk_id: int, row_ids: list[str]) -> dict[str, int]:
         """row_id → row_idx of those of `row_ids` still queued in this chunk."""
@@ -1057,15 +1109,30 @@ class Store:
         ).fetchall()
 
     def cost_by_batch(self) -> list[sqlite3.Row]:
+        # One pass over the attempts grouped by batch (no index on attempts.batch_id: it cost
+        # every recorded answer ~1 µs), joined to the few batches.
         return self.conn.execute(
             """SELECT b.batch_id, b.chunk_id, b.model, b.status, b.request_total, b.request_completed,
                       b.request_failed, c.est_cost, c.est_tokens,
-                      (SELECT SUM(cost_usd) FROM attempts a WHERE a.batch_id = b.batch_id) AS cost_usd,
-                      (SELECT SUM(prompt_tokens) FROM attempts a WHERE a.batch_id = b.batch_id) AS prompt_tokens,
-                      (SELECT SUM(completion_tokens) FROM attempts a WHERE a.batch_id = b.batch_id) AS completion_tokens,
+                      a.cost_usd, a.prompt_tokens, a.completion_tokens,
                       b.created_at, b.ended_at
-               FROM batches b JOIN chunks c ON c.chunk_id = b.chunk_id ORDER BY b.created_at"""
+               FROM batches b JOIN chunks c ON c.chunk_id = b.chunk_id
+               LEFT JOIN (SELECT batch_id, SUM(cost_usd) AS cost_usd,
+                                 SUM(prompt_tokens) AS prompt_tokens,
+                                 SUM(completion_tokens) AS completion_tokens
+                          FROM attempts WHERE batch_id IS NOT NULL GROUP BY batch_id) AS a
+                 ON a.batch_id = b.batch_id
+               ORDER BY b.created_at"""
         ).fetchall()
+
+    def unpriced_count(self) -> int:
+        """Attempts with billed tokens but no known price (served by a partial index: the
+        count at the end of a run does not scan every attempt)."""
+        return int(
+            self.conn.execute(
+                "SELECT COUNT(*) FROM attempts WHERE cost_usd IS NULL AND prompt_tokens IS NOT NULL"
+            ).fetchone()[0]
+        )
 
     def usage_by_pair(self) -> dict[tuple[str, str], dict[str, Any]]:
         """Per (model, key fingerprint): calls, failures, tokens and cost of every attempt."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 
 from batchops import results
 from batchops.results import _fast_chat, parse_line
-from batchops.store import Store
+from batchops.store import MIGRATIONS, Store, _split_sql
 from tests.test_store import built, frame, ok, submitted
 
 BODY: dict[str, Any] = {
@@ -95,3 +96,77 @@ def test_shuffled_slice_is_recorded_once_and_spent_is_the_full_sum(tmp_path: Pat
     assert full[1] == 200  # one attempt per row, none for the repeated lines
     assert spent_half < store.spent() == pytest.approx(full[0])
     assert store.counts()["succeeded"] == 200 and store.queued_order(1) == {}
+
+
+def test_slice_with_a_row_no_longer_queued_takes_the_guarded_path(tmp_path: Path) -> None:
+    """With the chunk's queued order from before the collection, a slice whose rows are all
+    still queued skips the guard look-up; one row recorded meanwhile makes the whole slice fall
+    back to it: that row is untouched (no second attempt), the others are recorded once."""
+    store = Store.open(tmp_path)
+    store.add_rows([frame(50)])
+    submitted(store, built(1, list(range(50))), "m", None)
+    order = store.queued_order(1)
+    first = store.record_outcomes(
+        1, "b", [(ok(7), 0.5, True)], max_retries=3, close_chunk=False, order=order
+    )
+    assert first.succeeded == 1
+    items = [(ok(i), 0.01, True) for i in range(50)]  # row 7's line again, with the rest
+    again = store.record_outcomes(1, "b", items, max_retries=3, close_chunk=False, order=order)
+    assert (again.succeeded, again.ignored) == (49, 1)
+    per_row = dict(store.conn.execute("SELECT row_idx, COUNT(*) FROM attempts GROUP BY row_idx"))
+    assert per_row == {i: 1 for i in range(50)}
+    cost_7 = store.conn.execute("SELECT cost_usd FROM rows WHERE row_idx = 7").fetchone()[0]
+    assert cost_7 == pytest.approx(0.5)  # its first answer's cost, not added to
+    thrice = store.record_outcomes(1, "b", items, max_retries=3, close_chunk=False, order=order)
+    assert (thrice.succeeded, thrice.ignored) == (0, 50)
+    assert store.conn.execute("SELECT COUNT(*) FROM attempts").fetchone()[0] == 50
+
+
+def test_a_schema_4_database_opens_and_keeps_its_answers(tmp_path: Path) -> None:
+    """Schema 5 drops two indexes of `attempts` in place: a run recorded by schema 4 opens
+    with its rows, answers and attempts, and every reader of attempts still answers."""
+    conn = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    for i, script in enumerate(MIGRATIONS[:4]):
+        for statement in _split_sql(script):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {i + 1}")
+    conn.execute(
+        "INSERT INTO chunks(chunk_id, model, path, n_rows, n_bytes, est_tokens, state,"
+        " created_at, updated_at) VALUES (1, 'm', 'c.jsonl', 2, 9, 9, 'collected', 0, 0)"
+    )
+    conn.execute(
+        "INSERT INTO batches(batch_id, chunk_id, attempt, model, status, created_at, updated_at)"
+        " VALUES ('batch_1', 1, 1, 'm', 'completed', 0, 0)"
+    )
+    for i, cost in ((0, 0.5), (1, None)):
+        conn.execute(
+            "INSERT INTO rows(row_idx, row_id, status, chunk_id, response, prompt_tokens,"
+            " cost_usd, batch_id) VALUES (?, ?, 'succeeded', 1, ?, 10, ?, 'batch_1')",
+            (i, f"id{i}", f"answer {i}", cost),
+        )
+        conn.execute(
+            "INSERT INTO attempts(row_idx, chunk_id, batch_id, mode, ok, model, prompt_tokens,"
+            " completion_tokens, cost_usd, ts, key_id) VALUES (?, 1, 'batch_1', 'batch', 1, 'm',"
+            " 10, 5, ?, 0, NULL)",
+            (i, cost),
+        )
+    conn.close()
+    store = Store.open(tmp_path)
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == 5
+    names = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"attempts_batch", "attempts_model_key"}.isdisjoint(names)
+    assert "attempts_unpriced" in names and "attempts_row" in names
+    f = store.outcomes_frame()
+    assert f["response"].to_list() == ["answer 0", "answer 1"]
+    assert f["status"].to_list() == ["succeeded", "succeeded"]
+    (b,) = store.cost_by_batch()
+    assert (b["batch_id"], b["cost_usd"], b["prompt_tokens"], b["completion_tokens"]) == (
+        "batch_1",
+        0.5,
+        20,
+        10,
+    )
+    assert store.unpriced_count() == 1  # row 1: billed tokens, no price
+    assert store.usage_by_pair()[("m", "")]["calls"] == 2
+    store.close()
+    assert Store.open(tmp_path).spent() == pytest.approx(0.5)  # reopened: nothing to migrate
