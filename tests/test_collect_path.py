@@ -156,6 +156,10 @@ def test_a_schema_4_database_opens_and_keeps_its_answers(tmp_path: Path) -> None
     names = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"attempts_batch", "attempts_model_key"}.isdisjoint(names)
     assert "attempts_unpriced" in names and "attempts_row" in names
+    (chunk_index,) = store.conn.execute(
+        "SELECT sql FROM sqlite_master WHERE name = 'rows_chunk'"
+    ).fetchone()
+    assert "WHERE chunk_id IS NOT NULL" in chunk_index  # queued rows only
     f = store.outcomes_frame()
     assert f["response"].to_list() == ["answer 0", "answer 1"]
     assert f["status"].to_list() == ["succeeded", "succeeded"]
