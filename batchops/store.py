@@ -36,6 +36,7 @@ from batchops.states import (
 
 SCHEMA_VERSION = 5
 DB_NAME = "state.db"
+PAGE_SIZE = 16384
 # Ids looked up per statement when recording a slice (well under SQLite's variable limit).
 GUARD_BATCH = 500
 
@@ -235,6 +236,10 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None, timeout=30)
         conn.row_factory = sqlite3.Row
+        # A new database gets 16 KiB pages (an existing one keeps its own): an answered row is
+        # ~400 bytes, and with 4 KiB pages recording 1M answers split and wrote ~4x as many
+        # pages (~3 µs a row more, issue 18).
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode survives a killed process (only an OS crash can lose the last commit).
         conn.execute("PRAGMA synchronous=NORMAL")

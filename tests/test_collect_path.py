@@ -15,7 +15,7 @@ import pytest
 
 from batchops import results
 from batchops.results import _fast_chat, parse_line
-from batchops.store import MIGRATIONS, Store, _split_sql
+from batchops.store import MIGRATIONS, PAGE_SIZE, Store, _split_sql
 from tests.test_store import built, frame, ok, submitted
 
 BODY: dict[str, Any] = {
@@ -174,3 +174,16 @@ def test_a_schema_4_database_opens_and_keeps_its_answers(tmp_path: Path) -> None
     assert store.usage_by_pair()[("m", "")]["calls"] == 2
     store.close()
     assert Store.open(tmp_path).spent() == pytest.approx(0.5)  # reopened: nothing to migrate
+
+
+def test_a_new_database_has_large_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "new")
+    assert store.conn.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE
+    old = tmp_path / "old"
+    old.mkdir()
+    conn = sqlite3.connect(old / "state.db")  # an older batchops made it: default pages
+    conn.execute("CREATE TABLE other (x)")
+    conn.close()
+    reopened = Store.open(old)  # pages of the default size already written: kept
+    assert reopened.conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+    assert reopened.conn.execute("PRAGMA user_version").fetchone()[0] == 5
