@@ -14,7 +14,8 @@ import orjson
 import pytest
 
 from batchops import results
-from batchops.results import _fast_chat, parse_line
+from batchops.records import BadLine, RowOutcome
+from batchops.results import _fast_chat, _typed_chat, parse_line
 from batchops.store import MIGRATIONS, PAGE_SIZE, Store, _split_sql
 from tests.test_store import built, frame, ok, submitted
 
@@ -76,8 +77,64 @@ def test_fast_chat_line_equals_general_path(body: dict[str, Any], status: Any) -
     fast = _fast_chat(obj)  # None: the general path decides
     if fast is not None:
         assert fast == general
+    typed = _typed_chat(orjson.dumps(obj))  # likewise, from the line's bytes
+    if typed is not None:
+        assert typed == general
     if status == 200 and body is BODY:
         assert fast is not None  # the common line does take the fast path
+        assert typed is not None
+
+
+def _mixed_lines() -> list[bytes]:
+    """A result file of every shape: common answers, the edge variants, HTTP and line
+    failures, an error-file line, odd envelopes, broken JSON and counts beyond 64 bits."""
+    lines = []
+    for i, body in enumerate(_variants()):
+        for status in (200, 400):
+            obj = {"custom_id": f"r{i}", "response": {"status_code": status, "body": body}}
+            lines.append(orjson.dumps(obj))
+    big = orjson.dumps({"custom_id": "big", "response": {"status_code": 200, "body": BODY}})
+    big = big.replace(b'"prompt_tokens":9', b'"prompt_tokens":%d' % 2**64)  # orjson: a float
+    err = {"error": {"code": "rate_limit_exceeded", "message": "slow down"}}
+    lines += [
+        big,
+        orjson.dumps({"custom_id": "e1", "response": {"status_code": 429, "body": err}}),
+        orjson.dumps({"custom_id": "e2", "response": None, "error": {"code": "batch_expired"}}),
+        orjson.dumps({"custom_id": 7, "response": {"status_code": 200, "body": BODY}}),
+        orjson.dumps({"custom_id": "", "response": {"status_code": 200, "body": BODY}}),
+        orjson.dumps({"custom_id": "n", "response": {"status_code": 200, "body": None}}),
+        orjson.dumps({"custom_id": "x", "response": {"status_code": 200, "body": [1]}}),
+        orjson.dumps({"response": {"status_code": 200, "body": BODY}}),
+        orjson.dumps([1, 2]),
+        b'{"custom_id": "dup", "custom_id": "dup2", "response": {"status_code": 200, "body": '
+        + orjson.dumps(BODY)
+        + b"}}",
+        b'{"custom_id": "cut", "response": {"status_code": 200, "bo',
+        b'{"custom_id": "sur\udc00", "response": {"status_code": 200, "body": {}}}',
+        b'{"custom_id": "bad\xff"}'.replace(b"\\xff", b"\xff"),
+    ]
+    return lines
+
+
+def test_mixed_file_reads_as_parse_line_gives_each_line(tmp_path: Path) -> None:
+    """Collection's reader (typed fast path first) gives, line by line, exactly what
+    `parse_line` does: the same outcome, or the same line named malformed."""
+    lines = _mixed_lines()
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    expected: list[Any] = []
+    for no, line in enumerate(lines, start=1):
+        try:
+            expected.append(results.parse_line(line + b"\n", line_no=no))  # as read
+        except results.ResultFormatError as exc:
+            expected.append((no, exc.reason))
+    got = [
+        (item.line_no, item.reason) if isinstance(item, BadLine) else item
+        for item in results.read_file(path)
+    ]
+    assert got == expected
+    assert sum(isinstance(g, RowOutcome) and g.ok for g in got) > 3
+    assert any(isinstance(g, tuple) for g in got)
 
 
 def test_shuffled_slice_is_recorded_once_and_spent_is_the_full_sum(tmp_path: Path) -> None:
