@@ -177,6 +177,29 @@ def test_slice_with_a_row_no_longer_queued_takes_the_guarded_path(tmp_path: Path
     thrice = store.record_outcomes(1, "b", items, max_retries=3, close_chunk=False, order=order)
     assert (thrice.succeeded, thrice.ignored) == (0, 50)
     assert store.conn.execute("SELECT COUNT(*) FROM attempts").fetchone()[0] == 50
+    # A line whose id is not among the chunk's queued rows (another chunk's row 60, queued
+    # there): ignored, and it does not keep the row beside it from its answer.
+    store.add_rows([frame(70)])
+    submitted(store, built(2, [50, 60]), "m", None)
+    other = store.record_outcomes(
+        2,
+        "b2",
+        [(ok(50), 0.1, True), (ok(60), 0.1, True)],
+        max_retries=3,
+        close_chunk=False,
+        order={"id50": 50},
+    )
+    assert (other.succeeded, other.ignored) == (2, 0)  # row 60 is queued in chunk 2: recorded
+    foreign = store.record_outcomes(
+        1,
+        "b",
+        [(ok(60), 0.1, True), (ok(65), 0.1, True)],
+        max_retries=3,
+        close_chunk=False,
+        order=order,
+    )
+    assert (foreign.succeeded, foreign.ignored) == (0, 2)
+    assert store.conn.execute("SELECT COUNT(*) FROM attempts").fetchone()[0] == 52
 
 
 def test_a_schema_4_database_opens_and_keeps_its_answers(tmp_path: Path) -> None:
