@@ -26,7 +26,7 @@ from batchops.backends.base import RemoteBatch
 from batchops.errors import StateError
 from batchops.hotpath import gc_paused
 from batchops.policy import next_row_state
-from batchops.records import BuiltChunk, RowOutcome, Skipped
+from batchops.records import BuiltChunk, RowOutcome, Skipped, Usage
 from batchops.states import (
     ROW_TRANSITIONS,
     ChunkState,
@@ -870,40 +870,12 @@ class Store:
         """UPDATE the rows of `live` (custom id → row_idx) still queued in this chunk to
         succeeded and add their attempts; returns how many rows the UPDATE changed. `strict`:
         no attempts unless every row of `live` changed (the caller then undoes the slice)."""
-        attempts: list[tuple[Any, ...]] = []
-        updates: list[tuple[Any, ...]] = []
         keep_batch = None if mode == "online" else batch_id  # an online answer has no batch
         online = mode == "online"
-        for o, cost in items:
-            row_idx = live.get(o.custom_id)
-            if row_idx is None:
-                continue  # recorded already, or not this chunk's: untouched
-            u = o.usage
-            tokens = (
-                (u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.reasoning_tokens)
-                if u is not None
-                else (None, None, None, None)
-            )
-            if u is not None:
-                attempts.append(
-                    (row_idx, chunk_id, batch_id, mode, o.model, *tokens, cost, now, key_id)
-                )
-            updates.append(
-                (
-                    o.response,
-                    o.finish_reason,
-                    o.error_class,
-                    o.model,
-                    *tokens,
-                    cost,
-                    cost,
-                    online,
-                    keep_batch,
-                    now,
-                    row_idx,
-                    chunk_id,
-                )
-            )
+        # Rows of `live` with their outcome, in slice order; the statements' parameters are
+        # made one row at a time as SQLite takes them (no list of 14-tuples held: ~330 bytes
+        # a row of the slice).
+        rows = [(live[o.custom_id], o, cost) for o, cost in items if o.custom_id in live]
         cur = self.conn.executemany(
             """UPDATE rows SET status = 'succeeded', response = COALESCE(?, response),
                    finish_reason = ?, error = NULL, error_class = ?, model = COALESCE(?, model),
@@ -915,15 +887,45 @@ class Store:
                    batch_id = CASE WHEN ? THEN NULL ELSE COALESCE(?, batch_id) END,
                    updated_at = ?, not_before = NULL
                WHERE row_idx = ? AND status = 'queued' AND chunk_id = ?""",
-            updates,
+            (
+                (
+                    o.response,
+                    o.finish_reason,
+                    o.error_class,
+                    o.model,
+                    *_tokens(o.usage),
+                    cost,
+                    cost,
+                    online,
+                    keep_batch,
+                    now,
+                    row_idx,
+                    chunk_id,
+                )
+                for row_idx, o, cost in rows
+            ),
         )
         changed = max(0, cur.rowcount)
-        if attempts and (changed == len(updates) or not strict):
+        if changed == len(rows) or not strict:
             self.conn.executemany(
                 "INSERT INTO attempts(row_idx, chunk_id, batch_id, mode, ok, model, prompt_tokens,"
                 " cached_tokens, completion_tokens, reasoning_tokens, cost_usd, ts, key_id)"
                 " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?)",
-                attempts,
+                (
+                    (
+                        row_idx,
+                        chunk_id,
+                        batch_id,
+                        mode,
+                        o.model,
+                        *_tokens(o.usage),
+                        cost,
+                        now,
+                        key_id,
+                    )
+                    for row_idx, o, cost in rows
+                    if o.usage is not None  # billed tokens: an attempt
+                ),
             )
         return changed
 
@@ -1285,6 +1287,13 @@ def _chunk(r: sqlite3.Row) -> ChunkRow:
         r["key_id"],
         r["note"],
     )
+
+
+def _tokens(u: Usage | None) -> tuple[int | None, ...]:
+    """A usage's four stored token counts (all None without a usage)."""
+    if u is None:
+        return (None, None, None, None)
+    return (u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.reasoning_tokens)
 
 
 def _error_text(o: RowOutcome) -> str:
