@@ -373,15 +373,22 @@ def _typed_chat(line: bytes | str) -> RowOutcome | None:
             u.completion_tokens,
             cd.reasoning_tokens if cd is not None else 0,
         )
+    # Every field by position (keywords cost ~0.3 µs more a line): custom_id, ok, response,
+    # finish_reason (one shared string, not one per held outcome), usage, model, status_code,
+    # error_code, error_message, error_class, retryable, request_id.
     return RowOutcome(
-        custom_id=ln.custom_id,
-        ok=True,
-        response=message.content,
-        finish_reason=intern(finish),  # one shared string, not one per held outcome
-        usage=usage,
-        model=intern(body.model) if body.model is not None else None,
-        status_code=200,
-        request_id=r.request_id,
+        ln.custom_id,
+        True,
+        message.content,
+        intern(finish),
+        usage,
+        intern(body.model) if body.model is not None else None,
+        200,
+        None,
+        None,
+        None,
+        False,
+        r.request_id,
     )
 
 
