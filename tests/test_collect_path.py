@@ -267,3 +267,40 @@ def test_a_new_database_has_large_pages_and_an_old_one_keeps_its_own(tmp_path: P
     reopened = Store.open(old)  # pages of the default size already written: kept
     assert reopened.conn.execute("PRAGMA page_size").fetchone()[0] == 4096
     assert reopened.conn.execute("PRAGMA user_version").fetchone()[0] == 5
+
+
+def test_result_file_streams_to_disk_and_a_dropped_download_is_tried_again(
+    emulator_factory: Any, tmp_path: Path
+) -> None:
+    """The SDK's streaming download writes the file byte for byte (no .tmp left); a
+    connection the server drops is the SDK's connection error, tried again by `_call`."""
+    from batchops.backends.openai import OpenAIBackend
+    from batchops.emulator.testing import DEFAULT_KEY
+    from batchops.spec import ModelEntry, RetryPolicy
+
+    emu = emulator_factory(drop_connection_every=2)  # call 1 uploads, call 2 (download) drops
+    backend = OpenAIBackend(
+        ModelEntry(name="gpt-4o-mini"), DEFAULT_KEY, base_url=emu.base_url, policy=RetryPolicy()
+    )
+    lines = b"".join(
+        orjson.dumps(
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "model": "gpt-4o-mini",
+                    "messages": [{"role": "user", "content": "x" * (i % 97) + "\u00e9"}],
+                },
+            }
+        )
+        + b"\n"
+        for i in range(3000)
+    )
+    src = tmp_path / "chunk.jsonl"
+    src.write_bytes(lines)
+    file_id = backend.upload(src, "chunk.jsonl")
+    dest = backend.download(file_id, tmp_path / "out" / "copy.jsonl")
+    assert dest.read_bytes() == lines
+    assert [p.name for p in dest.parent.iterdir()] == ["copy.jsonl"]
+    assert emu.emulator.counters.api_calls == 3  # the dropped download, then its retry
