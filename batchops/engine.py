@@ -327,7 +327,7 @@ class BatchEngine:
             self.submit_ready()
             in_flight = self.store.chunks(ChunkState.SUBMITTED)
             if not in_flight:
-                if self.store.counts()["pending"] and self.pool.current() and not self.budget_hit:
+                if self.store.has_pending() and self.pool.current() and not self.budget_hit:
                     if self.build_pending():
                         continue
                     wait = self.store.seconds_until_ready()
@@ -349,7 +349,7 @@ class BatchEngine:
             self.report_progress()
             self.sleep(self.spec.poll_interval)
             self.poll(refill=True)
-            if self.store.counts()["pending"] and self.pool.current():
+            if self.store.has_pending() and self.pool.current():
                 self.build_pending()
         self._finish_uploads()
         explain_stop(self.store, stopped)
@@ -1059,6 +1059,7 @@ class BatchEngine:
             max_retries=self.spec.retry.max_retries,
             retry_wait=self.spec.retry.delay,
             close_chunk=False,
+            order=order,
         )
         tally.applied.succeeded += applied.succeeded
         tally.applied.requeued += applied.requeued

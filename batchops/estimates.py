@@ -29,7 +29,7 @@ def estimate(run: RunDir) -> Estimate:
 
 
 def unpriced_attempts(run: RunDir) -> int:
-    return sum(r["unpriced"] or 0 for r in run.store.cost_by_model())
+    return run.store.unpriced_count()
 
 
 def online_estimate(run: RunDir, src: source.Source, *, every_row: bool = False) -> Estimate:

@@ -38,8 +38,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from sys import intern
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import orjson
 
 from batchops.classify import classify_http, classify_line_error
@@ -94,6 +95,10 @@ def parse_line(
 
 
 def _parse(line: bytes | str, kind: str, line_no: int | None) -> RowOutcome:
+    if kind == _CHAT:
+        typed = _typed_chat(line)
+        if typed is not None:
+            return typed
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
@@ -165,7 +170,8 @@ def read_file(path: Path | str, endpoint: str = DEFAULT_ENDPOINT) -> Iterator[Ro
     kind = _endpoint_kind(endpoint)
     with path.open("rb") as fh:
         for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
+            # A line that opens an object is not blank: no stripped copy of it (~0.5 µs).
+            if not line.startswith(b"{") and not line.strip():
                 continue
             text: bytes | str = _strip_bom(line) if line_no == 1 else line
             try:
@@ -282,6 +288,107 @@ def _fast_chat(obj: Any) -> RowOutcome | None:
         model=intern(model) if type(model) is str else None,
         status_code=200,
         request_id=request_id if type(request_id) is str else None,
+    )
+
+
+# The common chat line as typed structs: msgspec decodes only these fields (the rest is
+# checked as JSON and skipped, never built) in ~1.6 µs where orjson's whole tree and the walk
+# of `_fast_chat` take ~4.3. A line of any other shape fails to decode into them (wrong type,
+# null where a value is needed, a count beyond 64 bits) and goes the general way.
+_Count = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
+class _Message(msgspec.Struct):
+    content: str | None = None
+    refusal: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    message: _Message | None = None
+    finish_reason: str | None = None
+
+
+class _PromptDetails(msgspec.Struct):
+    cached_tokens: _Count = 0
+
+
+class _CompletionDetails(msgspec.Struct):
+    reasoning_tokens: _Count = 0
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: _Count = 0
+    completion_tokens: _Count = 0
+    prompt_tokens_details: _PromptDetails | None = None
+    completion_tokens_details: _CompletionDetails | None = None
+
+
+class _Body(msgspec.Struct):
+    model: str | None = None
+    choices: list[_Choice] | None = None
+    usage: _Usage | None = None
+
+
+class _Response(msgspec.Struct):
+    status_code: int
+    request_id: str | None = None
+    body: _Body | None = None
+
+
+class _Line(msgspec.Struct):
+    custom_id: str
+    response: _Response | None = None
+
+
+_LINE = msgspec.json.Decoder(_Line)
+
+
+def _typed_chat(line: bytes | str) -> RowOutcome | None:
+    """`_fast_chat`'s outcome straight from the line's bytes; None: the general path decides
+    (it then names a malformed line). One difference from orjson: a number literal beyond a
+    double's range in a field batchops does not read is accepted here (orjson rejects it)."""
+    try:
+        ln = _LINE.decode(line)
+    except msgspec.MsgspecError:
+        return None
+    r = ln.response
+    if r is None or r.status_code != 200 or r.body is None or not ln.custom_id:
+        return None
+    body = r.body
+    if not body.choices:
+        return None
+    choice = body.choices[0]
+    message, finish = choice.message, choice.finish_reason
+    if message is None or finish is None or finish in _TRUNCATING:
+        return None
+    if message.content is None or message.refusal is not None:
+        return None
+    u = body.usage
+    usage = None
+    if u is not None:
+        pd, cd = u.prompt_tokens_details, u.completion_tokens_details
+        usage = Usage(
+            u.prompt_tokens,
+            pd.cached_tokens if pd is not None else 0,
+            u.completion_tokens,
+            cd.reasoning_tokens if cd is not None else 0,
+        )
+    # Every field by position (keywords cost ~0.3 µs more a line): custom_id, ok, response,
+    # finish_reason (one shared string, not one per held outcome), usage, model, status_code,
+    # error_code, error_message, error_class, retryable, request_id.
+    return RowOutcome(
+        ln.custom_id,
+        True,
+        message.content,
+        intern(finish),
+        usage,
+        intern(body.model) if body.model is not None else None,
+        200,
+        None,
+        None,
+        None,
+        False,
+        r.request_id,
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +24,9 @@ import polars as pl
 
 from batchops.backends.base import RemoteBatch
 from batchops.errors import StateError
+from batchops.hotpath import gc_paused
 from batchops.policy import next_row_state
-from batchops.records import BuiltChunk, RowOutcome, Skipped
+from batchops.records import BuiltChunk, RowOutcome, Skipped, Usage
 from batchops.states import (
     ROW_TRANSITIONS,
     ChunkState,
@@ -33,8 +34,9 @@ from batchops.states import (
     check_chunk,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 DB_NAME = "state.db"
+PAGE_SIZE = 16384
 # Ids looked up per statement when recording a slice (well under SQLite's variable limit).
 GUARD_BATCH = 500
 
@@ -144,6 +146,20 @@ MIGRATIONS: list[str] = [
     CREATE INDEX rows_leader ON rows(leader_idx) WHERE leader_idx IS NOT NULL;
     CREATE INDEX rows_follower_chunk ON rows(chunk_id) WHERE leader_idx IS NOT NULL;
     """,
+    # 5: fewer index writes a row (issue 18). Collection appends an attempt a row, and each
+    # index on `attempts` cost ~1 µs of that: cost per batch (`report`) and per model/key
+    # (`pool status`) are one scan of the table where asked; unpriced attempts (rare) keep an
+    # index of their own, as the end of every run counts them. `rows_chunk` holds only rows
+    # ever queued (every look-up is `chunk_id = ?`): registering a row no longer writes a NULL
+    # entry that queueing it then moves.
+    """
+    DROP INDEX IF EXISTS attempts_batch;
+    DROP INDEX IF EXISTS attempts_model_key;
+    CREATE INDEX attempts_unpriced ON attempts(model)
+        WHERE cost_usd IS NULL AND prompt_tokens IS NOT NULL;
+    DROP INDEX IF EXISTS rows_chunk;
+    CREATE INDEX rows_chunk ON rows(chunk_id) WHERE chunk_id IS NOT NULL;
+    """,
 ]
 
 # The merged columns of a row's outcome, as `outcomes_frame` hands them to the merge.
@@ -220,6 +236,10 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None, timeout=30)
         conn.row_factory = sqlite3.Row
+        # A new database gets 16 KiB pages (an existing one keeps its own): an answered row is
+        # ~400 bytes, and with 4 KiB pages recording 1M answers split and wrote ~4x as many
+        # pages (~3 µs a row more, issue 18).
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode survives a killed process (only an OS crash can lose the last commit).
         conn.execute("PRAGMA synchronous=NORMAL")
@@ -359,6 +379,13 @@ class Store:
         if row[0] is None:
             return 0.0
         return max(0.0, float(row[0]) - time.time())
+
+    def has_pending(self) -> bool:
+        """Whether any row is pending (one index probe; `counts` walks the whole index)."""
+        return (
+            self.conn.execute("SELECT 1 FROM rows WHERE status = 'pending' LIMIT 1").fetchone()
+            is not None
+        )
 
     def counts(self) -> dict[str, int]:
         out = {s: 0 for s in ("pending", "queued", "succeeded", "failed", "skipped")}
@@ -638,6 +665,7 @@ class Store:
         lost_reason: str = "no result for this row in the batch's output or error file",
         key_id: str | None = None,
         retry_wait: Callable[[int], float] | None = None,
+        order: Mapping[str, int] | None = None,
     ) -> Applied:
         """Apply one batch's (or one online request's) outcomes to its rows, in one transaction.
 
@@ -646,7 +674,9 @@ class Store:
         `close_chunk`, rows of the chunk that got no line at all become `unanswered`: pending
         (the remote says they were not executed: expired, cancelled; within the retry budget)
         or failed (their answer is missing although the remote reports them done: sending them
-        again could pay twice) — and the chunk becomes `collected`.
+        again could pay twice) — and the chunk becomes `collected`. `order` (custom id → row_idx
+        of the chunk's queued rows when collection began, `queued_order`) lets successes skip
+        the per-slice guard look-up while every row of the slice is still queued.
         """
         now = time.time()
         applied = Applied()
@@ -663,7 +693,7 @@ class Store:
         with self.tx():
             if successes:
                 applied.succeeded += self._record_successes(
-                    chunk_id, batch_id, successes.values(), mode, key_id, now
+                    chunk_id, batch_id, successes.values(), mode, key_id, now, order
                 )
                 applied.ignored += len(successes) - applied.succeeded
             for outcome, cost, counts in failures:
@@ -801,54 +831,51 @@ class Store:
         mode: str,
         key_id: str | None,
         now: float,
+        order: Mapping[str, int] | None = None,
     ) -> int:
         """Answers of rows still queued in this chunk: an attempt each (billed tokens), then
         the row succeeded. Returns how many rows took their answer."""
         items = list(items)
+        if order is not None:
+            # Optimistic: every row of the slice is still queued in this chunk (the common
+            # case: collection began with them queued and nothing else writes them). The
+            # guarded UPDATE proves it by its count; if any row was not (or an id is not in
+            # `order`), undo and look up.
+            self.conn.execute("SAVEPOINT fast")
+            done = self._apply_successes(
+                chunk_id, batch_id, items, mode, key_id, now, order, strict=True
+            )
+            if done == len(items):
+                self.conn.execute("RELEASE fast")
+                return done
+            self.conn.execute("ROLLBACK TO fast")
+            self.conn.execute("RELEASE fast")
         # The guard, once for the slice (which ids are rows still queued in this chunk), so
         # the attempts go in as plain rows: an INSERT … SELECT costs ~3x a plain INSERT a row.
         live = self._queued_among(chunk_id, [o.custom_id for o, _ in items])
-        attempts: list[tuple[Any, ...]] = []
-        updates: list[tuple[Any, ...]] = []
+        return self._apply_successes(chunk_id, batch_id, items, mode, key_id, now, live)
+
+    def _apply_successes(
+        self,
+        chunk_id: int,
+        batch_id: str | None,
+        items: list[tuple[RowOutcome, float | None]],
+        mode: str,
+        key_id: str | None,
+        now: float,
+        live: Mapping[str, int],
+        *,
+        strict: bool = False,
+    ) -> int:
+        """UPDATE the rows of `live` (custom id → row_idx) still queued in this chunk to
+        succeeded and add their attempts; returns how many rows the UPDATE changed. `strict`:
+        no attempts unless every row of `live` changed (the caller then undoes the slice)."""
         keep_batch = None if mode == "online" else batch_id  # an online answer has no batch
         online = mode == "online"
-        for o, cost in items:
-            row_idx = live.get(o.custom_id)
-            if row_idx is None:
-                continue  # recorded already, or not this chunk's: untouched
-            u = o.usage
-            tokens = (
-                (u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.reasoning_tokens)
-                if u is not None
-                else (None, None, None, None)
-            )
-            if u is not None:
-                attempts.append(
-                    (row_idx, chunk_id, batch_id, mode, o.model, *tokens, cost, now, key_id)
-                )
-            updates.append(
-                (
-                    o.response,
-                    o.finish_reason,
-                    o.error_class,
-                    o.model,
-                    *tokens,
-                    cost,
-                    cost,
-                    online,
-                    keep_batch,
-                    now,
-                    row_idx,
-                    chunk_id,
-                )
-            )
-        if attempts:
-            self.conn.executemany(
-                "INSERT INTO attempts(row_idx, chunk_id, batch_id, mode, ok, model, prompt_tokens,"
-                " cached_tokens, completion_tokens, reasoning_tokens, cost_usd, ts, key_id)"
-                " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?)",
-                attempts,
-            )
+        # Rows of `live` with their outcome, in slice order; the statements' parameters are
+        # made one row at a time as SQLite takes them (no list of 14-tuples held: ~330 bytes
+        # a row of the slice).
+        rows = [(live[o.custom_id], o, cost) for o, cost in items if o.custom_id in live]
         cur = self.conn.executemany(
             """UPDATE rows SET status = 'succeeded', response = COALESCE(?, response),
                    finish_reason = ?, error = NULL, error_class = ?, model = COALESCE(?, model),
@@ -860,9 +887,47 @@ class Store:
                    batch_id = CASE WHEN ? THEN NULL ELSE COALESCE(?, batch_id) END,
                    updated_at = ?, not_before = NULL
                WHERE row_idx = ? AND status = 'queued' AND chunk_id = ?""",
-            updates,
+            (
+                (
+                    o.response,
+                    o.finish_reason,
+                    o.error_class,
+                    o.model,
+                    *_tokens(o.usage),
+                    cost,
+                    cost,
+                    online,
+                    keep_batch,
+                    now,
+                    row_idx,
+                    chunk_id,
+                )
+                for row_idx, o, cost in rows
+            ),
         )
-        return max(0, cur.rowcount)
+        changed = max(0, cur.rowcount)
+        if changed == len(rows) or not strict:
+            self.conn.executemany(
+                "INSERT INTO attempts(row_idx, chunk_id, batch_id, mode, ok, model, prompt_tokens,"
+                " cached_tokens, completion_tokens, reasoning_tokens, cost_usd, ts, key_id)"
+                " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    (
+                        row_idx,
+                        chunk_id,
+                        batch_id,
+                        mode,
+                        o.model,
+                        *_tokens(o.usage),
+                        cost,
+                        now,
+                        key_id,
+                    )
+                    for row_idx, o, cost in rows
+                    if o.usage is not None  # billed tokens: an attempt
+                ),
+            )
+        return changed
 
     def _queued_among(self, chunk_id: int, row_ids: list[str]) -> dict[str, int]:
         """row_id → row_idx of those of `row_ids` still queued in this chunk."""
@@ -911,10 +976,12 @@ class Store:
     # A follower (leader_idx set) is never sent: after every transition of its leader, in the
     # same transaction, it takes the leader's state, chunk and answer, with 0 tokens and cost.
 
-    def _mirror(self, where: str = "1", args: tuple[Any, ...] = ()) -> int:
-        """Copy each leader's state to its followers matching `where` (on `rows`)."""
+    def _mirror(self, where: str = "1", args: tuple[Any, ...] = (), index: str = "") -> int:
+        """Copy each leader's state to its followers matching `where` (on `rows`), looked up
+        through `index` when given."""
+        target = f"rows INDEXED BY {index}" if index else "rows"
         cur = self.conn.execute(
-            f"""UPDATE rows SET status = l.status, attempts = l.attempts, chunk_id = l.chunk_id,
+            f"""UPDATE {target} SET status = l.status, attempts = l.attempts, chunk_id = l.chunk_id,
                    response = l.response, finish_reason = l.finish_reason, error = l.error,
                    error_class = l.error_class, model = l.model, batch_id = l.batch_id,
                    not_before = l.not_before, updated_at = l.updated_at,
@@ -933,7 +1000,9 @@ class Store:
         return cur.rowcount
 
     def _mirror_chunk(self, chunk_id: int) -> None:
-        self._mirror("rows.chunk_id = ?", (chunk_id,))
+        # The followers' own index: the planner would otherwise walk every row of the chunk
+        # (~10 ms for 50,000, after each recorded slice) to find none.
+        self._mirror("rows.chunk_id = ?", (chunk_id,), "rows_follower_chunk")
 
     def _mirror_leaders(self, row_idxs: Iterable[int]) -> None:
         """Followers of leaders among these rows (a chunk just built or queued)."""
@@ -1042,9 +1111,11 @@ class Store:
         )
         schema = {"row_idx": pl.Int64(), **OUTCOME_TYPES}
         # Plain tuples (no sqlite3.Row), handed to polars column by column: ~3x faster than
-        # row-oriented construction.
-        columns = list(zip(*cur.fetchall(), strict=True)) or [()] * len(schema)
-        return pl.DataFrame(dict(zip(schema, columns, strict=True)), schema=schema)
+        # row-oriented construction. A slice's tuples are GC-tracked: the collector would
+        # re-scan them while they are built (~0.6 µs a row).
+        with gc_paused():
+            columns = list(zip(*cur.fetchall(), strict=True)) or [()] * len(schema)
+            return pl.DataFrame(dict(zip(schema, columns, strict=True)), schema=schema)
 
     def cost_by_model(self) -> list[sqlite3.Row]:
         return self.conn.execute(
@@ -1057,15 +1128,30 @@ class Store:
         ).fetchall()
 
     def cost_by_batch(self) -> list[sqlite3.Row]:
+        # One pass over the attempts grouped by batch (no index on attempts.batch_id: it cost
+        # every recorded answer ~1 µs), joined to the few batches.
         return self.conn.execute(
             """SELECT b.batch_id, b.chunk_id, b.model, b.status, b.request_total, b.request_completed,
                       b.request_failed, c.est_cost, c.est_tokens,
-                      (SELECT SUM(cost_usd) FROM attempts a WHERE a.batch_id = b.batch_id) AS cost_usd,
-                      (SELECT SUM(prompt_tokens) FROM attempts a WHERE a.batch_id = b.batch_id) AS prompt_tokens,
-                      (SELECT SUM(completion_tokens) FROM attempts a WHERE a.batch_id = b.batch_id) AS completion_tokens,
+                      a.cost_usd, a.prompt_tokens, a.completion_tokens,
                       b.created_at, b.ended_at
-               FROM batches b JOIN chunks c ON c.chunk_id = b.chunk_id ORDER BY b.created_at"""
+               FROM batches b JOIN chunks c ON c.chunk_id = b.chunk_id
+               LEFT JOIN (SELECT batch_id, SUM(cost_usd) AS cost_usd,
+                                 SUM(prompt_tokens) AS prompt_tokens,
+                                 SUM(completion_tokens) AS completion_tokens
+                          FROM attempts WHERE batch_id IS NOT NULL GROUP BY batch_id) AS a
+                 ON a.batch_id = b.batch_id
+               ORDER BY b.created_at"""
         ).fetchall()
+
+    def unpriced_count(self) -> int:
+        """Attempts with billed tokens but no known price (served by a partial index: the
+        count at the end of a run does not scan every attempt)."""
+        return int(
+            self.conn.execute(
+                "SELECT COUNT(*) FROM attempts WHERE cost_usd IS NULL AND prompt_tokens IS NOT NULL"
+            ).fetchone()[0]
+        )
 
     def usage_by_pair(self) -> dict[tuple[str, str], dict[str, Any]]:
         """Per (model, key fingerprint): calls, failures, tokens and cost of every attempt."""
@@ -1201,6 +1287,13 @@ def _chunk(r: sqlite3.Row) -> ChunkRow:
         r["key_id"],
         r["note"],
     )
+
+
+def _tokens(u: Usage | None) -> tuple[int | None, ...]:
+    """A usage's four stored token counts (all None without a usage)."""
+    if u is None:
+        return (None, None, None, None)
+    return (u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.reasoning_tokens)
 
 
 def _error_text(o: RowOutcome) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,9 @@ import orjson
 import pytest
 
 from batchops import results
-from batchops.results import _fast_chat, parse_line
-from batchops.store import Store
+from batchops.records import BadLine, RowOutcome
+from batchops.results import _fast_chat, _typed_chat, parse_line
+from batchops.store import MIGRATIONS, PAGE_SIZE, Store, _split_sql
 from tests.test_store import built, frame, ok, submitted
 
 BODY: dict[str, Any] = {
@@ -75,8 +77,64 @@ def test_fast_chat_line_equals_general_path(body: dict[str, Any], status: Any) -
     fast = _fast_chat(obj)  # None: the general path decides
     if fast is not None:
         assert fast == general
+    typed = _typed_chat(orjson.dumps(obj))  # likewise, from the line's bytes
+    if typed is not None:
+        assert typed == general
     if status == 200 and body is BODY:
         assert fast is not None  # the common line does take the fast path
+        assert typed is not None
+
+
+def _mixed_lines() -> list[bytes]:
+    """A result file of every shape: common answers, the edge variants, HTTP and line
+    failures, an error-file line, odd envelopes, broken JSON and counts beyond 64 bits."""
+    lines = []
+    for i, body in enumerate(_variants()):
+        for status in (200, 400):
+            obj = {"custom_id": f"r{i}", "response": {"status_code": status, "body": body}}
+            lines.append(orjson.dumps(obj))
+    big = orjson.dumps({"custom_id": "big", "response": {"status_code": 200, "body": BODY}})
+    big = big.replace(b'"prompt_tokens":9', b'"prompt_tokens":%d' % 2**64)  # orjson: a float
+    err = {"error": {"code": "rate_limit_exceeded", "message": "slow down"}}
+    lines += [
+        big,
+        orjson.dumps({"custom_id": "e1", "response": {"status_code": 429, "body": err}}),
+        orjson.dumps({"custom_id": "e2", "response": None, "error": {"code": "batch_expired"}}),
+        orjson.dumps({"custom_id": 7, "response": {"status_code": 200, "body": BODY}}),
+        orjson.dumps({"custom_id": "", "response": {"status_code": 200, "body": BODY}}),
+        orjson.dumps({"custom_id": "n", "response": {"status_code": 200, "body": None}}),
+        orjson.dumps({"custom_id": "x", "response": {"status_code": 200, "body": [1]}}),
+        orjson.dumps({"response": {"status_code": 200, "body": BODY}}),
+        orjson.dumps([1, 2]),
+        b'{"custom_id": "dup", "custom_id": "dup2", "response": {"status_code": 200, "body": '
+        + orjson.dumps(BODY)
+        + b"}}",
+        b'{"custom_id": "cut", "response": {"status_code": 200, "bo',
+        b'{"custom_id": "sur\udc00", "response": {"status_code": 200, "body": {}}}',
+        b'{"custom_id": "bad\xff"}'.replace(b"\\xff", b"\xff"),
+    ]
+    return lines
+
+
+def test_mixed_file_reads_as_parse_line_gives_each_line(tmp_path: Path) -> None:
+    """Collection's reader (typed fast path first) gives, line by line, exactly what
+    `parse_line` does: the same outcome, or the same line named malformed."""
+    lines = _mixed_lines()
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    expected: list[Any] = []
+    for no, line in enumerate(lines, start=1):
+        try:
+            expected.append(results.parse_line(line + b"\n", line_no=no))  # as read
+        except results.ResultFormatError as exc:
+            expected.append((no, exc.reason))
+    got = [
+        (item.line_no, item.reason) if isinstance(item, BadLine) else item
+        for item in results.read_file(path)
+    ]
+    assert got == expected
+    assert sum(isinstance(g, RowOutcome) and g.ok for g in got) > 3
+    assert any(isinstance(g, tuple) for g in got)
 
 
 def test_shuffled_slice_is_recorded_once_and_spent_is_the_full_sum(tmp_path: Path) -> None:
@@ -95,3 +153,154 @@ def test_shuffled_slice_is_recorded_once_and_spent_is_the_full_sum(tmp_path: Pat
     assert full[1] == 200  # one attempt per row, none for the repeated lines
     assert spent_half < store.spent() == pytest.approx(full[0])
     assert store.counts()["succeeded"] == 200 and store.queued_order(1) == {}
+
+
+def test_slice_with_a_row_no_longer_queued_takes_the_guarded_path(tmp_path: Path) -> None:
+    """With the chunk's queued order from before the collection, a slice whose rows are all
+    still queued skips the guard look-up; one row recorded meanwhile makes the whole slice fall
+    back to it: that row is untouched (no second attempt), the others are recorded once."""
+    store = Store.open(tmp_path)
+    store.add_rows([frame(50)])
+    submitted(store, built(1, list(range(50))), "m", None)
+    order = store.queued_order(1)
+    first = store.record_outcomes(
+        1, "b", [(ok(7), 0.5, True)], max_retries=3, close_chunk=False, order=order
+    )
+    assert first.succeeded == 1
+    items = [(ok(i), 0.01, True) for i in range(50)]  # row 7's line again, with the rest
+    again = store.record_outcomes(1, "b", items, max_retries=3, close_chunk=False, order=order)
+    assert (again.succeeded, again.ignored) == (49, 1)
+    per_row = dict(store.conn.execute("SELECT row_idx, COUNT(*) FROM attempts GROUP BY row_idx"))
+    assert per_row == {i: 1 for i in range(50)}
+    cost_7 = store.conn.execute("SELECT cost_usd FROM rows WHERE row_idx = 7").fetchone()[0]
+    assert cost_7 == pytest.approx(0.5)  # its first answer's cost, not added to
+    thrice = store.record_outcomes(1, "b", items, max_retries=3, close_chunk=False, order=order)
+    assert (thrice.succeeded, thrice.ignored) == (0, 50)
+    assert store.conn.execute("SELECT COUNT(*) FROM attempts").fetchone()[0] == 50
+    # A line whose id is not among the chunk's queued rows (another chunk's row 60, queued
+    # there): ignored, and it does not keep the row beside it from its answer.
+    store.add_rows([frame(70)])
+    submitted(store, built(2, [50, 60]), "m", None)
+    other = store.record_outcomes(
+        2,
+        "b2",
+        [(ok(50), 0.1, True), (ok(60), 0.1, True)],
+        max_retries=3,
+        close_chunk=False,
+        order={"id50": 50},
+    )
+    assert (other.succeeded, other.ignored) == (2, 0)  # row 60 is queued in chunk 2: recorded
+    foreign = store.record_outcomes(
+        1,
+        "b",
+        [(ok(60), 0.1, True), (ok(65), 0.1, True)],
+        max_retries=3,
+        close_chunk=False,
+        order=order,
+    )
+    assert (foreign.succeeded, foreign.ignored) == (0, 2)
+    assert store.conn.execute("SELECT COUNT(*) FROM attempts").fetchone()[0] == 52
+
+
+def test_a_schema_4_database_opens_and_keeps_its_answers(tmp_path: Path) -> None:
+    """Schema 5 drops two indexes of `attempts` in place: a run recorded by schema 4 opens
+    with its rows, answers and attempts, and every reader of attempts still answers."""
+    conn = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    for i, script in enumerate(MIGRATIONS[:4]):
+        for statement in _split_sql(script):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {i + 1}")
+    conn.execute(
+        "INSERT INTO chunks(chunk_id, model, path, n_rows, n_bytes, est_tokens, state,"
+        " created_at, updated_at) VALUES (1, 'm', 'c.jsonl', 2, 9, 9, 'collected', 0, 0)"
+    )
+    conn.execute(
+        "INSERT INTO batches(batch_id, chunk_id, attempt, model, status, created_at, updated_at)"
+        " VALUES ('batch_1', 1, 1, 'm', 'completed', 0, 0)"
+    )
+    for i, cost in ((0, 0.5), (1, None)):
+        conn.execute(
+            "INSERT INTO rows(row_idx, row_id, status, chunk_id, response, prompt_tokens,"
+            " cost_usd, batch_id) VALUES (?, ?, 'succeeded', 1, ?, 10, ?, 'batch_1')",
+            (i, f"id{i}", f"answer {i}", cost),
+        )
+        conn.execute(
+            "INSERT INTO attempts(row_idx, chunk_id, batch_id, mode, ok, model, prompt_tokens,"
+            " completion_tokens, cost_usd, ts, key_id) VALUES (?, 1, 'batch_1', 'batch', 1, 'm',"
+            " 10, 5, ?, 0, NULL)",
+            (i, cost),
+        )
+    conn.close()
+    store = Store.open(tmp_path)
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == 5
+    names = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"attempts_batch", "attempts_model_key"}.isdisjoint(names)
+    assert "attempts_unpriced" in names and "attempts_row" in names
+    (chunk_index,) = store.conn.execute(
+        "SELECT sql FROM sqlite_master WHERE name = 'rows_chunk'"
+    ).fetchone()
+    assert "WHERE chunk_id IS NOT NULL" in chunk_index  # queued rows only
+    f = store.outcomes_frame()
+    assert f["response"].to_list() == ["answer 0", "answer 1"]
+    assert f["status"].to_list() == ["succeeded", "succeeded"]
+    (b,) = store.cost_by_batch()
+    assert (b["batch_id"], b["cost_usd"], b["prompt_tokens"], b["completion_tokens"]) == (
+        "batch_1",
+        0.5,
+        20,
+        10,
+    )
+    assert store.unpriced_count() == 1  # row 1: billed tokens, no price
+    assert store.usage_by_pair()[("m", "")]["calls"] == 2
+    store.close()
+    assert Store.open(tmp_path).spent() == pytest.approx(0.5)  # reopened: nothing to migrate
+
+
+def test_a_new_database_has_large_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "new")
+    assert store.conn.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE
+    old = tmp_path / "old"
+    old.mkdir()
+    conn = sqlite3.connect(old / "state.db")  # an older batchops made it: default pages
+    conn.execute("CREATE TABLE other (x)")
+    conn.close()
+    reopened = Store.open(old)  # pages of the default size already written: kept
+    assert reopened.conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+    assert reopened.conn.execute("PRAGMA user_version").fetchone()[0] == 5
+
+
+def test_result_file_streams_to_disk_and_a_dropped_download_is_tried_again(
+    emulator_factory: Any, tmp_path: Path
+) -> None:
+    """The SDK's streaming download writes the file byte for byte (no .tmp left); a
+    connection the server drops is the SDK's connection error, tried again by `_call`."""
+    from batchops.backends.openai import OpenAIBackend
+    from batchops.emulator.testing import DEFAULT_KEY
+    from batchops.spec import ModelEntry, RetryPolicy
+
+    emu = emulator_factory(drop_connection_every=2)  # call 1 uploads, call 2 (download) drops
+    backend = OpenAIBackend(
+        ModelEntry(name="gpt-4o-mini"), DEFAULT_KEY, base_url=emu.base_url, policy=RetryPolicy()
+    )
+    lines = b"".join(
+        orjson.dumps(
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "model": "gpt-4o-mini",
+                    "messages": [{"role": "user", "content": "x" * (i % 97) + "\u00e9"}],
+                },
+            }
+        )
+        + b"\n"
+        for i in range(3000)
+    )
+    src = tmp_path / "chunk.jsonl"
+    src.write_bytes(lines)
+    file_id = backend.upload(src, "chunk.jsonl")
+    dest = backend.download(file_id, tmp_path / "out" / "copy.jsonl")
+    assert dest.read_bytes() == lines
+    assert [p.name for p in dest.parent.iterdir()] == ["copy.jsonl"]
+    assert emu.emulator.counters.api_calls == 3  # the dropped download, then its retry
