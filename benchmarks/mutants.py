@@ -51,9 +51,9 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "join-by-line-order",
         "batchops/store.py",
-        "               WHERE row_id = ? AND status = 'queued' AND chunk_id = ?\"\"\",",
+        '               WHERE row_id = ? AND status = \'queued\' AND chunk_id = ?""",',
         "               WHERE ? IS NOT NULL AND row_idx = (SELECT MIN(row_idx) FROM rows"
-        " WHERE status = 'queued' AND chunk_id = ?)\"\"\",",
+        ' WHERE status = \'queued\' AND chunk_id = ?)""",',
         "each answer goes to the chunk's next queued row (line order), not its custom_id",
         (
             R + "test_transient_failures_and_5xx_recover_without_double_execution",
