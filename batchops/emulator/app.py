@@ -138,9 +138,15 @@ def _api(
         if sc.slow_response_seconds:
             await asyncio.sleep(sc.slow_response_seconds)
         drop = sc.drop_connection_every > 0 and n % sc.drop_connection_every == 0
+        # A route's own count: carried out, then dropped, whatever other calls came between.
+        route_drop = (
+            sc.drop_route_every > 0
+            and template == sc.drop_route
+            and c.calls[template] % sc.drop_route_every == 0
+        )
         if drop and not sc.drop_after_processing:
             return await _drop(request)
-        if not drop and sc.http_error_every > 0 and n % sc.http_error_every == 0:
+        if not (drop or route_drop) and sc.http_error_every > 0 and n % sc.http_error_every == 0:
             response = error_response(E.server_error(sc.http_error_status))
         else:
             try:
@@ -155,7 +161,7 @@ def _api(
             except Exception:  # a bug: still answer with the envelope, never a bare 500
                 log.exception("emulator handler failed on %s", template)
                 response = error_response(E.server_error(500))
-        if drop:
+        if drop or route_drop:
             return await _drop(request)
         response.headers["x-request-id"] = hex_id("req_")
         return response

@@ -112,10 +112,20 @@ def endpoint(
         if sc.slow_response_seconds:
             await asyncio.sleep(sc.slow_response_seconds)
         drop = sc.drop_connection_every > 0 and n % sc.drop_connection_every == 0
+        # A route's own count: carried out, then dropped, whatever other calls came between.
+        route_drop = (
+            sc.drop_route_every > 0
+            and template == sc.drop_route
+            and c.calls[template] % sc.drop_route_every == 0
+        )
         if drop and not sc.drop_after_processing:
             return await _drop(request)
         try:
-            if not drop and sc.http_error_every > 0 and n % sc.http_error_every == 0:
+            if (
+                not (drop or route_drop)
+                and sc.http_error_every > 0
+                and n % sc.http_error_every == 0
+            ):
                 raise E.server_error(sc.http_error_status)
             key = dialect.api_key(request)
             allowed = sc.api_keys
@@ -132,7 +142,7 @@ def endpoint(
         except Exception:  # a bug: still answer with the envelope
             log.exception("emulator handler failed on %s", template)
             response = dialect.translate(E.server_error(500)).response()
-        if drop:
+        if drop or route_drop:
             return await _drop(request)
         response.headers.setdefault("request-id", hex_id("req_"))
         return response

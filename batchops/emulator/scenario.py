@@ -82,6 +82,12 @@ class Scenario(BaseModel):
     drop_after_processing: bool = Field(
         False, description="a dropped call is first processed (its effect happens), then dropped"
     )
+    drop_route: str = Field(
+        "",
+        description='one route ("POST /v1/batches"): every drop_route_every-th call of it is'
+        " processed, then its connection dropped (a fault that does not depend on call order)",
+    )
+    drop_route_every: int = Field(0, ge=0)
     slow_response_seconds: float = Field(0.0, ge=0, description="delay of every API call")
 
     # Batch-level faults
