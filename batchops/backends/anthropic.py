@@ -41,7 +41,6 @@ from batchops.backends.base import (
     RemoteError,
     RemoteFile,
     SubmitRequest,
-    never_connected,
 )
 from batchops.backends.listpoll import ListPoller
 from batchops.backends.retrying import call_with_retries
@@ -341,22 +340,19 @@ class AnthropicBackend:
             rules=self.rules,
             fallback=fallback,
         )
-        unsent = never_connected(exc)
-        if unsent:
-            message = "could not connect"  # refused, unreachable, DNS or TLS: nothing was sent
-        if status is None and cls in ("api_error", "timeout"):
-            message = f"{message} ({self.url or 'api.anthropic.com'})"  # say where
         if cls in ("api_error", "timeout") and (status is None or status >= 500):
             scope = Scope.ENDPOINT  # the server is down or failing: every model it serves
-        return RemoteError(
+        return RemoteError.of_call(
+            exc,
             what,
             cls,
             status,
             type_,
-            self.scrub(message),
+            message,
             _retry_after_of(exc),
-            scope=scope,
-            unsent=unsent,
+            scope,
+            where=self.url or "api.anthropic.com",
+            scrub=self.scrub,
         )
 
 

@@ -7,7 +7,7 @@ tests, later Anthropic and Gemini). The engine never sees an SDK object: only `R
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -101,6 +101,32 @@ class RemoteError(BatchopsError):
     def refused(self) -> bool:
         """The server answered with a 4xx: it created nothing, so a written intent is void."""
         return self.status is not None and 400 <= self.status < 500
+
+    @classmethod
+    def of_call(
+        cls,
+        exc: BaseException,
+        what: str,
+        error_class: ErrorClass,
+        status: int | None,
+        code: str | None,
+        message: str,
+        retry_after: float | None,
+        scope: Scope | None,
+        *,
+        where: str,
+        scrub: Callable[[str], str],
+    ) -> RemoteError:
+        """A failed SDK call, as every backend reports it: a call whose connection never
+        opened is `unsent` and says so; a call with no answer at all names the server."""
+        unsent = never_connected(exc)
+        if unsent:
+            message = "could not connect"  # refused, unreachable, DNS or TLS: nothing was sent
+        if status is None:
+            message = f"{message} ({where})"  # say where
+        return cls(
+            what, error_class, status, code, scrub(message), retry_after, scope, unsent=unsent
+        )
 
     @property
     def nothing_created(self) -> bool:

@@ -44,7 +44,6 @@ from batchops.backends.base import (
     RemoteError,
     RemoteFile,
     SubmitRequest,
-    never_connected,
 )
 from batchops.backends.listpoll import ListPoller
 from batchops.backends.retrying import call_with_retries
@@ -780,20 +779,17 @@ class GeminiBackend:
             rules=self.rules,
             fallback="timeout" if isinstance(exc, TIMEOUTS) else fallback_class(status),
         )
-        unsent = never_connected(exc)
-        if unsent:
-            message = "could not connect"  # refused, unreachable, DNS or TLS: nothing was sent
-        if status is None:
-            message = f"{message} ({self.url or 'generativelanguage.googleapis.com'})"  # say where
         if cls in ("api_error", "timeout") and (status is None or status >= 500):
             scope = Scope.ENDPOINT  # the server is down or failing: every model it serves
-        return RemoteError(
+        return RemoteError.of_call(
+            exc,
             what,
             cls,
             status,
             word,
-            self.scrub(message),
+            message,
             retry_after,
-            scope=scope,
-            unsent=unsent,
+            scope,
+            where=self.url or "generativelanguage.googleapis.com",
+            scrub=self.scrub,
         )

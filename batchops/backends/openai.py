@@ -31,7 +31,6 @@ from batchops.backends.base import (
     RemoteError,
     RemoteFile,
     SubmitRequest,
-    never_connected,
 )
 from batchops.backends.listpoll import ListPoller
 from batchops.backends.openai_wire import remote_batch
@@ -297,22 +296,19 @@ class OpenAIBackend:
             rules=self.rules,
             fallback=fallback,
         )
-        unsent = never_connected(exc)
-        if unsent:
-            message = "could not connect"  # refused, unreachable, DNS or TLS: nothing was sent
-        if status is None and cls in ("api_error", "timeout"):
-            message = f"{message} ({self.url or self.client.base_url})"  # say where
         if cls in ("api_error", "timeout") and status is None:
             scope = Scope.ENDPOINT  # no answer at all: the server is down for every model
-        return RemoteError(
+        return RemoteError.of_call(
+            exc,
             what,
             cls,
             status,
             code,
-            self.scrub(message),
+            message,
             _retry_after_of(exc),
-            scope=scope,
-            unsent=unsent,
+            scope,
+            where=str(self.url or self.client.base_url),
+            scrub=self.scrub,
         )
 
 
