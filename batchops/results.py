@@ -99,11 +99,19 @@ def _parse(line: bytes | str, kind: str, line_no: int | None) -> RowOutcome:
         typed = _typed_chat(line)
         if typed is not None:
             return typed
+    return _parse_json(line, kind, line_no)
+
+
+def _parse_json(
+    line: bytes | str, kind: str, line_no: int | None, *, shortcut: bool = True
+) -> RowOutcome:
+    """The line through orjson; `shortcut=False` skips `_fast_chat` too: the general path
+    alone, which both shortcuts must equal."""
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         raise ResultFormatError(line_no, f"not valid JSON ({exc})") from None
-    if kind == _CHAT:
+    if shortcut and kind == _CHAT:
         fast = _fast_chat(obj)
         if fast is not None:
             return fast

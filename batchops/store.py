@@ -706,11 +706,7 @@ class Store:
                     applied.ignored += 1
                     continue
                 u = outcome.usage
-                tokens = (
-                    (u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.reasoning_tokens)
-                    if u
-                    else (None, None, None, None)
-                )
+                tokens = _tokens(u)
                 # Every executed request is an attempt with its own (billed) tokens, success or not.
                 if u is not None or not outcome.ok:
                     self.conn.execute(

@@ -85,6 +85,24 @@ def test_fast_chat_line_equals_general_path(body: dict[str, Any], status: Any) -
         assert typed is not None
 
 
+@pytest.mark.parametrize("status", [200, 200.0, True, 400])
+@pytest.mark.parametrize("body", _variants())
+def test_both_chat_shortcuts_equal_the_general_path_alone(
+    body: dict[str, Any], status: Any
+) -> None:
+    """parse_line itself takes the shortcuts, so comparing with it proves nothing for the lines
+    they accept: here each is compared with the general path run without either."""
+    obj = {"custom_id": "r1", "response": {"status_code": status, "request_id": "q", "body": body}}
+    line = orjson.dumps(obj)
+    general: Any
+    try:
+        general = results._parse_json(line, "chat", None, shortcut=False)
+    except results.ResultFormatError as exc:
+        general = exc.reason
+    for shortcut in (_fast_chat(obj), _typed_chat(line)):
+        assert shortcut is None or shortcut == general
+
+
 def _mixed_lines() -> list[bytes]:
     """A result file of every shape: common answers, the edge variants, HTTP and line
     failures, an error-file line, odd envelopes, broken JSON and counts beyond 64 bits."""
