@@ -36,10 +36,10 @@ FrameFilter = Callable[[pl.DataFrame], pl.DataFrame]
 _FRAME_BYTES = 4 << 20  # measured: 4 MiB ≈ 246 MiB peak RSS at full speed; 6 MiB ≈ 265
 _FRAME_ROWS = (500, 50_000)
 _IMAGE_FRAME_ROWS = 1_000  # image rows are written one at a time anyway
-_TEXT_COL = TEXT_COL = "__text"  # a frame's rendered prompt (what a FrameFilter sees)
-_SYSTEM_COL = SYSTEM_COL = "__system"  # … and rendered system message (with placeholders)
+TEXT_COL = "__text"  # a frame's rendered prompt (what a FrameFilter sees)
+SYSTEM_COL = "__system"  # … and rendered system message (with placeholders)
 # The frame column that fills each slot of render.line_template.
-_SLOT_COLS = {render.CUSTOM_ID: ROW_ID, render.TEXT: _TEXT_COL, render.SYSTEM: _SYSTEM_COL}
+_SLOT_COLS = {render.CUSTOM_ID: ROW_ID, render.TEXT: TEXT_COL, render.SYSTEM: SYSTEM_COL}
 Pieces = tuple[list[str], list[str]]  # render.line_template: literals, slots
 
 
@@ -91,16 +91,16 @@ def build_chunks(
         fsync,
     )
     tokens = _TokenCounter(spec, estimate_tokens)
-    texts = [render.text_expr(spec.prompt).alias(_TEXT_COL)]
+    texts = [render.text_expr(spec.prompt).alias(TEXT_COL)]
     per_row_system = bool(render.system_fields(spec))
     if per_row_system:  # a system message per row, rendered like the prompt
-        texts.append(render.text_expr(spec.system or "").alias(_SYSTEM_COL))
+        texts.append(render.text_expr(spec.system or "").alias(SYSTEM_COL))
 
     try:
         if image_col is None:
             rows = _text_frame_rows(source, pieces)
             # Only what the lines are made of is kept (the source columns are freed at once).
-            kept = [ROW_IDX, ROW_ID, _TEXT_COL] + ([_SYSTEM_COL] if per_row_system else [])
+            kept = [ROW_IDX, ROW_ID, TEXT_COL] + ([SYSTEM_COL] if per_row_system else [])
             frames: Iterator[pl.DataFrame] = (
                 frame.with_columns(texts).select(kept)
                 for frame in iter_frames(
@@ -162,12 +162,12 @@ def _skip_empty_inputs(
     frame: pl.DataFrame, writer: _ChunkWriter
 ) -> Generator[BuiltChunk, None, pl.DataFrame]:
     """Embeddings refuse an empty input (400 per request): such rows are skipped, not sent."""
-    empty = frame.filter(pl.col(_TEXT_COL) == "")
+    empty = frame.filter(pl.col(TEXT_COL) == "")
     for idx in empty[ROW_IDX].to_list():
         writer.skip(idx, "empty input: the embeddings endpoint refuses an empty text")
         if writer.full:
             yield writer.close()
-    return frame.filter(pl.col(_TEXT_COL) != "") if empty.height else frame
+    return frame.filter(pl.col(TEXT_COL) != "") if empty.height else frame
 
 
 def _text_frame_rows(source: Source, pieces: Pieces) -> int:
@@ -205,7 +205,7 @@ def _pack_text(
     data_view = memoryview(data)
     row_idx = frame[ROW_IDX].to_numpy()
     ids = frame[ROW_ID].to_list()
-    cum_tokens = np.concatenate(([0], np.cumsum(tokens.per_row(frame[_TEXT_COL], _systems(frame)))))
+    cum_tokens = np.concatenate(([0], np.cumsum(tokens.per_row(frame[TEXT_COL], _systems(frame)))))
 
     n, p = len(frame), 0
     while p < n:
@@ -242,10 +242,10 @@ def _pack_images(
 ) -> Iterator[BuiltChunk]:
     literals = [piece.encode() for piece in pieces[0]]
     systems = _systems(frame)
-    per_row = tokens.per_row(frame[_TEXT_COL], systems)
+    per_row = tokens.per_row(frame[TEXT_COL], systems)
     system_cells = systems if systems is not None else [None] * frame.height
     for text, cell, idx, cid, est, system in zip(
-        frame[_TEXT_COL],
+        frame[TEXT_COL],
         frame[image_col],
         frame[ROW_IDX],
         frame[ROW_ID],
@@ -280,7 +280,7 @@ def _pack_images(
 
 def _systems(frame: pl.DataFrame) -> pl.Series | None:
     """The rendered system message per row, when it has {column} placeholders."""
-    return frame[_SYSTEM_COL] if _SYSTEM_COL in frame.columns else None
+    return frame[SYSTEM_COL] if SYSTEM_COL in frame.columns else None
 
 
 def _image_tokens(url: str, detail: str, model: str) -> int:

@@ -26,12 +26,7 @@ import orjson
 
 from batchops import results
 from batchops.backends import http1
-from batchops.backends.base import (
-    RemoteBatch,
-    RemoteError,
-    RemoteFile,
-    SubmitRequest,
-)
+from batchops.backends.base import RemoteBatch, RemoteError, RemoteFile, SubmitRequest
 from batchops.backends.listpoll import ListPoller
 from batchops.backends.openai_wire import remote_batch
 from batchops.backends.retrying import call_with_retries
