@@ -335,11 +335,11 @@ def report_of(run: RunDir, stopped: StopReason | None, final: Path | None) -> Ru
 
 def exhausted_by(run: RunDir, stopped: StopReason | None) -> str | None:
     """What used the pool up (the last exhaustion's error class), when it ran out."""
-    from batchops.engine import EXHAUSTED_BY
+    from batchops.engine import exhaustion_class
 
     if stopped != StopReason.POOL_EXHAUSTED:
         return None
-    return run.store.get_meta(EXHAUSTED_BY) or "quota"
+    return exhaustion_class(run.store)
 
 
 def cancel(run_dir: Path, *, api_key_file: Path | None = None, base_url: str | None = None) -> int:

@@ -31,6 +31,7 @@ from batchops.policy import (
     counts_as_attempt,
     decide,
     row_retryable,
+    set_aside_scope,
 )
 from batchops.progress import fmt_usd
 from batchops.providers import Pool
@@ -522,12 +523,13 @@ class BatchEngine:
             try:
                 self._submit(chunk, key.key_id, key.label)
             except RemoteError as exc:
-                if exc.cls in EXHAUSTING:
+                scope = set_aside_scope(exc.cls, exc.scope, exc.status if exc.refused else None)
+                if scope is not None:
                     self.exhaust(
                         chunk,
                         key.key_id,
-                        f"{exc.what}: {exc.cls} ({exc.code}): {exc.message}",
-                        scope=exc.scope,
+                        f"{exc.what}: {exc.cls} (HTTP {exc.status}, {exc.code}): {exc.message}",
+                        scope=scope,
                         error_class=exc.cls,
                     )
                     continue
@@ -535,19 +537,6 @@ class BatchEngine:
                     # Some providers (Azure fail-fast) refuse at create time: same as a failed batch.
                     others = self.in_flight_tokens(chunk.model)
                     self.learn_token_limit(chunk.model, others, others + chunk.est_tokens)
-                    continue
-                if exc.refused and decide(exc.cls) == Action.GIVE_UP:
-                    # Refused for a reason a retry cannot change (a 404 route: --base-url is not
-                    # a Batch API, e.g. a vLLM server; a 400 on the batch itself): trying again
-                    # would wait forever, so this model (all of the endpoint, for a missing
-                    # route) is set aside and the chunk goes to the next in the pool.
-                    self.exhaust(
-                        chunk,
-                        key.key_id,
-                        f"{exc.what}: {exc.cls} (HTTP {exc.status}, {exc.code}): {exc.message}",
-                        scope=Scope.ENDPOINT if exc.status == 404 else Scope.MODEL,
-                        error_class=exc.cls,
-                    )
                     continue
                 logger.warning("chunk {}: {}; will try again", chunk.chunk_id, exc)
                 return
@@ -1158,12 +1147,17 @@ def register_rows(run: RunDir, src: source.Source) -> None:
 EXHAUSTED_BY = "exhausted_by"
 
 
+def exhaustion_class(store: Store) -> str:
+    """The error class of the last exhaustion (a pool used up before any was recorded: quota)."""
+    return store.get_meta(EXHAUSTED_BY) or "quota"
+
+
 def explain_stop(store: Store, stopped: StopReason | None) -> None:
     """Rows left without an answer when a run stops get the reason (missing_rows.csv, merge)."""
     if stopped == StopReason.POOL_EXHAUSTED:
         last = store.events_of("switch", limit=1)
         why = last[0]["message"] if last else "every model and key in the pool is exhausted"
-        store.explain_unsent(f"not sent: {why}", store.get_meta(EXHAUSTED_BY) or "quota")
+        store.explain_unsent(f"not sent: {why}", exhaustion_class(store))
     elif stopped == StopReason.BUDGET:
         store.explain_unsent("not sent: the --max-cost budget was reached", "budget")
 

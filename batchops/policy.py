@@ -71,6 +71,19 @@ def decide(cls: ErrorClass) -> Action:
     return Action.GIVE_UP
 
 
+def set_aside_scope(cls: ErrorClass, scope: Scope, refused_status: int | None) -> Scope | None:
+    """What a failed upload or create takes out of the pool, or None (try again later).
+    Exhausting classes take their own scope; a refusal (`refused_status`, a 4xx) that no retry
+    can change takes the model — or every model of the endpoint for a 404, a route the server
+    does not have (`--base-url` is no Batch API: a vLLM server, a URL missing /v1). Trying
+    those again would wait for ever."""
+    if cls in EXHAUSTING:
+        return scope
+    if refused_status is not None and decide(cls) == Action.GIVE_UP:
+        return Scope.ENDPOINT if refused_status == 404 else Scope.MODEL
+    return None
+
+
 def call_is_retried(cls: ErrorClass) -> bool:
     """A remote call (poll, download, list …) is tried again on these classes."""
     return decide(cls) in (Action.RETRY, Action.PACE) and cls != "token_limit"

@@ -8,6 +8,7 @@ from batchops.policy import (
     default_scope,
     next_row_state,
     row_retryable,
+    set_aside_scope,
 )
 from batchops.states import RowState
 
@@ -51,3 +52,13 @@ def test_retry_budget_is_max_retries_plus_one_executions():
     assert next_row_state(True, 2, 1) == RowState.FAILED
     assert next_row_state(False, 1, 3) == RowState.FAILED
     assert next_row_state(True, 1, 0) == RowState.FAILED
+
+
+def test_what_a_failed_create_sets_aside() -> None:
+    assert set_aside_scope("quota", Scope.KEY, 429) == Scope.KEY  # its own scope
+    assert set_aside_scope("auth", Scope.KEY, None) == Scope.KEY
+    assert set_aside_scope("invalid_request", Scope.REQUEST, 404) == Scope.ENDPOINT  # no route
+    assert set_aside_scope("invalid_request", Scope.REQUEST, 400) == Scope.MODEL
+    assert set_aside_scope("invalid_request", Scope.REQUEST, None) is None  # not refused
+    assert set_aside_scope("api_error", Scope.ENDPOINT, 409) is None  # a retry may work
+    assert set_aside_scope("rate_limit", Scope.MODEL, 429) is None  # paced, not set aside
