@@ -43,6 +43,18 @@ _SLOT_COLS = {render.CUSTOM_ID: ROW_ID, render.TEXT: TEXT_COL, render.SYSTEM: SY
 Pieces = tuple[list[str], list[str]]  # render.line_template: literals, slots
 
 
+def text_template(spec: JobSpec, model: str) -> tuple[str, str, str] | None:
+    """The literals around custom_id and text that every line of a text-only job is made of
+    (the file check's template), or None when lines are made otherwise (images, a per-row
+    system message)."""
+    if spec.image_column is not None:
+        return None
+    literals, slots = render.line_template(spec, model)
+    if slots != [render.CUSTOM_ID, render.TEXT]:
+        return None
+    return literals[0], literals[1], literals[2]
+
+
 def default_file_name(no: int) -> str:
     return f"chunk_{no:06d}.jsonl"
 
