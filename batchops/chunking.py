@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Collection, Generator, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -362,11 +360,6 @@ class _ChunkWriter:
         self.out_dir, self.next_no, self.file_name = out_dir, first_no, file_name
         self.max_rows, self.max_bytes, self.fsync = max_rows, max_bytes, fsync
         self.fh: BinaryIO | None = None
-        # Bytes go to the file in a thread of their own while the next frame is made (a
-        # large write releases the GIL: ~0.25 s of a million rows off the building thread).
-        # One write in flight at a time: its frame's buffer is the only one held for it.
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchops-write")
-        self._writing: Future[int] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -405,8 +398,7 @@ class _ChunkWriter:
     ) -> None:
         if self.fh is None:
             self.fh = open(self._tmp(), "wb")  # noqa: SIM115 (closed in close/abort)
-        self._wait()
-        self._writing = self._io.submit(self.fh.write, data)
+        self.fh.write(data)
         self.n_bytes += len(data)
         self.row_idxs += row_idxs
         self.custom_ids += custom_ids
@@ -419,7 +411,6 @@ class _ChunkWriter:
 
     def close(self) -> BuiltChunk:
         """Publish the chunk file (an empty one if every row was skipped) and start the next."""
-        self._wait()
         fh = self.fh if self.fh is not None else open(self._tmp(), "wb")  # noqa: SIM115
         fh.flush()
         if self.fsync:  # the caller records the chunk as built: its bytes must survive a crash
@@ -441,16 +432,7 @@ class _ChunkWriter:
         self._reset()
         return chunk
 
-    def _wait(self) -> None:
-        """Until the write in flight is done (its error, e.g. a full disk, raised here)."""
-        if self._writing is not None:
-            writing, self._writing = self._writing, None
-            writing.result()
-
     def abort(self) -> None:
-        with suppress(OSError):  # the write's error, if any, was raised already or is moot
-            self._wait()
-        self._io.shutdown()
         if self.fh is not None:
             self.fh.close()
             self.fh = None
