@@ -208,8 +208,6 @@ def _template_check(
     CPU than the columnar parse (which parses every line in full). None when anything differs:
     the columnar or per-line check then finds the problem."""
     before, between, after = (t.encode() for t in template)
-    if b"\\" in before + between + after or not before.isascii():
-        return None
     model = _template_model(before, between, after, endpoint)
     size = path.stat().st_size
     if model is None or size == 0 or size > max_bytes:
@@ -248,14 +246,15 @@ def _template_check(
     open_text, close_text = close_id + 1 + len(between), ends - len(after) - 1
     if not ((open_text < close_text) & (a[open_text] == 0x22) & (a[close_text] == 0x22)).all():
         return None
-    # Every byte is now the template's or inside one of the two strings; only the text may
-    # hold backslashes. Each must be a valid escape, and the quotes other than the template's
-    # and the strings' own must all be escaped ones.
+    # Every byte is now the template's or inside one of the two strings (the id has no
+    # backslash; the template's are whole escapes, as it parsed). Each backslash must be a
+    # valid escape, and the quotes other than the template's and the strings' own must all be
+    # escaped ones.
     escapes = _escapes(a, slashes)
     if escapes is None or np.isin(close_text - 1, escapes).any():
         return None  # a bad escape, or the text's closing quote escaped
     escaped_quotes = int(np.count_nonzero(a[escapes + 1] == 0x22))
-    per_line = (before + between + after).count(b'"') + 4
+    per_line = _unescaped_quotes(before + between + after) + 4
     if quotes != n * per_line + escaped_quotes:
         return None
     return FileCheck(path, requests=n, n_bytes=size, model=model)
@@ -378,6 +377,18 @@ def _escapes(a: np.ndarray, slashes: np.ndarray) -> np.ndarray | None:
         if surrogate.any():
             return None
     return escapes
+
+
+def _unescaped_quotes(literal: bytes) -> int:
+    """The quotes of a template literal that are not escaped (it is part of valid JSON)."""
+    count = i = 0
+    while i < len(literal):
+        if literal[i] == 0x5C:
+            i += 2
+            continue
+        count += literal[i] == 0x22
+        i += 1
+    return count
 
 
 def _template_model(before: bytes, between: bytes, after: bytes, endpoint: str) -> str | None:
