@@ -269,10 +269,10 @@ _scratch = threading.local()  # the checking thread's file buffer, reused file a
 def _read(path: Path, size: int) -> np.ndarray | None:
     """The file's bytes in a buffer this thread reuses (a new 13 MB array per file costs more
     in page faults than the scan); None if it is not `size` bytes long."""
-    buf = getattr(_scratch, "buf", None)
+    buf: np.ndarray | None = getattr(_scratch, "buf", None)
     if buf is None or buf.size < size + 1:
         buf = _scratch.buf = np.empty(size + 1, np.uint8)
-    view = memoryview(buf)[: size + 1]
+    view = memoryview(buf.data)[: size + 1]
     got = 0
     with path.open("rb", buffering=0) as fh:
         while got <= size and (k := fh.readinto(view[got:])):
@@ -362,7 +362,7 @@ def _escapes(a: np.ndarray, slashes: np.ndarray) -> np.ndarray | None:
     # In a run of backslashes they pair up: the 1st, 3rd, … escape the byte after them.
     new_run = np.concatenate(([True], slashes[1:] != slashes[:-1] + 1))
     run_first = slashes[new_run][np.cumsum(new_run) - 1]
-    escapes = slashes[(slashes - run_first) % 2 == 0]
+    escapes: np.ndarray = slashes[(slashes - run_first) % 2 == 0]
     if int(escapes[-1]) + 6 > a.size:
         return None  # too close to the end to be inside a line's string
     escaped = a[escapes + 1]
