@@ -156,6 +156,7 @@ def dry_run_job(
     # Each finished file is checked in a thread while the next one is built (both halves run
     # in polars, which releases the GIL).
     checker = ThreadPoolExecutor(max_workers=1)
+    template = chunking.text_template(spec, model)  # the check's fast path: lines we made
     pending_checks = []
     # Rows repeating an earlier row's request are left out of the files, as a run would:
     # found while building (one pass over the source) unless the slice is very large.
@@ -187,7 +188,7 @@ def dry_run_job(
             )
             est_rows.append((c.est_prompt_tokens, n, cost))
             pending_checks.append(
-                checker.submit(validate.check_files, [c.path], spec.batch_endpoint(model))
+                checker.submit(validate.check_files, [c.path], spec.batch_endpoint(model), template)
             )
     if first_seen is not None:
         followers = first_seen.followers

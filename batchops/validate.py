@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import mmap
 import re
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import orjson
 import polars as pl
+import pyarrow as pa
+from numpy.lib.stride_tricks import sliding_window_view
 
 from batchops.spec import MAX_BYTES_PER_FILE, MAX_REQUESTS_PER_FILE
 
@@ -184,11 +188,246 @@ def _fast_check(path: Path, endpoint: str, max_requests: int, max_bytes: int) ->
     return FileCheck(path, requests=frame.height, n_bytes=size, model=model[0])
 
 
-def check_files(paths: Iterable[Path], endpoint: str) -> list[FileCheck]:
+# A text request line as batchops writes it: before + json(custom_id) + between + json(text) +
+# after + "\n" (render.line_template's literals when its slots are custom_id, then text).
+Template = tuple[str, str, str]
+_ID_WINDOW = 64  # custom_ids up to 63 bytes are found in one window; longer: the general path
+_ESCAPES = np.frombuffer(b'"\\/bfnrtu', np.uint8)
+_HEX = np.frombuffer(b"0123456789abcdefABCDEF", np.uint8)
+_LOW_DIGITS = np.frombuffer(b"01234567", np.uint8)  # \uD0xx-\uD7xx: not surrogates
+
+
+def _template_check(
+    path: Path, endpoint: str, template: Template, max_requests: int, max_bytes: int
+) -> FileCheck | None:
+    """The same checks for a file of lines made from one template, without parsing every line:
+    each line must be the template's bytes exactly, around two JSON strings (the custom_id and
+    the text) that are proved well-formed by byte counts over the whole file (no raw control
+    byte but the line breaks, valid UTF-8, every backslash a valid escape, no quote but the
+    template's and the escaped ones). The template itself is checked by parsing it. ~4x less
+    CPU than the columnar parse (which parses every line in full). None when anything differs:
+    the columnar or per-line check then finds the problem."""
+    before, between, after = (t.encode() for t in template)
+    model = _template_model(before, between, after, endpoint)
+    size = path.stat().st_size
+    if model is None or size == 0 or size > max_bytes:
+        return None
+    a = _read(path, size)
+    if a is None or a[-1] != 0x0A:
+        return None
+    ends, ctrl, quotes, slashes = _scan(a)  # ends: each line's "\n"
+    n = int(ends.size)
+    if n > max_requests or ctrl != n:
+        return None  # a raw control byte inside a line (JSON strings must escape them)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    shortest = len(before) + 3 + len(between) + 2 + len(after)  # a 1-byte id, an empty text
+    if int((ends - starts).min()) < shortest:
+        return None
+    try:  # UTF-8 (Arrow's validator, no str built); also refuses encoded surrogates
+        offsets = pa.py_buffer(np.array([0, size], np.int64))
+        pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, pa.py_buffer(a)]).validate(
+            full=True
+        )
+    except pa.ArrowInvalid:
+        return None
+    if not (_at(a, starts, before) and _at(a, ends - len(after), after)):
+        return None
+    # The custom_id: a quote right after `before`, the next quote closes it (no escapes in it).
+    open_id = starts + len(before)
+    width = min(_ID_WINDOW, int((ends - open_id).min()) - 1)
+    if width < 2 or not (a[open_id] == 0x22).all():
+        return None
+    id_len = _ids(a, open_id + 1, width)
+    if id_len is None:
+        return None
+    close_id = open_id + 1 + id_len
+    if ((close_id + 1 + len(between)) > ends).any() or not _at(a, close_id + 1, between):
+        return None
+    open_text, close_text = close_id + 1 + len(between), ends - len(after) - 1
+    if not ((open_text < close_text) & (a[open_text] == 0x22) & (a[close_text] == 0x22)).all():
+        return None
+    # Every byte is now the template's or inside one of the two strings (the id has no
+    # backslash; the template's are whole escapes, as it parsed). Each backslash must be a
+    # valid escape, and the quotes other than the template's and the strings' own must all be
+    # escaped ones.
+    escapes = _escapes(a, slashes)
+    if escapes is None or np.isin(close_text - 1, escapes).any():
+        return None  # a bad escape, or the text's closing quote escaped
+    escaped_quotes = int(np.count_nonzero(a[escapes + 1] == 0x22))
+    per_line = _unescaped_quotes(before + between + after) + 4
+    if quotes != n * per_line + escaped_quotes:
+        return None
+    return FileCheck(path, requests=n, n_bytes=size, model=model)
+
+
+_BLOCK = 1 << 20  # bytes scanned at once: the temporaries stay in the cache
+_ROWS = 4096  # lines compared at once
+_NARROW = 24  # bytes of the first look for the end of an id
+_scratch = threading.local()  # the checking thread's file buffer, reused file after file
+
+
+def _read(path: Path, size: int) -> np.ndarray | None:
+    """The file's bytes in a buffer this thread reuses (a new 13 MB array per file costs more
+    in page faults than the scan); None if it is not `size` bytes long."""
+    buf: np.ndarray | None = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < size + 1:
+        buf = _scratch.buf = np.empty(size + 1, np.uint8)
+    view = memoryview(buf.data)[: size + 1]
+    got = 0
+    with path.open("rb", buffering=0) as fh:
+        while got <= size and (k := fh.readinto(view[got:])):
+            got += k
+    return buf[:size] if got == size else None
+
+
+def _scan(a: np.ndarray) -> tuple[np.ndarray, int, int, np.ndarray]:
+    """Positions of the line breaks, counts of raw control bytes and of quotes, positions of
+    the backslashes: one pass, a block at a time."""
+    hit = np.empty(min(a.size, _BLOCK), bool)
+    ends, slashes = [], []
+    ctrl = quotes = 0
+    for i in range(0, a.size, _BLOCK):
+        block = a[i : i + _BLOCK]
+        h = hit[: block.size]
+        ctrl += int(np.count_nonzero(np.less(block, 0x20, out=h)))
+        ends.append(np.flatnonzero(np.equal(block, 0x0A, out=h)) + i)
+        quotes += int(np.count_nonzero(np.equal(block, 0x22, out=h)))
+        slashes.append(np.flatnonzero(np.equal(block, 0x5C, out=h)) + i)
+    return np.concatenate(ends), ctrl, quotes, np.concatenate(slashes)
+
+
+def _ids(a: np.ndarray, first: np.ndarray, width: int) -> np.ndarray | None:
+    """The length of each line's custom_id, which starts at `first` and ends before the next
+    quote within `width` bytes; None unless every id is 1+ plain ASCII bytes without escapes
+    (others are compared by the general path) and all ids are different."""
+    lengths, hashes = [], []
+    for i in range(0, first.size, _ROWS):
+        rows = first[i : i + _ROWS]
+        found = _id_block(a, rows, min(width, _NARROW))  # most ids are short
+        if found is None and width > _NARROW:
+            found = _id_block(a, rows, width)
+        if found is None:
+            return None
+        lengths.append(found[0])
+        hashes.append(found[1])
+    h = np.sort(np.concatenate(hashes))
+    # Different hashes: different ids, for sure (a repeated hash: not sure, fall back).
+    return np.concatenate(lengths) if (h[1:] != h[:-1]).all() else None
+
+
+def _id_block(a: np.ndarray, first: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray] | None:
+    window = sliding_window_view(a, width)[first]
+    quote = window == 0x22
+    n = quote.argmax(axis=1)
+    if not quote.any(axis=1).all() or not n.all():
+        return None  # an id longer than the window, or an empty one
+    inside = np.arange(width) < n[:, None]
+    if ((window == 0x5C) | (window >= 0x80))[inside].any():
+        return None
+    return n, _hash_rows(np.where(inside, window, 0), n)
+
+
+def _hash_rows(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each row of bytes (zero-padded: ids hold no zero byte) and its length."""
+    width = rows.shape[1]
+    padded = np.zeros((rows.shape[0], -(-width // 8) * 8), np.uint8)
+    padded[:, :width] = rows
+    words = padded.view(np.uint64)
+    mix = np.uint64(0x9E3779B97F4A7C15)
+    h = lengths.astype(np.uint64)
+    with np.errstate(over="ignore"):  # arithmetic mod 2**64 is the point
+        for k in range(words.shape[1]):
+            h = (h ^ words[:, k]) * mix
+            h ^= h >> np.uint64(29)
+    return h
+
+
+def _at(a: np.ndarray, positions: np.ndarray, literal: bytes) -> bool:
+    """Whether `literal` is at every one of these positions of a."""
+    if not literal:
+        return True
+    if int(positions.max()) + len(literal) > a.size:
+        return False
+    view, want = sliding_window_view(a, len(literal)), np.frombuffer(literal, np.uint8)
+    return all(
+        (view[positions[i : i + _ROWS]] == want).all() for i in range(0, positions.size, _ROWS)
+    )
+
+
+def _escapes(a: np.ndarray, slashes: np.ndarray) -> np.ndarray | None:
+    """Where the escapes are (each backslash that escapes the byte after it), or None if one
+    is not a valid JSON escape (or is a surrogate \\uD800-\\uDFFF: parsers disagree on them)."""
+    if not slashes.size:
+        return slashes
+    # In a run of backslashes they pair up: the 1st, 3rd, … escape the byte after them.
+    new_run = np.concatenate(([True], slashes[1:] != slashes[:-1] + 1))
+    run_first = slashes[new_run][np.cumsum(new_run) - 1]
+    escapes: np.ndarray = slashes[(slashes - run_first) % 2 == 0]
+    if int(escapes[-1]) + 6 > a.size:
+        return None  # too close to the end to be inside a line's string
+    escaped = a[escapes + 1]
+    if not np.isin(escaped, _ESCAPES).all():
+        return None
+    u = escapes[escaped == ord("u")]
+    if u.size:
+        digits = a[u[:, None] + np.arange(2, 6)]
+        if not np.isin(digits, _HEX).all():
+            return None
+        surrogate = ((digits[:, 0] | 0x20) == ord("d")) & ~np.isin(digits[:, 1], _LOW_DIGITS)
+        if surrogate.any():
+            return None
+    return escapes
+
+
+def _unescaped_quotes(literal: bytes) -> int:
+    """The quotes of a template literal that are not escaped (it is part of valid JSON)."""
+    count = i = 0
+    while i < len(literal):
+        if literal[i] == 0x5C:
+            i += 2
+            continue
+        count += literal[i] == 0x22
+        i += 1
+    return count
+
+
+def _template_model(before: bytes, between: bytes, after: bytes, endpoint: str) -> str | None:
+    """The model of every line made from this template, if such lines pass the per-line checks
+    whatever the two strings hold (tried with two different pairs); else None."""
+    models = set()
+    for cid, text in (("a", ""), ("b", 'x"\\\n')):
+        line = before + orjson.dumps(cid) + between + orjson.dumps(text) + after
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(obj, dict) or any(k not in obj for k in REQUIRED):
+            return None
+        body = obj["body"]
+        if obj["custom_id"] != cid or obj["method"] != "POST" or obj["url"] != endpoint:
+            return None
+        if not isinstance(body, dict) or body.get("stream") is True:
+            return None
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return None
+        models.add(model)
+    return models.pop() if len(models) == 1 else None
+
+
+def check_files(
+    paths: Iterable[Path], endpoint: str, template: Template | None = None
+) -> list[FileCheck]:
+    """Every file checked: by its template when the caller gives the one it wrote the lines
+    from, else columnar; the per-line check whenever a faster one is not sure."""
     out = []
     for p in paths:
         p = Path(p)
-        fast = _fast_check(p, endpoint, MAX_REQUESTS_PER_FILE, MAX_BYTES_PER_FILE)
+        fast = None
+        if template is not None:
+            fast = _template_check(p, endpoint, template, MAX_REQUESTS_PER_FILE, MAX_BYTES_PER_FILE)
+        if fast is None:
+            fast = _fast_check(p, endpoint, MAX_REQUESTS_PER_FILE, MAX_BYTES_PER_FILE)
         out.append(fast if fast is not None else check_file(p, endpoint))
     return out
 

@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from batchops.chunking import build_chunks
-from batchops.render import render_text, request_line
+from batchops.render import dumps, render_text, request_line
 from batchops.source import open_source
 from batchops.spec import JobSpec
 
@@ -285,3 +285,20 @@ def test_empty_embedding_inputs_are_skipped_not_sent(tmp_path):
     (chunk,) = build(spec, tmp_path / "o")
     assert chunk.row_idxs == [0, 2]
     assert [(s.row_idx, "empty input" in s.reason) for s in chunk.skipped] == [(1, True)]
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [["p1", "p2", "x y", "é猫", "~!#$%&'()*+,-./:;<=>?@[]^_`{|}\x7f\ufeff"]]
+    + [["p1", f"a{c}b"] for c in ['"', "\\", "\n", "\x00", "\x1f", "\u2028", "\u2029", "\x85"]],
+    ids=lambda ids: ascii(ids[-1]),
+)
+def test_lines_are_byte_identical_to_the_per_row_reference(tmp_path, ids):
+    """custom_ids needing no escape are spliced in as they are; both ways give the exact
+    bytes of render.dumps (a dry run's files must not change with how they were made)."""
+    rows = [[cid, f'text {i} "q" \\ \n {AWKWARD[i % len(AWKWARD)]}'] for i, cid in enumerate(ids)]
+    path = write_csv(tmp_path / "ids.csv", ["id", "name"], rows)
+    spec = make_spec(path, id_column="id", prompt="{name}")
+    (chunk,) = build(spec, tmp_path / "out")
+    want = b"".join(dumps(request_line(spec, "m", cid, text)) + b"\n" for cid, text in rows)
+    assert chunk.path.read_bytes() == want

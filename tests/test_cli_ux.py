@@ -156,10 +156,10 @@ def test_dry_run_refuses_a_chunk_file_the_api_would_fail(emulator, tmp_path: Pat
 
     real = validate.check_files
 
-    def with_stream(paths, endpoint):  # as if the builder had written `stream: true`
+    def with_stream(paths, endpoint, *template):  # as if the builder had written `stream: true`
         for p in map(Path, paths):
             p.write_text(p.read_text().replace('"model":', '"stream":true,"model":', 1))
-        return real(paths, endpoint)
+        return real(paths, endpoint, *template)
 
     monkeypatch.setattr(validate, "check_files", with_stream)
     src = awkward_table(tmp_path, images=False)

@@ -164,3 +164,183 @@ def test_a_line_longer_than_a_parse_block_is_checked_whole(tmp_path: Path):
     path = write(tmp_path, lines)
     (check,) = validate.check_files([path], EP)
     assert check.ok and check.requests == 2
+
+
+# ------------------------------------------------------------------ the dry run's template check
+
+BEFORE, BETWEEN, AFTER = TEMPLATE = (
+    '{"custom_id":',
+    ',"method":"POST","url":"/v1/chat/completions","body":{"model":"gpt-4o-mini",'
+    '"messages":[{"role":"user","content":',
+    "}]}}",
+)
+TRICKY_TEXTS = [
+    "",
+    'say "hi"',
+    "a\\b\\\\c\\",
+    "tab\tline\nbreak\r\x01\x1f\x7f",
+    "ends with a backslash \\",
+    '\\"',
+    "line seps \u2028 \u2029, emoji 😀, 猫, café",
+    "NaN Infinity -Infinity null true",
+]
+
+
+def _system_template() -> validate.Template:
+    """A constant system message with quotes, a line break and a backslash: the template
+    holds escapes of its own."""
+    from batchops.chunking import text_template
+    from batchops.spec import JobSpec
+
+    system = 'Answer in "French".\nUse \\ for paths, \u2028 never.'
+    spec = JobSpec(source="x.csv", prompt="{p}", system=system, models=[{"name": "gpt-4o-mini"}])
+    template = text_template(spec, "gpt-4o-mini")
+    assert template is not None and "\\" in template[1]
+    return template
+
+
+TEMPLATES = {"plain": TEMPLATE, "system": _system_template()}
+
+
+def template_line(cid: bytes, text: bytes, template: validate.Template = TEMPLATE) -> bytes:
+    before, between, after = template
+    return before.encode() + cid + between.encode() + text + after.encode()
+
+
+def template_file(
+    tmp_path: Path,
+    odd: bytes | None = None,
+    template: validate.Template = TEMPLATE,
+    name: str = "t.jsonl",
+) -> Path:
+    """20 lines made from a template (texts JSON-escaped by batchops' own dumps) and, when
+    given, `odd` (raw bytes) as the 11th line."""
+    from batchops.render import dumps
+
+    lines = [
+        template_line(dumps(f"r{i}"), dumps(TRICKY_TEXTS[i % len(TRICKY_TEXTS)]), template)
+        for i in range(20)
+    ]
+    if odd is not None:
+        lines.insert(10, odd)
+    path = tmp_path / name
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def odd_lines(t: validate.Template) -> dict[str, bytes]:
+    """Template-shaped lines (or nearly) that the per-line check refuses."""
+    line = template_line(b'"x1"', b'"x"', t)
+    return {
+        "an unescaped quote in the text": template_line(b'"x1"', b'"a"b"', t),
+        "an escaped closing quote": template_line(b'"x1"', b'"ab"c\\"', t),
+        "a bad escape": template_line(b'"x1"', b'"a\\xb"', t),
+        "a short unicode escape": template_line(b'"x1"', b'"a\\u12"', t),
+        "a lone surrogate escape": template_line(b'"x1"', b'"a\\ud800b"', t),
+        "a raw control character": template_line(b'"x1"', b'"a\x01b"', t),
+        "a raw tab": template_line(b'"x1"', b'"a\tb"', t),
+        "invalid UTF-8": template_line(b'"x1"', b'"a\xffb"', t),
+        "an encoded surrogate": template_line(b'"x1"', b'"a\xed\xa0\x80b"', t),
+        "a duplicate custom_id": template_line(b'"r3"', b'"x"', t),
+        "an empty custom_id": template_line(b'""', b'"x"', t),
+        "a numeric custom_id": template_line(b"5", b'"x"', t),
+        "a quote in the custom_id": template_line(b'"a"b"', b'"x"', t),
+        "NaN for the text": template_line(b'"x1"', b"NaN", t),
+        "two objects on one line": line + b' {"custom_id":"zz"}',
+        "a truncated line": line[:-2],
+        "another model": line.replace(b"gpt-4o-mini", b"gpt-4o"),
+        "stream true": line.replace(b'"model"', b'"stream":true,"model"'),
+        "an escape of the template unescaped": line.replace(b'\\"French\\"', b'"French\\"'),
+    }
+
+
+def valid_odd_lines(t: validate.Template) -> dict[str, bytes]:
+    """Unusual but valid lines: the template check may leave them to the other checks."""
+    return {
+        "a surrogate pair escape": template_line(b'"x1"', b'"\\ud83d\\ude00"', t),
+        "an escaped custom_id": template_line(b'"x\\"1"', b'"x"', t),
+        "a non-ASCII custom_id": template_line('"é1"'.encode(), b'"x"', t),
+        "a 40-byte custom_id": template_line(b'"' + b"y" * 40 + b'"', b'"x"', t),
+        "a long custom_id": template_line(b'"' + b"x" * 100 + b'"', b'"x"', t),
+        "a unicode escape": template_line(b'"x1"', b'"\\u00e9\\uD7FF"', t),
+        "a CRLF line end": template_line(b'"x1"', b'"x"', t) + b"\r",
+        "a blank line": b"",  # skipped by the per-line check (not a request)
+    }
+
+
+ODD_NAMES = list(odd_lines(TEMPLATE)) + list(valid_odd_lines(TEMPLATE)) + list(LAX)
+
+
+@pytest.mark.parametrize("which", list(TEMPLATES))
+def test_the_template_check_passes_what_batchops_writes(tmp_path: Path, which: str):
+    template = TEMPLATES[which]
+    path = template_file(tmp_path, template=template)
+    fast = validate._template_check(path, EP, template, 50_000, 200_000_000)
+    slow = validate.check_file(path, EP)
+    assert fast is not None and slow.ok
+    assert (fast.requests, fast.n_bytes, fast.model) == (20, slow.n_bytes, "gpt-4o-mini")
+    (checked,) = validate.check_files([path], EP, template)
+    assert checked.ok and checked.requests == 20
+
+
+@pytest.mark.parametrize("which", list(TEMPLATES))
+@pytest.mark.parametrize("odd", ODD_NAMES, ids=str)
+def test_the_template_check_is_as_strict_as_the_per_line_one(tmp_path: Path, odd: str, which: str):
+    template = TEMPLATES[which]
+    bad, valid = odd_lines(template), valid_odd_lines(template)
+    line = {**bad, **valid}.get(odd)
+    if line is None:  # the columnar check's cases, as whole lines
+        line = _HEAD % b"bad" + LAX[odd]
+    path = template_file(tmp_path, line, template)
+    (fast,) = validate.check_files([path], EP, template)
+    slow = validate.check_file(path, EP)
+    assert (fast.requests, fast.model, [str(p) for p in fast.problems]) == (
+        slow.requests,
+        slow.model,
+        [str(p) for p in slow.problems],
+    )
+    if which == "plain" and odd == "an escape of the template unescaped":
+        return  # the plain template has no such escape: the line is a good one
+    assert slow.ok == (odd in valid)
+    if odd in bad or odd in LAX:
+        assert validate._template_check(path, EP, template, 50_000, 200_000_000) is None
+
+
+@pytest.mark.parametrize("which", list(TEMPLATES))
+def test_the_template_check_never_passes_a_file_the_per_line_check_refuses(
+    tmp_path: Path, which: str
+):
+    """Single-byte changes anywhere in a good file, to the bytes JSON is made of: whenever the
+    template check says valid, so does the per-line check, with the same counts."""
+    import random
+
+    template = TEMPLATES[which]
+    good = template_file(tmp_path, template=template).read_bytes()
+    rng = random.Random(18)
+    swaps = b'"\\{}[],:\n\r\t\x00\x01u0d8 a\xff\xc3'
+    passed = 0
+    for i in range(400):
+        data = bytearray(good)
+        for _ in range(rng.choice((1, 1, 2))):
+            data[rng.randrange(len(data))] = rng.choice(swaps)
+        path = tmp_path / f"m{i}.jsonl"
+        path.write_bytes(bytes(data))
+        fast = validate._template_check(path, EP, template, 50_000, 200_000_000)
+        if fast is not None:
+            slow = validate.check_file(path, EP)
+            assert slow.ok and (fast.requests, fast.model) == (slow.requests, slow.model), data
+            passed += 1
+        path.unlink()
+    assert 0 < passed < 400  # some changes stay valid (inside a text), most do not
+
+
+def test_a_template_that_does_not_make_valid_requests_is_not_used(tmp_path: Path):
+    path = template_file(tmp_path)
+    for template in (
+        (BEFORE, BETWEEN.replace("POST", "GET"), AFTER),
+        (BEFORE, BETWEEN.replace("/v1/chat", "/v2/chat"), AFTER),
+        (BEFORE, BETWEEN + '"x","stream":true,"y":', AFTER),
+        ('{"x":', BETWEEN, AFTER),  # the first string is not the custom_id
+    ):
+        assert validate._template_check(path, EP, template, 50_000, 200_000_000) is None
+    assert validate._template_check(path, EP, TEMPLATE, 19, 200_000_000) is None  # > max
