@@ -1105,6 +1105,7 @@ _DONE: dict[str, bool] = {}
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
+    _DONE.clear()  # only this call's command may end the process early (not an earlier in-process one)
     try:
         cli(prog_name="batchops")
     except SystemExit as done:
