@@ -34,7 +34,7 @@ from batchops.states import (
     check_chunk,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 DB_NAME = "state.db"
 PAGE_SIZE = 16384
 # Ids looked up per statement when recording a slice (well under SQLite's variable limit).
@@ -160,7 +160,42 @@ MIGRATIONS: list[str] = [
     DROP INDEX IF EXISTS rows_chunk;
     CREATE INDEX rows_chunk ON rows(chunk_id) WHERE chunk_id IS NOT NULL;
     """,
+    # 6: a batch answer is no longer an `attempts` row of its own (issue 18): the row holds its
+    # answer, tokens, cost, model and batch, and what billing needs is summed per recorded
+    # slice in `attempt_totals` (one INSERT a slice, not one a row). `attempts` keeps every
+    # failure (the retry decision reads them), every online call, and older runs' answers.
+    # `rows.billed_answers` counts a row's answers that are only in `attempt_totals`.
+    """
+    CREATE TABLE attempt_totals (
+        id INTEGER PRIMARY KEY,
+        chunk_id INTEGER,
+        batch_id TEXT,
+        mode TEXT NOT NULL,
+        model TEXT,
+        key_id TEXT,
+        n INTEGER NOT NULL,
+        prompt_tokens INTEGER,
+        cached_tokens INTEGER,
+        completion_tokens INTEGER,
+        reasoning_tokens INTEGER,
+        cost_usd REAL,
+        unpriced_n INTEGER NOT NULL,
+        ts REAL NOT NULL
+    );
+    ALTER TABLE rows ADD COLUMN billed_answers INTEGER;
+    """,
 ]
+
+# Every billed call, one row each: the per-row attempts and the per-slice totals of answers
+# (n calls each). Readers of billing sum this, never `attempts` alone.
+CALLS = """(SELECT model, mode, key_id, batch_id, 1 AS n, ok, prompt_tokens, cached_tokens,
+                   completion_tokens, reasoning_tokens, cost_usd,
+                   cost_usd IS NULL AND prompt_tokens IS NOT NULL AS unpriced
+            FROM attempts
+            UNION ALL
+            SELECT model, mode, key_id, batch_id, n, n, prompt_tokens, cached_tokens,
+                   completion_tokens, reasoning_tokens, cost_usd, unpriced_n
+            FROM attempt_totals)"""
 
 # The merged columns of a row's outcome, as `outcomes_frame` hands them to the merge.
 OUTCOME_TYPES: dict[str, pl.DataType] = {
@@ -223,7 +258,8 @@ class Store:
         self.path = path
         # Every chunk transition this store performed (tests check them against states.py).
         self.transitions: set[tuple[str, str, str]] = set()
-        self._spent: tuple[int, float] = (0, 0.0)  # (last attempt id summed, their cost)
+        # (last attempt id summed, last attempt_totals id summed, their cost)
+        self._spent: tuple[int, int, float] = (0, 0, 0.0)
 
     # ------------------------------------------------------------------ opening / meta
     @classmethod
@@ -864,8 +900,11 @@ class Store:
         strict: bool = False,
     ) -> int:
         """UPDATE the rows of `live` (custom id → row_idx) still queued in this chunk to
-        succeeded and add their attempts; returns how many rows the UPDATE changed. `strict`:
-        no attempts unless every row of `live` changed (the caller then undoes the slice)."""
+        succeeded and count their calls; returns how many rows the UPDATE changed. `strict`:
+        no calls counted unless every row of `live` changed (the caller then undoes the slice).
+        A batch answer with billed tokens is counted in the slice's `attempt_totals` and in its
+        row's `billed_answers` (no attempts row: ~2 µs a row of B-tree work); an online answer
+        (one a call, rare) keeps its attempts row."""
         keep_batch = None if mode == "online" else batch_id  # an online answer has no batch
         online = mode == "online"
         # Rows of `live` with their outcome, in slice order; the statements' parameters are
@@ -881,7 +920,8 @@ class Store:
                    reasoning_tokens = COALESCE(reasoning_tokens, 0) + COALESCE(?, 0),
                    cost_usd = CASE WHEN ? IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + ? END,
                    batch_id = CASE WHEN ? THEN NULL ELSE COALESCE(?, batch_id) END,
-                   updated_at = ?, not_before = NULL
+                   updated_at = ?, not_before = NULL,
+                   billed_answers = COALESCE(billed_answers, 0) + ?
                WHERE row_idx = ? AND status = 'queued' AND chunk_id = ?""",
             (
                 (
@@ -895,6 +935,7 @@ class Store:
                     online,
                     keep_batch,
                     now,
+                    not online and o.usage is not None,
                     row_idx,
                     chunk_id,
                 )
@@ -902,7 +943,9 @@ class Store:
             ),
         )
         changed = max(0, cur.rowcount)
-        if changed == len(rows) or not strict:
+        if (changed == len(rows) or not strict) and not online:
+            self._add_totals(chunk_id, batch_id, mode, key_id, now, rows)
+        elif changed == len(rows) or not strict:
             self.conn.executemany(
                 "INSERT INTO attempts(row_idx, chunk_id, batch_id, mode, ok, model, prompt_tokens,"
                 " cached_tokens, completion_tokens, reasoning_tokens, cost_usd, ts, key_id)"
@@ -924,6 +967,41 @@ class Store:
                 ),
             )
         return changed
+
+    def _add_totals(
+        self,
+        chunk_id: int,
+        batch_id: str | None,
+        mode: str,
+        key_id: str | None,
+        now: float,
+        rows: list[tuple[int, RowOutcome, float | None]],
+    ) -> None:
+        """One `attempt_totals` row per model among these answers with billed tokens: calls,
+        token sums, cost (NULL when no call had a price, as SQL's SUM) and unpriced calls."""
+        sums: dict[str | None, list[Any]] = {}
+        for _, o, cost in rows:
+            u = o.usage
+            if u is None:  # no billed tokens: not a call (as no attempts row was before)
+                continue
+            t = sums.get(o.model)
+            if t is None:
+                t = sums[o.model] = [0, 0, 0, 0, 0, None, 0]
+            t[0] += 1
+            t[1] += u.prompt_tokens or 0
+            t[2] += u.cached_tokens or 0
+            t[3] += u.completion_tokens or 0
+            t[4] += u.reasoning_tokens or 0
+            if cost is None:
+                t[6] += 1
+            else:
+                t[5] = cost if t[5] is None else t[5] + cost
+        self.conn.executemany(
+            "INSERT INTO attempt_totals(chunk_id, batch_id, mode, model, key_id, n, prompt_tokens,"
+            " cached_tokens, completion_tokens, reasoning_tokens, cost_usd, unpriced_n, ts)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(chunk_id, batch_id, mode, m, key_id, *t, now) for m, t in sums.items()],
+        )
 
     def _queued_among(self, chunk_id: int, row_ids: list[str]) -> dict[str, int]:
         """row_id → row_idx of those of `row_ids` still queued in this chunk."""
@@ -1062,15 +1140,17 @@ class Store:
 
     def dedup_savings(self) -> dict[str, Any]:
         """Followers, and what pairing saved: the requests their leaders' executions would have
-        cost each of them again (leader's attempts × followers), and those attempts' dollars."""
+        cost each of them again (leader's attempts × followers), and those attempts' dollars.
+        A leader's calls are its attempts rows plus its batch answers (`billed_answers`); its
+        dollars are its own row's cost, the sum of every call it was billed for."""
         row = self.conn.execute(
             """SELECT COALESCE(SUM(g.n), 0),
-                      COALESCE(SUM(g.n * (SELECT COUNT(*) FROM attempts a
-                                          WHERE a.row_idx = g.leader_idx)), 0),
-                      COALESCE(SUM(g.n * (SELECT COALESCE(SUM(a.cost_usd), 0) FROM attempts a
-                                          WHERE a.row_idx = g.leader_idx)), 0)
+                      COALESCE(SUM(g.n * ((SELECT COUNT(*) FROM attempts a
+                                           WHERE a.row_idx = g.leader_idx)
+                                          + COALESCE(l.billed_answers, 0))), 0),
+                      COALESCE(SUM(g.n * COALESCE(l.cost_usd, 0)), 0)
                FROM (SELECT leader_idx, COUNT(*) AS n FROM rows WHERE leader_idx IS NOT NULL
-                     GROUP BY leader_idx) AS g"""
+                     GROUP BY leader_idx) AS g JOIN rows AS l ON l.row_idx = g.leader_idx"""
         ).fetchone()
         return {"rows": int(row[0]), "requests": int(row[1]), "cost_usd": float(row[2])}
 
@@ -1115,19 +1195,19 @@ class Store:
 
     def cost_by_model(self) -> list[sqlite3.Row]:
         return self.conn.execute(
-            """SELECT model, mode, COUNT(*) AS calls, SUM(ok) AS ok, COUNT(*) - SUM(ok) AS failed,
+            f"""SELECT model, mode, SUM(n) AS calls, SUM(ok) AS ok, SUM(n) - SUM(ok) AS failed,
                       SUM(COALESCE(prompt_tokens,0)) AS prompt_tokens, SUM(COALESCE(cached_tokens,0)) AS cached_tokens,
                       SUM(COALESCE(completion_tokens,0)) AS completion_tokens,
                       SUM(COALESCE(reasoning_tokens,0)) AS reasoning_tokens,
-                      SUM(cost_usd) AS cost_usd, SUM(cost_usd IS NULL AND prompt_tokens IS NOT NULL) AS unpriced
-               FROM attempts GROUP BY model, mode ORDER BY model"""
+                      SUM(cost_usd) AS cost_usd, SUM(unpriced) AS unpriced
+               FROM {CALLS} GROUP BY model, mode ORDER BY model"""
         ).fetchall()
 
     def cost_by_batch(self) -> list[sqlite3.Row]:
-        # One pass over the attempts grouped by batch (no index on attempts.batch_id: it cost
+        # One pass over the calls grouped by batch (no index on attempts.batch_id: it cost
         # every recorded answer ~1 µs), joined to the few batches.
         return self.conn.execute(
-            """SELECT b.batch_id, b.chunk_id, b.model, b.status, b.request_total, b.request_completed,
+            f"""SELECT b.batch_id, b.chunk_id, b.model, b.status, b.request_total, b.request_completed,
                       b.request_failed, c.est_cost, c.est_tokens,
                       a.cost_usd, a.prompt_tokens, a.completion_tokens,
                       b.created_at, b.ended_at
@@ -1135,17 +1215,19 @@ class Store:
                LEFT JOIN (SELECT batch_id, SUM(cost_usd) AS cost_usd,
                                  SUM(prompt_tokens) AS prompt_tokens,
                                  SUM(completion_tokens) AS completion_tokens
-                          FROM attempts WHERE batch_id IS NOT NULL GROUP BY batch_id) AS a
+                          FROM {CALLS} WHERE batch_id IS NOT NULL GROUP BY batch_id) AS a
                  ON a.batch_id = b.batch_id
                ORDER BY b.created_at"""
         ).fetchall()
 
     def unpriced_count(self) -> int:
-        """Attempts with billed tokens but no known price (served by a partial index: the
-        count at the end of a run does not scan every attempt)."""
+        """Calls with billed tokens but no known price (attempts: served by a partial index,
+        the count at the end of a run does not scan every attempt; plus the slices' totals)."""
         return int(
             self.conn.execute(
-                "SELECT COUNT(*) FROM attempts WHERE cost_usd IS NULL AND prompt_tokens IS NOT NULL"
+                "SELECT (SELECT COUNT(*) FROM attempts WHERE cost_usd IS NULL"
+                " AND prompt_tokens IS NOT NULL)"
+                " + (SELECT COALESCE(SUM(unpriced_n), 0) FROM attempt_totals)"
             ).fetchone()[0]
         )
 
@@ -1153,30 +1235,39 @@ class Store:
         """Per (model, key fingerprint): calls, failures, tokens and cost of every attempt."""
         out: dict[tuple[str, str], dict[str, Any]] = {}
         for r in self.conn.execute(
-            """SELECT model, COALESCE(key_id, '') AS key_id, COUNT(*) AS calls,
-                      COUNT(*) - SUM(ok) AS failures,
+            f"""SELECT model, COALESCE(key_id, '') AS key_id, SUM(n) AS calls,
+                      SUM(n) - SUM(ok) AS failures,
                       SUM(COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0)) AS tokens,
                       SUM(cost_usd) AS cost_usd
-               FROM attempts GROUP BY model, key_id"""
+               FROM {CALLS} GROUP BY model, key_id"""
         ):
             out[(r["model"] or "", r["key_id"])] = dict(r)
         return out
 
     def spent(self) -> float:
-        """What every attempt so far cost. The run loop asks after every poll: attempts are
-        only ever appended, so only those newer than the last committed answer are summed
-        (a full scan each time cost ~1 s a million rows at 1M, growing with the square)."""
+        """What every call so far cost. The run loop asks after every poll: attempts and
+        totals are only ever appended, so only those newer than the last committed ones are
+        summed (a full scan each time cost ~1 s a million rows at 1M, growing with the square)."""
         if self.conn.in_transaction:  # may still roll back: not worth remembering
             return float(
-                self.conn.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM attempts").fetchone()[0]
+                self.conn.execute(
+                    "SELECT (SELECT COALESCE(SUM(cost_usd), 0) FROM attempts)"
+                    " + (SELECT COALESCE(SUM(cost_usd), 0) FROM attempt_totals)"
+                ).fetchone()[0]
             )
-        last_id, total = self._spent
-        new, top = self.conn.execute(
-            "SELECT COALESCE(SUM(cost_usd), 0), MAX(id) FROM attempts WHERE id > ?", (last_id,)
-        ).fetchone()
-        if top is not None:
-            self._spent = (int(top), total + float(new))
-        return self._spent[1]
+        last_attempt, last_total, total = self._spent
+        for table, last in (("attempts", last_attempt), ("attempt_totals", last_total)):
+            new, top = self.conn.execute(
+                f"SELECT COALESCE(SUM(cost_usd), 0), MAX(id) FROM {table} WHERE id > ?", (last,)
+            ).fetchone()
+            if top is not None:
+                total += float(new)
+                if table == "attempts":
+                    last_attempt = int(top)
+                else:
+                    last_total = int(top)
+        self._spent = (last_attempt, last_total, total)
+        return total
 
     def events(self, limit: int = 50) -> list[sqlite3.Row]:
         return self.conn.execute(
@@ -1192,16 +1283,20 @@ class Store:
         )
 
     def last_attempts(self, row_idxs: list[int]) -> dict[int, float]:
-        """When each of these rows was last sent (its newest attempt)."""
+        """When each of these rows was last sent (its newest attempt). A batch answer has no
+        attempts row: it was recorded when the row succeeded (a terminal state: its
+        `updated_at` never moves again)."""
         out: dict[int, float] = {}
         for i in range(0, len(row_idxs), 500):
             part = row_idxs[i : i + 500]
             marks = ",".join("?" * len(part))
             for r in self.conn.execute(
-                f"SELECT row_idx, MAX(ts) FROM attempts WHERE row_idx IN ({marks}) GROUP BY row_idx",
-                part,
+                f"SELECT row_idx, MAX(ts) FROM attempts WHERE row_idx IN ({marks}) GROUP BY row_idx"
+                f" UNION ALL SELECT row_idx, updated_at FROM rows WHERE row_idx IN ({marks})"
+                " AND billed_answers > 0",
+                part + part,
             ):
-                out[r[0]] = r[1]
+                out[r[0]] = max(r[1], out.get(r[0], r[1]))
         return out
 
     def rows_by_status(self, statuses: tuple[str, ...]) -> list[sqlite3.Row]:
