@@ -34,7 +34,7 @@ from batchops.states import (
     check_chunk,
 )
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 DB_NAME = "state.db"
 PAGE_SIZE = 16384
 # Ids looked up per statement when recording a slice (well under SQLite's variable limit).
@@ -184,7 +184,20 @@ MIGRATIONS: list[str] = [
     );
     ALTER TABLE rows ADD COLUMN billed_answers INTEGER;
     """,
+    # 7: the status index holds only rows without an answer (issue 18): a row answered goes
+    # from queued to succeeded with one index delete instead of a delete and an insert, and
+    # the index stays as small as the work left. Succeeded rows are counted as the rest.
+    """
+    DROP INDEX IF EXISTS rows_status;
+    CREATE INDEX rows_unanswered ON rows(status)
+        WHERE status = 'pending' OR status = 'queued' OR status = 'failed' OR status = 'skipped';
+    """,
 ]
+
+# The condition of the `rows_unanswered` index, word for word: a query that counts or lists
+# these states together must state it so (SQLite matches a partial index's condition by its
+# terms); a query on one of them (`status = 'pending'`) is served by it as it is.
+UNANSWERED = "(status = 'pending' OR status = 'queued' OR status = 'failed' OR status = 'skipped')"
 
 # Every billed call, one row each: the per-row attempts and the per-slice totals of answers
 # (n calls each). Readers of billing sum this, never `attempts` alone.
@@ -260,6 +273,7 @@ class Store:
         self.transitions: set[tuple[str, str, str]] = set()
         # (last attempt id summed, last attempt_totals id summed, their cost)
         self._spent: tuple[int, int, float] = (0, 0, 0.0)
+        self._row_count: tuple[int, int] | None = None  # (PRAGMA data_version, rows)
 
     # ------------------------------------------------------------------ opening / meta
     @classmethod
@@ -344,7 +358,14 @@ class Store:
         return cur
 
     def row_count(self) -> int:
-        return int(self.conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
+        """Registered rows (rows are only ever added, by `add_rows`): counted once per store
+        and per change of the database by another connection, not at every progress report
+        (a walk of a 1M-entry index, ~40 ms)."""
+        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        if self._row_count is None or self._row_count[0] != version:
+            n = int(self.conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
+            self._row_count = (version, n)
+        return self._row_count[1]
 
     def add_rows(self, frames: Iterable[pl.DataFrame]) -> int:
         """Register the source rows as pending; rows already registered (a widened slice) keep
@@ -357,6 +378,7 @@ class Store:
                     "INSERT OR IGNORE INTO rows(row_idx, row_id) VALUES (?, ?)", pairs
                 )
                 n += cur.rowcount
+        self._row_count = None
         return n
 
     def explain_unsent(self, reason: str, error_class: str) -> int:
@@ -365,7 +387,7 @@ class Store:
         with self.tx():
             cur = self.conn.execute(
                 "UPDATE rows SET error = ?, error_class = ?, updated_at = ?"
-                " WHERE status IN ('pending', 'queued') AND error IS NULL",
+                " WHERE (status = 'pending' OR status = 'queued') AND error IS NULL",
                 (reason, error_class, time.time()),
             )
         return cur.rowcount
@@ -424,9 +446,15 @@ class Store:
         )
 
     def counts(self) -> dict[str, int]:
+        """Rows by state. The run loop asks at every poll: the rows without an answer are
+        counted on their own index (as big as the work left), the succeeded ones are the rest."""
         out = {s: 0 for s in ("pending", "queued", "succeeded", "failed", "skipped")}
-        for status, n in self.conn.execute("SELECT status, COUNT(*) FROM rows GROUP BY status"):
+        for status, n in self.conn.execute(
+            f"SELECT status, COUNT(*) FROM rows INDEXED BY rows_unanswered WHERE {UNANSWERED}"
+            " GROUP BY status"
+        ):
             out[status] = n
+        out["succeeded"] = self.row_count() - sum(out.values())
         return out
 
     def reset_rows(
@@ -905,42 +933,14 @@ class Store:
         A batch answer with billed tokens is counted in the slice's `attempt_totals` and in its
         row's `billed_answers` (no attempts row: ~2 µs a row of B-tree work); an online answer
         (one a call, rare) keeps its attempts row."""
-        keep_batch = None if mode == "online" else batch_id  # an online answer has no batch
         online = mode == "online"
-        # Rows of `live` with their outcome, in slice order; the statements' parameters are
-        # made one row at a time as SQLite takes them (no list of 14-tuples held: ~330 bytes
-        # a row of the slice).
+        # Rows of `live` with their outcome, in slice order; the statement's parameters are
+        # made one row at a time as SQLite takes them (no list of tuples held).
         rows = [(live[o.custom_id], o, cost) for o, cost in items if o.custom_id in live]
+        with_class = any(o.error_class is not None for _, o, _ in rows)
         cur = self.conn.executemany(
-            """UPDATE rows SET status = 'succeeded', response = COALESCE(?, response),
-                   finish_reason = ?, error = NULL, error_class = ?, model = COALESCE(?, model),
-                   prompt_tokens = COALESCE(prompt_tokens, 0) + COALESCE(?, 0),
-                   cached_tokens = COALESCE(cached_tokens, 0) + COALESCE(?, 0),
-                   completion_tokens = COALESCE(completion_tokens, 0) + COALESCE(?, 0),
-                   reasoning_tokens = COALESCE(reasoning_tokens, 0) + COALESCE(?, 0),
-                   cost_usd = CASE WHEN ? IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + ? END,
-                   batch_id = CASE WHEN ? THEN NULL ELSE COALESCE(?, batch_id) END,
-                   updated_at = ?, not_before = NULL,
-                   billed_answers = COALESCE(billed_answers, 0) + ?
-               WHERE row_idx = ? AND status = 'queued' AND chunk_id = ?""",
-            (
-                (
-                    o.response,
-                    o.finish_reason,
-                    o.error_class,
-                    o.model,
-                    *_tokens(o.usage),
-                    cost,
-                    cost,
-                    online,
-                    keep_batch,
-                    now,
-                    not online and o.usage is not None,
-                    row_idx,
-                    chunk_id,
-                )
-                for row_idx, o, cost in rows
-            ),
+            _success_sql(chunk_id, None if online else batch_id, online, now, with_class),
+            _success_params(rows, billed=not online, with_class=with_class),
         )
         changed = max(0, cur.rowcount)
         if (changed == len(rows) or not strict) and not online:
@@ -1334,11 +1334,11 @@ class Store:
         out = []
         for cls, n in self.conn.execute(
             "SELECT COALESCE(error_class, 'unknown'), COUNT(*) FROM rows"
-            " WHERE status != 'succeeded' AND error IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1"
+            f" WHERE {UNANSWERED} AND error IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1"
         ).fetchall():
             rows = self.conn.execute(
                 "SELECT row_idx, row_id, status, attempts, error FROM rows"
-                " WHERE status != 'succeeded' AND error IS NOT NULL"
+                f" WHERE {UNANSWERED} AND error IS NOT NULL"
                 " AND COALESCE(error_class, 'unknown') = ? ORDER BY row_idx LIMIT ?",
                 (cls, examples),
             ).fetchall()
@@ -1360,6 +1360,71 @@ class Store:
             " FROM rows WHERE status = 'succeeded' ORDER BY row_idx LIMIT ?",
             (n,),
         ).fetchall()
+
+
+def _success_sql(
+    chunk_id: int,
+    batch_id: str | None,
+    online: bool,
+    now: float,
+    with_class: bool,
+) -> str:
+    """The UPDATE that records a slice's answers. What is the same for the whole slice (its
+    chunk, batch, time, and no error class) is written into the statement as literals: each
+    bound value costs SQLite ~0.25 µs a row (~1.2 µs a row less than binding them)."""
+    if online:
+        batch = "NULL"  # an answer from an online call belongs to no batch
+    elif batch_id is None:
+        batch = "batch_id"
+    else:
+        batch = _sql_text(batch_id)
+    error_class = "?11" if with_class else "NULL"
+    return f"""UPDATE rows SET status = 'succeeded', response = COALESCE(?1, response),
+                   finish_reason = ?2, error = NULL, error_class = {error_class},
+                   model = COALESCE(?3, model),
+                   prompt_tokens = COALESCE(prompt_tokens, 0) + COALESCE(?4, 0),
+                   cached_tokens = COALESCE(cached_tokens, 0) + COALESCE(?5, 0),
+                   completion_tokens = COALESCE(completion_tokens, 0) + COALESCE(?6, 0),
+                   reasoning_tokens = COALESCE(reasoning_tokens, 0) + COALESCE(?7, 0),
+                   cost_usd = CASE WHEN ?8 IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + ?8 END,
+                   batch_id = {batch}, updated_at = {float(now)!r}, not_before = NULL,
+                   billed_answers = COALESCE(billed_answers, 0) + ?9
+               WHERE row_idx = ?10 AND status = 'queued' AND chunk_id = {int(chunk_id)}"""
+
+
+def _success_params(
+    rows: list[tuple[int, RowOutcome, float | None]], *, billed: bool, with_class: bool
+) -> Iterator[tuple[Any, ...]]:
+    """`_success_sql`'s parameters, a row at a time (?11, the error class, only `with_class`)."""
+    if with_class:
+        for p, (_, o, _) in zip(
+            _success_params(rows, billed=billed, with_class=False), rows, strict=True
+        ):
+            yield (*p, o.error_class)
+        return
+    for row_idx, o, cost in rows:
+        u = o.usage
+        if u is None:
+            yield (o.response, o.finish_reason, o.model, None, None, None, None, cost, 0, row_idx)
+        else:
+            yield (
+                o.response,
+                o.finish_reason,
+                o.model,
+                u.prompt_tokens,
+                u.cached_tokens,
+                u.completion_tokens,
+                u.reasoning_tokens,
+                cost,
+                billed,
+                row_idx,
+            )
+
+
+def _sql_text(text: str) -> str:
+    """A string as an SQL literal that SQLite reads back unchanged: quotes doubled, a NUL
+    (which no SQL text may hold) spelled as char(0)."""
+    return "'" + text.replace("'", "''").replace("\x00", "' || char(0) || '") + "'"
 
 
 def _chunk(r: sqlite3.Row) -> ChunkRow:

@@ -17,7 +17,7 @@ from batchops import results
 from batchops.records import BadLine, RowOutcome
 from batchops.results import _fast_chat, _typed_chat, parse_line
 from batchops.store import MIGRATIONS, PAGE_SIZE, SCHEMA_VERSION, Store, _split_sql
-from tests.test_store import built, frame, ok, submitted
+from tests.test_store import built, fail, frame, ok, submitted
 
 BODY: dict[str, Any] = {
     "model": "gpt-4o-mini-2024-07-18",
@@ -461,3 +461,92 @@ def test_a_schema_5_database_with_answers_opens_and_reads_the_same(tmp_path: Pat
     assert new["pairs"][("m", "")] == (2, 0, 30)
     store.close()
     assert Store.open(tmp_path).spent() == pytest.approx(1.75)
+
+
+def test_counts_come_from_the_unanswered_index_and_see_every_row(tmp_path: Path) -> None:
+    """Schema 7 indexes only rows without an answer: counts() (asked at every poll) counts
+    those on the index and the succeeded ones as the rest, equal to counting every row, also
+    after another connection added rows; the run loop's look-ups by status use the index."""
+    store = Store.open(tmp_path)
+    names = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "rows_status" not in names and "rows_unanswered" in names
+    store.add_rows([frame(40)])
+    submitted(store, built(1, list(range(30))), "m", None)
+    store.record_outcomes(
+        1,
+        "b",
+        [(ok(i), 0.1, True) for i in range(20)]
+        + [(fail(20, "invalid_request", False), None, True)],
+        max_retries=0,
+        close_chunk=False,
+    )
+    store.conn.execute("UPDATE rows SET status = 'skipped' WHERE row_idx = 39")
+
+    def every_row() -> dict[str, int]:
+        full = dict.fromkeys(("pending", "queued", "succeeded", "failed", "skipped"), 0)
+        full.update(store.conn.execute("SELECT status, COUNT(*) FROM rows GROUP BY status"))
+        return full
+
+    assert (
+        store.counts()
+        == every_row()
+        == {
+            "pending": 9,
+            "queued": 9,
+            "succeeded": 20,
+            "failed": 1,
+            "skipped": 1,
+        }
+    )
+    other = sqlite3.connect(tmp_path / "state.db")
+    other.execute("INSERT INTO rows(row_idx, row_id) VALUES (40, 'id40')")
+    other.commit()
+    other.close()
+    assert store.counts() == every_row() and store.counts()["pending"] == 10
+    for sql in (
+        "SELECT 1 FROM rows WHERE status = 'pending' LIMIT 1",
+        "SELECT row_idx FROM rows WHERE status = 'pending' AND leader_idx IS NULL"
+        " AND (not_before IS NULL OR not_before <= 0) ORDER BY row_idx",
+        "SELECT COUNT(*) FROM rows WHERE (status = 'pending' OR status = 'queued') AND error IS NULL",
+    ):
+        plan = " ".join(r[3] for r in store.conn.execute("EXPLAIN QUERY PLAN " + sql))
+        assert "rows_unanswered" in plan, (sql, plan)
+
+
+@pytest.mark.parametrize("order", [False, True])
+def test_a_slice_records_its_constants_as_written(tmp_path: Path, order: bool) -> None:
+    """A slice's chunk, batch and time are written into its UPDATE as literals: a batch id
+    with quotes or a NUL is stored as it is, an answer's error class still reaches its row,
+    and the online mode keeps no batch."""
+    store = Store.open(tmp_path)
+    store.add_rows([frame(6)])
+    submitted(store, built(1, [0, 1, 2]), "m", None)
+    odd = "b'1\x00x';--"
+    marked = ok(1)
+    marked.error_class = "odd_class"
+    items = [(ok(0), 0.5, True), (marked, None, True), (ok(2), 0.25, True)]
+    kw = {"order": store.queued_order(1)} if order else {}
+    assert (
+        store.record_outcomes(1, odd, items, max_retries=3, close_chunk=False, **kw).succeeded == 3
+    )
+    got = store.conn.execute(
+        "SELECT row_idx, status, batch_id, error_class, cost_usd, response, chunk_id FROM rows"
+        " WHERE row_idx < 3 ORDER BY row_idx"
+    ).fetchall()
+    assert [tuple(r) for r in got] == [
+        (0, "succeeded", odd, None, 0.5, "answer 0", 1),
+        (1, "succeeded", odd, "odd_class", None, "answer 1", 1),
+        (2, "succeeded", odd, None, 0.25, "answer 2", 1),
+    ]
+    totals = store.conn.execute("SELECT batch_id, n, unpriced_n FROM attempt_totals")
+    assert [tuple(r) for r in totals] == [(odd, 3, 1)]
+    chunk, queued = store.add_online_chunk("m", [3, 4])
+    online = store.record_outcomes(
+        chunk, None, [(ok(3), 0.1, True)], mode="online", max_retries=3, close_chunk=False
+    )
+    assert online.succeeded == 1
+    row = store.conn.execute("SELECT status, batch_id, billed_answers FROM rows WHERE row_idx = 3")
+    assert tuple(row.fetchone()) == ("succeeded", None, 0)
+    assert (
+        store.conn.execute("SELECT COUNT(*) FROM attempts WHERE mode = 'online'").fetchone()[0] == 1
+    )
