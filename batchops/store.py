@@ -870,6 +870,34 @@ class Store:
             self._mirror_chunk(chunk_id)
         return applied
 
+    def record_answers(
+        self,
+        chunk_id: int,
+        batch_id: str,
+        answers: list[tuple[int, RowOutcome, float | None]],
+        *,
+        key_id: str | None = None,
+    ) -> Applied:
+        """`record_outcomes` for a slice of a batch's success lines, one per custom id, each
+        with its row_idx from the chunk's `queued_order` (-1: not in it), sorted by it: the
+        collection's common case without a per-row pass to split, deduplicate and look up
+        (~1.5 µs a row). The same guarantees: a row takes its answer only while it is still
+        queued in this chunk, so recording the same lines again changes nothing."""
+        applied = Applied()
+        with self.tx():
+            applied.succeeded = self._apply_guarded(
+                chunk_id,
+                batch_id,
+                answers,
+                None,
+                "batch",
+                key_id,
+                time.time(),
+            )
+            applied.ignored = len(answers) - applied.succeeded
+            self._mirror_chunk(chunk_id)
+        return applied
+
     def queued_order(self, chunk_id: int) -> dict[str, int]:
         """custom id → row_idx of the rows still queued in this chunk (at most one batch's
         worth): collection records a slice in row order, so its updates walk the table
@@ -893,50 +921,69 @@ class Store:
         now: float,
         order: Mapping[str, int] | None = None,
     ) -> int:
-        """Answers of rows still queued in this chunk: an attempt each (billed tokens), then
-        the row succeeded. Returns how many rows took their answer."""
+        """Answers of rows still queued in this chunk: the row succeeded, its call counted
+        (billed tokens). Returns how many rows took their answer."""
         items = list(items)
+        rows: list[tuple[int, RowOutcome, float | None]] = []
         if order is not None:
+            rows = [(order.get(o.custom_id, -1), o, cost) for o, cost in items]
+        return self._apply_guarded(chunk_id, batch_id, rows, items, mode, key_id, now)
+
+    def _apply_guarded(
+        self,
+        chunk_id: int,
+        batch_id: str | None,
+        rows: list[tuple[int, RowOutcome, float | None]],
+        items: list[tuple[RowOutcome, float | None]] | None,
+        mode: str,
+        key_id: str | None,
+        now: float,
+    ) -> int:
+        """Apply `rows` (row_idx from the chunk's queued order, -1 if not in it) if every one
+        of them is still queued in this chunk; else (or without `rows`) the answers `items`
+        (None: those of `rows`) of the rows the guard finds still queued here. Returns how
+        many rows took theirs."""
+        if rows and all(r[0] >= 0 for r in rows):
             # Optimistic: every row of the slice is still queued in this chunk (the common
             # case: collection began with them queued and nothing else writes them). The
-            # guarded UPDATE proves it by its count; if any row was not (or an id is not in
-            # `order`), undo and look up.
+            # guarded UPDATE proves it by its count; if any row was not, undo and look up.
             self.conn.execute("SAVEPOINT fast")
-            done = self._apply_successes(
-                chunk_id, batch_id, items, mode, key_id, now, order, strict=True
-            )
-            if done == len(items):
+            done = self._apply_successes(chunk_id, batch_id, rows, mode, key_id, now, strict=True)
+            if done == len(rows):
                 self.conn.execute("RELEASE fast")
                 return done
             self.conn.execute("ROLLBACK TO fast")
             self.conn.execute("RELEASE fast")
-        # The guard, once for the slice (which ids are rows still queued in this chunk), so
-        # the attempts go in as plain rows: an INSERT … SELECT costs ~3x a plain INSERT a row.
+        # The guard, once for the slice (which ids are rows still queued in this chunk).
+        if items is None:
+            items = [(o, cost) for _, o, cost in rows]
         live = self._queued_among(chunk_id, [o.custom_id for o, _ in items])
-        return self._apply_successes(chunk_id, batch_id, items, mode, key_id, now, live)
+        rows = []
+        for o, cost in items:
+            row_idx = live.pop(o.custom_id, None)  # popped: a repeated id takes nothing
+            if row_idx is not None:
+                rows.append((row_idx, o, cost))
+        return self._apply_successes(chunk_id, batch_id, rows, mode, key_id, now)
 
     def _apply_successes(
         self,
         chunk_id: int,
         batch_id: str | None,
-        items: list[tuple[RowOutcome, float | None]],
+        rows: list[tuple[int, RowOutcome, float | None]],
         mode: str,
         key_id: str | None,
         now: float,
-        live: Mapping[str, int],
         *,
         strict: bool = False,
     ) -> int:
-        """UPDATE the rows of `live` (custom id → row_idx) still queued in this chunk to
-        succeeded and count their calls; returns how many rows the UPDATE changed. `strict`:
-        no calls counted unless every row of `live` changed (the caller then undoes the slice).
-        A batch answer with billed tokens is counted in the slice's `attempt_totals` and in its
-        row's `billed_answers` (no attempts row: ~2 µs a row of B-tree work); an online answer
-        (one a call, rare) keeps its attempts row."""
+        """UPDATE these rows (row_idx, answer, cost) still queued in this chunk to succeeded
+        and count their calls; returns how many rows the UPDATE changed. `strict`: no calls
+        counted unless every row changed (the caller then undoes the slice). A batch answer
+        with billed tokens is counted in the slice's `attempt_totals` and in its row's
+        `billed_answers` (no attempts row: ~2 µs a row of B-tree work); an online answer (one
+        a call, rare) keeps its attempts row. The statement's parameters are made one row at
+        a time as SQLite takes them (no list of tuples held)."""
         online = mode == "online"
-        # Rows of `live` with their outcome, in slice order; the statement's parameters are
-        # made one row at a time as SQLite takes them (no list of tuples held).
-        rows = [(live[o.custom_id], o, cost) for o, cost in items if o.custom_id in live]
         with_class = any(o.error_class is not None for _, o, _ in rows)
         cur = self.conn.executemany(
             _success_sql(chunk_id, None if online else batch_id, online, now, with_class),

@@ -550,3 +550,29 @@ def test_a_slice_records_its_constants_as_written(tmp_path: Path, order: bool) -
     assert (
         store.conn.execute("SELECT COUNT(*) FROM attempts WHERE mode = 'online'").fetchone()[0] == 1
     )
+
+
+def test_record_answers_takes_each_queued_row_once(tmp_path: Path) -> None:
+    """The engine's priced success lines, with their rows from the chunk's queued order:
+    recorded while still queued in this chunk, never twice (again, repeated in a slice, or
+    already recorded), a line not in the order looked up, another chunk's row ignored."""
+    store = Store.open(tmp_path)
+    store.add_rows([frame(60)])
+    submitted(store, built(1, list(range(40))), "m", None)
+    submitted(store, built(2, [50]), "m", None)
+    order = store.queued_order(1)
+    first = store.record_answers(1, "b", [(order["id7"], ok(7), 0.5)])
+    assert (first.succeeded, first.ignored) == (1, 0)
+    answers = sorted((order.get(f"id{i}", -1), ok(i), 0.01) for i in (*range(40), 50))
+    answers.append((order["id3"], ok(3), 0.01))  # the same row twice in one slice
+    again = store.record_answers(1, "b", answers)
+    assert (again.succeeded, again.ignored) == (39, 3)  # row 7 done, row 3's repeat, row 50
+    assert calls(store) == 40
+    per_row = dict(store.conn.execute("SELECT row_idx, billed_answers FROM rows"))
+    assert {i: per_row[i] for i in range(40)} == {i: 1 for i in range(40)}
+    assert per_row[50] is None and store.counts()["queued"] == 1  # chunk 2's row untouched
+    cost_7 = store.conn.execute("SELECT cost_usd FROM rows WHERE row_idx = 7").fetchone()[0]
+    assert cost_7 == pytest.approx(0.5)
+    thrice = store.record_answers(1, "b", answers)
+    assert (thrice.succeeded, thrice.ignored) == (0, 42) and calls(store) == 40
+    assert store.spent() == pytest.approx(0.5 + 39 * 0.01)
