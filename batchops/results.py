@@ -35,6 +35,7 @@ Decisions (the engine and merge rely on them):
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from sys import intern
@@ -173,19 +174,99 @@ def parse_file(path: Path | str, endpoint: str = DEFAULT_ENDPOINT) -> Iterator[R
 def read_file(path: Path | str, endpoint: str = DEFAULT_ENDPOINT) -> Iterator[RowOutcome | BadLine]:
     """Stream a downloaded result file for collection: a malformed line is yielded as a
     `BadLine` (named in the run's log) instead of stopping the file, so one broken line never
-    keeps the other answers from being recorded."""
+    keeps the other answers from being recorded. Chat files are read in blocks of whole lines
+    (`READ_BLOCK` bytes at most, plus one line), see `_read_blocks`."""
     path = Path(path)
     kind = _endpoint_kind(endpoint)
     with path.open("rb") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            # A line that opens an object is not blank: no stripped copy of it (~0.5 µs).
-            if not line.startswith(b"{") and not line.strip():
+        if kind == _CHAT:
+            yield from _read_blocks(fh, path)
+        else:
+            yield from _read_lines(fh, path, kind, 1, strip_bom=True)
+
+
+def _read_lines(
+    lines: Iterable[bytes], path: Path, kind: str, first_no: int, *, strip_bom: bool
+) -> Iterator[RowOutcome | BadLine]:
+    """Lines numbered from `first_no`, each parsed on its own (a malformed one: a BadLine)."""
+    for line_no, line in enumerate(lines, start=first_no):
+        # A line that opens an object is not blank: no stripped copy of it (~0.5 µs).
+        if not line.startswith(b"{") and not line.strip():
+            continue
+        text: bytes | str = _strip_bom(line) if strip_bom and line_no == 1 else line
+        try:
+            yield _parse(text, kind, line_no)
+        except ResultFormatError as exc:
+            yield BadLine(path, line_no, exc.reason)
+
+
+# Bytes of a chat result file decoded at once: one msgspec call for a block's ~80 lines saves
+# splitting the file into line objects (2.65 against 3.2 µs a line of 800 bytes, measured).
+# Small on purpose: 4 MiB blocks were slower than line by line (4.0 µs: every fresh large
+# buffer is page-faulted in).
+READ_BLOCK = 64 << 10
+
+
+def _read_blocks(fh: Any, path: Path) -> Iterator[RowOutcome | BadLine]:
+    """A chat file by blocks of whole lines. A block whose every line is the common chat
+    shape is decoded in one call (`_typed_block`); any other block line by line, exactly as
+    `_read_lines` does (so a malformed line is named by its number as before)."""
+    line_no, first = 1, True
+    held: list[bytes] = []  # the start of the next block (a line not ended yet)
+    while True:
+        data = fh.read(READ_BLOCK)
+        if data:
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:  # no end of line yet: a line longer than a block, read on
+                held.append(data)
                 continue
-            text: bytes | str = _strip_bom(line) if line_no == 1 else line
-            try:
-                yield _parse(text, kind, line_no)
-            except ResultFormatError as exc:
-                yield BadLine(path, line_no, exc.reason)
+            held.append(data[:cut])
+            block = b"".join(held) if len(held) > 1 else held[0]
+            held = [data[cut:]] if cut < len(data) else []
+        else:
+            block, held = b"".join(held), []  # the last line, without its end of line
+        if first:
+            block, first = block.removeprefix(b"\xef\xbb\xbf"), False
+        if block:
+            n_lines = block.count(b"\n") + (not block.endswith(b"\n"))
+            outcomes = _typed_block(block, n_lines, path, line_no)
+            if outcomes is None:
+                lines = io.BytesIO(block)  # lines as the file gives them, ends of line kept
+                yield from _read_lines(lines, path, _CHAT, line_no, strip_bom=False)
+            else:
+                yield from outcomes
+            line_no += n_lines
+        if not data:
+            return
+
+
+def _typed_block(
+    block: bytes, n_lines: int, path: Path, first_no: int
+) -> list[RowOutcome | BadLine] | None:
+    """A block's lines through msgspec at once; None (line by line instead) when any line
+    does not decode into the typed structs or the block holds a blank line (line numbers
+    would not match). A line that decodes but is not the common shape (a failure, a cut
+    answer) goes the general way on its own, as `_parse` sends it."""
+    try:
+        lines = _LINE.decode_lines(block)
+    except msgspec.MsgspecError:
+        return None
+    if len(lines) != n_lines:
+        return None
+    out: list[RowOutcome | BadLine] = []
+    raw: list[bytes] | None = None
+    for i, ln in enumerate(lines):
+        o = _typed_outcome(ln)
+        if o is not None:
+            out.append(o)
+            continue
+        if raw is None:
+            raw = io.BytesIO(block).readlines()
+        try:
+            out.append(_parse_json(raw[i], _CHAT, first_no + i))
+        except ResultFormatError as exc:
+            out.append(BadLine(path, first_no + i, exc.reason))
+    return out
 
 
 def parse_sync_response(
@@ -359,6 +440,11 @@ def _typed_chat(line: bytes | str) -> RowOutcome | None:
         ln = _LINE.decode(line)
     except msgspec.MsgspecError:
         return None
+    return _typed_outcome(ln)
+
+
+def _typed_outcome(ln: _Line) -> RowOutcome | None:
+    """`_typed_chat` of a decoded line."""
     r = ln.response
     if r is None or r.status_code != 200 or r.body is None or not ln.custom_id:
         return None

@@ -576,3 +576,51 @@ def test_record_answers_takes_each_queued_row_once(tmp_path: Path) -> None:
     thrice = store.record_answers(1, "b", answers)
     assert (thrice.succeeded, thrice.ignored) == (0, 42) and calls(store) == 40
     assert store.spent() == pytest.approx(0.5 + 39 * 0.01)
+
+
+def test_chat_file_read_in_blocks_equals_line_by_line(tmp_path: Path) -> None:
+    """Chat result files are decoded a block of lines at a time: over many blocks, with lines
+    of every decodable shape (failures, cut answers, error-file lines), a line longer than a
+    block, a BOM, a blank line, CRLF ends, a malformed line and no final end of line, the
+    outcomes (and malformed lines named by number) are those of reading line by line."""
+    shapes = []
+    for i, body in enumerate(_variants()):
+        for status in (200, 400):
+            obj = {"custom_id": f"v{i}_{status}", "response": {"status_code": status, "body": body}}
+            shapes.append(orjson.dumps(obj))
+    shapes.append(orjson.dumps({"custom_id": "e", "response": None, "error": {"code": "x"}}))
+    long_body = json.loads(json.dumps(BODY))
+    long_body["choices"][0]["message"]["content"] = "y" * (3 * results.READ_BLOCK)
+    common = [
+        orjson.dumps({"custom_id": f"r{i}", "response": {"status_code": 200, "body": BODY}})
+        for i in range(4000)
+    ]
+    cut = json.loads(json.dumps(BODY))
+    cut["choices"][0]["finish_reason"] = "length"
+    decodable = [  # typed structs read them, but they are not the common line: one by one
+        orjson.dumps({"custom_id": "f400", "response": {"status_code": 400, "body": BODY}}),
+        orjson.dumps({"custom_id": "len", "response": {"status_code": 200, "body": cut}}),
+        orjson.dumps({"custom_id": "err", "response": None, "error": {"code": "expired"}}),
+    ]
+    lines = common[:1500] + shapes + common[1500:2000] + decodable + common[2000:2500]
+    lines.insert(
+        700,
+        orjson.dumps({"custom_id": "long", "response": {"status_code": 200, "body": long_body}}),
+    )
+    text = b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n"
+    text += b"\n" + b"\r\n".join(common[2500:3000]) + b"\r\n"  # a blank line, then CRLF
+    text += b'{"custom_id": "cut", "resp\n' + b"\n".join(common[3000:])  # no final newline
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(text)
+
+    def named(items: Any) -> list[Any]:
+        return [(x.line_no, x.reason) if isinstance(x, BadLine) else x for x in items]
+
+    with path.open("rb") as fh:
+        by_line = named(results._read_lines(fh, path, "chat", 1, strip_bom=True))
+    got = named(results.read_file(path))
+    assert got == by_line
+    assert len(got) == 4000 + len(shapes) + len(decodable) + 2
+    assert sum(isinstance(g, tuple) for g in got) == 1  # the cut line, named
+    assert {g.custom_id for g in got if isinstance(g, RowOutcome) and g.ok} >= {"r0", "long"}
+    assert {g.custom_id for g in got if isinstance(g, RowOutcome) and not g.ok} >= {"f400", "err"}
