@@ -941,7 +941,8 @@ class BatchEngine:
                         if item.custom_id in answered:
                             continue
                         answered.add(item.custom_id)
-                        failed_ids.discard(item.custom_id)
+                        if failed_ids:
+                            failed_ids.discard(item.custom_id)
                     elif item.custom_id not in answered:
                         failed_ids.add(item.custom_id)
                         continue

@@ -1447,31 +1447,34 @@ def _success_params(
         u = o.usage
         if u is None:  # no billed tokens: not a call (as no attempts row was before)
             yield (o.response, o.finish_reason, o.model, None, None, None, None, cost, 0, row_idx)
+            continue
+        model = o.model
+        if model is not last:  # a slice's models are mostly one interned string
+            last = model
+            t = sums.setdefault(model, [0, 0, 0, 0, 0, None, 0])
+        prompt, cached = u.prompt_tokens, u.cached_tokens
+        completion, reasoning = u.completion_tokens, u.reasoning_tokens
+        t[0] += 1
+        t[1] += prompt or 0
+        t[2] += cached or 0
+        t[3] += completion or 0
+        t[4] += reasoning or 0
+        if cost is None:
+            t[6] += 1
         else:
-            if o.model is not last:  # a slice's models are mostly one interned string
-                last = o.model
-                t = sums.setdefault(last, [0, 0, 0, 0, 0, None, 0])
-            t[0] += 1
-            t[1] += u.prompt_tokens or 0
-            t[2] += u.cached_tokens or 0
-            t[3] += u.completion_tokens or 0
-            t[4] += u.reasoning_tokens or 0
-            if cost is None:
-                t[6] += 1
-            else:
-                t[5] = cost if t[5] is None else t[5] + cost
-            yield (
-                o.response,
-                o.finish_reason,
-                o.model,
-                u.prompt_tokens,
-                u.cached_tokens,
-                u.completion_tokens,
-                u.reasoning_tokens,
-                cost,
-                billed,
-                row_idx,
-            )
+            t[5] = cost if t[5] is None else t[5] + cost
+        yield (
+            o.response,
+            o.finish_reason,
+            model,
+            prompt,
+            cached,
+            completion,
+            reasoning,
+            cost,
+            billed,
+            row_idx,
+        )
 
 
 def _sql_text(text: str) -> str:
