@@ -103,19 +103,12 @@ def _parse(line: bytes | str, kind: str, line_no: int | None) -> RowOutcome:
     return _parse_json(line, kind, line_no)
 
 
-def _parse_json(
-    line: bytes | str, kind: str, line_no: int | None, *, shortcut: bool = True
-) -> RowOutcome:
-    """The line through orjson; `shortcut=False` skips `_fast_chat` too: the general path
-    alone, which both shortcuts must equal."""
+def _parse_json(line: bytes | str, kind: str, line_no: int | None) -> RowOutcome:
+    """The line through orjson: the general path, which `_typed_chat` must equal."""
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         raise ResultFormatError(line_no, f"not valid JSON ({exc})") from None
-    if shortcut and kind == _CHAT:
-        fast = _fast_chat(obj)
-        if fast is not None:
-            return fast
     if not isinstance(obj, dict):
         raise ResultFormatError(line_no, f"expected a JSON object, got {type(obj).__name__}")
 
@@ -322,68 +315,10 @@ def _strip_bom(line: bytes | str) -> bytes | str:
 # --------------------------------------------------------------------------- successes
 
 
-def _fast_chat(obj: Any) -> RowOutcome | None:
-    """The common chat line in one go (a 200 whose first choice has string content, a plain
-    finish reason and no refusal), built exactly as the general path builds it; None for
-    anything else, which the general path then decides. Most of a big batch's lines are this
-    one shape, and the general path's checks cost as much as parsing the JSON."""
-    if type(obj) is not dict:
-        return None
-    custom_id = obj.get("custom_id")
-    response = obj.get("response")
-    if type(custom_id) is not str or not custom_id or type(response) is not dict:
-        return None
-    body = response.get("body")
-    if response.get("status_code") != 200 or type(body) is not dict:
-        return None
-    if type(response.get("status_code")) is not int:
-        return None  # 200.0 or True: the general path names it
-    choices = body.get("choices")
-    if type(choices) is not list or not choices:
-        return None
-    choice = choices[0]
-    if type(choice) is not dict:
-        return None
-    message = choice.get("message")
-    finish = choice.get("finish_reason")
-    if type(message) is not dict or type(finish) is not str or finish in _TRUNCATING:
-        return None
-    text = message.get("content")
-    if type(text) is not str or message.get("refusal") is not None:
-        return None
-    u = body.get("usage")
-    usage = None
-    if type(u) is dict:
-        pd = u.get("prompt_tokens_details")
-        cd = u.get("completion_tokens_details")
-        # as _int: an int that is not a bool, else 0
-        p, c = u.get("prompt_tokens"), u.get("completion_tokens")
-        pc = pd.get("cached_tokens") if type(pd) is dict else 0
-        cr = cd.get("reasoning_tokens") if type(cd) is dict else 0
-        usage = Usage(
-            p if type(p) is int else 0,
-            pc if type(pc) is int else 0,
-            c if type(c) is int else 0,
-            cr if type(cr) is int else 0,
-        )
-    model = body.get("model")
-    request_id = response.get("request_id")
-    return RowOutcome(
-        custom_id=custom_id,
-        ok=True,
-        response=text,
-        finish_reason=intern(finish),  # one shared string, not one per held outcome
-        usage=usage,
-        model=intern(model) if type(model) is str else None,
-        status_code=200,
-        request_id=request_id if type(request_id) is str else None,
-    )
-
-
 # The common chat line as typed structs: msgspec decodes only these fields (the rest is
-# checked as JSON and skipped, never built) in ~1.6 µs where orjson's whole tree and the walk
-# of `_fast_chat` take ~4.3. A line of any other shape fails to decode into them (wrong type,
-# null where a value is needed, a count beyond 64 bits) and goes the general way.
+# checked as JSON and skipped, never built) in ~1.6 µs where orjson's whole tree and a walk
+# of it took ~4.3. A line of any other shape fails to decode into them (wrong type, null
+# where a value is needed, a count beyond 64 bits) and goes the general way.
 _Count = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
@@ -433,9 +368,11 @@ _LINE = msgspec.json.Decoder(_Line)
 
 
 def _typed_chat(line: bytes | str) -> RowOutcome | None:
-    """`_fast_chat`'s outcome straight from the line's bytes; None: the general path decides
-    (it then names a malformed line). One difference from orjson: a number literal beyond a
-    double's range in a field batchops does not read is accepted here (orjson rejects it)."""
+    """The common chat line's outcome (a 200 whose first choice has string content, a plain
+    finish reason and no refusal), built exactly as the general path builds it, straight
+    from the line's bytes; None: the general path decides (it then names a malformed line).
+    One difference from orjson: a number literal beyond a double's range in a field
+    batchops does not read is accepted here (orjson rejects it)."""
     try:
         ln = _LINE.decode(line)
     except msgspec.MsgspecError:

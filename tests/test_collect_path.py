@@ -15,7 +15,7 @@ import pytest
 
 from batchops import results
 from batchops.records import BadLine, RowOutcome
-from batchops.results import _fast_chat, _typed_chat, parse_line
+from batchops.results import _typed_chat
 from batchops.store import MIGRATIONS, PAGE_SIZE, SCHEMA_VERSION, Store, _split_sql
 from tests.test_store import built, fail, frame, ok, submitted
 
@@ -67,40 +67,20 @@ def _variants() -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("status", [200, 200.0, True, 400])
 @pytest.mark.parametrize("body", _variants())
-def test_fast_chat_line_equals_general_path(body: dict[str, Any], status: Any) -> None:
-    obj = {"custom_id": "r1", "response": {"status_code": status, "request_id": "q", "body": body}}
-    general: Any
-    try:
-        general = parse_line(orjson.dumps(obj))
-    except results.ResultFormatError as exc:
-        general = exc.reason
-    fast = _fast_chat(obj)  # None: the general path decides
-    if fast is not None:
-        assert fast == general
-    typed = _typed_chat(orjson.dumps(obj))  # likewise, from the line's bytes
-    if typed is not None:
-        assert typed == general
-    if status == 200 and body is BODY:
-        assert fast is not None  # the common line does take the fast path
-        assert typed is not None
-
-
-@pytest.mark.parametrize("status", [200, 200.0, True, 400])
-@pytest.mark.parametrize("body", _variants())
-def test_both_chat_shortcuts_equal_the_general_path_alone(
-    body: dict[str, Any], status: Any
-) -> None:
-    """parse_line itself takes the shortcuts, so comparing with it proves nothing for the lines
-    they accept: here each is compared with the general path run without either."""
+def test_typed_chat_line_equals_the_general_path(body: dict[str, Any], status: Any) -> None:
+    """parse_line takes the typed shortcut itself, so comparing with it proves nothing for the
+    lines it accepts: the shortcut is compared with the general path alone (orjson)."""
     obj = {"custom_id": "r1", "response": {"status_code": status, "request_id": "q", "body": body}}
     line = orjson.dumps(obj)
     general: Any
     try:
-        general = results._parse_json(line, "chat", None, shortcut=False)
+        general = results._parse_json(line, "chat", None)
     except results.ResultFormatError as exc:
         general = exc.reason
-    for shortcut in (_fast_chat(obj), _typed_chat(line)):
-        assert shortcut is None or shortcut == general
+    typed = _typed_chat(line)  # None: the general path decides
+    assert typed is None or typed == general
+    if status == 200 and body is BODY:
+        assert typed is not None  # the common line does take the shortcut
 
 
 def _mixed_lines() -> list[bytes]:
