@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import wraps
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -917,6 +918,9 @@ class BatchEngine:
         failed_ids: set[str] = set()
         bad: list[str] = []
         part: list[tuple[RowOutcome, float | None, bool]] = []
+        # A success line with a price (nearly every line) goes into `answers` with its row
+        # from `order`, recorded by `record_answers`; any other line into `part`.
+        answers: list[tuple[int, RowOutcome, float | None]] = []
         part_bytes = 0
         order = self.store.queued_order(chunk.chunk_id)
         costs: dict[tuple[int, int, int, int], float] = {}  # a batch's usages repeat a lot
@@ -937,7 +941,8 @@ class BatchEngine:
                         if item.custom_id in answered:
                             continue
                         answered.add(item.custom_id)
-                        failed_ids.discard(item.custom_id)
+                        if failed_ids:
+                            failed_ids.discard(item.custom_id)
                     elif item.custom_id not in answered:
                         failed_ids.add(item.custom_id)
                         continue
@@ -977,12 +982,22 @@ class BatchEngine:
                 elif u is not None:
                     tally.unpriced += 1
                 tally.cost += cost or 0.0
+                if cost is not None and not second:  # a priced answer: nearly every line
+                    answers.append((order.get(item.custom_id, -1), item, cost))
+                    part_bytes += len(item.response or "")
+                    if len(answers) >= RECORD_SLICE or part_bytes >= RECORD_SLICE_BYTES:
+                        self._record_answers(chunk, b, answers, tally)
+                        answers, part_bytes = [], 0
+                    continue
                 # Exhausted model/key is not the row's fault: it does not use up a retry.
                 part.append((item, cost, counts_as_attempt(item.error_class)))
                 part_bytes += len(item.response or "")
                 if len(part) >= RECORD_SLICE or part_bytes >= RECORD_SLICE_BYTES:
                     self._record_part(chunk, b, part, tally, order)
                     part, part_bytes = [], 0
+            if answers:
+                self._record_answers(chunk, b, answers, tally)
+                answers, part_bytes = [], 0
             if part:
                 self._record_part(chunk, b, part, tally, order)
                 part, part_bytes = [], 0
@@ -1030,6 +1045,17 @@ class BatchEngine:
         if o.model is None:
             o.model = chunk.model  # a failed line is attributed to the model it was sent to
         return scope
+
+    def _record_answers(
+        self,
+        chunk: ChunkRow,
+        b: RemoteBatch,
+        answers: list[tuple[int, RowOutcome, float | None]],
+        tally: _Tally,
+    ) -> None:
+        answers.sort(key=itemgetter(0))  # stable: row order (-1, not in the chunk, first)
+        applied = self.store.record_answers(chunk.chunk_id, b.id, answers, key_id=chunk.key_id)
+        tally.applied.succeeded += applied.succeeded
 
     def _record_part(
         self,

@@ -34,7 +34,7 @@ from batchops.states import (
     check_chunk,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 7
 DB_NAME = "state.db"
 PAGE_SIZE = 16384
 # Ids looked up per statement when recording a slice (well under SQLite's variable limit).
@@ -160,7 +160,55 @@ MIGRATIONS: list[str] = [
     DROP INDEX IF EXISTS rows_chunk;
     CREATE INDEX rows_chunk ON rows(chunk_id) WHERE chunk_id IS NOT NULL;
     """,
+    # 6: a batch answer is no longer an `attempts` row of its own (issue 18): the row holds its
+    # answer, tokens, cost, model and batch, and what billing needs is summed per recorded
+    # slice in `attempt_totals` (one INSERT a slice, not one a row). `attempts` keeps every
+    # failure (the retry decision reads them), every online call, and older runs' answers.
+    # `rows.billed_answers` counts a row's answers that are only in `attempt_totals`.
+    """
+    CREATE TABLE attempt_totals (
+        id INTEGER PRIMARY KEY,
+        chunk_id INTEGER,
+        batch_id TEXT,
+        mode TEXT NOT NULL,
+        model TEXT,
+        key_id TEXT,
+        n INTEGER NOT NULL,
+        prompt_tokens INTEGER,
+        cached_tokens INTEGER,
+        completion_tokens INTEGER,
+        reasoning_tokens INTEGER,
+        cost_usd REAL,
+        unpriced_n INTEGER NOT NULL,
+        ts REAL NOT NULL
+    );
+    ALTER TABLE rows ADD COLUMN billed_answers INTEGER;
+    """,
+    # 7: the status index holds only rows without an answer (issue 18): a row answered goes
+    # from queued to succeeded with one index delete instead of a delete and an insert, and
+    # the index stays as small as the work left. Succeeded rows are counted as the rest.
+    """
+    DROP INDEX IF EXISTS rows_status;
+    CREATE INDEX rows_unanswered ON rows(status)
+        WHERE status = 'pending' OR status = 'queued' OR status = 'failed' OR status = 'skipped';
+    """,
 ]
+
+# The condition of the `rows_unanswered` index, word for word: a query that counts or lists
+# these states together must state it so (SQLite matches a partial index's condition by its
+# terms); a query on one of them (`status = 'pending'`) is served by it as it is.
+UNANSWERED = "(status = 'pending' OR status = 'queued' OR status = 'failed' OR status = 'skipped')"
+
+# Every billed call, one row each: the per-row attempts and the per-slice totals of answers
+# (n calls each). Readers of billing sum this, never `attempts` alone.
+CALLS = """(SELECT model, mode, key_id, batch_id, 1 AS n, ok, prompt_tokens, cached_tokens,
+                   completion_tokens, reasoning_tokens, cost_usd,
+                   cost_usd IS NULL AND prompt_tokens IS NOT NULL AS unpriced
+            FROM attempts
+            UNION ALL
+            SELECT model, mode, key_id, batch_id, n, n, prompt_tokens, cached_tokens,
+                   completion_tokens, reasoning_tokens, cost_usd, unpriced_n
+            FROM attempt_totals)"""
 
 # The merged columns of a row's outcome, as `outcomes_frame` hands them to the merge.
 OUTCOME_TYPES: dict[str, pl.DataType] = {
@@ -223,7 +271,9 @@ class Store:
         self.path = path
         # Every chunk transition this store performed (tests check them against states.py).
         self.transitions: set[tuple[str, str, str]] = set()
-        self._spent: tuple[int, float] = (0, 0.0)  # (last attempt id summed, their cost)
+        # (last attempt id summed, last attempt_totals id summed, their cost)
+        self._spent: tuple[int, int, float] = (0, 0, 0.0)
+        self._row_count: tuple[int, int] | None = None  # (PRAGMA data_version, rows)
 
     # ------------------------------------------------------------------ opening / meta
     @classmethod
@@ -308,7 +358,14 @@ class Store:
         return cur
 
     def row_count(self) -> int:
-        return int(self.conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
+        """Registered rows (rows are only ever added, by `add_rows`): counted once per store
+        and per change of the database by another connection, not at every progress report
+        (a walk of a 1M-entry index, ~40 ms)."""
+        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        if self._row_count is None or self._row_count[0] != version:
+            n = int(self.conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
+            self._row_count = (version, n)
+        return self._row_count[1]
 
     def add_rows(self, frames: Iterable[pl.DataFrame]) -> int:
         """Register the source rows as pending; rows already registered (a widened slice) keep
@@ -321,6 +378,7 @@ class Store:
                     "INSERT OR IGNORE INTO rows(row_idx, row_id) VALUES (?, ?)", pairs
                 )
                 n += cur.rowcount
+        self._row_count = None
         return n
 
     def explain_unsent(self, reason: str, error_class: str) -> int:
@@ -329,7 +387,7 @@ class Store:
         with self.tx():
             cur = self.conn.execute(
                 "UPDATE rows SET error = ?, error_class = ?, updated_at = ?"
-                " WHERE status IN ('pending', 'queued') AND error IS NULL",
+                " WHERE (status = 'pending' OR status = 'queued') AND error IS NULL",
                 (reason, error_class, time.time()),
             )
         return cur.rowcount
@@ -388,10 +446,18 @@ class Store:
         )
 
     def counts(self) -> dict[str, int]:
-        out = {s: 0 for s in ("pending", "queued", "succeeded", "failed", "skipped")}
-        for status, n in self.conn.execute("SELECT status, COUNT(*) FROM rows GROUP BY status"):
-            out[status] = n
-        return out
+        """Rows by state. The run loop asks at every poll: the rows without an answer are
+        counted on their own index (as big as the work left), a state at a time (a range
+        count each: half the CPU of grouping the index, ~34 against 61 ms for 1M rows), and
+        the succeeded ones are the rest."""
+        states = ("pending", "queued", "failed", "skipped")
+        found = self.conn.execute(
+            "SELECT "
+            + ", ".join(f"(SELECT COUNT(*) FROM rows WHERE status = '{s}')" for s in states)
+        ).fetchone()
+        out = dict(zip(states, map(int, found), strict=True))
+        out["succeeded"] = self.row_count() - sum(out.values())
+        return {s: out[s] for s in ("pending", "queued", "succeeded", "failed", "skipped")}
 
     def reset_rows(
         self,
@@ -806,6 +872,34 @@ class Store:
             self._mirror_chunk(chunk_id)
         return applied
 
+    def record_answers(
+        self,
+        chunk_id: int,
+        batch_id: str,
+        answers: list[tuple[int, RowOutcome, float | None]],
+        *,
+        key_id: str | None = None,
+    ) -> Applied:
+        """`record_outcomes` for a slice of a batch's success lines, one per custom id, each
+        with its row_idx from the chunk's `queued_order` (-1: not in it), sorted by it: the
+        collection's common case without a per-row pass to split, deduplicate and look up
+        (~1.5 µs a row). The same guarantees: a row takes its answer only while it is still
+        queued in this chunk, so recording the same lines again changes nothing."""
+        applied = Applied()
+        with self.tx():
+            applied.succeeded = self._apply_guarded(
+                chunk_id,
+                batch_id,
+                answers,
+                None,
+                "batch",
+                key_id,
+                time.time(),
+            )
+            applied.ignored = len(answers) - applied.succeeded
+            self._mirror_chunk(chunk_id)
+        return applied
+
     def queued_order(self, chunk_id: int) -> dict[str, int]:
         """custom id → row_idx of the rows still queued in this chunk (at most one batch's
         worth): collection records a slice in row order, so its updates walk the table
@@ -829,80 +923,79 @@ class Store:
         now: float,
         order: Mapping[str, int] | None = None,
     ) -> int:
-        """Answers of rows still queued in this chunk: an attempt each (billed tokens), then
-        the row succeeded. Returns how many rows took their answer."""
+        """Answers of rows still queued in this chunk: the row succeeded, its call counted
+        (billed tokens). Returns how many rows took their answer."""
         items = list(items)
+        rows: list[tuple[int, RowOutcome, float | None]] = []
         if order is not None:
+            rows = [(order.get(o.custom_id, -1), o, cost) for o, cost in items]
+        return self._apply_guarded(chunk_id, batch_id, rows, items, mode, key_id, now)
+
+    def _apply_guarded(
+        self,
+        chunk_id: int,
+        batch_id: str | None,
+        rows: list[tuple[int, RowOutcome, float | None]],
+        items: list[tuple[RowOutcome, float | None]] | None,
+        mode: str,
+        key_id: str | None,
+        now: float,
+    ) -> int:
+        """Apply `rows` (row_idx from the chunk's queued order, -1 if not in it) if every one
+        of them is still queued in this chunk; else (or without `rows`) the answers `items`
+        (None: those of `rows`) of the rows the guard finds still queued here. Returns how
+        many rows took theirs."""
+        if rows and all(r[0] >= 0 for r in rows):
             # Optimistic: every row of the slice is still queued in this chunk (the common
             # case: collection began with them queued and nothing else writes them). The
-            # guarded UPDATE proves it by its count; if any row was not (or an id is not in
-            # `order`), undo and look up.
+            # guarded UPDATE proves it by its count; if any row was not, undo and look up.
             self.conn.execute("SAVEPOINT fast")
-            done = self._apply_successes(
-                chunk_id, batch_id, items, mode, key_id, now, order, strict=True
-            )
-            if done == len(items):
+            done = self._apply_successes(chunk_id, batch_id, rows, mode, key_id, now, strict=True)
+            if done == len(rows):
                 self.conn.execute("RELEASE fast")
                 return done
             self.conn.execute("ROLLBACK TO fast")
             self.conn.execute("RELEASE fast")
-        # The guard, once for the slice (which ids are rows still queued in this chunk), so
-        # the attempts go in as plain rows: an INSERT … SELECT costs ~3x a plain INSERT a row.
+        # The guard, once for the slice (which ids are rows still queued in this chunk).
+        if items is None:
+            items = [(o, cost) for _, o, cost in rows]
         live = self._queued_among(chunk_id, [o.custom_id for o, _ in items])
-        return self._apply_successes(chunk_id, batch_id, items, mode, key_id, now, live)
+        rows = []
+        for o, cost in items:
+            row_idx = live.pop(o.custom_id, None)  # popped: a repeated id takes nothing
+            if row_idx is not None:
+                rows.append((row_idx, o, cost))
+        return self._apply_successes(chunk_id, batch_id, rows, mode, key_id, now)
 
     def _apply_successes(
         self,
         chunk_id: int,
         batch_id: str | None,
-        items: list[tuple[RowOutcome, float | None]],
+        rows: list[tuple[int, RowOutcome, float | None]],
         mode: str,
         key_id: str | None,
         now: float,
-        live: Mapping[str, int],
         *,
         strict: bool = False,
     ) -> int:
-        """UPDATE the rows of `live` (custom id → row_idx) still queued in this chunk to
-        succeeded and add their attempts; returns how many rows the UPDATE changed. `strict`:
-        no attempts unless every row of `live` changed (the caller then undoes the slice)."""
-        keep_batch = None if mode == "online" else batch_id  # an online answer has no batch
+        """UPDATE these rows (row_idx, answer, cost) still queued in this chunk to succeeded
+        and count their calls; returns how many rows the UPDATE changed. `strict`: no calls
+        counted unless every row changed (the caller then undoes the slice). A batch answer
+        with billed tokens is counted in the slice's `attempt_totals` and in its row's
+        `billed_answers` (no attempts row: ~2 µs a row of B-tree work); an online answer (one
+        a call, rare) keeps its attempts row. The statement's parameters are made one row at
+        a time as SQLite takes them (no list of tuples held)."""
         online = mode == "online"
-        # Rows of `live` with their outcome, in slice order; the statements' parameters are
-        # made one row at a time as SQLite takes them (no list of 14-tuples held: ~330 bytes
-        # a row of the slice).
-        rows = [(live[o.custom_id], o, cost) for o, cost in items if o.custom_id in live]
+        with_class = any(o.error_class is not None for _, o, _ in rows)
+        sums: dict[str | None, list[Any]] = {}
         cur = self.conn.executemany(
-            """UPDATE rows SET status = 'succeeded', response = COALESCE(?, response),
-                   finish_reason = ?, error = NULL, error_class = ?, model = COALESCE(?, model),
-                   prompt_tokens = COALESCE(prompt_tokens, 0) + COALESCE(?, 0),
-                   cached_tokens = COALESCE(cached_tokens, 0) + COALESCE(?, 0),
-                   completion_tokens = COALESCE(completion_tokens, 0) + COALESCE(?, 0),
-                   reasoning_tokens = COALESCE(reasoning_tokens, 0) + COALESCE(?, 0),
-                   cost_usd = CASE WHEN ? IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + ? END,
-                   batch_id = CASE WHEN ? THEN NULL ELSE COALESCE(?, batch_id) END,
-                   updated_at = ?, not_before = NULL
-               WHERE row_idx = ? AND status = 'queued' AND chunk_id = ?""",
-            (
-                (
-                    o.response,
-                    o.finish_reason,
-                    o.error_class,
-                    o.model,
-                    *_tokens(o.usage),
-                    cost,
-                    cost,
-                    online,
-                    keep_batch,
-                    now,
-                    row_idx,
-                    chunk_id,
-                )
-                for row_idx, o, cost in rows
-            ),
+            _success_sql(chunk_id, None if online else batch_id, online, now, with_class),
+            _success_params(rows, sums, billed=not online, with_class=with_class),
         )
         changed = max(0, cur.rowcount)
-        if changed == len(rows) or not strict:
+        if (changed == len(rows) or not strict) and not online:
+            self._add_totals(chunk_id, batch_id, mode, key_id, now, sums)
+        elif changed == len(rows) or not strict:
             self.conn.executemany(
                 "INSERT INTO attempts(row_idx, chunk_id, batch_id, mode, ok, model, prompt_tokens,"
                 " cached_tokens, completion_tokens, reasoning_tokens, cost_usd, ts, key_id)"
@@ -924,6 +1017,23 @@ class Store:
                 ),
             )
         return changed
+
+    def _add_totals(
+        self,
+        chunk_id: int,
+        batch_id: str | None,
+        mode: str,
+        key_id: str | None,
+        now: float,
+        sums: dict[str | None, list[Any]],
+    ) -> None:
+        """One `attempt_totals` row per model (the sums `_success_params` made)."""
+        self.conn.executemany(
+            "INSERT INTO attempt_totals(chunk_id, batch_id, mode, model, key_id, n, prompt_tokens,"
+            " cached_tokens, completion_tokens, reasoning_tokens, cost_usd, unpriced_n, ts)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(chunk_id, batch_id, mode, m, key_id, *t, now) for m, t in sums.items()],
+        )
 
     def _queued_among(self, chunk_id: int, row_ids: list[str]) -> dict[str, int]:
         """row_id → row_idx of those of `row_ids` still queued in this chunk."""
@@ -1062,15 +1172,17 @@ class Store:
 
     def dedup_savings(self) -> dict[str, Any]:
         """Followers, and what pairing saved: the requests their leaders' executions would have
-        cost each of them again (leader's attempts × followers), and those attempts' dollars."""
+        cost each of them again (leader's attempts × followers), and those attempts' dollars.
+        A leader's calls are its attempts rows plus its batch answers (`billed_answers`); its
+        dollars are its own row's cost, the sum of every call it was billed for."""
         row = self.conn.execute(
             """SELECT COALESCE(SUM(g.n), 0),
-                      COALESCE(SUM(g.n * (SELECT COUNT(*) FROM attempts a
-                                          WHERE a.row_idx = g.leader_idx)), 0),
-                      COALESCE(SUM(g.n * (SELECT COALESCE(SUM(a.cost_usd), 0) FROM attempts a
-                                          WHERE a.row_idx = g.leader_idx)), 0)
+                      COALESCE(SUM(g.n * ((SELECT COUNT(*) FROM attempts a
+                                           WHERE a.row_idx = g.leader_idx)
+                                          + COALESCE(l.billed_answers, 0))), 0),
+                      COALESCE(SUM(g.n * COALESCE(l.cost_usd, 0)), 0)
                FROM (SELECT leader_idx, COUNT(*) AS n FROM rows WHERE leader_idx IS NOT NULL
-                     GROUP BY leader_idx) AS g"""
+                     GROUP BY leader_idx) AS g JOIN rows AS l ON l.row_idx = g.leader_idx"""
         ).fetchone()
         return {"rows": int(row[0]), "requests": int(row[1]), "cost_usd": float(row[2])}
 
@@ -1115,19 +1227,19 @@ class Store:
 
     def cost_by_model(self) -> list[sqlite3.Row]:
         return self.conn.execute(
-            """SELECT model, mode, COUNT(*) AS calls, SUM(ok) AS ok, COUNT(*) - SUM(ok) AS failed,
+            f"""SELECT model, mode, SUM(n) AS calls, SUM(ok) AS ok, SUM(n) - SUM(ok) AS failed,
                       SUM(COALESCE(prompt_tokens,0)) AS prompt_tokens, SUM(COALESCE(cached_tokens,0)) AS cached_tokens,
                       SUM(COALESCE(completion_tokens,0)) AS completion_tokens,
                       SUM(COALESCE(reasoning_tokens,0)) AS reasoning_tokens,
-                      SUM(cost_usd) AS cost_usd, SUM(cost_usd IS NULL AND prompt_tokens IS NOT NULL) AS unpriced
-               FROM attempts GROUP BY model, mode ORDER BY model"""
+                      SUM(cost_usd) AS cost_usd, SUM(unpriced) AS unpriced
+               FROM {CALLS} GROUP BY model, mode ORDER BY model"""
         ).fetchall()
 
     def cost_by_batch(self) -> list[sqlite3.Row]:
-        # One pass over the attempts grouped by batch (no index on attempts.batch_id: it cost
+        # One pass over the calls grouped by batch (no index on attempts.batch_id: it cost
         # every recorded answer ~1 µs), joined to the few batches.
         return self.conn.execute(
-            """SELECT b.batch_id, b.chunk_id, b.model, b.status, b.request_total, b.request_completed,
+            f"""SELECT b.batch_id, b.chunk_id, b.model, b.status, b.request_total, b.request_completed,
                       b.request_failed, c.est_cost, c.est_tokens,
                       a.cost_usd, a.prompt_tokens, a.completion_tokens,
                       b.created_at, b.ended_at
@@ -1135,17 +1247,19 @@ class Store:
                LEFT JOIN (SELECT batch_id, SUM(cost_usd) AS cost_usd,
                                  SUM(prompt_tokens) AS prompt_tokens,
                                  SUM(completion_tokens) AS completion_tokens
-                          FROM attempts WHERE batch_id IS NOT NULL GROUP BY batch_id) AS a
+                          FROM {CALLS} WHERE batch_id IS NOT NULL GROUP BY batch_id) AS a
                  ON a.batch_id = b.batch_id
                ORDER BY b.created_at"""
         ).fetchall()
 
     def unpriced_count(self) -> int:
-        """Attempts with billed tokens but no known price (served by a partial index: the
-        count at the end of a run does not scan every attempt)."""
+        """Calls with billed tokens but no known price (attempts: served by a partial index,
+        the count at the end of a run does not scan every attempt; plus the slices' totals)."""
         return int(
             self.conn.execute(
-                "SELECT COUNT(*) FROM attempts WHERE cost_usd IS NULL AND prompt_tokens IS NOT NULL"
+                "SELECT (SELECT COUNT(*) FROM attempts WHERE cost_usd IS NULL"
+                " AND prompt_tokens IS NOT NULL)"
+                " + (SELECT COALESCE(SUM(unpriced_n), 0) FROM attempt_totals)"
             ).fetchone()[0]
         )
 
@@ -1153,30 +1267,39 @@ class Store:
         """Per (model, key fingerprint): calls, failures, tokens and cost of every attempt."""
         out: dict[tuple[str, str], dict[str, Any]] = {}
         for r in self.conn.execute(
-            """SELECT model, COALESCE(key_id, '') AS key_id, COUNT(*) AS calls,
-                      COUNT(*) - SUM(ok) AS failures,
+            f"""SELECT model, COALESCE(key_id, '') AS key_id, SUM(n) AS calls,
+                      SUM(n) - SUM(ok) AS failures,
                       SUM(COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0)) AS tokens,
                       SUM(cost_usd) AS cost_usd
-               FROM attempts GROUP BY model, key_id"""
+               FROM {CALLS} GROUP BY model, key_id"""
         ):
             out[(r["model"] or "", r["key_id"])] = dict(r)
         return out
 
     def spent(self) -> float:
-        """What every attempt so far cost. The run loop asks after every poll: attempts are
-        only ever appended, so only those newer than the last committed answer are summed
-        (a full scan each time cost ~1 s a million rows at 1M, growing with the square)."""
+        """What every call so far cost. The run loop asks after every poll: attempts and
+        totals are only ever appended, so only those newer than the last committed ones are
+        summed (a full scan each time cost ~1 s a million rows at 1M, growing with the square)."""
         if self.conn.in_transaction:  # may still roll back: not worth remembering
             return float(
-                self.conn.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM attempts").fetchone()[0]
+                self.conn.execute(
+                    "SELECT (SELECT COALESCE(SUM(cost_usd), 0) FROM attempts)"
+                    " + (SELECT COALESCE(SUM(cost_usd), 0) FROM attempt_totals)"
+                ).fetchone()[0]
             )
-        last_id, total = self._spent
-        new, top = self.conn.execute(
-            "SELECT COALESCE(SUM(cost_usd), 0), MAX(id) FROM attempts WHERE id > ?", (last_id,)
-        ).fetchone()
-        if top is not None:
-            self._spent = (int(top), total + float(new))
-        return self._spent[1]
+        last_attempt, last_total, total = self._spent
+        for table, last in (("attempts", last_attempt), ("attempt_totals", last_total)):
+            new, top = self.conn.execute(
+                f"SELECT COALESCE(SUM(cost_usd), 0), MAX(id) FROM {table} WHERE id > ?", (last,)
+            ).fetchone()
+            if top is not None:
+                total += float(new)
+                if table == "attempts":
+                    last_attempt = int(top)
+                else:
+                    last_total = int(top)
+        self._spent = (last_attempt, last_total, total)
+        return total
 
     def events(self, limit: int = 50) -> list[sqlite3.Row]:
         return self.conn.execute(
@@ -1192,16 +1315,20 @@ class Store:
         )
 
     def last_attempts(self, row_idxs: list[int]) -> dict[int, float]:
-        """When each of these rows was last sent (its newest attempt)."""
+        """When each of these rows was last sent (its newest attempt). A batch answer has no
+        attempts row: it was recorded when the row succeeded (a terminal state: its
+        `updated_at` never moves again)."""
         out: dict[int, float] = {}
         for i in range(0, len(row_idxs), 500):
             part = row_idxs[i : i + 500]
             marks = ",".join("?" * len(part))
             for r in self.conn.execute(
-                f"SELECT row_idx, MAX(ts) FROM attempts WHERE row_idx IN ({marks}) GROUP BY row_idx",
-                part,
+                f"SELECT row_idx, MAX(ts) FROM attempts WHERE row_idx IN ({marks}) GROUP BY row_idx"
+                f" UNION ALL SELECT row_idx, updated_at FROM rows WHERE row_idx IN ({marks})"
+                " AND billed_answers > 0",
+                part + part,
             ):
-                out[r[0]] = r[1]
+                out[r[0]] = max(r[1], out.get(r[0], r[1]))
         return out
 
     def rows_by_status(self, statuses: tuple[str, ...]) -> list[sqlite3.Row]:
@@ -1239,11 +1366,11 @@ class Store:
         out = []
         for cls, n in self.conn.execute(
             "SELECT COALESCE(error_class, 'unknown'), COUNT(*) FROM rows"
-            " WHERE status != 'succeeded' AND error IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1"
+            f" WHERE {UNANSWERED} AND error IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1"
         ).fetchall():
             rows = self.conn.execute(
                 "SELECT row_idx, row_id, status, attempts, error FROM rows"
-                " WHERE status != 'succeeded' AND error IS NOT NULL"
+                f" WHERE {UNANSWERED} AND error IS NOT NULL"
                 " AND COALESCE(error_class, 'unknown') = ? ORDER BY row_idx LIMIT ?",
                 (cls, examples),
             ).fetchall()
@@ -1265,6 +1392,95 @@ class Store:
             " FROM rows WHERE status = 'succeeded' ORDER BY row_idx LIMIT ?",
             (n,),
         ).fetchall()
+
+
+def _success_sql(
+    chunk_id: int,
+    batch_id: str | None,
+    online: bool,
+    now: float,
+    with_class: bool,
+) -> str:
+    """The UPDATE that records a slice's answers. What is the same for the whole slice (its
+    chunk, batch, time, and no error class) is written into the statement as literals: each
+    bound value costs SQLite ~0.25 µs a row (~1.2 µs a row less than binding them)."""
+    if online:
+        batch = "NULL"  # an answer from an online call belongs to no batch
+    elif batch_id is None:
+        batch = "batch_id"
+    else:
+        batch = _sql_text(batch_id)
+    error_class = "?11" if with_class else "NULL"
+    return f"""UPDATE rows SET status = 'succeeded', response = COALESCE(?1, response),
+                   finish_reason = ?2, error = NULL, error_class = {error_class},
+                   model = COALESCE(?3, model),
+                   prompt_tokens = COALESCE(prompt_tokens, 0) + COALESCE(?4, 0),
+                   cached_tokens = COALESCE(cached_tokens, 0) + COALESCE(?5, 0),
+                   completion_tokens = COALESCE(completion_tokens, 0) + COALESCE(?6, 0),
+                   reasoning_tokens = COALESCE(reasoning_tokens, 0) + COALESCE(?7, 0),
+                   cost_usd = CASE WHEN ?8 IS NULL THEN cost_usd ELSE COALESCE(cost_usd, 0) + ?8 END,
+                   batch_id = {batch}, updated_at = {float(now)!r}, not_before = NULL,
+                   billed_answers = COALESCE(billed_answers, 0) + ?9
+               WHERE row_idx = ?10 AND status = 'queued' AND chunk_id = {int(chunk_id)}"""
+
+
+def _success_params(
+    rows: list[tuple[int, RowOutcome, float | None]],
+    sums: dict[str | None, list[Any]],
+    *,
+    billed: bool,
+    with_class: bool,
+) -> Iterator[tuple[Any, ...]]:
+    """`_success_sql`'s parameters, a row at a time (?11, the error class, only `with_class`).
+    On the way, per model, what `attempt_totals` keeps of the answers with billed tokens (the
+    calls): [calls, prompt, cached, completion, reasoning tokens, cost (None while no call
+    had a price, as SQL's SUM), calls without a price]."""
+    if with_class:
+        for p, (_, o, _) in zip(
+            _success_params(rows, sums, billed=billed, with_class=False), rows, strict=True
+        ):
+            yield (*p, o.error_class)
+        return
+    last: Any = sums  # no model is this object: the first call looks its model up
+    t: list[Any] = []
+    for row_idx, o, cost in rows:
+        u = o.usage
+        if u is None:  # no billed tokens: not a call (as no attempts row was before)
+            yield (o.response, o.finish_reason, o.model, None, None, None, None, cost, 0, row_idx)
+            continue
+        model = o.model
+        if model is not last:  # a slice's models are mostly one interned string
+            last = model
+            t = sums.setdefault(model, [0, 0, 0, 0, 0, None, 0])
+        prompt, cached = u.prompt_tokens, u.cached_tokens
+        completion, reasoning = u.completion_tokens, u.reasoning_tokens
+        t[0] += 1
+        t[1] += prompt or 0
+        t[2] += cached or 0
+        t[3] += completion or 0
+        t[4] += reasoning or 0
+        if cost is None:
+            t[6] += 1
+        else:
+            t[5] = cost if t[5] is None else t[5] + cost
+        yield (
+            o.response,
+            o.finish_reason,
+            model,
+            prompt,
+            cached,
+            completion,
+            reasoning,
+            cost,
+            billed,
+            row_idx,
+        )
+
+
+def _sql_text(text: str) -> str:
+    """A string as an SQL literal that SQLite reads back unchanged: quotes doubled, a NUL
+    (which no SQL text may hold) spelled as char(0)."""
+    return "'" + text.replace("'", "''").replace("\x00", "' || char(0) || '") + "'"
 
 
 def _chunk(r: sqlite3.Row) -> ChunkRow:

@@ -182,3 +182,11 @@ def assert_one_batch_per_chunk_and_attempt(emu: Any, known: set[tuple[int, int]]
     assert set(keys) == known
     inputs = {f.id for f in client.files.list(purpose="batch")}
     assert inputs == {b.input_file_id for b in batches}
+
+
+# Answers paid for: failed calls and online answers are attempts rows of their own, a batch's
+# answers are summed per recorded slice in attempt_totals (schema 6).
+PAID_ANSWERS_SQL = (
+    "SELECT (SELECT COUNT(*) FROM attempts WHERE ok = 1)"
+    " + (SELECT COALESCE(SUM(n), 0) FROM attempt_totals)"
+)

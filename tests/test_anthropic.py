@@ -21,6 +21,7 @@ import orjson
 import pytest
 from cli_helpers import (
     AWKWARD_ROWS,
+    PAID_ANSWERS_SQL,
     awkward_table,
     invoke,
     read_csv,
@@ -283,7 +284,7 @@ def test_kill_9_during_run_loses_nothing_and_runs_nothing_twice(
     assert {r["status"] for r in rows} == {"succeeded"}
     assert {r["sku"]: r["response"] for r in rows} == expected(run_dir)
     with sqlite3.connect(run_dir / "state.db") as db:
-        (n,) = db.execute("SELECT COUNT(*) FROM attempts WHERE ok = 1").fetchone()
+        (n,) = db.execute(PAID_ANSWERS_SQL).fetchone()
         (batches,) = db.execute("SELECT COUNT(*) FROM batches").fetchone()
     assert n == 120
     reconciled = db_messages(run_dir, "%reconciled%")

@@ -48,7 +48,7 @@ def assert_status_matches_db(st: dict, run_dir: Path) -> None:
     assert {s: a["count"] for s, a in st["batch_ages"].items()} == by_status
     submitted = conn.execute("SELECT COUNT(*) FROM chunks WHERE state = 'submitted'").fetchone()[0]
     assert st["in_flight"] == submitted
-    spent = conn.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM attempts").fetchone()[0]
+    spent = conn.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM rows").fetchone()[0]
     assert st["spent_usd"] == pytest.approx(spent)
     retried = conn.execute("SELECT COUNT(*) FROM rows WHERE attempts > 0").fetchone()[0]
     assert st["retries"]["rows"] == retried

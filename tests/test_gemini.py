@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from cli_helpers import (
     AWKWARD_ROWS,
+    PAID_ANSWERS_SQL,
     awkward_table,
     executions,
     expected_answers,
@@ -93,7 +94,7 @@ def assert_each_row_answered_once(emu: Any, run_dir: Path, n: int) -> list[dict[
     assert {r["status"] for r in rows} == {"succeeded"}
     assert {r["sku"]: r["response"] for r in rows} == expected_answers(run_dir)
     with sqlite3.connect(run_dir / "state.db") as db:
-        (ok,) = db.execute("SELECT COUNT(*) FROM attempts WHERE ok = 1").fetchone()
+        (ok,) = db.execute(PAID_ANSWERS_SQL).fetchone()
     assert ok == n  # one paid answer per row
     return rows
 

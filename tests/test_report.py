@@ -62,7 +62,7 @@ def test_report_json_matches_the_database(finished_run: Path):
     assert {k: v for k, v in data["rows"].items() if v} == counts
     assert counts.get("failed") and counts.get("succeeded")
     assert data["total_rows"] == sum(counts.values())
-    spent = conn.execute("SELECT SUM(cost_usd) FROM attempts").fetchone()[0]
+    spent = conn.execute("SELECT SUM(cost_usd) FROM rows").fetchone()[0]  # every call's cost
     assert data["cost"]["total_usd"] == pytest.approx(spent)
     batches = [r[0] for r in conn.execute("SELECT batch_id FROM batches ORDER BY created_at")]
     assert sorted(b["batch_id"] for b in data["cost"]["by_batch"]) == sorted(batches)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import (
+    PAID_ANSWERS_SQL,
     all_logs,
     assert_one_batch_per_chunk_and_attempt,
     awkward_table,
@@ -232,7 +233,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_sends_nothing_twice(
     assert {r["status"] for r in rows} == {"succeeded"}
     assert {r["sku"]: r["response"] for r in rows} == expected_answers(run_dir)
     with sqlite3.connect(f"file:{run_dir / 'state.db'}?mode=ro", uri=True) as db:
-        (n,) = db.execute("SELECT COUNT(*) FROM attempts WHERE ok = 1").fetchone()
+        (n,) = db.execute(PAID_ANSWERS_SQL).fetchone()
         known = set(db.execute("SELECT chunk_id, attempt FROM batches").fetchall())
     assert n == 240
     assert_one_batch_per_chunk_and_attempt(emu, known)
