@@ -303,7 +303,7 @@ def test_create_poll_download_read_round_trip(emulator_factory: Factory, tmp_pat
 def test_find_batch_after_a_lost_create(emulator_factory: Factory, tmp_path: Path) -> None:
     """A create whose answer was lost: no intent file → nothing was sent; a running unclaimed
     batch of the same size → undecided (raises, transient); once ended → found by its ids."""
-    emu = emulator_factory(stuck_first_n=1, stuck_seconds=0.6)
+    emu = emulator_factory(stuck_first_n=1)  # the first batch stays pending until released
     path = chunk_file(tmp_path, ["r1", "r2"])
     req = request(path)
     since = time.time() - 3600
@@ -318,6 +318,7 @@ def test_find_batch_after_a_lost_create(emulator_factory: Factory, tmp_path: Pat
         fresh.find_batch(req, since)  # ours is stuck in progress: cannot tell yet
     assert info.value.cls == "api_error" and info.value.status is None
     assert not info.value.refused
+    emu.update_scenario(stuck_first_n=0)  # now it runs and ends
     wait_ended(fresh, made.id)
     found = fresh.find_batch(req, since)
     assert found is not None and found.id == made.id != other.id

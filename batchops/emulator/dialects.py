@@ -207,9 +207,13 @@ def start_batch(
     if seq < sc.stuck_first_n and sc.stuck_seconds > 0:
         # Stuck: "validation" ends only later, so the batch shows pending and runs nothing.
         def release() -> None:
+            reg["stuck"].pop(seq, None)
             if not fut.done():
                 fut.set_result(check)
 
+        # Released when its time is up, or at once when a scenario change lowers stuck_first_n
+        # to seq or below (Emulator.update_scenario): tests release it without racing a clock.
+        reg.setdefault("stuck", {})[seq] = release
         asyncio.get_running_loop().call_later(sc.scaled(sc.stuck_seconds), release)
     else:
         fut.set_result(check)

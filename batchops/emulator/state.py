@@ -277,6 +277,11 @@ class Emulator:
 
     def update_scenario(self, changes: dict[str, Any]) -> Scenario:
         self.scenario = self.scenario.updated(**changes)
+        # Stuck batches no longer among the first stuck_first_n go on now (dialects.start_batch).
+        for reg in self.dialects.values():
+            for seq, release in list(reg.get("stuck", {}).items()):
+                if seq >= self.scenario.stuck_first_n:
+                    release()
         return self.scenario
 
     def stats(self) -> dict[str, Any]:
