@@ -381,8 +381,9 @@ def watch(
             engine.reconcile()  # creates nothing: re-attaches what a crash left half-done
             while True:
                 engine.poll()
-                engine.report_progress()
-                if not run.store.chunks(ChunkState.SUBMITTED):
+                ended = not run.store.chunks(ChunkState.SUBMITTED)
+                engine.report_progress(fresh=ended)  # the last one shows the final counts
+                if ended:
                     break
                 engine.sleep(run.spec.poll_interval)
             c = run.store.counts()

@@ -140,6 +140,41 @@ def test_answers_joined_by_id_despite_shuffled_output(make):
     h.assert_all_answered_once()
 
 
+def test_progress_counts_are_taken_again_only_when_cheap_enough_and_last_fresh(make):
+    """Counting rows costs time in proportion to the rows left: the progress display takes
+    them again only once 1/PROGRESS_COUNT_SHARE times their last cost has passed, and the
+    last report of a run always shows the final counts."""
+    h = make(n_rows=12)
+    engine = h.engine()
+    ticks = iter([0.0, 1.0, 10.0, 100.0, 101.0, 102.0, 103.0])  # a count "costs" 1 s: kept 50 s
+    engine.clock = lambda: next(ticks)
+    seen: list[dict[str, int]] = []
+    engine.on_progress = lambda p: seen.append(p.counts)
+    try:
+        engine.ensure_rows()
+        engine.report_progress()  # counted at 0 (cost 1)
+        engine.build_pending()  # 12 rows pending → queued
+        engine.report_progress()  # at 10: within 50 s, the last counts are shown again
+        engine.report_progress()  # at 100: counted again
+        engine.report_progress(fresh=True)  # counted whatever the clock says
+    finally:
+        engine.run.close()
+    assert [c["pending"] for c in seen] == [12, 12, 0, 0]
+    assert [c["queued"] for c in seen] == [0, 0, 12, 12]
+
+
+def test_the_last_progress_report_of_a_run_shows_its_final_counts(make):
+    h = make(n_rows=25)
+    engine = h.engine()
+    seen: list[dict[str, int]] = []
+    engine.on_progress = lambda p: seen.append(p.counts)
+    try:
+        result = engine.execute()
+    finally:
+        engine.run.close()
+    assert seen[-1] == result.counts and result.counts["succeeded"] == 25
+
+
 def test_rerun_of_a_finished_run_sends_nothing(make):
     h = make()
     h.run()
