@@ -163,19 +163,25 @@ def dry_run(
     return result
 
 
-def start_emulator(work: Path) -> tuple[subprocess.Popen, str]:
-    """`batchops emulator` in its own process (fast timings; --no-wait never waits for them)."""
+def start_emulator(
+    work: Path, knobs: dict[str, Any] | None = None, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`batchops emulator` in its own process (fast timings unless `knobs` says otherwise;
+    --no-wait never waits for them), with `env` as its environment when given."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     scenario = work / "scenario.json"
-    scenario.write_text(json.dumps({"validating_seconds": 0.05, "in_progress_seconds": 0.2}))
+    scenario.write_text(
+        json.dumps(knobs or {"validating_seconds": 0.05, "in_progress_seconds": 0.2})
+    )
     cmd = [sys.executable, "-m", "batchops.cli", "emulator", "--port", str(port)]
     proc = subprocess.Popen(
         [*cmd, "--scenario", str(scenario)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=ROOT,
+        env=env,
     )
     root = f"http://127.0.0.1:{port}"
     for _ in range(400):

@@ -464,7 +464,11 @@ def report(
         "Not a benchmark but kept beside them: `python benchmarks/mutants.py` applies one-line "
         "bugs (join by line order, expired rows not re-queued, reconcile without lookup, …) one "
         "at a time to a temporary copy of the repository and shows which tests catch each "
-        "(every one must be caught by at least two).",
+        "(every one must be caught by at least two). `python benchmarks/compare_readers.py "
+        "<ref>` runs one emulator scenario (failed-then-answered, rejected, cached and duplicate "
+        "rows; a batch and an online run) through `<ref>`'s batchops and this tree's and "
+        "compares what every reader shows (status, cost, pool status, maintain, report.json, "
+        "the merged output): written for schema 6, for any change of what the store holds.",
         "",
     ]
     for name, text in extra.items():
