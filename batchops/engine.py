@@ -108,6 +108,28 @@ class Progress:
     spent: float
 
 
+class ProgressCounts:
+    """Row counts for a progress display. Counting costs time in proportion to the rows
+    without an answer (~35 ms a million): taken at every poll, a run of N rows would spend
+    N × polls on it (~45 s of CPU in a 5M-row run at 0.5 s polls). So the counts are taken
+    again only once 1/PROGRESS_COUNT_SHARE times their last cost has passed (at 30 s polls,
+    every poll), and always when `fresh` (the last report of a run)."""
+
+    def __init__(self, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store, self.clock = store, clock
+        self._last: tuple[dict[str, int], float, float] | None = None  # counts, when, cost
+
+    def get(self, *, fresh: bool = False) -> dict[str, int]:
+        now = self.clock()
+        if not fresh and self._last is not None:
+            counts, at, cost = self._last
+            if now - at < cost / PROGRESS_COUNT_SHARE:
+                return counts
+        counts = self.store.counts()
+        self._last = (counts, now, self.clock() - now)
+        return counts
+
+
 @dataclass
 class EngineResult:
     counts: dict[str, int]
@@ -146,7 +168,6 @@ class BatchEngine:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.run = run
-        self.clock = clock
         self.store = run.store
         self.spec = run.spec
         self.pool = pool
@@ -173,8 +194,7 @@ class BatchEngine:
         # Set by the run loop (and `batchops run` before its first build): each chunk starts
         # uploading as soon as it is built. Off for a bare build_pending (estimates, tests).
         self.upload_while_building = False
-        # The last counts shown by report_progress: (counts, when, what counting them cost).
-        self._shown: tuple[dict[str, int], float, float] | None = None
+        self.progress_counts = ProgressCounts(self.store, clock)
 
     @property
     def src(self) -> source.Source:
@@ -409,27 +429,12 @@ class BatchEngine:
                 remote[b["status"]] = remote.get(b["status"], 0) + 1
         self.on_progress(
             Progress(
-                self._progress_counts(fresh),
+                self.progress_counts.get(fresh=fresh),
                 len(self.store.chunks(ChunkState.SUBMITTED)),
                 remote,
                 self.store.spent(),
             )
         )
-
-    def _progress_counts(self, fresh: bool) -> dict[str, int]:
-        """Row counts for the progress display. Counting costs time in proportion to the rows
-        without an answer (~35 ms a million): asked at every poll, a run of N rows would spend
-        N × polls on it (~45 s of CPU in a 5M-row run at 0.5 s polls). So the counts are
-        taken again only once PROGRESS_COUNT_SHARE⁻¹ times their last cost has passed (at
-        30 s polls, every poll), and always when `fresh` (the last report of a run)."""
-        now = self.clock()
-        if not fresh and self._shown is not None:
-            counts, at, cost = self._shown
-            if now - at < cost / PROGRESS_COUNT_SHARE:
-                return counts
-        counts = self.store.counts()
-        self._shown = (counts, now, self.clock() - now)
-        return counts
 
     # ------------------------------------------------------------------ submitting
     def token_limit(self, model: str) -> int | None:

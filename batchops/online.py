@@ -45,6 +45,7 @@ from batchops.backends import RemoteError
 from batchops.engine import (
     EngineResult,
     Progress,
+    ProgressCounts,
     explain_stop,
     record_exhaustion,
     register_rows,
@@ -206,6 +207,7 @@ class OnlineEngine:
         self.pool = pool
         self.workers = workers or self.spec.workers
         self.on_progress = on_progress
+        self.progress_counts = ProgressCounts(self.store)
         self.group_rows = group_rows
         self.src = src or source.open_source(self.spec)
         self.overrides = pricing.overrides_from_spec(self.spec)
@@ -333,7 +335,7 @@ class OnlineEngine:
         )
         stopped = self._why_stopped()
         explain_stop(self.store, stopped)
-        self._report()
+        self._report(fresh=True)
         return EngineResult(self.store.counts(), stopped, self.store.spent())
 
     def _why_stopped(self) -> StopReason | None:
@@ -770,12 +772,12 @@ class OnlineEngine:
             await asyncio.sleep(PROGRESS_EVERY)
             self._report()
 
-    def _report(self) -> None:
+    def _report(self, *, fresh: bool = False) -> None:
         if self.on_progress is None:
             return
         self.on_progress(
             Progress(
-                self.store.counts(),
+                self.progress_counts.get(fresh=fresh),
                 0,
                 {"online requests in flight": self.in_flight},
                 self.spent,

@@ -147,7 +147,7 @@ def test_progress_counts_are_taken_again_only_when_cheap_enough_and_last_fresh(m
     h = make(n_rows=12)
     engine = h.engine()
     ticks = iter([0.0, 1.0, 10.0, 100.0, 101.0, 102.0, 103.0])  # a count "costs" 1 s: kept 50 s
-    engine.clock = lambda: next(ticks)
+    engine.progress_counts.clock = lambda: next(ticks)
     seen: list[dict[str, int]] = []
     engine.on_progress = lambda p: seen.append(p.counts)
     try:

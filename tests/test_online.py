@@ -118,6 +118,10 @@ def test_online_run_answers_every_row_exactly_once(emulator_factory, tmp_path: P
     assert abs(m["cost_usd"] - sum(float(r["cost_usd"]) for r in rows)) < 1e-9
     # Every group was closed; nothing left queued.
     assert db_rows(run_dir, "SELECT DISTINCT state FROM chunks") == [("collected",)]
+    # The last progress line shows the final counts (taken fresh, however recent the last).
+    (log,) = (tmp_path / "logs").glob("*.log")
+    progress = [ln for ln in log.read_text(encoding="utf-8").splitlines() if "progress: " in ln]
+    assert f"rows {n}/{n} done ({n} succeeded" in progress[-1]
 
 
 def test_kill_9_mid_run_loses_at_most_the_requests_in_flight(emulator_factory, tmp_path: Path):
