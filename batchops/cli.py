@@ -203,6 +203,19 @@ dedup_option = click.option(
 )
 
 
+# Provider file stores are limited (Azure: 500 files a resource without expiry): a batch's
+# files are deleted remotely once its results are recorded (the run dir keeps copies).
+keep_files_option = click.option(
+    "--keep-remote-files/--delete-remote-files",
+    "keep_remote_files",
+    default=None,
+    help="Keep each batch's uploaded input file and its result files on the provider after its "
+    "results are recorded (by default they are deleted then: the run dir keeps copies; files "
+    "of a batch whose results came back short are always kept) "
+    "[delete; toml: keep_remote_files = true].",
+)
+
+
 def run_dir_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--run-dir",
@@ -378,6 +391,7 @@ def cli() -> None:
 )
 @completion_threshold_option
 @dedup_option
+@keep_files_option
 @click.option(
     "--token-limit", type=int, default=None, help="Enqueued prompt tokens in flight per model."
 )

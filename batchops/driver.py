@@ -386,6 +386,7 @@ def watch(
                 if ended:
                     break
                 engine.sleep(run.spec.poll_interval)
+            engine.finish_deletes()
             c = run.store.counts()
             stopped = StopReason.ROWS_LEFT if c["pending"] or c["queued"] else None
         final = merge_run(run) if run.store.counts()["succeeded"] else None

@@ -188,6 +188,9 @@ class BatchEngine:
         # Uploads started as soon as a chunk is built (see _upload_ahead): chunk id → call.
         self._uploads: dict[int, Future[str]] = {}
         self._uploader: ThreadPoolExecutor | None = None
+        # Deletes of collected batches' remote files (see _discard_remote_files).
+        self._deletes: list[Future[None]] = []
+        self._deleter: ThreadPoolExecutor | None = None
         # Off after the first failed upload ahead: the one-by-one path, with its lookups and
         # give-up accounting, takes over for the rest of this invocation.
         self._ahead = spec_allows_ahead(run.spec)
@@ -380,6 +383,7 @@ class BatchEngine:
             if self.store.has_pending() and self.pool.current():
                 self.build_pending()
         self._finish_uploads()
+        self.finish_deletes()
         explain_stop(self.store, stopped)
         self.report_progress(fresh=True)
         return EngineResult(self.store.counts(), stopped, self.store.spent())
@@ -918,6 +922,34 @@ class BatchEngine:
             f" + {tally.unpriced} request(s) without a known price" if tally.unpriced else "",
             self.store.spent(),
         )
+        if not short and not self.spec.keep_remote_files:
+            self._discard_remote_files(backend, chunk, b)
+
+    def _discard_remote_files(self, backend: Backend, chunk: ChunkRow, b: RemoteBatch) -> None:
+        """Delete a collected batch's input and result files on the provider: file stores are
+        limited (Azure: 500 files a resource without expiry) and a large job makes thousands;
+        the run dir keeps copies. Only after its outcomes are committed (a crash before leaves
+        files behind, never a batch without its results); files of a batch whose results came
+        back short are kept (`collect` does not call this), so they can be looked at again. A
+        failed delete is only a warning: nothing depends on it."""
+        if not backend.uploads_files:  # inline requests, results by URL: no files of ours
+            return
+        refs = [r for r in dict.fromkeys((chunk.file_id, b.output_ref, b.error_ref)) if r]
+        if refs:
+            # In the background: at a provider's ~0.2 s a call, 3 deletes a batch would hold
+            # the run loop up ~20 min over a 2,000-batch job. Waited for at the end of a run.
+            if self._deleter is None:
+                self._deleter = ThreadPoolExecutor(max_workers=2, thread_name_prefix="delete")
+            self._deletes.append(self._deleter.submit(_delete_files, backend, b.id, refs))
+
+    def finish_deletes(self) -> None:
+        """Wait for the deletes of collected batches' files (each failure already logged)."""
+        deletes, self._deletes = self._deletes, []
+        for call in deletes:
+            call.result()
+        if self._deleter is not None:
+            self._deleter.shutdown(wait=True)
+            self._deleter = None
 
     def _download_results(self, backend: Backend, b: RemoteBatch) -> list[Path]:
         paths = []
@@ -1277,3 +1309,13 @@ def restore_pool(store: Store, pool: Pool) -> int:
             f"; starting with {pool.describe_pair(left)}" if left else "; none is left",
         )
     return n
+
+
+def _delete_files(backend: Backend, batch_id: str, refs: list[str]) -> None:
+    """Delete these remote files of a collected batch; a failure is only a warning."""
+    for ref in refs:
+        try:
+            backend.delete_file(ref)
+        except RemoteError as exc:
+            if exc.status != 404:  # 404: already gone (e.g. a retried delete that had worked)
+                logger.warning("batch {}: could not delete file {}: {}", batch_id, ref, exc)

@@ -163,6 +163,7 @@ def monitor(
             engine.reconcile()
             if run.store.chunks(ChunkState.SUBMITTED):
                 engine.poll()
+                engine.finish_deletes()
                 actions.append("polled and collected batches in flight")
             before = analyse(run)
             below = before["completion"] < spec.completion_threshold

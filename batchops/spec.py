@@ -161,6 +161,11 @@ class JobSpec(BaseModel):
     token_limit: int | None = Field(
         None, ge=1, description="default enqueued-token limit per model"
     )
+    keep_remote_files: bool = Field(
+        False,
+        description="keep each batch's uploaded input and its result files on the provider after"
+        " collection (default: deleted once recorded; the run dir keeps copies)",
+    )
     completion_window: str = "24h"
     timeout: float = Field(600.0, gt=0, description="seconds before one remote call times out")
     # Failover (docs/failover.md)

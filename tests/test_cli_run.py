@@ -77,6 +77,10 @@ def test_awkward_table_with_images_round_trips(emulator, tmp_path: Path):
     assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,iVBORw0KGgo")
     stats = executions(emulator)
     assert len(stats) == len(source) and all(v["succeeded"] == 1 for v in stats.values())
+    # Collected batches' inputs and result files are deleted remotely; the run dir keeps them.
+    files = emulator.stats()["files"]
+    assert files["live"] == 0 and files["deleted"] == 2 * files["uploaded"] > 0, files
+    assert len(list((run_dir / "outputs").glob("*.jsonl"))) == files["uploaded"]
 
 
 def test_missing_image_skips_that_row_and_exits_3(emulator, tmp_path: Path):

@@ -356,12 +356,34 @@ def test_every_third_call_answering_503_still_completes_exactly_once(make):
 
 
 def test_dropped_connections_after_processing_give_one_batch_per_chunk(make):
-    h = make(knobs={"drop_connection_every": 3, "drop_after_processing": True})
+    h = make(
+        knobs={"drop_connection_every": 3, "drop_after_processing": True},
+        options={"keep_remote_files": True},  # live files then show any orphan upload
+    )
     h.run()
     h.assert_all_answered_once()
     stats = h.emu.stats()
     assert stats["batches"]["created"] == 4
     assert stats["files"]["live"] == 4 + 4  # inputs + outputs: no orphan upload
+
+
+def test_a_collected_batch_s_files_are_deleted_remotely_once_recorded(make):
+    # Provider file stores are limited (Azure: 500 files a resource): inputs and result files
+    # go once their outcomes are committed; the run dir keeps its copies.
+    h = make(n_rows=25)
+    h.run()
+    h.assert_all_answered_once()
+    files = h.emu.stats()["files"]
+    assert (files["uploaded"], files["live"], files["deleted"]) == (3, 0, 3 + 3)
+    assert len(list((h.run_dir / "outputs").glob("*.jsonl"))) == 3
+
+
+def test_remote_files_are_kept_when_asked(make):
+    h = make(n_rows=25, options={"keep_remote_files": True})
+    h.run()
+    h.assert_all_answered_once()
+    files = h.emu.stats()["files"]
+    assert (files["live"], files["deleted"]) == (3 + 3, 0)
 
 
 def test_dropped_connections_before_processing(make):

@@ -17,6 +17,7 @@ import pytest
 from cli_helpers import (
     AWKWARD_ROWS,
     PAID_ANSWERS_SQL,
+    all_logs,
     awkward_table,
     executions,
     expected_answers,
@@ -159,6 +160,11 @@ def test_shuffled_results_are_joined_by_key(emulator_factory, tmp_path: Path):
         assert any(sorted(keys) == sorted(s) for s in sent)
         shuffled += tuple(keys) not in sent
     assert shuffled >= 1
+    # Collected: the uploaded inputs and the result files are deleted remotely (the run dir
+    # keeps copies), and no delete went wrong.
+    files = emu.stats()["files"]
+    assert files["uploaded"] == 2 and files["live"] == 0, files
+    assert "could not delete" not in all_logs(tmp_path / "logs")
 
 
 def test_partial_expiry_keeps_finished_rows(emulator_factory, tmp_path: Path):

@@ -85,6 +85,18 @@ def test_item2_short_output_file_is_downloaded_again_not_resent(emulator_factory
     all_rows_succeeded(run_dir, 60)
 
 
+def test_files_of_a_batch_whose_results_stay_short_are_kept_remotely(emulator_factory, tmp_path):
+    # Every download lacks the same ~30% of lines: those rows end failed (never re-sent) and
+    # the batches' files are not deleted after collection (they may be looked at again).
+    emu = emulator_factory(output_drop_fraction=0.3, result_fault_downloads=0, seed=2)
+    src = awkward_table(tmp_path, n_plain=13, images=False)
+    run_dir = tmp_path / "run"
+    res = invoke(*run_args(emu, src, run_dir, "--batch-size", "10", *FAST_RETRY))
+    assert res.exit_code == 3, res.output
+    files = emu.stats()["files"]
+    assert files["uploaded"] == 2 and files["deleted"] == 0
+
+
 def test_item4_malformed_line_is_flagged_and_the_rest_recorded(emulator_factory, tmp_path):
     # Every download of every output file carries one line that is not JSON.
     emu = emulator_factory(output_malformed_lines=1, result_fault_downloads=0, seed=3)

@@ -267,7 +267,9 @@ def test_dropped_connections_after_processing_never_duplicate_a_batch(
     emu = emulator_factory(drop_connection_every=3, drop_after_processing=True)
     src = awkward_table(tmp_path, n_plain=43, images=False)
     run_dir = tmp_path / "run"
-    res = invoke(*run_args(emu, src, run_dir, "--batch-size", "10", *FAST_RETRY))
+    # Remote files kept: the live ones then show any orphaned upload.
+    args = run_args(emu, src, run_dir, "--batch-size", "10", "--keep-remote-files", *FAST_RETRY)
+    res = invoke(*args)
     assert res.exit_code == 0, res.output
     stats = all_succeeded_once(emu)
     assert all(v["executed"] == 1 for v in stats.values())
