@@ -1312,10 +1312,12 @@ def restore_pool(store: Store, pool: Pool) -> int:
 
 
 def _delete_files(backend: Backend, batch_id: str, refs: list[str]) -> None:
-    """Delete these remote files of a collected batch; a failure is only a warning."""
+    """Delete these remote files of a collected batch; a failure is only a warning (nothing
+    depends on it: the run's results are committed), whatever it is."""
     for ref in refs:
         try:
             backend.delete_file(ref)
-        except RemoteError as exc:
-            if exc.status != 404:  # 404: already gone (e.g. a retried delete that had worked)
-                logger.warning("batch {}: could not delete file {}: {}", batch_id, ref, exc)
+        except Exception as exc:  # noqa: BLE001 - a cleanup must never fail the run
+            if isinstance(exc, RemoteError) and exc.status == 404:
+                continue  # already gone (e.g. a retried delete that had worked)
+            logger.warning("batch {}: could not delete file {}: {}", batch_id, ref, exc)
