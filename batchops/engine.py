@@ -62,9 +62,9 @@ SUBMIT_TRIES = 3
 # than 5,000 unsorted); long answers cut the slice at RECORD_SLICE_BYTES of answer text.
 # ~1.2 KB a held row while it is recorded: 25,000 rows keep collection's peak ~30 MB.
 RECORD_SLICE = 25_000
+RECORD_SLICE_BYTES = 12 << 20
 # At most this share of a run's time goes to counting rows for its progress display.
 PROGRESS_COUNT_SHARE = 0.02
-RECORD_SLICE_BYTES = 12 << 20
 # Chunk files uploaded at once while the next ones are built (each upload is I/O on both ends).
 UPLOAD_WORKERS = 3
 
@@ -165,7 +165,6 @@ class BatchEngine:
         on_progress: Callable[[Progress], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         src: source.Source | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.run = run
         self.store = run.store
@@ -197,7 +196,7 @@ class BatchEngine:
         # Set by the run loop (and `batchops run` before its first build): each chunk starts
         # uploading as soon as it is built. Off for a bare build_pending (estimates, tests).
         self.upload_while_building = False
-        self.progress_counts = ProgressCounts(self.store, clock)
+        self.progress_counts = ProgressCounts(self.store)
 
     @property
     def src(self) -> source.Source:
@@ -979,7 +978,7 @@ class BatchEngine:
         # A success line with a price (nearly every line) goes into `answers` with its row
         # from `order`, recorded by `record_answers`; any other line into `part`.
         answers: list[tuple[int, RowOutcome, float | None]] = []
-        part_bytes = 0
+        part_bytes = answer_bytes = 0  # answer text each list holds
         order = self.store.queued_order(chunk.chunk_id)
         costs: dict[tuple[int, int, int, int], float] = {}  # a batch's usages repeat a lot
         exhausted = False
@@ -1042,10 +1041,10 @@ class BatchEngine:
                 tally.cost += cost or 0.0
                 if cost is not None and not second:  # a priced answer: nearly every line
                     answers.append((order.get(item.custom_id, -1), item, cost))
-                    part_bytes += len(item.response or "")
-                    if len(answers) >= RECORD_SLICE or part_bytes >= RECORD_SLICE_BYTES:
+                    answer_bytes += len(item.response or "")
+                    if len(answers) >= RECORD_SLICE or answer_bytes >= RECORD_SLICE_BYTES:
                         self._record_answers(chunk, b, answers, tally)
-                        answers, part_bytes = [], 0
+                        answers, answer_bytes = [], 0
                     continue
                 # Exhausted model/key is not the row's fault: it does not use up a retry.
                 part.append((item, cost, counts_as_attempt(item.error_class)))
@@ -1055,7 +1054,7 @@ class BatchEngine:
                     part, part_bytes = [], 0
             if answers:
                 self._record_answers(chunk, b, answers, tally)
-                answers, part_bytes = [], 0
+                answers, answer_bytes = [], 0
             if part:
                 self._record_part(chunk, b, part, tally, order)
                 part, part_bytes = [], 0

@@ -67,6 +67,14 @@ def run_sub(args: list[Any], env: dict[str, str] | None = None) -> tuple[int, st
     return proc.returncode, out.decode(), err.decode()
 
 
+def run_in_batches_of_10(emu: Any, tmp_path: Path, n_plain: int) -> tuple[Any, Path]:
+    """`batchops run` of an awkward text table (n_plain + its awkward rows) in batches of 10:
+    the CLI's result and the run dir."""
+    src = awkward_table(tmp_path, n_plain=n_plain, images=False)
+    run_dir = tmp_path / "run"
+    return invoke(*run_args(emu, src, run_dir, "--batch-size", "10", *FAST_RETRY)), run_dir
+
+
 def log_text(tmp_path: Path) -> str:
     return "\n".join(p.read_text(encoding="utf-8") for p in (tmp_path / "logs").glob("*.log"))
 
@@ -77,9 +85,7 @@ def log_text(tmp_path: Path) -> str:
 def test_item2_short_output_file_is_downloaded_again_not_resent(emulator_factory, tmp_path):
     # The first download of each output file lacks ~30% of its lines; counts say all completed.
     emu = emulator_factory(output_drop_fraction=0.3, seed=2)
-    src = awkward_table(tmp_path, n_plain=53, images=False)
-    run_dir = tmp_path / "run"
-    res = invoke(*run_args(emu, src, run_dir, "--batch-size", "10", *FAST_RETRY))
+    res, run_dir = run_in_batches_of_10(emu, tmp_path, 53)
     assert res.exit_code == 0, res.output
     once_each(emu, 60)
     all_rows_succeeded(run_dir, 60)
@@ -89,9 +95,7 @@ def test_files_of_a_batch_whose_results_stay_short_are_kept_remotely(emulator_fa
     # Every download lacks the same ~30% of lines: those rows end failed (never re-sent) and
     # the batches' files are not deleted after collection (they may be looked at again).
     emu = emulator_factory(output_drop_fraction=0.3, result_fault_downloads=0, seed=2)
-    src = awkward_table(tmp_path, n_plain=13, images=False)
-    run_dir = tmp_path / "run"
-    res = invoke(*run_args(emu, src, run_dir, "--batch-size", "10", *FAST_RETRY))
+    res, _ = run_in_batches_of_10(emu, tmp_path, 13)
     assert res.exit_code == 3, res.output
     files = emu.stats()["files"]
     assert files["uploaded"] == 2 and files["deleted"] == 0
@@ -100,9 +104,7 @@ def test_files_of_a_batch_whose_results_stay_short_are_kept_remotely(emulator_fa
 def test_item4_malformed_line_is_flagged_and_the_rest_recorded(emulator_factory, tmp_path):
     # Every download of every output file carries one line that is not JSON.
     emu = emulator_factory(output_malformed_lines=1, result_fault_downloads=0, seed=3)
-    src = awkward_table(tmp_path, n_plain=23, images=False)
-    run_dir = tmp_path / "run"
-    res = invoke(*run_args(emu, src, run_dir, "--batch-size", "10", *FAST_RETRY))
+    res, run_dir = run_in_batches_of_10(emu, tmp_path, 23)
     assert res.exit_code == 0, res.output
     once_each(emu, 30)
     all_rows_succeeded(run_dir, 30)
@@ -134,9 +136,7 @@ def test_item5_deleted_input_chunk_files_do_not_break_resume(emulator_factory, t
 def test_item6_success_line_wins_over_a_failure_line_before_it(emulator_factory, tmp_path):
     # Some custom_ids have a 500 line and then their (paid) success line, on every download.
     emu = emulator_factory(output_failure_first_fraction=0.3, result_fault_downloads=0, seed=6)
-    src = awkward_table(tmp_path, n_plain=33, images=False)
-    run_dir = tmp_path / "run"
-    res = invoke(*run_args(emu, src, run_dir, "--batch-size", "10", *FAST_RETRY))
+    res, run_dir = run_in_batches_of_10(emu, tmp_path, 33)
     assert res.exit_code == 0, res.output
     once_each(emu, 40)
     all_rows_succeeded(run_dir, 40)
