@@ -36,7 +36,7 @@ from batchops.policy import (
 )
 from batchops.progress import fmt_usd
 from batchops.providers import Pool
-from batchops.records import BadLine, RowOutcome
+from batchops.records import AnswerRun, BadLine, RowOutcome, Usage
 from batchops.rundir import RunDir
 from batchops.spec import ModelEntry, PriceOverride
 from batchops.states import (
@@ -984,11 +984,44 @@ class BatchEngine:
         exhausted = False
         n_failed_only = 0
         schema = self.spec.schema_ is not None
+        # Runs of common answers (`AnswerRun`) take a fast path in the first pass: the
+        # parameters of `_success_sql` made straight from the lines' tuples and recorded by
+        # `record_answer_rows` (no RowOutcome and no trip through the loop below a line). Not
+        # with a schema (each answer is validated) or without a price (an unpriced answer is
+        # counted as an attempt); the second pass skips them (only successes) unless a schema
+        # may have failed one.
+        fast = price is not None and not schema
+        params: list[tuple[Any, ...]] = []
+        params_bytes = 0
         tally.cost, tally.unpriced = 0.0, 0  # the cost of the lines these files hold
         for second in (False, True):
             if second and not failed_ids:
                 break
-            for item in self._lines(backend, chunk, b, paths, bad if not second else None):
+            runs = (fast and not second) or (second and not schema)
+            for item in self._lines(backend, chunk, b, paths, bad if not second else None, runs):
+                if isinstance(item, AnswerRun):
+                    if second:
+                        continue
+                    assert price is not None
+                    for cid, text, finish, model, p, c, co, r, _ in item.rows:
+                        if cid in answered:
+                            continue
+                        answered.add(cid)
+                        if failed_ids:
+                            failed_ids.discard(cid)
+                        key = (p, c, co, r)
+                        cost = costs.get(key)
+                        if cost is None:
+                            cost = costs[key] = pricing.cost_of(Usage(p, c, co, r), price)
+                        tally.cost += cost
+                        params.append(
+                            (text, finish, model, p, c, co, r, cost, 1, order.get(cid, -1))
+                        )
+                        params_bytes += len(text)
+                        if len(params) >= RECORD_SLICE or params_bytes >= RECORD_SLICE_BYTES:
+                            self._record_answer_rows(chunk, b, params, tally)
+                            params, params_bytes = [], 0
+                    continue
                 if isinstance(item, BadLine):
                     continue
                 if not second:
@@ -1055,6 +1088,9 @@ class BatchEngine:
             if answers:
                 self._record_answers(chunk, b, answers, tally)
                 answers, answer_bytes = [], 0
+            if params:
+                self._record_answer_rows(chunk, b, params, tally)
+                params, params_bytes = [], 0
             if part:
                 self._record_part(chunk, b, part, tally, order)
                 part, part_bytes = [], 0
@@ -1069,9 +1105,17 @@ class BatchEngine:
         b: RemoteBatch,
         paths: list[Path],
         bad: list[str] | None,
-    ) -> Iterator[RowOutcome | BadLine]:
+        runs: bool,
+    ) -> Iterator[RowOutcome | BadLine | AnswerRun]:
+        """The files' lines; `runs`: runs of common answers as they come, else as outcomes."""
         for path in paths:
             for item in backend.read_results(path, Path(chunk.path), self.spec.endpoint):
+                if isinstance(item, AnswerRun):
+                    if runs:
+                        yield item
+                    else:
+                        yield from item.outcomes()
+                    continue
                 if isinstance(item, BadLine) and bad is not None:
                     bad.append(f"{item.path.name} line {item.line_no}: {item.reason}")
                     logger.warning(
@@ -1112,6 +1156,13 @@ class BatchEngine:
     ) -> None:
         answers.sort(key=itemgetter(0))  # stable: row order (-1, not in the chunk, first)
         applied = self.store.record_answers(chunk.chunk_id, b.id, answers, key_id=chunk.key_id)
+        tally.applied.succeeded += applied.succeeded
+
+    def _record_answer_rows(
+        self, chunk: ChunkRow, b: RemoteBatch, params: list[tuple[Any, ...]], tally: _Tally
+    ) -> None:
+        params.sort(key=itemgetter(9))  # row order (-1, not queued in the chunk, first)
+        applied = self.store.record_answer_rows(chunk.chunk_id, b.id, params, key_id=chunk.key_id)
         tally.applied.succeeded += applied.succeeded
 
     def _record_part(

@@ -66,6 +66,40 @@ class RowOutcome:
     request_id: str | None = None
 
 
+# One common chat answer as the collection's fast path holds it (no objects per line):
+# custom_id, response text, finish_reason, model, prompt, cached, completion and reasoning
+# tokens, request_id. Always a 200 with billed usage; `AnswerRun.outcomes` gives the
+# `RowOutcome`s the general path makes of the same lines.
+AnswerTuple = tuple[str, str, str, str | None, int, int, int, int, str | None]
+
+
+@dataclass(slots=True)
+class AnswerRun:
+    """Consecutive result-file lines of the most common shape (a 200 whose first choice has
+    string content, a plain finish reason, no refusal, and usage), in file order."""
+
+    rows: list[AnswerTuple]
+
+    def outcomes(self) -> list[RowOutcome]:
+        return [
+            RowOutcome(
+                cid,
+                True,
+                text,
+                finish,
+                Usage(p, c, co, r),
+                model,
+                200,
+                None,
+                None,
+                None,
+                False,
+                rid,
+            )
+            for cid, text, finish, model, p, c, co, r, rid in self.rows
+        ]
+
+
 @dataclass(frozen=True, slots=True)
 class BadLine:
     """A result-file line that is not a result line at all (truncated, not JSON, no custom_id)."""

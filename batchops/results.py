@@ -47,7 +47,7 @@ import orjson
 from batchops.classify import classify_http, classify_line_error
 from batchops.errors import BatchopsError, InputError
 from batchops.policy import row_retryable as is_retryable
-from batchops.records import BadLine, ErrorClass, RowOutcome, Usage
+from batchops.records import AnswerRun, AnswerTuple, BadLine, ErrorClass, RowOutcome, Usage
 
 __all__ = [
     "ResultFormatError",
@@ -169,6 +169,18 @@ def read_file(path: Path | str, endpoint: str = DEFAULT_ENDPOINT) -> Iterator[Ro
     `BadLine` (named in the run's log) instead of stopping the file, so one broken line never
     keeps the other answers from being recorded. Chat files are read in blocks of whole lines
     (`READ_BLOCK` bytes at most, plus one line), see `_read_blocks`."""
+    for item in read_runs(path, endpoint):
+        if isinstance(item, AnswerRun):
+            yield from item.outcomes()
+        else:
+            yield item
+
+
+def read_runs(
+    path: Path | str, endpoint: str = DEFAULT_ENDPOINT
+) -> Iterator[RowOutcome | BadLine | AnswerRun]:
+    """`read_file`, but consecutive lines of the common chat shape come as one `AnswerRun`
+    (plain tuples, no objects a line): what collection records on its fast path."""
     path = Path(path)
     kind = _endpoint_kind(endpoint)
     with path.open("rb") as fh:
@@ -200,7 +212,7 @@ def _read_lines(
 READ_BLOCK = 64 << 10
 
 
-def _read_blocks(fh: Any, path: Path) -> Iterator[RowOutcome | BadLine]:
+def _read_blocks(fh: Any, path: Path) -> Iterator[RowOutcome | BadLine | AnswerRun]:
     """A chat file by blocks of whole lines. A block whose every line is the common chat
     shape is decoded in one call (`_typed_block`); any other block line by line, exactly as
     `_read_lines` does (so a malformed line is named by its number as before)."""
@@ -235,20 +247,56 @@ def _read_blocks(fh: Any, path: Path) -> Iterator[RowOutcome | BadLine]:
 
 def _typed_block(
     block: bytes, n_lines: int, path: Path, first_no: int
-) -> list[RowOutcome | BadLine] | None:
+) -> list[RowOutcome | BadLine | AnswerRun] | None:
     """A block's lines through msgspec at once; None (line by line instead) when any line
     does not decode into the typed structs or the block holds a blank line (line numbers
-    would not match). A line that decodes but is not the common shape (a failure, a cut
-    answer) goes the general way on its own, as `_parse` sends it."""
+    would not match). Lines of the common shape with usage go into `AnswerRun`s (one per
+    stretch of them: file order is kept); a line that decodes but is not the common shape (a
+    failure, a cut answer) goes the general way on its own, as `_parse` sends it."""
     try:
         lines = _LINE.decode_lines(block)
     except msgspec.MsgspecError:
         return None
     if len(lines) != n_lines:
         return None
-    out: list[RowOutcome | BadLine] = []
+    out: list[RowOutcome | BadLine | AnswerRun] = []
+    run: list[AnswerTuple] = []
     raw: list[bytes] | None = None
     for i, ln in enumerate(lines):
+        # The conditions of `_typed_outcome`, inlined (a call a line costs ~0.1 µs), plus usage.
+        r = ln.response
+        if r is not None and r.status_code == 200 and ln.custom_id:
+            body = r.body
+            if body is not None and body.choices and body.usage is not None:
+                choice = body.choices[0]
+                message, finish = choice.message, choice.finish_reason
+                if (
+                    message is not None
+                    and finish is not None
+                    and finish not in _TRUNCATING
+                    and message.content is not None
+                    and message.refusal is None
+                ):
+                    u = body.usage
+                    pd, cd = u.prompt_tokens_details, u.completion_tokens_details
+                    model = body.model
+                    run.append(
+                        (
+                            ln.custom_id,
+                            message.content,
+                            intern(finish),
+                            intern(model) if model is not None else None,
+                            u.prompt_tokens,
+                            pd.cached_tokens if pd is not None else 0,
+                            u.completion_tokens,
+                            cd.reasoning_tokens if cd is not None else 0,
+                            r.request_id,
+                        )
+                    )
+                    continue
+        if run:
+            out.append(AnswerRun(run))
+            run = []
         o = _typed_outcome(ln)
         if o is not None:
             out.append(o)
@@ -259,6 +307,8 @@ def _typed_block(
             out.append(_parse_json(raw[i], _CHAT, first_no + i))
         except ResultFormatError as exc:
             out.append(BadLine(path, first_no + i, exc.reason))
+    if run:
+        out.append(AnswerRun(run))
     return out
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -900,6 +901,55 @@ class Store:
             self._mirror_chunk(chunk_id)
         return applied
 
+    def record_answer_rows(
+        self,
+        chunk_id: int,
+        batch_id: str,
+        params: list[tuple[Any, ...]],
+        *,
+        key_id: str | None = None,
+    ) -> Applied:
+        """`record_answers` for answers already made into `_success_sql`'s parameters
+        (response, finish_reason, model, the four token counts, cost, 1, row_idx: priced,
+        billed, no error class), one per custom id, sorted by row_idx (-1: not queued in the
+        chunk when collection began): the collection's fast path. The same guarantees: a row
+        takes its answer only while it is still queued in this chunk, so recording the same
+        lines again changes nothing."""
+        applied = Applied()
+        now = time.time()
+        sql = _success_sql(chunk_id, batch_id, False, now, False)
+        with self.tx():
+            if params and params[0][9] >= 0:
+                # Optimistic, as `_apply_guarded`: every row still queued here (the common
+                # case); the guarded UPDATE's count proves it, else undo and filter.
+                self.conn.execute("SAVEPOINT fast")
+                if max(0, self.conn.executemany(sql, params).rowcount) == len(params):
+                    self.conn.execute("RELEASE fast")
+                    kept = params
+                else:
+                    self.conn.execute("ROLLBACK TO fast")
+                    self.conn.execute("RELEASE fast")
+                    kept = []
+            else:
+                kept = []
+            if not kept and params:
+                # A row not queued in this chunk when collection began cannot be now (one
+                # writer a run): the rows still queued here, by row_idx, are the guard.
+                live = {
+                    r[0]
+                    for r in self._tuples().execute(
+                        "SELECT row_idx FROM rows WHERE chunk_id = ? AND status = 'queued'",
+                        (chunk_id,),
+                    )
+                }
+                kept = [p for p in params if p[9] in live]
+                self.conn.executemany(sql, kept)
+            self._add_totals(chunk_id, batch_id, "batch", key_id, now, _param_sums(kept))
+            applied.succeeded = len(kept)
+            applied.ignored = len(params) - len(kept)
+            self._mirror_chunk(chunk_id)
+        return applied
+
     def queued_order(self, chunk_id: int) -> dict[str, int]:
         """custom id → row_idx of the rows still queued in this chunk (at most one batch's
         worth): collection records a slice in row order, so its updates walk the table
@@ -1475,6 +1525,28 @@ def _success_params(
             billed,
             row_idx,
         )
+
+
+def _param_sums(params: list[tuple[Any, ...]]) -> dict[str | None, list[Any]]:
+    """What `_success_params` sums per model, of `record_answer_rows`' parameters (every one
+    a billed, priced answer): [calls, prompt, cached, completion, reasoning tokens, cost,
+    calls without a price]. Costs are added in row order, as `_success_params` adds them."""
+    by_model: dict[str | None, list[tuple[Any, ...]]] = {}
+    models = {p[2] for p in params}
+    if len(models) == 1:  # nearly always: one model answers a batch
+        by_model[models.pop()] = params
+    else:
+        for p in params:
+            by_model.setdefault(p[2], []).append(p)
+    return {
+        model: [
+            len(rows),
+            *(sum(map(itemgetter(k), rows)) for k in (3, 4, 5, 6)),
+            sum(map(itemgetter(7), rows)),
+            0,
+        ]
+        for model, rows in by_model.items()
+    }
 
 
 def _sql_text(text: str) -> str:

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from batchops import results
-from batchops.records import BadLine, RowOutcome
+from batchops.records import AnswerRun, BadLine, RowOutcome
 from batchops.results import _typed_chat
 from batchops.store import MIGRATIONS, PAGE_SIZE, SCHEMA_VERSION, Store, _split_sql
 from tests.test_store import built, fail, frame, ok, submitted
@@ -604,3 +604,76 @@ def test_chat_file_read_in_blocks_equals_line_by_line(tmp_path: Path) -> None:
     assert sum(isinstance(g, tuple) for g in got) == 1  # the cut line, named
     assert {g.custom_id for g in got if isinstance(g, RowOutcome) and g.ok} >= {"r0", "long"}
     assert {g.custom_id for g in got if isinstance(g, RowOutcome) and not g.ok} >= {"f400", "err"}
+    runs = [item for item in results.read_runs(path) if isinstance(item, AnswerRun)]
+    in_runs = [row[0] for run in runs for row in run.rows]
+    # Common lines in blocks that decode whole come in runs (once each); a block with a blank
+    # or malformed line is read line by line (its lines are plain outcomes).
+    assert len(in_runs) == len(set(in_runs)) > 3000 and "long" in in_runs
+    assert not {"f400", "len", "err"} & set(in_runs)  # the other shapes come one by one
+
+
+def _answer_params(
+    order: dict[str, int], rows: list[int], cost: float
+) -> tuple[list[tuple[Any, ...]], list[tuple[int, RowOutcome, float | None]]]:
+    """The same answers as `record_answer_rows` and `record_answers` take them, in row order."""
+    params, answers = [], []
+    for i in rows:
+        o = AnswerRun([(f"id{i}", f"answer {i}", "stop", "m", 10, 2, 5, 0, None)]).outcomes()[0]
+        row_idx = order.get(o.custom_id, -1)
+        assert o.usage is not None
+        u = o.usage
+        params.append(
+            (
+                o.response,
+                "stop",
+                "m",
+                u.prompt_tokens,
+                u.cached_tokens,
+                u.completion_tokens,
+                u.reasoning_tokens,
+                cost,
+                1,
+                row_idx,
+            )
+        )
+        answers.append((row_idx, o, cost))
+    params.sort(key=lambda p: p[9])
+    answers.sort(key=lambda a: a[0])
+    return params, answers
+
+
+def test_record_answer_rows_takes_each_queued_row_once_as_record_answers_does(
+    tmp_path: Path,
+) -> None:
+    """The fast path's parameters are recorded exactly as `record_answers` records the same
+    answers (rows, billing totals), once per queued row: again, or for another chunk's row
+    or one already answered, nothing changes."""
+    stores = [Store.open(tmp_path / name) for name in ("rows", "outcomes")]
+    for store in stores:
+        store.add_rows([frame(60)])
+        submitted(store, built(1, list(range(40))), "m", None)
+        submitted(store, built(2, [50]), "m", None)
+    fast, slow = stores
+    order = fast.queued_order(1)
+    first = _answer_params(order, [7], 0.5)
+    assert fast.record_answer_rows(1, "b", first[0]).succeeded == 1
+    slow.record_answers(1, "b", first[1])
+    params, answers = _answer_params(order, [*range(40), 50], 0.01)
+    again = fast.record_answer_rows(1, "b", params)
+    slow.record_answers(1, "b", answers)
+    assert (again.succeeded, again.ignored) == (39, 2)  # row 7 done, row 50 not in chunk 1
+    thrice = fast.record_answer_rows(1, "b", params)
+    assert (thrice.succeeded, thrice.ignored) == (0, 41)
+    for sql in (
+        "SELECT * FROM rows ORDER BY row_idx",
+        "SELECT chunk_id, batch_id, mode, model, key_id, n, prompt_tokens, cached_tokens,"
+        " completion_tokens, reasoning_tokens, cost_usd, unpriced_n FROM attempt_totals"
+        " ORDER BY id",
+    ):
+        got = [tuple(r) for r in fast.conn.execute(sql)]
+        want = [tuple(r) for r in slow.conn.execute(sql)]
+        if "FROM rows" in sql:  # the time each row was recorded differs between the stores
+            got = [r[:16] + r[17:] for r in got]
+            want = [r[:16] + r[17:] for r in want]
+        assert got == want
+    assert fast.counts() == slow.counts() and fast.spent() == pytest.approx(0.5 + 39 * 0.01)

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from batchops.errors import BatchopsError
 from batchops.policy import Scope, default_scope
-from batchops.records import BadLine, ErrorClass, RowOutcome
+from batchops.records import AnswerRun, BadLine, ErrorClass, RowOutcome
 from batchops.states import BatchState
 
 
@@ -193,9 +193,11 @@ class Backend(Protocol):
 
     def read_results(
         self, path: Path, chunk_path: Path, endpoint: str
-    ) -> Iterator[RowOutcome | BadLine]:
+    ) -> Iterator[RowOutcome | BadLine | AnswerRun]:
         """Per-request outcomes of a downloaded result file, custom ids as in the chunk file;
-        a line that cannot be read is a BadLine (never an exception: the rest is recorded)."""
+        a line that cannot be read is a BadLine (never an exception: the rest is recorded).
+        A backend may hand consecutive common chat answers as one `AnswerRun` (OpenAI's
+        format: collection's fast path)."""
         ...
 
     async def call_online(

@@ -28,7 +28,7 @@ from batchops.emulator.scenario import Scenario
 from batchops.emulator.state import Emulator
 from batchops.emulator.validation import validate_create
 from batchops.policy import CALL_ATTEMPTS, Rule, call_is_retried, classify
-from batchops.records import BadLine, RowOutcome
+from batchops.records import AnswerRun, BadLine, RowOutcome
 
 # Scenario timings for a memory emulator: a batch ends at its first poll.
 INSTANT = {"validating_seconds": 0.0, "in_progress_seconds": 0.0, "finalizing_seconds": 0.0}
@@ -160,8 +160,8 @@ class MemoryBackend:
 
     def read_results(
         self, path: Path, chunk_path: Path, endpoint: str
-    ) -> Iterator[RowOutcome | BadLine]:
-        return results.read_file(path, endpoint)
+    ) -> Iterator[RowOutcome | BadLine | AnswerRun]:
+        return results.read_runs(path, endpoint)
 
     # ------------------------------------------------------------------ batches
     def create(self, req: SubmitRequest) -> RemoteBatch:

@@ -33,7 +33,7 @@ from batchops.backends.retrying import call_with_retries
 from batchops.classify import classify_http
 from batchops.errors import ConfigError
 from batchops.policy import CALL_ATTEMPTS, Rule, Scope, classify, row_retryable
-from batchops.records import BadLine, ErrorClass, RowOutcome
+from batchops.records import AnswerRun, BadLine, ErrorClass, RowOutcome
 from batchops.spec import ModelEntry, RetryPolicy
 
 T = TypeVar("T")
@@ -161,8 +161,8 @@ class OpenAIBackend:
 
     def read_results(
         self, path: Path, chunk_path: Path, endpoint: str
-    ) -> Iterator[RowOutcome | BadLine]:
-        return results.read_file(path, endpoint)
+    ) -> Iterator[RowOutcome | BadLine | AnswerRun]:
+        return results.read_runs(path, endpoint)
 
     # ------------------------------------------------------------------ batches
     def create(self, req: SubmitRequest) -> RemoteBatch:
