@@ -369,47 +369,49 @@ def _strip_bom(line: bytes | str) -> bytes | str:
 # checked as JSON and skipped, never built) in ~1.6 µs where orjson's whole tree and a walk
 # of it took ~4.3. A line of any other shape fails to decode into them (wrong type, null
 # where a value is needed, a count beyond 64 bits) and goes the general way.
+# `gc=False`: they hold only strings, numbers and each other (no cycles), and untracked
+# structs decode ~10% faster.
 _Count = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
-class _Message(msgspec.Struct):
+class _Message(msgspec.Struct, gc=False):
     content: str | None = None
     refusal: str | None = None
 
 
-class _Choice(msgspec.Struct):
+class _Choice(msgspec.Struct, gc=False):
     message: _Message | None = None
     finish_reason: str | None = None
 
 
-class _PromptDetails(msgspec.Struct):
+class _PromptDetails(msgspec.Struct, gc=False):
     cached_tokens: _Count = 0
 
 
-class _CompletionDetails(msgspec.Struct):
+class _CompletionDetails(msgspec.Struct, gc=False):
     reasoning_tokens: _Count = 0
 
 
-class _Usage(msgspec.Struct):
+class _Usage(msgspec.Struct, gc=False):
     prompt_tokens: _Count = 0
     completion_tokens: _Count = 0
     prompt_tokens_details: _PromptDetails | None = None
     completion_tokens_details: _CompletionDetails | None = None
 
 
-class _Body(msgspec.Struct):
+class _Body(msgspec.Struct, gc=False):
     model: str | None = None
     choices: list[_Choice] | None = None
     usage: _Usage | None = None
 
 
-class _Response(msgspec.Struct):
+class _Response(msgspec.Struct, gc=False):
     status_code: int
     request_id: str | None = None
     body: _Body | None = None
 
 
-class _Line(msgspec.Struct):
+class _Line(msgspec.Struct, gc=False):
     custom_id: str
     response: _Response | None = None
 

@@ -618,7 +618,10 @@ def _answer_params(
     """The same answers as `record_answer_rows` and `record_answers` take them, in row order."""
     params, answers = [], []
     for i in rows:
-        o = AnswerRun([(f"id{i}", f"answer {i}", "stop", "m", 10, 2, 5, 0, None)]).outcomes()[0]
+        # Slices of one model and of two (billing totals are summed per model).
+        model, cached = ("m", 2) if len(rows) == 1 or i % 3 else ("m2", i % 2)
+        line = (f"id{i}", f"answer {i}", "stop", model, 10, cached, 5, 0, None)
+        o = AnswerRun([line]).outcomes()[0]
         row_idx = order.get(o.custom_id, -1)
         assert o.usage is not None
         u = o.usage
@@ -626,7 +629,7 @@ def _answer_params(
             (
                 o.response,
                 "stop",
-                "m",
+                o.model,
                 u.prompt_tokens,
                 u.cached_tokens,
                 u.completion_tokens,
