@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import polars as pl
 
 from batchops.backends.base import RemoteBatch
@@ -40,6 +41,18 @@ DB_NAME = "state.db"
 PAGE_SIZE = 16384
 # Ids looked up per statement when recording a slice (well under SQLite's variable limit).
 GUARD_BATCH = 500
+
+
+# Whether this SQLite has its JSON functions (built in since 3.38; an older one may lack them).
+def _has_json() -> bool:
+    try:
+        sqlite3.connect(":memory:").execute("SELECT * FROM json_each('[1]')").fetchall()
+    except sqlite3.OperationalError:
+        return False
+    return True
+
+
+_HAS_JSON = _has_json()
 
 # Each migration brings the schema from version i to i+1; never edit a released one.
 MIGRATIONS: list[str] = [
@@ -374,13 +387,36 @@ class Store:
         n = 0
         with self.tx():
             for frame in frames:
-                pairs = zip(frame["__row_idx"].to_list(), frame["__row_id"].to_list(), strict=True)
-                cur = self.conn.executemany(
-                    "INSERT OR IGNORE INTO rows(row_idx, row_id) VALUES (?, ?)", pairs
-                )
-                n += cur.rowcount
+                n += self._add_frame(frame)
         self._row_count = None
         return n
+
+    def _add_frame(self, frame: pl.DataFrame) -> int:
+        idx, ids = frame["__row_idx"], frame["__row_id"]
+        if frame.height == 0:
+            return 0
+        first = int(idx[0])
+        if (
+            _HAS_JSON
+            and int(idx[-1]) - first + 1 == frame.height
+            and (idx.diff().drop_nulls() == 1).all()
+            and not ids.str.contains("\x00", literal=True).any()
+        ):
+            # A frame of consecutive rows (every fresh registration): its ids as one JSON
+            # array that SQLite walks itself. ~0.65 against ~1.9 µs a row through executemany,
+            # whose per-row cost is the sqlite3 module's, not the insert's (issue 18). A NUL
+            # in an id takes the other way (SQLite text ends at a NUL).
+            cur = self.conn.execute(
+                "INSERT OR IGNORE INTO rows(row_idx, row_id)"
+                " SELECT key + ?, value FROM json_each(?)",
+                (first, orjson.dumps(ids.to_list()).decode()),
+            )
+        else:
+            cur = self.conn.executemany(
+                "INSERT OR IGNORE INTO rows(row_idx, row_id) VALUES (?, ?)",
+                zip(idx.to_list(), ids.to_list(), strict=True),
+            )
+        return cur.rowcount
 
     def explain_unsent(self, reason: str, error_class: str) -> int:
         """Rows the run stopped without sending (or answering) get the reason: a missing row is

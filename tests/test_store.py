@@ -154,3 +154,29 @@ def test_cost_by_model_counts_every_attempt_once(store: Store):
     )  # a repeated collect changes nothing
     (m,) = store.cost_by_model()
     assert m["calls"] == 2 and m["cost_usd"] == pytest.approx(0.3) and m["prompt_tokens"] == 20
+
+
+def test_add_rows_registers_every_id_exactly_however_the_frame_comes(tmp_path: Path) -> None:
+    """Consecutive rows go to SQLite as one JSON array, others (and ids with a NUL) row by
+    row: either way each id is stored as written, and a row registered again keeps its state."""
+    ids = ["007", "19.90", 'a"b', "back\\slash", "tab\there", "nl\nx", "é😀", "\u2028", " ", "x"]
+    consecutive = pl.DataFrame(
+        {"__row_idx": list(range(10)), "__row_id": ids},
+        schema={"__row_idx": pl.Int64, "__row_id": pl.String},
+    )
+    gapped = pl.DataFrame(
+        {"__row_idx": [20, 22, 21], "__row_id": ["g0", "g2", "g1"]},
+        schema={"__row_idx": pl.Int64, "__row_id": pl.String},
+    )
+    with_nul = pl.DataFrame(
+        {"__row_idx": [30, 31], "__row_id": ["nul\x00id", "n1"]},
+        schema={"__row_idx": pl.Int64, "__row_id": pl.String},
+    )
+    store = Store.open(tmp_path)
+    assert store.add_rows([consecutive, gapped, with_nul, consecutive.clear()]) == 15
+    store.conn.execute("UPDATE rows SET status = 'failed' WHERE row_idx = 3")
+    assert store.add_rows([consecutive]) == 0  # registered again (a widened slice)
+    got = dict(store.conn.execute("SELECT row_idx, row_id FROM rows"))
+    assert [got[i] for i in range(10)] == ids
+    assert (got[20], got[21], got[22], got[30], got[31]) == ("g0", "g1", "g2", "nul\x00id", "n1")
+    assert store.states_of(3, 3) == {3: "failed"} and store.row_count() == 15
