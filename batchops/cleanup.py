@@ -29,9 +29,12 @@ if TYPE_CHECKING:
 DELETE_WORKERS = 2
 FILE_KINDS = ("input", "output", "error")
 
-# Objects being deleted by this process, over every engine of it (`monitor` makes one a
-# cycle): a record is never handed to two deleters at once. (store path, kind, ref)
-_IN_FLIGHT: set[tuple[str, str, str]] = set()
+# Deletes started by this process and not yet recorded, per run database, over every engine
+# of it (`monitor` makes one a cycle): an object is never handed to two deleters at once, and
+# a delete an earlier engine started is recorded by the next one. An object stays here until
+# its outcome is in the store, so a due record is never queued again meanwhile.
+Key = tuple[str, str]  # (kind, ref)
+_PENDING: dict[str, dict[Key, Future[str | None]]] = {}
 _LOCK = threading.Lock()
 
 
@@ -72,8 +75,11 @@ class RemoteCleanup:
 
     def __init__(self, store: Store, pool: Pool, *, keep: bool) -> None:
         self.store, self.pool, self.keep = store, pool, keep
-        self._calls: list[tuple[tuple[str, str, str], Future[str | None]]] = []
+        self._db = str(store.path)
         self._pool: ThreadPoolExecutor | None = None
+        # Failed for now (a transient error): asked again by the next invocation, not at every
+        # collection of this one (a delete outage would cost a call per record per batch).
+        self._failed: set[Key] = set()
 
     def plan(self, items: list[CleanupItem]) -> None:
         """Record objects to delete (nothing with --keep-remote-files); due once their chunk's
@@ -89,37 +95,52 @@ class RemoteCleanup:
         self.harvest()
         started = 0
         for item in self.store.cleanup_due():
-            key = (str(self.store.path), item.kind, item.ref)
+            key = (item.kind, item.ref)
             with _LOCK:
-                if key in _IN_FLIGHT:
+                if key in _PENDING.get(self._db, {}) or key in self._failed:
                     continue
-                _IN_FLIGHT.add(key)
             try:
                 backend = self.pool.backend(item.model, item.key_id)
             except Exception as exc:  # noqa: BLE001 - e.g. its key is gone: try another time
-                _release(key)
                 logger.warning("could not delete {} {}: {}", item.kind, item.ref, exc)
                 continue
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(DELETE_WORKERS, thread_name_prefix="delete")
-            self._calls.append((key, self._pool.submit(_delete, backend, item, key)))
+            call = self._pool.submit(_delete, backend, item)
+            with _LOCK:
+                _PENDING.setdefault(self._db, {})[key] = call
             started += 1
         return started
 
     def harvest(self, *, wait: bool = False) -> None:
-        """Record the deletes that ended (all of them, waited for, with `wait`)."""
+        """Record the deletes that ended (all of them, waited for, with `wait`). A delete that
+        raised a BaseException (the process is going down) takes the rest with it: they stay
+        due in the store."""
+        with _LOCK:
+            pending = dict(_PENDING.get(self._db, {}))
         done: list[tuple[str, str, str]] = []
-        left: list[tuple[tuple[str, str, str], Future[str | None]]] = []
-        for key, call in self._calls:
-            if not wait and not call.done():
-                left.append((key, call))
-                continue
-            outcome = call.result()  # a SimulatedCrash in tests surfaces here
-            if outcome is not None:
-                done.append((key[1], key[2], outcome))
-        self._calls = left
-        if done:
-            self.store.cleanup_done(done)
+        ended: list[Key] = []
+        try:
+            for key, call in pending.items():
+                if not wait and not call.done():
+                    continue
+                try:
+                    outcome = call.result()
+                except BaseException:
+                    with _LOCK:
+                        _PENDING.pop(self._db, None)
+                    raise
+                ended.append(key)
+                if outcome is None:
+                    self._failed.add(key)
+                else:
+                    done.append((*key, outcome))
+        finally:
+            if done:
+                self.store.cleanup_done(done)
+            with _LOCK:  # released only once recorded: never queued twice
+                for key in ended:
+                    _PENDING.get(self._db, {}).pop(key, None)
 
     def finish(self) -> None:
         """Wait for every delete started and record them (each failure already logged)."""
@@ -131,12 +152,7 @@ class RemoteCleanup:
                 self._pool = None
 
 
-def _release(key: tuple[str, str, str]) -> None:
-    with _LOCK:
-        _IN_FLIGHT.discard(key)
-
-
-def _delete(backend: Backend, item: CleanupItem, key: tuple[str, str, str]) -> str | None:
+def _delete(backend: Backend, item: CleanupItem) -> str | None:
     """Delete one remote object; returns the record's outcome (deleted, gone, refused), or
     None when it stays due (a transient failure: the next invocation tries again). Never
     raises an Exception: a cleanup must never fail the run."""
@@ -154,5 +170,3 @@ def _delete(backend: Backend, item: CleanupItem, key: tuple[str, str, str]) -> s
         if isinstance(exc, RemoteError) and exc.refused and exc.status not in (408, 409, 429):
             return "refused"  # asking again would be refused again
         return None
-    finally:
-        _release(key)

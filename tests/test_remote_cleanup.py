@@ -175,6 +175,7 @@ def test_a_failing_delete_never_fails_the_run_and_is_tried_again_next_time(job):
     res = j.run()
     assert res.stopped_because is None and j.statuses() == {"succeeded": 10}
     assert j.open_records() == 2 and j.files()["live"] == 2
+    assert sum(b.calls.get("delete", 0) for b in j.backends) == 2  # each asked once a run
     j.emu.scenario.delete_error_status = 0
     j.run()
     assert j.open_records() == 0 and j.files()["live"] == 0
