@@ -15,9 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import (
+    awkward_table,
+    calls,
+    db_rows,
+    executions,
+    kill_after_calls,
+    run_args,
+    subprocess_run,
+)
 
 from batchops.api import build_spec
 from batchops.backends.memory import MemoryBackend, SimulatedCrash, memory_emulator
+from batchops.cleanup import DELETE_WORKERS
 from batchops.emulator.state import Emulator
 from batchops.engine import BatchEngine, EngineResult
 from batchops.providers import Key, Pool
@@ -131,6 +141,34 @@ def test_a_crash_after_the_commit_before_the_deletes_is_cleaned_by_the_next_run_
     assert dict(j.db("SELECT outcome, COUNT(*) FROM remote_cleanup GROUP BY outcome")) == {
         "deleted": 6
     }
+
+
+def test_kill_9_after_the_first_delete_then_a_resume_leaves_no_file_behind(
+    emulator_factory, tmp_path: Path
+):
+    """The real CLI, SIGKILLed the moment the server sees its first delete (a collection's
+    commit is behind it, its other deletes not done or not recorded): the resumed run deletes
+    every file that is left, and every record ends closed."""
+    emu = emulator_factory(validating_seconds=0.05, in_progress_seconds=0.3)
+    src = awkward_table(tmp_path, n_plain=23, images=False)  # 30 rows, 3 chunks of 10
+    run_dir = tmp_path / "run"
+    # --token-limit 1: one batch in flight at a time, so the process has two batches still to
+    # send and collect when it is killed (it cannot have ended by then).
+    args = run_args(emu, src, run_dir, "--batch-size", "10", "--token-limit", "1")
+    kill_after_calls(emu, args, "DELETE /v1/files/{id}", 1, label="kill at the first delete")
+    # A delete starts only once a collection committed.
+    assert db_rows(run_dir, "SELECT COUNT(*) FROM chunks WHERE state = 'collected'") >= [(1,)]
+    final = subprocess_run(args)
+    _, err = final.communicate(timeout=120)
+    assert final.returncode == 0, err.decode()
+    assert len(executions(emu)) == 30
+    assert all(v == {"executed": 1, "succeeded": 1} for v in executions(emu).values())
+    files = emu.stats()["files"]
+    assert (files["uploaded"], files["live"], files["deleted"]) == (3, 0, 6), files
+    # Each file went once; only the deletes in flight when the process was killed (2 at a
+    # time: its input and output file) may have been asked again, answered 404 (done).
+    assert 6 <= calls(emu, "DELETE /v1/files/{id}") <= 6 + DELETE_WORKERS
+    assert db_rows(run_dir, "SELECT COUNT(*) FROM remote_cleanup WHERE done_at IS NULL") == [(0,)]
 
 
 def test_watch_after_a_crash_deletes_what_is_due_without_running_anything(job):
