@@ -9,7 +9,9 @@ is in the store (`remote_cleanup`), so the next invocation deletes it, each obje
 from __future__ import annotations
 
 import csv
+import json
 import sqlite3
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from cli_helpers import (
 )
 
 from batchops.api import build_spec
+from batchops.backends import RemoteError, SubmitRequest
 from batchops.backends.memory import MemoryBackend, SimulatedCrash, memory_emulator
 from batchops.cleanup import DELETE_WORKERS
 from batchops.emulator.state import Emulator
@@ -288,6 +291,35 @@ def test_batches_are_kept_with_keep_remote_files(job):
     j.run(keep_remote_files=True)
     (batch_id,) = [r[0] for r in j.db("SELECT batch_id FROM batches")]
     assert batch_id in j.emu.batches and not j.deleted()
+
+
+def test_a_gemini_job_is_deleted_once_then_404(emulator_factory, tmp_path: Path) -> None:
+    # Over the real SDK: batches.delete forgets an ended job; a second delete answers 404 (the
+    # cleanup's "already gone").
+    from batchops.backends import make_backend
+    from batchops.spec import ModelEntry, RetryPolicy
+
+    emu = emulator_factory()
+    entry = ModelEntry(name="gemini-2.5-flash", provider="gemini", base_url=emu.root_url)
+    be = make_backend(entry, "gk-test-0000000000clean", None, policy=RetryPolicy(max_delay=0.05))
+    assert be.deletes_batches and be.uploads_files
+    chunk = tmp_path / "c.jsonl"
+    body = {"model": "gemini-2.5-flash", "messages": [{"role": "user", "content": "hi"}]}
+    line = {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    chunk.write_text(json.dumps(line) + "\n", encoding="utf-8")
+    file_ref = be.upload(chunk, "run-c1-a0.jsonl")
+    req = SubmitRequest(
+        chunk, file_ref, "gemini-2.5-flash", "/v1/chat/completions", "24h", {}, "run-c1-a0"
+    )
+    b = be.create(req)
+    deadline = time.monotonic() + 20  # a bound, not a timing: the job ends in well under 1 s
+    while (b := be.retrieve(b.id)).output_ref is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    be.delete_batch(b.id)
+    with pytest.raises(RemoteError) as gone:
+        be.delete_batch(b.id)
+    assert gone.value.status == 404
 
 
 # ------------------------------------------------------------------ schema
