@@ -938,7 +938,7 @@ class BatchEngine:
         objects of a batch whose results came back short are kept, to be looked at again: any
         record an earlier try at collecting it wrote is withdrawn."""
         if short:
-            self.store.unplan_cleanup(b.id)
+            self.store.unplan_cleanup(chunk.chunk_id, b.id)
         else:
             self.cleanup.plan(batch_items(backend, chunk, b))
 

@@ -763,11 +763,14 @@ class Store:
                 ((i.kind, i.ref, i.chunk_id, i.batch_id, i.model, i.key_id, now) for i in items),
             )
 
-    def unplan_cleanup(self, batch_id: str) -> int:
-        """Forget the open records of a batch (its results came back short: kept as evidence)."""
+    def unplan_cleanup(self, chunk_id: int, batch_id: str) -> int:
+        """Forget the open records of a batch and of its chunk's file (its results came back
+        short: kept as evidence)."""
         with self.tx():
             cur = self.conn.execute(
-                "DELETE FROM remote_cleanup WHERE batch_id = ? AND done_at IS NULL", (batch_id,)
+                "DELETE FROM remote_cleanup WHERE done_at IS NULL"
+                " AND (batch_id = ? OR (chunk_id = ? AND kind = 'input'))",
+                (batch_id, chunk_id),
             )
         return cur.rowcount
 

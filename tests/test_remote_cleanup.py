@@ -35,7 +35,7 @@ from batchops.emulator.state import Emulator
 from batchops.engine import BatchEngine, EngineResult
 from batchops.providers import Key, Pool
 from batchops.rundir import create_or_resume
-from batchops.store import MIGRATIONS, SCHEMA_VERSION, Store, _split_sql
+from batchops.store import MIGRATIONS, SCHEMA_VERSION, CleanupItem, Store, _split_sql
 
 KEY = "sk-test-clean-000000000001"
 
@@ -343,5 +343,39 @@ def test_a_schema_7_database_opens_and_migrates_in_place(tmp_path: Path) -> None
         assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert store.chunk(1).file_id == "file-1"  # kept
         assert store.cleanup_due() == []  # a run collected before: nothing is planned
+    finally:
+        store.close()
+
+
+def test_a_record_is_due_once_its_chunk_no_longer_uses_the_object(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    try:
+        for no, file_id, batch_id in ((1, "f1", "b1"), (2, "f2", "b2")):
+            store.conn.execute(
+                "INSERT INTO chunks(chunk_id, model, path, n_rows, n_bytes, est_tokens, state,"
+                " file_id, batch_id, created_at, updated_at)"
+                " VALUES (?, 'm', 'c.jsonl', 3, 9, 9, 'submitted', ?, ?, 0, 0)",
+                (no, file_id, batch_id),
+            )
+
+        def item(kind: str, ref: str, chunk: int, batch: str) -> CleanupItem:
+            return CleanupItem(kind, ref, chunk, batch, "m", "k")
+
+        collected = [item("input", "f1", 1, "b1"), item("output", "o1", 1, "b1")]
+        refused = [item("error", "e2", 2, "b2"), item("batch", "b2", 2, "b2")]
+        store.plan_cleanup([*collected, *refused])
+        assert store.cleanup_due() == []  # both chunks still use everything
+        # Chunk 2's batch was refused (token limit): it waits to send the same file again.
+        store.conn.execute(
+            "UPDATE chunks SET state = 'uploaded', batch_id = NULL WHERE chunk_id = 2"
+        )
+        assert store.cleanup_due() == refused
+        store.conn.execute("UPDATE chunks SET state = 'collected' WHERE chunk_id = 1")
+        assert store.cleanup_due() == [*collected, *refused]
+        store.cleanup_done([("input", "f1", "deleted"), ("batch", "b2", "gone")])
+        assert store.cleanup_due() == [collected[1], refused[0]]
+        store.plan_cleanup([item("input", "f1", 1, "b1")])  # planned again: stays done
+        assert store.cleanup_due() == [collected[1], refused[0]]
+        assert store.cleanup_counts() == {"open": 2, "deleted": 1, "gone": 1}
     finally:
         store.close()
