@@ -87,14 +87,15 @@ class RemoteCleanup:
         if items and not self.keep:
             self.store.plan_cleanup(items)
 
-    def start(self) -> int:
-        """Hand every due record not already being deleted to the background; returns how
-        many. Records of this invocation's collections and any a crash left behind alike."""
+    def start(self, chunk_id: int | None = None) -> int:
+        """Hand every due record (of this chunk, after its transition; of every chunk at
+        reconcile, where a crash's leftovers are) not already being deleted to the background;
+        returns how many."""
         if self.keep:
             return 0
         self.harvest()
         started = 0
-        for item in self.store.cleanup_due():
+        for item in self.store.cleanup_due(chunk_id):
             key = (item.kind, item.ref)
             with _LOCK:
                 if key in _PENDING.get(self._db, {}) or key in self._failed:

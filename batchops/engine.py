@@ -575,7 +575,7 @@ class BatchEngine:
     def _drop_unsent(self, chunk: ChunkRow, reason: str) -> None:
         self.cleanup.plan(input_item(chunk))  # its uploaded file, due once abandoned
         self.store.abandon_chunk(chunk.chunk_id, reason)
-        self.cleanup.start()
+        self.cleanup.start(chunk.chunk_id)
 
     def remote_file_name(self, chunk: ChunkRow) -> str:
         return f"{self.run.run_id}-c{chunk.chunk_id:06d}-a{chunk.attempt}.jsonl"
@@ -605,7 +605,7 @@ class BatchEngine:
             # The file belongs to another key's account: upload it again under this key.
             self.cleanup.plan(input_item(chunk))  # the old file, due once dropped
             chunk = self.store.move_chunk(chunk.chunk_id, ChunkState.BUILT, file_id=None)
-            self.cleanup.start()
+            self.cleanup.start(chunk.chunk_id)
         if chunk.state == ChunkState.BUILT and backend.uploads_files:
             logger.debug("chunk {}: built → uploading (key {})", chunk.chunk_id, key_label)
             name = self.remote_file_name(chunk)
@@ -927,7 +927,7 @@ class BatchEngine:
             f" + {tally.unpriced} request(s) without a known price" if tally.unpriced else "",
             self.store.spent(),
         )
-        self.cleanup.start()
+        self.cleanup.start(chunk.chunk_id)
 
     def _discard_remote_files(
         self, backend: Backend, chunk: ChunkRow, b: RemoteBatch, short: bool
@@ -1150,7 +1150,7 @@ class BatchEngine:
                 # Its file, error file and batch are due once the chunk is re-packed.
                 self.cleanup.plan(batch_items(backend, chunk, b))
                 self._split_or_fail(chunk, b.id, text)
-                self.cleanup.start()
+                self.cleanup.start(chunk.chunk_id)
                 return
             # The file is sent again: only the error file and the batch are due (once the
             # chunk no longer names this batch); the file goes when the chunk is done with it.
@@ -1169,7 +1169,7 @@ class BatchEngine:
                 chunk.model,
                 chunk.chunk_id,
             )
-            self.cleanup.start()
+            self.cleanup.start(chunk.chunk_id)
             return
         exhausting = sorted(classes & EXHAUSTING)
         if exhausting:
@@ -1184,7 +1184,7 @@ class BatchEngine:
             counts=not exhausting,
             max_retries=self.spec.retry.max_retries,
         )
-        self.cleanup.start()
+        self.cleanup.start(chunk.chunk_id)
         logger.warning("batch {} failed: {}", b.id, text)
 
     # ------------------------------------------------------------------ cancel

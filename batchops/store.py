@@ -774,17 +774,19 @@ class Store:
             )
         return cur.rowcount
 
-    def cleanup_due(self) -> list[CleanupItem]:
-        """Open records whose chunk no longer needs the object: the chunk is collected or
-        abandoned, its file is another one (input), or its batch is another one (the rest)."""
+    def cleanup_due(self, chunk_id: int | None = None) -> list[CleanupItem]:
+        """Open records (of one chunk, or all) whose chunk no longer needs the object: the
+        chunk is collected or abandoned, its file is another one (input), or its batch is
+        another one (the rest)."""
         rows = self.conn.execute(
-            """SELECT r.kind, r.ref, r.chunk_id, r.batch_id, r.model, r.key_id
-               FROM remote_cleanup AS r JOIN chunks AS c ON c.chunk_id = r.chunk_id
-               WHERE r.done_at IS NULL AND (
-                   c.state IN ('collected', 'abandoned')
-                   OR (r.kind = 'input' AND c.file_id IS NOT r.ref)
-                   OR (r.kind != 'input' AND c.batch_id IS NOT r.batch_id))
-               ORDER BY r.chunk_id, r.created_at"""
+            f"""SELECT r.kind, r.ref, r.chunk_id, r.batch_id, r.model, r.key_id
+                FROM remote_cleanup AS r JOIN chunks AS c ON c.chunk_id = r.chunk_id
+                WHERE r.done_at IS NULL {"" if chunk_id is None else "AND r.chunk_id = ?"} AND (
+                    c.state IN ('collected', 'abandoned')
+                    OR (r.kind = 'input' AND c.file_id IS NOT r.ref)
+                    OR (r.kind != 'input' AND c.batch_id IS NOT r.batch_id))
+                ORDER BY r.chunk_id, r.created_at""",
+            () if chunk_id is None else (chunk_id,),
         ).fetchall()
         return [CleanupItem(*r) for r in rows]
 
