@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 # Deletes at once (a provider answers one in ~0.2 s: 3 a batch would hold the run loop up
 # ~20 min over a 2,000-batch job were they made in line).
 DELETE_WORKERS = 2
-FILE_KINDS = ("input", "output", "error")
 
 # Deletes started by this process and not yet recorded, per run database, over every engine
 # of it (`monitor` makes one a cycle): an object is never handed to two deleters at once, and
