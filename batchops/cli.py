@@ -209,9 +209,10 @@ keep_files_option = click.option(
     "--keep-remote-files/--delete-remote-files",
     "keep_remote_files",
     default=None,
-    help="Keep each batch's uploaded input file and its result files on the provider after its "
-    "results are recorded (by default they are deleted then: the run dir keeps copies; files "
-    "of a batch whose results came back short are always kept) "
+    help="Keep each batch's uploaded input file and its result files (and the batch itself, "
+    "where the provider deletes batches) on the provider after its results are recorded (by "
+    "default they are deleted then: the run dir keeps copies; files of a batch whose results "
+    "came back short are always kept) "
     "[delete; toml: keep_remote_files = true].",
 )
 

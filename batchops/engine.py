@@ -23,6 +23,7 @@ from loguru import logger
 
 from batchops import chunking, dedup, pricing, source, structured
 from batchops.backends import Backend, RemoteBatch, RemoteError, SubmitRequest
+from batchops.cleanup import RemoteCleanup, batch_items, input_item
 from batchops.hotpath import gc_paused
 from batchops.policy import (
     EXHAUSTING,
@@ -187,9 +188,8 @@ class BatchEngine:
         # Uploads started as soon as a chunk is built (see _upload_ahead): chunk id → call.
         self._uploads: dict[int, Future[str]] = {}
         self._uploader: ThreadPoolExecutor | None = None
-        # Deletes of collected batches' remote files (see _discard_remote_files).
-        self._deletes: list[Future[None]] = []
-        self._deleter: ThreadPoolExecutor | None = None
+        # Deletes of finished batches' remote objects, durable (see batchops/cleanup.py).
+        self.cleanup = RemoteCleanup(self.store, pool, keep=run.spec.keep_remote_files)
         # Off after the first failed upload ahead: the one-by-one path, with its lookups and
         # give-up accounting, takes over for the rest of this invocation.
         self._ahead = spec_allows_ahead(run.spec)
@@ -573,9 +573,9 @@ class BatchEngine:
 
     @_on_chunk
     def _drop_unsent(self, chunk: ChunkRow, reason: str) -> None:
-        if chunk.file_id:
-            self._delete_file(chunk.model, chunk.key_id, chunk.file_id)
+        self.cleanup.plan(input_item(chunk))  # its uploaded file, due once abandoned
         self.store.abandon_chunk(chunk.chunk_id, reason)
+        self.cleanup.start(chunk.chunk_id)
 
     def remote_file_name(self, chunk: ChunkRow) -> str:
         return f"{self.run.run_id}-c{chunk.chunk_id:06d}-a{chunk.attempt}.jsonl"
@@ -603,8 +603,9 @@ class BatchEngine:
         backend = self.pool.backend(chunk.model, key_id)
         if chunk.state == ChunkState.UPLOADED and chunk.key_id != key_id:
             # The file belongs to another key's account: upload it again under this key.
-            self._delete_file(chunk.model, chunk.key_id, chunk.file_id)
+            self.cleanup.plan(input_item(chunk))  # the old file, due once dropped
             chunk = self.store.move_chunk(chunk.chunk_id, ChunkState.BUILT, file_id=None)
+            self.cleanup.start(chunk.chunk_id)
         if chunk.state == ChunkState.BUILT and backend.uploads_files:
             logger.debug("chunk {}: built → uploading (key {})", chunk.chunk_id, key_label)
             name = self.remote_file_name(chunk)
@@ -759,6 +760,9 @@ class BatchEngine:
                 logger.warning(
                     "chunk {}: reconcile failed ({}); will try again", chunk.chunk_id, exc
                 )
+        # Deletes a crash (or a failed delete) left due: in the background, never twice at once.
+        if self.cleanup.start():
+            logger.info("deleting remote objects of batches collected before")
 
     @_on_chunk
     def _reconcile_one(self, chunk: ChunkRow) -> None:
@@ -805,6 +809,7 @@ class BatchEngine:
         longer counts against the remote enqueued limit and downloading and recording a big
         result file takes seconds. (Batches with failed requests are collected first: their
         errors may exhaust a model or key, which decides where the next chunk goes.)"""
+        self.cleanup.harvest()  # deletes that ended meanwhile are recorded done
         deferred: list[tuple[ChunkRow, RemoteBatch]] = []
         in_flight = self.store.chunks(ChunkState.SUBMITTED)
         # One poll per backend (account): it may answer for all its batches with one call.
@@ -889,6 +894,7 @@ class BatchEngine:
         # expired or cancelled batch whose files are complete). An answer merely absent from
         # the files of requests the batch reports done is never re-sent: that could pay twice.
         not_run = b.state in (BatchState.EXPIRED, BatchState.CANCELLED) and not short
+        self._discard_remote_files(backend, chunk, b, short)  # due once the close commits
         closed = self.store.record_outcomes(
             chunk.chunk_id,
             b.id,
@@ -921,34 +927,24 @@ class BatchEngine:
             f" + {tally.unpriced} request(s) without a known price" if tally.unpriced else "",
             self.store.spent(),
         )
-        if not short and not self.spec.keep_remote_files:
-            self._discard_remote_files(backend, chunk, b)
+        self.cleanup.start(chunk.chunk_id)
 
-    def _discard_remote_files(self, backend: Backend, chunk: ChunkRow, b: RemoteBatch) -> None:
-        """Delete a collected batch's input and result files on the provider: file stores are
-        limited (Azure: 500 files a resource without expiry) and a large job makes thousands;
-        the run dir keeps copies. Only after its outcomes are committed (a crash before leaves
-        files behind, never a batch without its results); files of a batch whose results came
-        back short are kept (`collect` does not call this), so they can be looked at again. A
-        failed delete is only a warning: nothing depends on it."""
-        if not backend.uploads_files:  # inline requests, results by URL: no files of ours
-            return
-        refs = [r for r in dict.fromkeys((chunk.file_id, b.output_ref, b.error_ref)) if r]
-        if refs:
-            # In the background: at a provider's ~0.2 s a call, 3 deletes a batch would hold
-            # the run loop up ~20 min over a 2,000-batch job. Waited for at the end of a run.
-            if self._deleter is None:
-                self._deleter = ThreadPoolExecutor(max_workers=2, thread_name_prefix="delete")
-            self._deletes.append(self._deleter.submit(_delete_files, backend, b.id, refs))
+    def _discard_remote_files(
+        self, backend: Backend, chunk: ChunkRow, b: RemoteBatch, short: bool
+    ) -> None:
+        """Record a collected batch's remote objects (input and result files, the batch where
+        the API deletes batches) for deletion: due once its outcomes are committed (a crash
+        before leaves the record not due, after leaves it due for the next invocation). The
+        objects of a batch whose results came back short are kept, to be looked at again: any
+        record an earlier try at collecting it wrote is withdrawn."""
+        if short:
+            self.store.unplan_cleanup(chunk.chunk_id, b.id)
+        else:
+            self.cleanup.plan(batch_items(backend, chunk, b))
 
     def finish_deletes(self) -> None:
-        """Wait for the deletes of collected batches' files (each failure already logged)."""
-        deletes, self._deletes = self._deletes, []
-        for call in deletes:
-            call.result()
-        if self._deleter is not None:
-            self._deleter.shutdown(wait=True)
-            self._deleter = None
+        """Wait for the background deletes and record them (each failure already logged)."""
+        self.cleanup.finish()
 
     def _download_results(self, backend: Backend, b: RemoteBatch) -> list[Path]:
         paths = []
@@ -1197,12 +1193,19 @@ class BatchEngine:
             or "batch failed without errors"
         )
         text = self.pool.scrub(text)
+        backend = self.pool.backend(chunk.model, chunk.key_id)
         if "token_limit" in classes:
             # Not the chunk's fault: wait for in-flight batches of this model, then send the same file again.
             others = self.in_flight_tokens(chunk.model) - chunk.est_tokens
             if others <= 0:  # refused with nothing else in flight: it can never fit as it is
+                # Its file, error file and batch are due once the chunk is re-packed.
+                self.cleanup.plan(batch_items(backend, chunk, b))
                 self._split_or_fail(chunk, b.id, text)
+                self.cleanup.start(chunk.chunk_id)
                 return
+            # The file is sent again: only the error file and the batch are due (once the
+            # chunk no longer names this batch); the file goes when the chunk is done with it.
+            self.cleanup.plan(batch_items(backend, chunk, b, input_file=False))
             self.learn_token_limit(chunk.model, others, others + chunk.est_tokens)
             self.store.move_chunk(
                 chunk.chunk_id,
@@ -1217,10 +1220,14 @@ class BatchEngine:
                 chunk.model,
                 chunk.chunk_id,
             )
+            self.cleanup.start(chunk.chunk_id)
             return
         exhausting = sorted(classes & EXHAUSTING)
         if exhausting:
             self.exhaust(chunk, chunk.key_id, text, b.id, error_class=exhausting[0])
+        # Its rows are re-packed into a new file: this one, any error file and the batch are
+        # due once the chunk is closed below.
+        self.cleanup.plan(batch_items(backend, chunk, b))
         self.store.requeue_chunk_rows(
             chunk.chunk_id,
             f"batch {b.id} failed: {text}",
@@ -1228,6 +1235,7 @@ class BatchEngine:
             counts=not exhausting,
             max_retries=self.spec.retry.max_retries,
         )
+        self.cleanup.start(chunk.chunk_id)
         logger.warning("batch {} failed: {}", b.id, text)
 
     # ------------------------------------------------------------------ cancel
@@ -1241,6 +1249,7 @@ class BatchEngine:
             self.poll()
             if self.store.chunks(ChunkState.SUBMITTED):
                 self.sleep(min(self.spec.poll_interval, 2.0))
+        self.finish_deletes()
         return len(chunks)
 
     @_on_chunk
@@ -1359,15 +1368,3 @@ def restore_pool(store: Store, pool: Pool) -> int:
             f"; starting with {pool.describe_pair(left)}" if left else "; none is left",
         )
     return n
-
-
-def _delete_files(backend: Backend, batch_id: str, refs: list[str]) -> None:
-    """Delete these remote files of a collected batch; a failure is only a warning (nothing
-    depends on it: the run's results are committed), whatever it is."""
-    for ref in refs:
-        try:
-            backend.delete_file(ref)
-        except Exception as exc:  # noqa: BLE001 - a cleanup must never fail the run
-            if isinstance(exc, RemoteError) and exc.status == 404:
-                continue  # already gone (e.g. a retried delete that had worked)
-            logger.warning("batch {}: could not delete file {}: {}", batch_id, ref, exc)

@@ -36,7 +36,7 @@ from batchops.states import (
     check_chunk,
 )
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 DB_NAME = "state.db"
 PAGE_SIZE = 16384
 # Ids looked up per statement when recording a slice (well under SQLite's variable limit).
@@ -206,6 +206,28 @@ MIGRATIONS: list[str] = [
     CREATE INDEX rows_unanswered ON rows(status)
         WHERE status = 'pending' OR status = 'queued' OR status = 'failed' OR status = 'skipped';
     """,
+    # 8: remote objects to delete on the provider (a collected batch's uploaded input, output
+    # and error files; the batch itself where the API deletes batches), so a crash between a
+    # collection's commit and its deletes leaves nothing behind. A record is written just
+    # before the transaction that ends the chunk's use of the object, and is due from that
+    # commit on (`Store.cleanup_due` reads the chunk's state): the deletes never run before
+    # the results are committed, and a crash after leaves them due for the next invocation.
+    # `done_at` once deleted (or gone, or refused for good: `outcome` says which).
+    """
+    CREATE TABLE remote_cleanup (
+        kind TEXT NOT NULL,
+        ref TEXT NOT NULL,
+        chunk_id INTEGER NOT NULL,
+        batch_id TEXT,
+        model TEXT NOT NULL,
+        key_id TEXT,
+        created_at REAL NOT NULL,
+        done_at REAL,
+        outcome TEXT,
+        PRIMARY KEY (kind, ref)
+    );
+    CREATE INDEX remote_cleanup_open ON remote_cleanup(chunk_id) WHERE done_at IS NULL;
+    """,
 ]
 
 # The condition of the `rows_unanswered` index, word for word: a query that counts or lists
@@ -265,6 +287,18 @@ class ChunkRow:
     batch_id: str | None
     key_id: str | None
     note: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CleanupItem:
+    """A remote object to delete: `kind` input | output | error (files) or batch."""
+
+    kind: str
+    ref: str
+    chunk_id: int
+    batch_id: str | None
+    model: str
+    key_id: str | None
 
 
 @dataclass(slots=True)
@@ -753,6 +787,63 @@ class Store:
 
     def batches(self) -> list[sqlite3.Row]:
         return self.conn.execute("SELECT * FROM batches ORDER BY created_at, batch_id").fetchall()
+
+    # ------------------------------------------------------------------ remote cleanup (cleanup.py)
+    def plan_cleanup(self, items: Iterable[CleanupItem]) -> None:
+        """Record remote objects to delete once their chunk no longer needs them (an object
+        already recorded keeps its record, done or not)."""
+        now = time.time()
+        with self.tx():
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO remote_cleanup(kind, ref, chunk_id, batch_id, model,"
+                " key_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                ((i.kind, i.ref, i.chunk_id, i.batch_id, i.model, i.key_id, now) for i in items),
+            )
+
+    def unplan_cleanup(self, chunk_id: int, batch_id: str) -> int:
+        """Forget the open records of a batch and of its chunk's file (its results came back
+        short: kept as evidence)."""
+        with self.tx():
+            cur = self.conn.execute(
+                "DELETE FROM remote_cleanup WHERE done_at IS NULL"
+                " AND (batch_id = ? OR (chunk_id = ? AND kind = 'input'))",
+                (batch_id, chunk_id),
+            )
+        return cur.rowcount
+
+    def cleanup_due(self, chunk_id: int | None = None) -> list[CleanupItem]:
+        """Open records (of one chunk, or all) whose chunk no longer needs the object: the
+        chunk is collected or abandoned, its file is another one (input), or its batch is
+        another one (the rest)."""
+        rows = self.conn.execute(
+            f"""SELECT r.kind, r.ref, r.chunk_id, r.batch_id, r.model, r.key_id
+                FROM remote_cleanup AS r JOIN chunks AS c ON c.chunk_id = r.chunk_id
+                WHERE r.done_at IS NULL {"" if chunk_id is None else "AND r.chunk_id = ?"} AND (
+                    c.state IN ('collected', 'abandoned')
+                    OR (r.kind = 'input' AND c.file_id IS NOT r.ref)
+                    OR (r.kind != 'input' AND c.batch_id IS NOT r.batch_id))
+                ORDER BY r.chunk_id, r.created_at""",
+            () if chunk_id is None else (chunk_id,),
+        ).fetchall()
+        return [CleanupItem(*r) for r in rows]
+
+    def cleanup_done(self, done: Iterable[tuple[str, str, str]]) -> None:
+        """Close records: (kind, ref, outcome) each."""
+        now = time.time()
+        with self.tx():
+            self.conn.executemany(
+                "UPDATE remote_cleanup SET done_at = ?, outcome = ? WHERE kind = ? AND ref = ?",
+                ((now, outcome, kind, ref) for kind, ref, outcome in done),
+            )
+
+    def cleanup_counts(self) -> dict[str, int]:
+        """Records by state: open (not yet deleted) and each outcome."""
+        return {
+            (r[0] or "open"): r[1]
+            for r in self.conn.execute(
+                "SELECT outcome, COUNT(*) FROM remote_cleanup GROUP BY outcome"
+            )
+        }
 
     # ------------------------------------------------------------------ outcomes
     def record_outcomes(

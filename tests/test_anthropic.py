@@ -165,6 +165,10 @@ def test_300_awkward_rows_with_images_round_trip(emulator_factory: Factory, tmp_
     calls = emu.stats()["calls"]
     assert calls.get("GET /v1/messages/batches", 0) > 0
     assert calls.get("GET /v1/messages/batches/{batch_id}", 0) < calls["GET /v1/messages/batches"]
+    # Collected batches are deleted (with their results: the run dir keeps them), each once.
+    client = anthropic.Anthropic(api_key=KEY, base_url=emu.root_url, max_retries=0)
+    assert list(client.messages.batches.list(limit=100)) == []
+    assert calls.get("DELETE /v1/messages/batches/{id}") == 6, calls
 
 
 def test_batch_that_expires_half_done_resends_only_the_rest(
@@ -327,7 +331,9 @@ def test_mixed_pool_openai_out_of_quota_fails_over_to_claude(
     src = table(tmp_path, n_plain=43)
     run_dir = tmp_path / "run"
     cfg = docs_config(tmp_path, emu)  # gpt-4o-mini, then claude-haiku-4-5
-    res = invoke(*args(emu, src, run_dir, cfg, "--batch-size", "10"), env=ENV)
+    # Batches kept: their results are read below (collected batches are deleted otherwise).
+    run = args(emu, src, run_dir, cfg, "--batch-size", "10", "--keep-remote-files")
+    res = invoke(*run, env=ENV)
     assert res.exit_code == 0, res.output
     executed_once(emu, 50)
     assert emu.stats()["models"] == {CLAUDE: {"executed": 50, "succeeded": 50}}
@@ -397,7 +403,9 @@ def test_prompt_cache_writes_are_priced_at_their_own_rate(
     run_dir = tmp_path / "run"
     cfg = config(tmp_path, emu)
     extra = json.dumps({"cache_control": {"type": "ephemeral", "ttl": ttl}})
-    res = invoke(*args(emu, src, run_dir, cfg, "--body-extra", extra), env=ENV)
+    # Batches kept: their results are read below (collected batches are deleted otherwise).
+    run = args(emu, src, run_dir, cfg, "--body-extra", extra, "--keep-remote-files")
+    res = invoke(*run, env=ENV)
     assert res.exit_code == 0, res.output
     executed_once(emu, 20)
     price = pricing.price_for(CLAUDE, batch=True)

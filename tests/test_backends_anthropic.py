@@ -300,6 +300,24 @@ def test_create_poll_download_read_round_trip(emulator_factory: Factory, tmp_pat
         assert got[req["custom_id"]].response == want
 
 
+def test_an_ended_batch_is_deleted_once_then_404(emulator_factory: Factory, tmp_path: Path) -> None:
+    # Deleted only once ended (the engine deletes collected batches): a running one is refused,
+    # a second delete answers 404 (the cleanup's "already gone").
+    emu = emulator_factory(in_progress_seconds=0.3)
+    be = backend(emu)
+    assert be.deletes_batches and not be.uploads_files
+    b = be.create(request(chunk_file(tmp_path, ["r1", "r2"])))
+    with pytest.raises(RemoteError) as running:
+        be.delete_batch(b.id)
+    assert running.value.status == 400
+    wait_ended(be, b.id)
+    be.delete_batch(b.id)
+    for call in (be.delete_batch, be.retrieve):
+        with pytest.raises(RemoteError) as gone:
+            call(b.id)
+        assert gone.value.status == 404
+
+
 def test_find_batch_after_a_lost_create(emulator_factory: Factory, tmp_path: Path) -> None:
     """A create whose answer was lost: no intent file → nothing was sent; a running unclaimed
     batch of the same size → undecided (raises, transient); once ended → found by its ids."""

@@ -133,10 +133,13 @@ def test_awkward_table_with_images_round_trips_exactly(emulator_factory, tmp_pat
     assert "[1 image:" in by_sku["007"]["response"] and "[1 image:" in by_sku["011"]["response"]
     assert {r["model"] for r in rows} == {MODEL}
     assert all(int(r["prompt_tokens"]) > 0 and float(r["cost_usd"]) > 0 for r in rows)
-    # One job per chunk, created once, its id in the batch_id column.
-    made = jobs(emu)
-    assert len(made) == 6 and emu.stats()["dialects"]["gemini"]["created"] == 6
-    assert {r["batch_id"] for r in rows} == {j.name.removeprefix("batches/") for j in made}
+    # One job per chunk, created once, its id in the batch_id column; each deleted once
+    # collected (batches.delete).
+    assert emu.stats()["dialects"]["gemini"]["created"] == 6 and jobs(emu) == []
+    assert emu.stats()["calls"]["DELETE /v1/batches/{id} (gemini)"] == 6
+    with sqlite3.connect(run_dir / "state.db") as db:
+        made = {b for (b,) in db.execute("SELECT batch_id FROM batches")}
+    assert len(made) == 6 and {r["batch_id"] for r in rows} == made
     st = json.loads(invoke("status", "--run-dir", run_dir, "--json").output)
     assert st["batches_by_status"] == {"BATCH_STATE_SUCCEEDED": 6}
     assert st["rows"]["succeeded"] == 300
@@ -165,6 +168,7 @@ def test_shuffled_results_are_joined_by_key(emulator_factory, tmp_path: Path):
     files = emu.stats()["files"]
     assert files["uploaded"] == 2 and files["live"] == 0, files
     assert "could not delete" not in all_logs(tmp_path / "logs")
+    assert jobs(emu) == []  # the collected jobs too (batches.delete)
 
 
 def test_partial_expiry_keeps_finished_rows(emulator_factory, tmp_path: Path):
@@ -207,7 +211,7 @@ def test_docs_configuration_fails_over_from_openai_to_gemini(emulator_factory, t
     run_dir = tmp_path / "run"
     rows = assert_each_row_answered_once(emu, run_dir, 40)
     assert {r["model"] for r in rows} == {MODEL}
-    assert len(jobs(emu)) == 4  # every chunk went to Gemini, once
+    assert emu.stats()["dialects"]["gemini"]["created"] == 4  # every chunk went to Gemini, once
     assert emu.stats()["batches"]["created"] == 0  # OpenAI refused at create: nothing ran there
     log = "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "logs").glob("*.log"))
     assert "gk-…abcd" in log and GKEY not in log  # the key is masked, never written
@@ -275,7 +279,8 @@ def test_kill_9_during_upload_and_create_never_duplicates_a_job(emulator_factory
         seed=3,
     )
     src = awkward_table(tmp_path, n_plain=113, images=False)
-    run = args(tmp_path, emu, src, "--batch-size", "7")
+    # Jobs kept: the listing at the end shows none was created twice.
+    run = args(tmp_path, emu, src, "--batch-size", "7", "--keep-remote-files")
     kinds = ["uploaded", "created"]  # one of each per chunk: 17 chunks hold 12 points
     kills = 0
     for point in range(12):

@@ -23,6 +23,7 @@ import pytest
 from cli_helpers import (
     awkward_table,
     calls,
+    db_rows,
     executions,
     invoke,
     read_csv,
@@ -95,10 +96,11 @@ def test_files_of_a_batch_whose_results_stay_short_are_kept_remotely(emulator_fa
     # Every download lacks the same ~30% of lines: those rows end failed (never re-sent) and
     # the batches' files are not deleted after collection (they may be looked at again).
     emu = emulator_factory(output_drop_fraction=0.3, result_fault_downloads=0, seed=2)
-    res, _ = run_in_batches_of_10(emu, tmp_path, 13)
+    res, run_dir = run_in_batches_of_10(emu, tmp_path, 13)
     assert res.exit_code == 3, res.output
     files = emu.stats()["files"]
     assert files["uploaded"] == 2 and files["deleted"] == 0
+    assert db_rows(run_dir, "SELECT * FROM remote_cleanup") == []  # nothing due, crash or not
 
 
 def test_item4_malformed_line_is_flagged_and_the_rest_recorded(emulator_factory, tmp_path):

@@ -67,6 +67,8 @@ class AnthropicBackend:
 
     name = "anthropic"
     uploads_files = False
+    # An ended batch holds its results for 29 days: deleted once they are committed.
+    deletes_batches = True
 
     def __init__(
         self,
@@ -124,6 +126,15 @@ class AnthropicBackend:
 
     def delete_file(self, file_id: str) -> None:
         """Nothing is uploaded, so nothing is deleted."""
+
+    def delete_batch(self, batch_id: str) -> None:
+        """`DELETE /v1/messages/batches/{id}`: an ended batch and its results."""
+        self._call(
+            self.client.messages.batches.delete,
+            batch_id,
+            what=f"delete batch {batch_id}",
+            attempts=2,
+        )
 
     # ------------------------------------------------------------------ batches
     def create(self, req: SubmitRequest) -> RemoteBatch:

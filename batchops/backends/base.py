@@ -157,6 +157,9 @@ class Backend(Protocol):
     # File-based providers (OpenAI, Gemini) upload the chunk first; inline ones (Anthropic)
     # send the requests with the create call.
     uploads_files: bool
+    # Whether the API deletes ended batches (Anthropic, Gemini; OpenAI has no such call):
+    # after collection, as their results are no longer needed (see batchops/cleanup.py).
+    deletes_batches: bool
 
     def upload(self, path: Path, name: str) -> str:
         """Upload a chunk file under `name`; returns the remote file's id. Called once (a retry
@@ -168,6 +171,11 @@ class Backend(Protocol):
         ...
 
     def delete_file(self, file_id: str) -> None: ...
+
+    def delete_batch(self, batch_id: str) -> None:
+        """Delete an ended batch (and the results it holds); a no-op where `deletes_batches`
+        is false. RemoteError with status 404 when it is already gone."""
+        ...
 
     def create(self, req: SubmitRequest) -> RemoteBatch:
         """Create one batch. Called once: an ambiguous failure is reconciled with `find_batch`."""

@@ -551,6 +551,10 @@ class GeminiBackend:
 
     name = "gemini"
     uploads_files = True
+    # A collected job is deleted (`batches.delete`: the client is no longer interested in
+    # it): its result file goes with the other files, inline answers go with it, and the
+    # job list that polling and reconcile page through stays as short as the work in flight.
+    deletes_batches = True
 
     def __init__(
         self,
@@ -642,6 +646,14 @@ class GeminiBackend:
     def delete_file(self, file_id: str) -> None:
         self._call(
             self._client.files.delete, name=file_id, what=f"delete file {file_id}", attempts=2
+        )
+
+    def delete_batch(self, batch_id: str) -> None:
+        self._call(
+            self._client.batches.delete,
+            name=f"batches/{batch_id}",
+            what=f"delete batch {batch_id}",
+            attempts=2,
         )
 
     def download(self, ref: str, dest: Path) -> Path:

@@ -55,6 +55,7 @@ class MemoryBackend:
         crash_after: dict[str, int] | None = None,
         provider: str = "openai",
         rules: list[Rule] | None = None,
+        deletes_batches: bool = False,
     ) -> None:
         self.emu = emu
         self.api_key = api_key
@@ -62,14 +63,26 @@ class MemoryBackend:
         self.rules = list(rules or [])
         # Crash knob for recovery tests: {"create": 2} dies right after the 2nd batch was
         # created (kinds: upload, create, poll, download, cancel). The remote effect stays,
-        # exactly as when a process is killed between a call and its bookkeeping.
+        # exactly as when a process is killed between a call and its bookkeeping. Kind
+        # `delete` dies just *before* the n-th delete (file or batch) and every later one: a
+        # process killed after a collection committed, before its deletes.
         self.crash_after = dict(crash_after or {})
         self.calls: dict[str, int] = {}
+        # OpenAI's dialect has no batch delete; on, ended batches are deleted like Anthropic's
+        # (the engine's path for providers that delete batches, in milliseconds).
+        self.deletes_batches = deletes_batches
+        self.deleted: list[str] = []  # every object this backend deleted, in order
 
     def _crash_point(self, kind: str) -> None:
         n = self.calls[kind] = self.calls.get(kind, 0) + 1
         if self.crash_after.get(kind) == n:
             raise SimulatedCrash(f"crash after {kind} #{n}")
+
+    def _crash_before_delete(self) -> None:
+        n = self.calls["delete"] = self.calls.get("delete", 0) + 1
+        point = self.crash_after.get("delete")
+        if point is not None and n >= point:
+            raise SimulatedCrash(f"crash before delete #{n}")
 
     # ------------------------------------------------------------------ transport
     def _call(
@@ -147,7 +160,23 @@ class MemoryBackend:
         )
 
     def delete_file(self, file_id: str) -> None:
+        self._crash_before_delete()
         self._call(f"delete file {file_id}", self.emu.delete_file, file_id)
+        self.deleted.append(file_id)
+
+    def delete_batch(self, batch_id: str) -> None:
+        def delete() -> None:
+            b = self.emu.get_batch(batch_id)
+            if b.status not in ("completed", "failed", "expired", "cancelled"):
+                raise ApiError(400, f"Batch {batch_id} cannot be deleted while it is running.")
+            del self.emu.batches[batch_id]
+            self.emu.live.pop(batch_id, None)
+
+        if not self.deletes_batches:
+            return
+        self._crash_before_delete()
+        self._call(f"delete batch {batch_id}", delete)
+        self.deleted.append(batch_id)
 
     def download(self, ref: str, dest: Path) -> Path:
         data = self._call(f"download {ref}", lambda: self.emu.get_file(ref).data)

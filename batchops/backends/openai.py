@@ -47,6 +47,7 @@ class OpenAIBackend:
 
     name = "openai"
     uploads_files = True
+    deletes_batches = False  # no delete endpoint for batches (their files are deleted)
 
     def __init__(
         self,
@@ -140,6 +141,9 @@ class OpenAIBackend:
 
     def delete_file(self, file_id: str) -> None:
         self._call(self.client.files.delete, file_id, what=f"delete file {file_id}", attempts=2)
+
+    def delete_batch(self, batch_id: str) -> None:
+        """OpenAI's API has no batch delete: the batch stays listed (its files are deleted)."""
 
     def download(self, ref: str, dest: Path) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -88,6 +88,9 @@ class Scenario(BaseModel):
         " processed, then its connection dropped (a fault that does not depend on call order)",
     )
     drop_route_every: int = Field(0, ge=0)
+    delete_error_status: int = Field(
+        0, ge=0, le=599, description="every file delete answers this status (0: none)"
+    )
     slow_response_seconds: float = Field(0.0, ge=0, description="delay of every API call")
 
     # Batch-level faults

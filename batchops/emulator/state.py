@@ -385,6 +385,9 @@ class Emulator:
         return f
 
     def delete_file(self, file_id: str) -> dict[str, Any]:
+        if self.scenario.delete_error_status:
+            status = self.scenario.delete_error_status
+            raise ApiError(status, f"injected delete failure ({status})")
         f = self.get_file(file_id)
         del self.files[file_id]
         f.path.unlink(missing_ok=True)  # a batch reading it holds its own link
