@@ -180,3 +180,23 @@ def test_add_rows_registers_every_id_exactly_however_the_frame_comes(tmp_path: P
     assert [got[i] for i in range(10)] == ids
     assert (got[20], got[21], got[22], got[30], got[31]) == ("g0", "g1", "g2", "nul\x00id", "n1")
     assert store.states_of(3, 3) == {3: "failed"} and store.row_count() == 15
+
+
+def test_queued_order_names_every_queued_row_by_its_exact_id(tmp_path: Path) -> None:
+    """The chunk's custom id → row_idx map comes from SQLite as JSON: awkward ids (a NUL,
+    quotes, escapes, emoji) come back exactly; rows no longer queued are not in it."""
+    ids = ["nul\x00id", 'q"uote', "back\\slash", "nl\nx", "😀", "007"]
+    store = Store.open(tmp_path)
+    store.add_rows(
+        [
+            pl.DataFrame(
+                {"__row_idx": list(range(6)), "__row_id": ids},
+                schema={"__row_idx": pl.Int64, "__row_id": pl.String},
+            )
+        ]
+    )
+    chunk = BuiltChunk(1, Path("/tmp/chunk_1.jsonl"), list(range(6)), ids, 100, 60, [])
+    store.add_chunk(chunk, "m", None)
+    store.conn.execute("UPDATE rows SET status = 'succeeded' WHERE row_idx = 5")
+    assert store.queued_order(1) == {i: n for n, i in enumerate(ids[:5])}
+    assert store.queued_order(2) == {}
