@@ -72,6 +72,7 @@ def build_chunks(
     max_bytes: int = MAX_BYTES_PER_FILE,
     fsync: bool = True,
     keep: FrameFilter | None = None,
+    custom_ids: bool = True,
 ) -> Iterator[BuiltChunk]:
     """Write the slice's (or only_rows') requests in source order into chunk files; yield each
     file's BuiltChunk as soon as the file is in place (written to .tmp, then renamed).
@@ -81,6 +82,8 @@ def build_chunks(
     fsync: flush each file to disk before yielding it (costs ~3 ms per file on slow disks).
     keep: the rows of each frame to build, chosen once its texts are rendered (TEXT_COL,
     SYSTEM_COL); the rows it drops are neither written nor skipped (the dry run's dedup).
+    custom_ids: False leaves each text chunk's custom_ids empty (a dry run only counts rows: a
+    million ids as Python strings cost ~0.07 s).
     """
     render.check_template(spec.prompt, source.columns, source_name=source.path)
     if spec.system is not None:
@@ -124,7 +127,7 @@ def build_chunks(
             for frame in frames:
                 if spec.endpoint == render.EMBEDDINGS:
                     frame = yield from _skip_empty_inputs(frame, writer)
-                yield from _pack_text(frame, pieces, tokens, writer)
+                yield from _pack_text(frame, pieces, tokens, writer, custom_ids)
         else:
             image_dir = Path(spec.image_dir) if spec.image_dir else source.path.parent
             for frame in iter_frames(
@@ -193,15 +196,21 @@ def _text_frame_rows(source: Source, pieces: Pieces) -> int:
 _ESCAPED = r'[\x00-\x1f"\\\x{2028}\x{2029}\x{85}]'
 
 
-def _json_str(expr: pl.Expr) -> pl.Expr:
+def _json_str(expr: pl.Expr, line_breaks: bool = True) -> pl.Expr:
     """A String column as JSON string literals (quotes included), escaped by polars' encoder,
-    plus the same line-break escapes as render.dumps."""
+    plus the same line-break escapes as render.dumps (line_breaks=False: the caller knows no
+    value holds one; the pass that would find none cost ~0.06 s a million rows)."""
     encoded = pl.struct(expr.alias("s")).struct.json_encode()
-    return (
-        encoded.str.strip_prefix('{"s":')
-        .str.strip_suffix("}")
-        .str.replace_many(list(render.LINE_BREAK_ESCAPES), list(render.LINE_BREAK_ESCAPES.values()))
+    strings = encoded.str.strip_prefix('{"s":').str.strip_suffix("}")
+    if not line_breaks:
+        return strings
+    return strings.str.replace_many(
+        list(render.LINE_BREAK_ESCAPES), list(render.LINE_BREAK_ESCAPES.values())
     )
+
+
+# The characters render.LINE_BREAK_ESCAPES escapes (JSON allows them raw, JavaScript does not).
+_LINE_BREAKS = r"[\x{2028}\x{2029}\x{85}]"
 
 
 def _pack_text(
@@ -209,6 +218,7 @@ def _pack_text(
     pieces: Pieces,
     tokens: _TokenCounter,
     writer: _ChunkWriter,
+    custom_ids: bool = True,
 ) -> Iterator[BuiltChunk]:
     literals, slots = pieces
     # Ids seldom hold a character JSON escapes: then the id between quotes is its JSON (the
@@ -219,7 +229,9 @@ def _pack_text(
         if slot == render.CUSTOM_ID and plain_ids:
             parts += [pl.lit(literal + '"'), pl.col(ROW_ID), pl.lit('"')]
         else:
-            parts += [pl.lit(literal), _json_str(pl.col(_SLOT_COLS[slot]))]
+            col = frame[_SLOT_COLS[slot]]
+            breaks = bool(col.str.contains(_LINE_BREAKS).any())
+            parts += [pl.lit(literal), _json_str(pl.col(_SLOT_COLS[slot]), breaks)]
     line = pl.concat_str(*parts, pl.lit(literals[-1] + "\n"))
     lines = frame.select(line).to_series().rechunk().to_arrow(compat_level=pl.CompatLevel.oldest())
     # large_string: one data buffer holding every line back to back, int64 offsets into it.
@@ -227,7 +239,7 @@ def _pack_text(
     offsets = np.frombuffer(off_buf, dtype=np.int64, count=len(lines) + 1, offset=lines.offset * 8)
     data_view = memoryview(data)
     row_idx = frame[ROW_IDX].to_numpy()
-    ids = frame[ROW_ID].to_list()
+    ids = frame[ROW_ID].to_list() if custom_ids else None
     cum_tokens = np.concatenate(([0], np.cumsum(tokens.per_row(frame[TEXT_COL], _systems(frame)))))
 
     n, p = len(frame), 0
@@ -241,7 +253,7 @@ def _pack_text(
             writer.add(
                 data_view[offsets[p] : offsets[p + k]],
                 row_idx[p : p + k].tolist(),
-                ids[p : p + k],
+                ids[p : p + k] if ids is not None else [],
                 int(cum_tokens[p + k] - cum_tokens[p]),
             )
             p += k
