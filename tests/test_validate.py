@@ -344,3 +344,18 @@ def test_a_template_that_does_not_make_valid_requests_is_not_used(tmp_path: Path
     ):
         assert validate._template_check(path, EP, template, 50_000, 200_000_000) is None
     assert validate._template_check(path, EP, TEMPLATE, 19, 200_000_000) is None  # > max
+
+
+def test_the_template_check_finds_a_repeated_id_whatever_the_ids_lengths(tmp_path: Path):
+    """A repeated id in a later block of lines whose other ids are long (found by a wider
+    look) is still a repeat: the ids' hashes do not depend on how far each block looked."""
+    from batchops.render import dumps
+
+    ids = [f"r{i}" for i in range(validate._ROWS + 500)]
+    ids[validate._ROWS + 100] = "x" * 40  # the second block needs the wide look
+    ids[validate._ROWS + 200] = "r3"  # … and repeats an id of the first block
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"".join(template_line(dumps(c), dumps("t"), TEMPLATE) + b"\n" for c in ids))
+    assert validate._template_check(path, EP, TEMPLATE, 50_000, 200_000_000) is None
+    (checked,) = validate.check_files([path], EP, TEMPLATE)
+    assert [p.code for p in checked.problems] == ["duplicate_custom_id"]
