@@ -214,13 +214,16 @@ def _template_check(
     a = _read(path, size)
     if a is None or a[-1] != 0x0A:
         return None
-    ends, ctrl, quotes, slashes = _scan(a)  # ends: each line's "\n"
+    # One pass, a block of the file at a time: its bytes counted, then its lines compared to
+    # the template while they are in the cache (comparing after a whole-file pass fetched
+    # every line from memory again).
+    scan = _Scan(a, template_bytes)
+    for i in range(0, size, _BLOCK):
+        if not scan.block(i):
+            return None
+    ends = np.concatenate(scan.ends)
     n = int(ends.size)
-    if n > max_requests or ctrl != n:
-        return None  # a raw control byte inside a line (JSON strings must escape them)
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    shortest = len(before) + 3 + len(between) + 2 + len(after)  # a 1-byte id, an empty text
-    if int((ends - starts).min()) < shortest:
+    if n > max_requests:
         return None
     try:  # UTF-8 (Arrow's validator, no str built); also refuses encoded surrogates
         offsets = pa.py_buffer(np.array([0, size], np.int64))
@@ -230,22 +233,11 @@ def _template_check(
     except pa.ArrowInvalid:
         return None
     # Each backslash must be a valid escape (the id has none; the template's are whole
-    # escapes, as it parsed).
-    escapes = _escapes(a, slashes)
-    if escapes is None:
+    # escapes, as it parsed), and no text's closing quote may be escaped.
+    escapes = _escapes(a, np.concatenate(scan.slashes))
+    if escapes is None or _escaped(escapes, ends - len(after) - 2):
         return None
-    # The lines a block at a time (~1 MB of file, cache-resident across the comparisons: one
-    # pass of each over the whole file fetched every line from memory ~5 times).
-    open_id = starts + len(before)
-    width = min(_ID_WINDOW, int((ends - open_id).min()) - 1)
-    if width < 2:
-        return None
-    hashes = []
-    for i in range(0, n, _ROWS):
-        h = _template_lines(a, starts[i : i + _ROWS], ends[i : i + _ROWS], template_bytes, width)
-        if h is None or _escaped(escapes, ends[i : i + _ROWS] - len(after) - 2):
-            return None  # a line differs, or its text's closing quote is escaped
-        hashes.append(h)
+    hashes, quotes = scan.hashes, scan.quotes
     h = np.sort(np.concatenate(hashes))
     if not (h[1:] != h[:-1]).all():
         return None  # a repeated hash: maybe a repeated id (the general path tells)
@@ -275,22 +267,48 @@ def _read(path: Path, size: int) -> np.ndarray | None:
     return a if a.size == size else None
 
 
-def _scan(a: np.ndarray) -> tuple[np.ndarray, int, int, np.ndarray]:
-    """Positions of the line breaks, counts of raw control bytes and of quotes, positions of
-    the backslashes: one pass, a block at a time."""
-    hit = np.empty(min(a.size, _BLOCK), bool)
-    ends, slashes = [], []
-    ctrl = quotes = 0
-    for i in range(0, a.size, _BLOCK):
-        block = a[i : i + _BLOCK]
-        h = hit[: block.size]
-        # The control bytes are the line breaks, in a valid file: found at once.
+class _Scan:
+    """_template_check's pass over a file: per block of bytes, the line breaks (the only raw
+    control bytes allowed), quotes counted, backslashes found, and the lines that end in the
+    block compared to the template (their custom_ids' hashes kept)."""
+
+    def __init__(self, a: np.ndarray, template: tuple[bytes, bytes, bytes]) -> None:
+        self.a, self.template = a, template
+        before, between, after = template
+        self.shortest = len(before) + 3 + len(between) + 2 + len(after)  # 1-byte id, no text
+        self.hit = np.empty(min(a.size, _BLOCK), bool)
+        self.ends: list[np.ndarray] = []
+        self.slashes: list[np.ndarray] = []
+        self.hashes: list[np.ndarray] = []
+        self.quotes = 0
+        self.start = 0  # where the next line starts
+
+    def block(self, i: int) -> bool:
+        """The block at byte i; False when anything differs from the template."""
+        block = self.a[i : i + _BLOCK]
+        h = self.hit[: block.size]
         found = np.flatnonzero(np.less(block, 0x20, out=h))
-        ctrl += found.size
-        ends.append(found[block[found] == 0x0A] + i)
-        quotes += int(np.count_nonzero(np.equal(block, 0x22, out=h)))
-        slashes.append(np.flatnonzero(np.equal(block, 0x5C, out=h)) + i)
-    return np.concatenate(ends), ctrl, quotes, np.concatenate(slashes)
+        if not (block[found] == 0x0A).all():
+            return False  # a raw control byte inside a line (JSON strings must escape them)
+        self.quotes += int(np.count_nonzero(np.equal(block, 0x22, out=h)))
+        self.slashes.append(np.flatnonzero(np.equal(block, 0x5C, out=h)) + i)
+        if not found.size:
+            return True  # a long line: compared in the block where it ends
+        ends = found + i
+        starts = np.concatenate(([self.start], ends[:-1] + 1))
+        self.start = int(ends[-1]) + 1
+        self.ends.append(ends)
+        if int((ends - starts).min()) < self.shortest:
+            return False
+        width = min(_ID_WINDOW, int((ends - starts).min()) - len(self.template[0]) - 1)
+        for j in range(0, ends.size, _ROWS):
+            hashes = _template_lines(
+                self.a, starts[j : j + _ROWS], ends[j : j + _ROWS], self.template, width
+            )
+            if hashes is None:
+                return False
+            self.hashes.append(hashes)
+        return True
 
 
 def _template_lines(
