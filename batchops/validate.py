@@ -206,7 +206,11 @@ def _template_check(
     template's and the escaped ones). The template itself is checked by parsing it. ~4x less
     CPU than the columnar parse (which parses every line in full). None when anything differs:
     the columnar or per-line check then finds the problem."""
-    template_bytes = before, between, after = tuple(t.encode() for t in template)
+    before, between, after = template_bytes = (
+        template[0].encode(),
+        template[1].encode(),
+        template[2].encode(),
+    )
     model = _template_model(before, between, after, endpoint)
     size = path.stat().st_size
     if model is None or size == 0 or size > max_bytes:
@@ -389,14 +393,16 @@ def _zero_bytes(x: np.ndarray) -> np.ndarray:
     """0x80 in the bytes of each word that are zero: exact up to and including its lowest zero
     byte (a byte above one may be flagged too), so the lowest flag is the first zero byte."""
     with np.errstate(over="ignore"):
-        return (x - _LOW) & ~x & _HIGH
+        flags: np.ndarray = (x - _LOW) & ~x & _HIGH
+    return flags
 
 
 def _lowest_byte(flags: np.ndarray) -> np.ndarray:
     """The index (0-7) of the lowest flagged byte of each (non-zero) word."""
     with np.errstate(over="ignore"):
         below = (flags & (~flags + np.uint64(1))) - np.uint64(1)  # the bits under the lowest
-    return np.bitwise_count(below).astype(np.int64) // 8
+    index: np.ndarray = np.bitwise_count(below).astype(np.int64) // 8
+    return index
 
 
 def _at(a: np.ndarray, positions: np.ndarray, literal: bytes) -> bool:
