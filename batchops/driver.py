@@ -176,6 +176,7 @@ def dry_run_job(
         estimate_tokens=pricing.estimate_text_tokens_fast,
         fsync=False,  # throwaway files: durability buys nothing here
         keep=first_seen,
+        custom_ids=False,  # only counted here
     ):
         skipped += len(c.skipped)
         skipped_reasons += [f"row {k.row_idx}: {k.reason}" for k in c.skipped][

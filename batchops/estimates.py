@@ -53,6 +53,7 @@ def online_estimate(run: RunDir, src: source.Source, *, every_row: bool = False)
                 only_rows=pending,
                 estimate_tokens=pricing.estimate_text_tokens_fast,
                 fsync=False,
+                custom_ids=False,  # only counted
             ):
                 n = len(c.row_idxs)
                 if n:

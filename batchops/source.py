@@ -556,7 +556,7 @@ def _slice_batches(
         raise InputError(f"{source.path}: cannot read ({exc})") from None
 
 
-_AHEAD = 4  # record batches parsed ahead (~256 KiB of CSV each)
+_AHEAD = 8  # record batches parsed ahead (~256 KiB of CSV each): a text frame takes ~7
 T = TypeVar("T")
 
 

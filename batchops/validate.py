@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import mmap
 import re
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,7 +206,11 @@ def _template_check(
     template's and the escaped ones). The template itself is checked by parsing it. ~4x less
     CPU than the columnar parse (which parses every line in full). None when anything differs:
     the columnar or per-line check then finds the problem."""
-    before, between, after = (t.encode() for t in template)
+    before, between, after = template_bytes = (
+        template[0].encode(),
+        template[1].encode(),
+        template[2].encode(),
+    )
     model = _template_model(before, between, after, endpoint)
     size = path.stat().st_size
     if model is None or size == 0 or size > max_bytes:
@@ -215,13 +218,16 @@ def _template_check(
     a = _read(path, size)
     if a is None or a[-1] != 0x0A:
         return None
-    ends, ctrl, quotes, slashes = _scan(a)  # ends: each line's "\n"
+    # One pass, a block of the file at a time: its bytes counted, then its lines compared to
+    # the template while they are in the cache (comparing after a whole-file pass fetched
+    # every line from memory again).
+    scan = _Scan(a, template_bytes)
+    for i in range(0, size, _BLOCK):
+        if not scan.block(i):
+            return None
+    ends = np.concatenate(scan.ends)
     n = int(ends.size)
-    if n > max_requests or ctrl != n:
-        return None  # a raw control byte inside a line (JSON strings must escape them)
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    shortest = len(before) + 3 + len(between) + 2 + len(after)  # a 1-byte id, an empty text
-    if int((ends - starts).min()) < shortest:
+    if n > max_requests:
         return None
     try:  # UTF-8 (Arrow's validator, no str built); also refuses encoded surrogates
         offsets = pa.py_buffer(np.array([0, size], np.int64))
@@ -230,29 +236,17 @@ def _template_check(
         )
     except pa.ArrowInvalid:
         return None
-    if not (_at(a, starts, before) and _at(a, ends - len(after), after)):
+    # Each backslash must be a valid escape (the id has none; the template's are whole
+    # escapes, as it parsed), and no text's closing quote may be escaped.
+    escapes = _escapes(a, np.concatenate(scan.slashes))
+    if escapes is None or _escaped(escapes, ends - len(after) - 2):
         return None
-    # The custom_id: a quote right after `before`, the next quote closes it (no escapes in it).
-    open_id = starts + len(before)
-    width = min(_ID_WINDOW, int((ends - open_id).min()) - 1)
-    if width < 2 or not (a[open_id] == 0x22).all():
-        return None
-    id_len = _ids(a, open_id + 1, width)
-    if id_len is None:
-        return None
-    close_id = open_id + 1 + id_len
-    if ((close_id + 1 + len(between)) > ends).any() or not _at(a, close_id + 1, between):
-        return None
-    open_text, close_text = close_id + 1 + len(between), ends - len(after) - 1
-    if not ((open_text < close_text) & (a[open_text] == 0x22) & (a[close_text] == 0x22)).all():
-        return None
-    # Every byte is now the template's or inside one of the two strings (the id has no
-    # backslash; the template's are whole escapes, as it parsed). Each backslash must be a
-    # valid escape, and the quotes other than the template's and the strings' own must all be
-    # escaped ones.
-    escapes = _escapes(a, slashes)
-    if escapes is None or np.isin(close_text - 1, escapes).any():
-        return None  # a bad escape, or the text's closing quote escaped
+    hashes, quotes = scan.hashes, scan.quotes
+    h = np.sort(np.concatenate(hashes))
+    if not (h[1:] != h[:-1]).all():
+        return None  # a repeated hash: maybe a repeated id (the general path tells)
+    # Every byte is now the template's or inside one of the two strings; the quotes other than
+    # the template's and the strings' own must all be escaped ones.
     escaped_quotes = int(np.count_nonzero(a[escapes + 1] == 0x22))
     per_line = _unescaped_quotes(before + between + after) + 4
     if quotes != n * per_line + escaped_quotes:
@@ -263,83 +257,152 @@ def _template_check(
 _BLOCK = 1 << 20  # bytes scanned at once: the temporaries stay in the cache
 _ROWS = 4096  # lines compared at once
 _NARROW = 24  # bytes of the first look for the end of an id
-_scratch = threading.local()  # the checking thread's file buffer, reused file after file
 
 
 def _read(path: Path, size: int) -> np.ndarray | None:
-    """The file's bytes in a buffer this thread reuses (a new 13 MB array per file costs more
-    in page faults than the scan); None if it is not `size` bytes long."""
-    buf: np.ndarray | None = getattr(_scratch, "buf", None)
-    if buf is None or buf.size < size + 1:
-        buf = _scratch.buf = np.empty(size + 1, np.uint8)
-    view = memoryview(buf.data)[: size + 1]
-    got = 0
-    with path.open("rb", buffering=0) as fh:
-        while got <= size and (k := fh.readinto(view[got:])):
-            got += k
-    return buf[:size] if got == size else None
-
-
-def _scan(a: np.ndarray) -> tuple[np.ndarray, int, int, np.ndarray]:
-    """Positions of the line breaks, counts of raw control bytes and of quotes, positions of
-    the backslashes: one pass, a block at a time."""
-    hit = np.empty(min(a.size, _BLOCK), bool)
-    ends, slashes = [], []
-    ctrl = quotes = 0
-    for i in range(0, a.size, _BLOCK):
-        block = a[i : i + _BLOCK]
-        h = hit[: block.size]
-        ctrl += int(np.count_nonzero(np.less(block, 0x20, out=h)))
-        ends.append(np.flatnonzero(np.equal(block, 0x0A, out=h)) + i)
-        quotes += int(np.count_nonzero(np.equal(block, 0x22, out=h)))
-        slashes.append(np.flatnonzero(np.equal(block, 0x5C, out=h)) + i)
-    return np.concatenate(ends), ctrl, quotes, np.concatenate(slashes)
-
-
-def _ids(a: np.ndarray, first: np.ndarray, width: int) -> np.ndarray | None:
-    """The length of each line's custom_id, which starts at `first` and ends before the next
-    quote within `width` bytes; None unless every id is 1+ plain ASCII bytes without escapes
-    (others are compared by the general path) and all ids are different."""
-    lengths, hashes = [], []
-    for i in range(0, first.size, _ROWS):
-        rows = first[i : i + _ROWS]
-        found = _id_block(a, rows, min(width, _NARROW))  # most ids are short
-        if found is None and width > _NARROW:
-            found = _id_block(a, rows, width)
-        if found is None:
+    """The file's bytes, mapped (no copy: the file was just written, its pages are cached);
+    None if it is not `size` bytes long. The mapping goes when the last view of it does."""
+    with path.open("rb") as fh:
+        try:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # e.g. emptied since its size was read
             return None
-        lengths.append(found[0])
-        hashes.append(found[1])
-    h = np.sort(np.concatenate(hashes))
-    # Different hashes: different ids, for sure (a repeated hash: not sure, fall back).
-    return np.concatenate(lengths) if (h[1:] != h[:-1]).all() else None
+    a = np.frombuffer(mapped, np.uint8)
+    return a if a.size == size else None
+
+
+class _Scan:
+    """_template_check's pass over a file: per block of bytes, the line breaks (the only raw
+    control bytes allowed), quotes counted, backslashes found, and the lines that end in the
+    block compared to the template (their custom_ids' hashes kept)."""
+
+    def __init__(self, a: np.ndarray, template: tuple[bytes, bytes, bytes]) -> None:
+        self.a, self.template = a, template
+        before, between, after = template
+        self.shortest = len(before) + 3 + len(between) + 2 + len(after)  # 1-byte id, no text
+        self.hit = np.empty(min(a.size, _BLOCK), bool)
+        self.ends: list[np.ndarray] = []
+        self.slashes: list[np.ndarray] = []
+        self.hashes: list[np.ndarray] = []
+        self.quotes = 0
+        self.start = 0  # where the next line starts
+
+    def block(self, i: int) -> bool:
+        """The block at byte i; False when anything differs from the template."""
+        block = self.a[i : i + _BLOCK]
+        h = self.hit[: block.size]
+        found = np.flatnonzero(np.less(block, 0x20, out=h))
+        if not (block[found] == 0x0A).all():
+            return False  # a raw control byte inside a line (JSON strings must escape them)
+        self.quotes += int(np.count_nonzero(np.equal(block, 0x22, out=h)))
+        self.slashes.append(np.flatnonzero(np.equal(block, 0x5C, out=h)) + i)
+        if not found.size:
+            return True  # a long line: compared in the block where it ends
+        ends = found + i
+        starts = np.concatenate(([self.start], ends[:-1] + 1))
+        self.start = int(ends[-1]) + 1
+        self.ends.append(ends)
+        if int((ends - starts).min()) < self.shortest:
+            return False
+        width = min(_ID_WINDOW, int((ends - starts).min()) - len(self.template[0]) - 1)
+        for j in range(0, ends.size, _ROWS):
+            hashes = _template_lines(
+                self.a, starts[j : j + _ROWS], ends[j : j + _ROWS], self.template, width
+            )
+            if hashes is None:
+                return False
+            self.hashes.append(hashes)
+        return True
+
+
+def _template_lines(
+    a: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    template: tuple[bytes, bytes, bytes],
+    width: int,
+) -> np.ndarray | None:
+    """The hashes of the custom_ids of these lines, if each line is before + a plain id (1+
+    ASCII bytes without escapes, its closing quote within `width` bytes) + between + a quoted
+    text + after; else None."""
+    before, between, after = template
+    if not (_at(a, starts, before) and _at(a, ends - len(after), after)):
+        return None
+    open_id = starts + len(before)
+    if not (a[open_id] == 0x22).all():
+        return None
+    found = _id_block(a, open_id + 1, min(width, _NARROW))  # most ids are short
+    if found is None and width > _NARROW:
+        found = _id_block(a, open_id + 1, width)
+    if found is None:
+        return None
+    id_len, hashes = found
+    close_id = open_id + 1 + id_len
+    if ((close_id + 1 + len(between)) > ends).any() or not _at(a, close_id + 1, between):
+        return None
+    open_text, close_text = close_id + 1 + len(between), ends - len(after) - 1
+    if not ((open_text < close_text) & (a[open_text] == 0x22) & (a[close_text] == 0x22)).all():
+        return None
+    return hashes
+
+
+def _escaped(escapes: np.ndarray, positions: np.ndarray) -> bool:
+    """Whether any of the positions holds an escaping backslash (escapes: sorted)."""
+    if not escapes.size:
+        return False
+    at = np.searchsorted(escapes, positions)
+    return bool((escapes[np.minimum(at, escapes.size - 1)] == positions).any())
 
 
 def _id_block(a: np.ndarray, first: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray] | None:
-    window = sliding_window_view(a, width)[first]
-    quote = window == 0x22
-    n = quote.argmax(axis=1)
-    if not quote.any(axis=1).all() or not n.all():
+    """The ids' lengths and hashes, 8 bytes at a time (SWAR on 64-bit words: a byte-wise
+    pass over the windows cost ~3x as much)."""
+    nw = -(-width // 8)
+    window = np.zeros((first.size, nw * 8), np.uint8)  # zeros past `width`: never a quote
+    window[:, :width] = sliding_window_view(a, width)[first]
+    words = window.view("<u8")  # byte j of a row is bits 8j.. of its word j // 8
+    n = np.full(first.size, -1, np.int64)
+    for j in range(nw):
+        quote = _zero_bytes(words[:, j] ^ _QUOTES)
+        hit = (n < 0) & (quote != 0)
+        n[hit] = 8 * j + _lowest_byte(quote[hit])
+    if (n <= 0).any():
         return None  # an id longer than the window, or an empty one
-    inside = np.arange(width) < n[:, None]
-    if ((window == 0x5C) | (window >= 0x80))[inside].any():
-        return None
-    return n, _hash_rows(np.where(inside, window, 0), n)
-
-
-def _hash_rows(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """A 64-bit hash of each row of bytes (zero-padded: ids hold no zero byte) and its length."""
-    width = rows.shape[1]
-    padded = np.zeros((rows.shape[0], -(-width // 8) * 8), np.uint8)
-    padded[:, :width] = rows
-    words = padded.view(np.uint64)
-    mix = np.uint64(0x9E3779B97F4A7C15)
-    h = lengths.astype(np.uint64)
+    # Each row's bytes before its quote, word by word (all of a word: mask of 8 bytes).
+    masks = _BYTE_MASKS[np.clip(n[:, None] - 8 * np.arange(nw), 0, 8)]
+    if ((_zero_bytes(words ^ _BACKSLASHES) | words) & _HIGH & masks).any():
+        return None  # a backslash or a non-ASCII byte in an id: the general path
+    h = n.astype(np.uint64)
     with np.errstate(over="ignore"):  # arithmetic mod 2**64 is the point
-        for k in range(words.shape[1]):
-            h = (h ^ words[:, k]) * mix
-            h ^= h >> np.uint64(29)
-    return h
+        for j in range(nw):
+            used = masks[:, j] != 0  # only the id's own words: the hash is the id's, whatever nw
+            mixed = (h ^ (words[:, j] & masks[:, j])) * _MIX
+            h = np.where(used, mixed ^ (mixed >> np.uint64(29)), h)
+    return n, h
+
+
+_LOW = np.uint64(0x0101010101010101)
+_HIGH = np.uint64(0x8080808080808080)
+_QUOTES = np.uint64(0x2222222222222222)
+_BACKSLASHES = np.uint64(0x5C5C5C5C5C5C5C5C)
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_BYTE_MASKS = np.array([(1 << (8 * c)) - 1 for c in range(9)], np.uint64)  # the low c bytes
+
+
+def _zero_bytes(x: np.ndarray) -> np.ndarray:
+    """0x80 in the bytes of each word that are zero: exact up to and including its lowest zero
+    byte (a byte above one may be flagged too), so the lowest flag is the first zero byte."""
+    with np.errstate(over="ignore"):
+        flags: np.ndarray = (x - _LOW) & ~x & _HIGH
+    return flags
+
+
+def _lowest_byte(flags: np.ndarray) -> np.ndarray:
+    """The index (0-7) of the lowest flagged byte of each (non-zero) word."""
+    with np.errstate(over="ignore"):
+        below = (flags & (~flags + np.uint64(1))) - np.uint64(1)  # the bits under the lowest
+    index: np.ndarray = np.bitwise_count(below).astype(np.int64) // 8
+    return index
 
 
 def _at(a: np.ndarray, positions: np.ndarray, literal: bytes) -> bool:

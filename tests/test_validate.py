@@ -344,3 +344,33 @@ def test_a_template_that_does_not_make_valid_requests_is_not_used(tmp_path: Path
     ):
         assert validate._template_check(path, EP, template, 50_000, 200_000_000) is None
     assert validate._template_check(path, EP, TEMPLATE, 19, 200_000_000) is None  # > max
+
+
+def test_the_template_check_finds_a_repeated_id_whatever_the_ids_lengths(tmp_path: Path):
+    """A repeated id in a later block of lines whose other ids are long (found by a wider
+    look) is still a repeat: the ids' hashes do not depend on how far each block looked."""
+    from batchops.render import dumps
+
+    ids = [f"r{i}" for i in range(validate._ROWS + 500)]
+    ids[validate._ROWS + 100] = "x" * 40  # the second block needs the wide look
+    ids[validate._ROWS + 200] = "r3"  # … and repeats an id of the first block
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"".join(template_line(dumps(c), dumps("t"), TEMPLATE) + b"\n" for c in ids))
+    assert validate._template_check(path, EP, TEMPLATE, 50_000, 200_000_000) is None
+    (checked,) = validate.check_files([path], EP, TEMPLATE)
+    assert [p.code for p in checked.problems] == ["duplicate_custom_id"]
+
+
+def test_the_template_check_takes_lines_longer_than_its_blocks(tmp_path: Path):
+    """A line longer than the block the file is scanned in is compared where it ends."""
+    from batchops.render import dumps
+
+    texts = ["short", "x" * (validate._BLOCK * 2 + 5), 'then "quoted"', "y" * validate._BLOCK]
+    path = tmp_path / "t.jsonl"
+    lines = [template_line(dumps(f"r{i}"), dumps(t), TEMPLATE) for i, t in enumerate(texts)]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    fast = validate._template_check(path, EP, TEMPLATE, 50_000, 200_000_000)
+    assert fast is not None and fast.requests == 4 == validate.check_file(path, EP).requests
+    bad = path.read_bytes().replace(b'"r3"', b'"r1"')  # a repeat, in the last block
+    path.write_bytes(bad)
+    assert validate._template_check(path, EP, TEMPLATE, 50_000, 200_000_000) is None
