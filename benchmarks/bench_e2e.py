@@ -62,6 +62,7 @@ QUICK: dict[str, tuple[int, ...]] = {"sizes": (50_000, 200_000), "baseline_sizes
 TARGET_RSS_1M_MB = 400.0
 TARGET_SLOPE = 1.15  # RSS(5M) / RSS(1M)
 TARGET_CPU_US = 25.0
+BASELINE_ENV = "BENCH_BASELINE_REF"  # set by run_all --baseline-ref
 RUN_TIMEOUT = 3600.0
 TOKEN_LIMIT = 6_000_000  # enqueued prompt tokens: ~3 chunks of 50,000 text rows in flight
 PHASES = {
@@ -82,6 +83,10 @@ def baseline_tree(ref: str, into: Path) -> Path:
 
 
 def default_ref() -> str:
+    """The baseline: run_all's --baseline-ref (through the environment of its children), else
+    the merge base with main."""
+    if os.environ.get(BASELINE_ENV):
+        return os.environ[BASELINE_ENV]
     out = subprocess.run(
         ["git", "merge-base", "HEAD", "main"], cwd=ROOT, capture_output=True, text=True
     )

@@ -515,6 +515,10 @@ def main() -> None:
     ap.add_argument(
         "--repeat", type=int, default=REPEAT, help=f"runs of each part, ≥ 3 for a median [{REPEAT}]"
     )
+    ap.add_argument(
+        "--baseline-ref",
+        help="git ref the e2e part measures beside this tree [merge base with main]",
+    )
     ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -522,6 +526,8 @@ def main() -> None:
         write_json(part_figures(args.part, args.quick), args.json)
         return
 
+    if args.baseline_ref:  # read by bench_e2e in the part's children
+        os.environ["BENCH_BASELINE_REF"] = args.baseline_ref
     parts = [p.strip() for p in args.only.split(",")] if args.only else list(PARTS)
     unknown = set(parts) - set(PARTS)
     if unknown:
