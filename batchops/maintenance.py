@@ -163,8 +163,8 @@ def monitor(
             engine.reconcile()
             if run.store.chunks(ChunkState.SUBMITTED):
                 engine.poll()
-                engine.finish_deletes()
                 actions.append("polled and collected batches in flight")
+            engine.finish_deletes()  # also those reconcile started (a crash's leftovers)
             before = analyse(run)
             below = before["completion"] < spec.completion_threshold
             failing = max_failure_rate is not None and before["failure_rate"] > max_failure_rate
