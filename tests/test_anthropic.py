@@ -164,7 +164,7 @@ def test_300_awkward_rows_with_images_round_trip(emulator_factory: Factory, tmp_
     # Six batches in flight were polled with list pages, not one retrieve each per interval.
     calls = emu.stats()["calls"]
     assert calls.get("GET /v1/messages/batches", 0) > 0
-    assert calls.get("GET /v1/messages/batches/{batch_id}", 0) < calls["GET /v1/messages/batches"]
+    assert calls.get("GET /v1/messages/batches/{id}", 0) < calls["GET /v1/messages/batches"]
     # Collected batches are deleted (with their results: the run dir keeps them), each once.
     client = anthropic.Anthropic(api_key=KEY, base_url=emu.root_url, max_retries=0)
     assert list(client.messages.batches.list(limit=100)) == []
