@@ -31,13 +31,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DOC = ROOT / "docs" / "benchmarks.md"
-PARTS = ("build", "merge", "drain", "api", "online", "e2e")
+PARTS = ("build", "merge", "drain", "api", "online", "dedup", "e2e")
 # Per run of a part, so one hung run cannot hold the whole benchmark (everything, 3 runs each,
 # takes ~20 min on 2 busy cores: the pandas baseline alone is ~2 min a run on 1M rows).
 PART_TIMEOUT = 900.0
 # The end-to-end part runs 200k, 1M and 5M rows (and main's CLI at 200k and 1M) in one go.
 PART_TIMEOUTS = {"e2e": 3600.0}
 TOTAL_BUDGET = 3600.0
+BASELINE_ENV = "BENCH_BASELINE_REF"  # read by bench_e2e (its children inherit it)
 REPEAT = 3
 COMMAND = "python benchmarks/run_all.py"
 
@@ -90,7 +91,8 @@ def write_json(figures: list[Figure], path: str | None) -> None:
 
 # ------------------------------------------------------------------- medians of repeated runs
 
-_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
+# A number standing on its own: not the digits inside a name such as "main@09df25e".
+_NUMBER = re.compile(r"(?<![\w@.])(?:-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?)(?![\w.])")
 
 
 def first_number(text: str) -> tuple[float, str] | None:
@@ -189,6 +191,10 @@ def part_figures(part: str, quick: bool) -> list[Figure]:
         import bench_api_economy
 
         return bench_api_economy.figures(batches=8 if quick else 20)
+    if part == "dedup":
+        import bench_dedup
+
+        return bench_dedup.figures(2_000 if quick else 10_000)
     if part == "e2e":
         import bench_e2e
 
@@ -408,7 +414,8 @@ def report(
         "```",
         COMMAND
         + (" --quick" if quick else "")
-        + (f" --repeat {repeat}" if repeat != REPEAT else ""),
+        + (f" --repeat {repeat}" if repeat != REPEAT else "")
+        + (f" --baseline-ref {os.environ[BASELINE_ENV]}" if os.environ.get(BASELINE_ENV) else ""),
         "```",
         "",
         "Parts alone: `python benchmarks/bench_run.py` (build, whole process), "
@@ -460,6 +467,17 @@ def report(
         "what is possible: `floor` (raw asyncio sockets against the emulator) and `floor-min` "
         "(the same against a minimal asyncio server); the per-request breakdown is taken "
         "from them.",
+        "- **e2e**: `bench_e2e.py`: `batchops run` to final_output.csv against the emulator in "
+        "its own process, on 200,000, 1,000,000 and 5,000,000 rows of `bench_build.text_csv` "
+        "(batch size 50,000, poll 0.5 s): wall, the batchops child's CPU (user+sys) and peak "
+        "RSS from `wait4`, the RSS slope between sizes; the baseline (`--baseline-ref`, else the "
+        "merge base with main) from a git worktree of it at 200,000 and 1,000,000 rows, in the "
+        "same runs.",
+        "- **dedup**: `bench_dedup.py`: the real CLI against the emulator (in-process thread) "
+        "on 10,000 rows of which 30% repeat an earlier row's cells under ids of their own, "
+        "once as is and once with `--no-dedup`; the emulator counts the request lines it "
+        "received, and the two merged outputs are compared cell by cell apart from the billed "
+        "columns.",
         "",
         "Not a benchmark but kept beside them: `python benchmarks/mutants.py` applies one-line "
         "bugs (join by line order, expired rows not re-queued, reconcile without lookup, …) one "
@@ -527,7 +545,7 @@ def main() -> None:
         return
 
     if args.baseline_ref:  # read by bench_e2e in the part's children
-        os.environ["BENCH_BASELINE_REF"] = args.baseline_ref
+        os.environ[BASELINE_ENV] = args.baseline_ref
     parts = [p.strip() for p in args.only.split(",")] if args.only else list(PARTS)
     unknown = set(parts) - set(PARTS)
     if unknown:
