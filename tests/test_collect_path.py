@@ -16,8 +16,8 @@ import pytest
 from batchops import results
 from batchops.records import AnswerRun, BadLine, RowOutcome
 from batchops.results import _typed_chat
-from batchops.store import MIGRATIONS, PAGE_SIZE, SCHEMA_VERSION, Store, _split_sql
-from tests.test_store import built, fail, frame, ok, submitted
+from batchops.store import PAGE_SIZE, SCHEMA_VERSION, Store
+from tests.test_store import built, database_at, fail, frame, ok, submitted
 
 BODY: dict[str, Any] = {
     "model": "gpt-4o-mini-2024-07-18",
@@ -215,11 +215,7 @@ def calls(store: Store) -> int:
 def test_a_schema_4_database_opens_and_keeps_its_answers(tmp_path: Path) -> None:
     """Schema 5 drops two indexes of `attempts` in place: a run recorded by schema 4 opens
     with its rows, answers and attempts, and every reader of attempts still answers."""
-    conn = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
-    for i, script in enumerate(MIGRATIONS[:4]):
-        for statement in _split_sql(script):
-            conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {i + 1}")
+    conn = database_at(tmp_path, 4)
     conn.execute(
         "INSERT INTO chunks(chunk_id, model, path, n_rows, n_bytes, est_tokens, state,"
         " created_at, updated_at) VALUES (1, 'm', 'c.jsonl', 2, 9, 9, 'collected', 0, 0)"
@@ -363,11 +359,7 @@ def test_a_schema_5_database_with_answers_opens_and_reads_the_same(tmp_path: Pat
     """Schema 6 moves batch answers out of `attempts`: a run recorded by schema 5 (every answer
     an attempts row) opens in place, and every billing reader gives what schema 5's SQL gave;
     answers recorded after the upgrade add to them."""
-    conn = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
-    for i, script in enumerate(MIGRATIONS[:5]):
-        for statement in _split_sql(script):
-            conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {i + 1}")
+    conn = database_at(tmp_path, 5)
     for no, state in ((1, "collected"), (2, "built")):
         conn.execute(
             "INSERT INTO chunks(chunk_id, model, path, n_rows, n_bytes, est_tokens, state,"

@@ -35,7 +35,8 @@ from batchops.emulator.state import Emulator
 from batchops.engine import BatchEngine, EngineResult
 from batchops.providers import Key, Pool
 from batchops.rundir import create_or_resume
-from batchops.store import MIGRATIONS, SCHEMA_VERSION, CleanupItem, Store, _split_sql
+from batchops.store import SCHEMA_VERSION, CleanupItem, Store
+from tests.test_store import database_at
 
 KEY = "sk-test-clean-000000000001"
 
@@ -326,11 +327,7 @@ def test_a_gemini_job_is_deleted_once_then_404(emulator_factory, tmp_path: Path)
 
 
 def test_a_schema_7_database_opens_and_migrates_in_place(tmp_path: Path) -> None:
-    conn = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
-    for i, script in enumerate(MIGRATIONS[:7]):
-        for statement in _split_sql(script):
-            conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {i + 1}")
+    conn = database_at(tmp_path, 7)
     conn.execute(
         "INSERT INTO chunks(chunk_id, model, path, n_rows, n_bytes, est_tokens, state,"
         " file_id, created_at, updated_at) VALUES (1, 'm', 'c.jsonl', 3, 9, 9, 'collected',"

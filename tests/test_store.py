@@ -7,7 +7,7 @@ import pytest
 from batchops.errors import StateError
 from batchops.records import BuiltChunk, RowOutcome, Skipped, Usage
 from batchops.states import ChunkState
-from batchops.store import SCHEMA_VERSION, Store
+from batchops.store import MIGRATIONS, SCHEMA_VERSION, Store, _split_sql
 
 
 def frame(n: int) -> pl.DataFrame:
@@ -52,6 +52,17 @@ def submitted(store: Store, chunk: BuiltChunk, model: str = "m", cost: float | N
         store.move_chunk(chunk.chunk_no, state)
     store.move_chunk(chunk.chunk_no, ChunkState.SUBMITTED, batch_id=f"batch_{chunk.chunk_no}")
     return chunk.chunk_no
+
+
+def database_at(run_dir: Path, version: int) -> sqlite3.Connection:
+    """A state database as schema `version` left it (the released migrations up to it), for
+    the tests that open an older run in place."""
+    conn = sqlite3.connect(run_dir / "state.db", isolation_level=None)
+    for i, script in enumerate(MIGRATIONS[:version]):
+        for statement in _split_sql(script):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {i + 1}")
+    return conn
 
 
 @pytest.fixture
