@@ -99,8 +99,10 @@ class Scenario(BaseModel):
 
     # Anthropic and Gemini dialects
     stuck_first_n: int = Field(
-        0, ge=0, description="first N Anthropic/Gemini batches stay pending for stuck_seconds"
-        " (or until a scenario change lowers this below their number)"
+        0,
+        ge=0,
+        description="first N Anthropic/Gemini batches stay pending for stuck_seconds"
+        " (or until a scenario change lowers this below their number)",
     )
     stuck_seconds: float = Field(3600.0, ge=0, description="how long a stuck batch stays pending")
     omit_retry_after: bool = Field(False, description="Anthropic/Gemini 429s without retry-after")
