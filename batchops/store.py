@@ -426,13 +426,11 @@ class Store:
         return n
 
     def _add_frame(self, frame: pl.DataFrame) -> int:
-        idx, ids = frame["__row_idx"], frame["__row_id"]
         if frame.height == 0:
             return 0
-        first = int(idx[0])
+        idx, ids = frame["__row_idx"], frame["__row_id"]
         if (
             _HAS_JSON
-            and int(idx[-1]) - first + 1 == frame.height
             and (idx.diff().drop_nulls() == 1).all()
             and not ids.str.contains("\x00", literal=True).any()
         ):
@@ -443,7 +441,7 @@ class Store:
             cur = self.conn.execute(
                 "INSERT OR IGNORE INTO rows(row_idx, row_id)"
                 " SELECT key + ?, value FROM json_each(?)",
-                (first, orjson.dumps(ids.to_list()).decode()),
+                (int(idx[0]), orjson.dumps(ids.to_list()).decode()),
             )
         else:
             cur = self.conn.executemany(
@@ -701,12 +699,7 @@ class Store:
                 " WHERE row_idx = ? AND status = 'pending'",
                 ((chunk_id, now, r) for r in row_idxs),
             )
-            queued = {
-                r[0]
-                for r in self.conn.execute(
-                    "SELECT row_idx FROM rows WHERE chunk_id = ? AND status = 'queued'", (chunk_id,)
-                )
-            }
+            queued = self._queued_rows(chunk_id)
             self.conn.execute(
                 "UPDATE chunks SET n_rows = ? WHERE chunk_id = ?", (len(queued), chunk_id)
             )
@@ -1046,29 +1039,18 @@ class Store:
         now = time.time()
         sql = _success_sql(chunk_id, batch_id, False, now, False)
         with self.tx():
-            if params and params[0][9] >= 0:
-                # Optimistic, as `_apply_guarded`: every row still queued here (the common
-                # case); the guarded UPDATE's count proves it, else undo and filter.
-                self.conn.execute("SAVEPOINT fast")
-                if max(0, self.conn.executemany(sql, params).rowcount) == len(params):
-                    self.conn.execute("RELEASE fast")
-                    kept = params
-                else:
-                    self.conn.execute("ROLLBACK TO fast")
-                    self.conn.execute("RELEASE fast")
-                    kept = []
-            else:
-                kept = []
-            if not kept and params:
-                # A row not queued in this chunk when collection began cannot be now (one
-                # writer a run): the rows still queued here, by row_idx, are the guard.
-                live = {
-                    r[0]
-                    for r in self._tuples().execute(
-                        "SELECT row_idx FROM rows WHERE chunk_id = ? AND status = 'queued'",
-                        (chunk_id,),
-                    )
-                }
+            kept = params
+            # Optimistic, as `_apply_guarded`: every row still queued here (the common case).
+            # Else a row not queued in this chunk when collection began cannot be now (one
+            # writer a run): the rows still queued here, by row_idx, are the guard.
+            if not (
+                params
+                and params[0][9] >= 0
+                and self._all_or_nothing(
+                    lambda: self.conn.executemany(sql, params).rowcount, len(params)
+                )
+            ):
+                live = self._queued_rows(chunk_id)
                 kept = [p for p in params if p[9] in live]
                 self.conn.executemany(sql, kept)
             self._add_totals(chunk_id, batch_id, "batch", key_id, now, _param_sums(kept))
@@ -1131,17 +1113,20 @@ class Store:
         of them is still queued in this chunk; else (or without `rows`) the answers `items`
         (None: those of `rows`) of the rows the guard finds still queued here. Returns how
         many rows took theirs."""
-        if rows and all(r[0] >= 0 for r in rows):
-            # Optimistic: every row of the slice is still queued in this chunk (the common
-            # case: collection began with them queued and nothing else writes them). The
-            # guarded UPDATE proves it by its count; if any row was not, undo and look up.
-            self.conn.execute("SAVEPOINT fast")
-            done = self._apply_successes(chunk_id, batch_id, rows, mode, key_id, now, strict=True)
-            if done == len(rows):
-                self.conn.execute("RELEASE fast")
-                return done
-            self.conn.execute("ROLLBACK TO fast")
-            self.conn.execute("RELEASE fast")
+        # Optimistic: every row of the slice is still queued in this chunk (the common case:
+        # collection began with them queued and nothing else writes them); if any row was
+        # not, look up.
+        if (
+            rows
+            and all(r[0] >= 0 for r in rows)
+            and self._all_or_nothing(
+                lambda: self._apply_successes(
+                    chunk_id, batch_id, rows, mode, key_id, now, strict=True
+                ),
+                len(rows),
+            )
+        ):
+            return len(rows)
         # The guard, once for the slice (which ids are rows still queued in this chunk).
         if items is None:
             items = [(o, cost) for _, o, cost in rows]
@@ -1220,6 +1205,27 @@ class Store:
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(chunk_id, batch_id, mode, m, key_id, *t, now) for m, t in sums.items()],
         )
+
+    def _all_or_nothing(self, apply: Callable[[], int], n: int) -> bool:
+        """Run `apply` (a guarded UPDATE returning how many rows it changed) in a savepoint and
+        keep it only if it changed all `n` rows: its count is the proof that every row was
+        still queued; otherwise nothing of it stays."""
+        self.conn.execute("SAVEPOINT fast")
+        if max(0, apply()) == n:
+            self.conn.execute("RELEASE fast")
+            return True
+        self.conn.execute("ROLLBACK TO fast")
+        self.conn.execute("RELEASE fast")
+        return False
+
+    def _queued_rows(self, chunk_id: int) -> set[int]:
+        """row_idx of the rows still queued in this chunk."""
+        return {
+            r[0]
+            for r in self.conn.execute(
+                "SELECT row_idx FROM rows WHERE chunk_id = ? AND status = 'queued'", (chunk_id,)
+            )
+        }
 
     def _queued_among(self, chunk_id: int, row_ids: list[str]) -> dict[str, int]:
         """row_id → row_idx of those of `row_ids` still queued in this chunk."""
@@ -1473,18 +1479,15 @@ class Store:
                     " + (SELECT COALESCE(SUM(cost_usd), 0) FROM attempt_totals)"
                 ).fetchone()[0]
             )
-        last_attempt, last_total, total = self._spent
-        for table, last in (("attempts", last_attempt), ("attempt_totals", last_total)):
+        *lasts, total = self._spent
+        tops = []
+        for table, last in zip(("attempts", "attempt_totals"), lasts, strict=True):
             new, top = self.conn.execute(
                 f"SELECT COALESCE(SUM(cost_usd), 0), MAX(id) FROM {table} WHERE id > ?", (last,)
             ).fetchone()
-            if top is not None:
-                total += float(new)
-                if table == "attempts":
-                    last_attempt = int(top)
-                else:
-                    last_total = int(top)
-        self._spent = (last_attempt, last_total, total)
+            total += float(new)  # 0 when nothing is new
+            tops.append(last if top is None else int(top))
+        self._spent = (tops[0], tops[1], total)
         return total
 
     def events(self, limit: int = 50) -> list[sqlite3.Row]:
@@ -1677,8 +1680,7 @@ def _param_sums(params: list[tuple[Any, ...]]) -> dict[str | None, list[Any]]:
     return {
         model: [
             len(rows),
-            *(sum(map(itemgetter(k), rows)) for k in (3, 4, 5, 6)),
-            sum(map(itemgetter(7), rows)),
+            *(sum(map(itemgetter(k), rows)) for k in (3, 4, 5, 6, 7)),
             0,
         ]
         for model, rows in by_model.items()
