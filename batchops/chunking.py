@@ -227,7 +227,7 @@ def _pack_text(
     literals, slots = pieces
     # The token estimate (polars regexes, without the GIL) runs beside the lines' own select,
     # which keeps one core busy: the build thread waited ~3 ms a frame for it.
-    per_row = _side_thread().submit(tokens.per_row, frame[TEXT_COL], _systems(frame))
+    per_row = _thread("tokens").submit(tokens.per_row, frame[TEXT_COL], _systems(frame))
     # Ids seldom hold a character JSON escapes: then the id between quotes is its JSON (the
     # encoder's pass over the ids cost ~0.05 s a million rows).
     plain_ids = not frame[ROW_ID].str.contains(_ESCAPED).any()
@@ -273,13 +273,9 @@ def _pack_text(
 
 
 @functools.cache
-def _side_thread() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchops-tokens")
-
-
-@functools.cache
-def _write_thread() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchops-write")
+def _thread(name: str) -> ThreadPoolExecutor:
+    """The process's one worker thread for `name` (token estimates, chunk writes)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batchops-{name}")
 
 
 def _pack_images(
@@ -436,7 +432,7 @@ class _ChunkWriter:
             # runs beside the next frame's work); at most two wait, holding their frames' bytes.
             while len(self._writes) >= 2:
                 self._writes.pop(0).result()
-            self._writes.append(_write_thread().submit(self.fh.write, data))
+            self._writes.append(_thread("write").submit(self.fh.write, data))
         self.n_bytes += len(data)
         self.row_idxs += row_idxs
         self.custom_ids += custom_ids

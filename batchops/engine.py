@@ -894,7 +894,7 @@ class BatchEngine:
         # expired or cancelled batch whose files are complete). An answer merely absent from
         # the files of requests the batch reports done is never re-sent: that could pay twice.
         not_run = b.state in (BatchState.EXPIRED, BatchState.CANCELLED) and not short
-        self._discard_remote_files(backend, chunk, b, short)  # due once the close commits
+        self._plan_remote_cleanup(backend, chunk, b, short)  # due once the close commits
         closed = self.store.record_outcomes(
             chunk.chunk_id,
             b.id,
@@ -929,7 +929,7 @@ class BatchEngine:
         )
         self.cleanup.start(chunk.chunk_id)
 
-    def _discard_remote_files(
+    def _plan_remote_cleanup(
         self, backend: Backend, chunk: ChunkRow, b: RemoteBatch, short: bool
     ) -> None:
         """Record a collected batch's remote objects (input and result files, the batch where
